@@ -1,0 +1,86 @@
+"""Class orders and task splits, built once, pure NumPy (the l2p bookkeeping).
+
+Everything downstream works in *positions*: position p is the p-th class of the class order, so
+task t owns the contiguous positions `[start_t, end_t)` and "all seen classes after task t" is
+simply `range(end_t)`. Dataset labels are mapped to positions once, here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSplit:
+    """A class order cut into tasks.
+
+    Attributes:
+      class_order: int [C], the dataset label at each position.
+      bounds: int [T + 1], task t owns positions `bounds[t]:bounds[t + 1]`.
+    """
+
+    class_order: np.ndarray
+    bounds: np.ndarray
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.bounds) - 1
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.bounds[-1])
+
+    def task_positions(self, task: int) -> np.ndarray:
+        """Positions of task `task`'s new classes, int [n_t]."""
+        return np.arange(self.bounds[task], self.bounds[task + 1])
+
+    def seen(self, task: int) -> int:
+        """Number of classes seen after training task `task` (positions `0..seen-1`)."""
+        return int(self.bounds[task + 1])
+
+    def to_positions(self, labels: np.ndarray) -> np.ndarray:
+        """Maps dataset labels to positions; raises on a label outside the class order."""
+        labels = np.asarray(labels)
+        lookup = np.full(max(int(self.class_order.max()), int(labels.max(initial=0))) + 1, -1)
+        lookup[self.class_order] = np.arange(len(self.class_order))
+        if labels.size and labels.min() < 0:
+            raise ValueError(f"negative label {labels.min()} in the data")
+        positions = lookup[labels] if labels.size else labels.astype(np.int64)
+        if labels.size and (positions < 0).any():
+            bad = np.unique(labels[positions < 0])[:10].tolist()
+            raise ValueError(
+                f"labels {bad} are not in the class order ({len(self.class_order)} classes); "
+                "check the dataset's label range against config.class_order"
+            )
+        return positions.astype(np.int64)
+
+    def task_of_position(self) -> np.ndarray:
+        """int [C]: the task index of every position."""
+        return np.repeat(np.arange(self.num_tasks), np.diff(self.bounds))
+
+
+def make_split(class_order, initial: int, increment: int) -> TaskSplit:
+    """Cuts `class_order` into a first task of `initial` classes, then tasks of `increment`.
+
+    B0 Inc10 on 100 classes is `make_split(order, 10, 10)`; B50 Inc10 is `make_split(order, 50,
+    10)`. A remainder smaller than `increment` becomes a shorter last task.
+    """
+    order = np.asarray(class_order, dtype=np.int64)
+    if order.ndim != 1 or len(np.unique(order)) != len(order):
+        raise ValueError("class_order must be a 1-D list of distinct labels")
+    if not 0 < initial <= len(order) or increment <= 0:
+        raise ValueError(
+            f"need 0 < initial <= {len(order)} and increment > 0, got initial={initial}, "
+            f"increment={increment}"
+        )
+    bounds = [0, initial]
+    while bounds[-1] < len(order):
+        bounds.append(min(bounds[-1] + increment, len(order)))
+    return TaskSplit(class_order=order, bounds=np.asarray(bounds, dtype=np.int64))
+
+
+def seeded_order(num_classes: int, seed: int = 1993) -> np.ndarray:
+    """The PyCIL/C3Box class order: `np.random.seed(seed); np.random.permutation(n)`."""
+    return np.random.RandomState(seed).permutation(num_classes)

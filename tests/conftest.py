@@ -1,0 +1,15 @@
+"""Test-wide setup.
+
+Four fake CPU devices for the whole suite, set before jax is first imported, so that sharding tests
+can compare a 1-device mesh with a 4-device mesh in one process. Single-device code simply runs on
+device 0. Nothing here touches the network.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
