@@ -1,0 +1,105 @@
+"""CIFAR-100 from the official python archive (`cifar-100-python.tar.gz` or its unpacked folder).
+
+Layout read: `cifar-100-python/{train,test,meta}`, pickles with `data` uint8 [N, 3072] (channel-
+planar 3x32x32 rows), `fine_labels`, `filenames`; `meta` holds `fine_label_names`. The pickles are
+read with a restricted unpickler that only rebuilds NumPy arrays and plain containers, so a
+tampered archive cannot run code.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tarfile
+
+import numpy as np
+
+from calfuse_jax.data import class_names as names_lib
+from calfuse_jax.data.images import ArrayDataset, missing_data_error
+
+CIFAR100_HELP = """Download https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz (161 MB); pass
+root=<the .tar.gz file>, or a folder holding it, or the folder it unpacks to (`tar -xzf` gives
+cifar-100-python/{train,test,meta}). Or prepare the TFDS dataset `cifar100`."""
+
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("_codecs", "encode"),
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that only rebuilds NumPy arrays, dicts, lists, strings and numbers."""
+
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data pickle")
+
+
+def load_data_pickle(file, *, encoding: str = "bytes"):
+    """Loads a data pickle (binary file object) allowing only arrays and plain containers."""
+    return _RestrictedUnpickler(file, encoding=encoding).load()
+
+
+def _text_keys(record: dict) -> dict:
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in record.items()}
+
+
+def _open_members(root: str) -> dict[str, bytes]:
+    """{'train'|'test'|'meta': pickle bytes} from a .tar.gz, a folder holding it, or the folder."""
+    root = os.fspath(root)
+    candidates = [root, os.path.join(root, "cifar-100-python")]
+    for folder in candidates:
+        if all(os.path.isfile(os.path.join(folder, m)) for m in ("train", "test", "meta")):
+            out = {}
+            for member in ("train", "test", "meta"):
+                with open(os.path.join(folder, member), "rb") as f:
+                    out[member] = f.read()
+            return out
+    archive = root if os.path.isfile(root) else os.path.join(root, "cifar-100-python.tar.gz")
+    if not os.path.isfile(archive):
+        raise missing_data_error(
+            "cifar100",
+            f"no cifar-100-python/{{train,test,meta}} or archive at {root!r}",
+            CIFAR100_HELP,
+        )
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            out = {}
+            for member in ("train", "test", "meta"):
+                handle = tar.extractfile(f"cifar-100-python/{member}")
+                out[member] = handle.read()
+            return out
+    except (tarfile.TarError, KeyError, EOFError, OSError) as error:
+        raise missing_data_error(
+            "cifar100", f"archive {archive!r} is unreadable or incomplete ({error})", CIFAR100_HELP
+        ) from error
+
+
+def cifar100(root, split: str) -> ArrayDataset:
+    """CIFAR-100 `train` (50,000) or `test` (10,000), fine labels; images uint8 [N, 32, 32, 3]."""
+    split = {"train": "train", "test": "test", "val": "test", "validation": "test"}.get(split)
+    if split is None:
+        raise ValueError("cifar100 splits are 'train' and 'test'")
+    members = _open_members(root)
+    record = _text_keys(load_data_pickle(io.BytesIO(members[split])))
+    meta = _text_keys(load_data_pickle(io.BytesIO(members["meta"])))
+    data = np.asarray(record["data"], dtype=np.uint8)
+    if data.ndim != 2 or data.shape[1] != 3072:
+        raise ValueError(f"cifar100 {split}: data has shape {data.shape}, expected [N, 3072]")
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # planar CHW -> HWC
+    names = [n.decode() if isinstance(n, bytes) else n for n in meta["fine_label_names"]]
+    if len(names) != 100:
+        raise ValueError(f"cifar100 meta lists {len(names)} fine labels, expected 100")
+    if tuple(names) != names_lib.CIFAR100:
+        raise ValueError("cifar100 meta's fine_label_names differ from the CIFAR-100 list")
+    labels = np.asarray(record["fine_labels"], dtype=np.int64)
+    return ArrayDataset(
+        np.ascontiguousarray(images), labels, names, description=f"cifar100/{split}/files"
+    )
