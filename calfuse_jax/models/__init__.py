@@ -1,0 +1,1 @@
+"""Flax CLIP encoders (`clip`) and strict Hugging Face checkpoint conversion (`convert`)."""

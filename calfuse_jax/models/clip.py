@@ -1,0 +1,425 @@
+"""Pure-functional Flax Linen CLIP: ViT image tower, causal text tower, projections, logit scale.
+
+Parameter names mirror the Hugging Face `CLIPModel` state dict (`vision_model/encoder/layers_3/
+self_attn/q_proj/kernel` <-> `vision_model.encoder.layers.3.self_attn.q_proj.weight`), so that
+`convert.py` is a short rename table. Parameters are always float32; `dtype` is the compute dtype
+(float32 on CPU, bfloat16 on accelerators). LayerNorm and softmax always run in float32.
+
+Both towers are usable alone: `encode_image` only reads `vision_model` and `visual_projection`,
+`encode_text` only `text_model` and `text_projection`, so either half of the pytree suffices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# The byte-level vocabulary written by `tokenizer.write_byte_vocab` for random test checkpoints:
+# 256 byte chars, the same with "</w>", `TINY_MERGE_COUNT` merges, <|startoftext|>, <|endoftext|>.
+TINY_MERGE_COUNT = 8
+TINY_VOCAB_SIZE = 256 + 256 + TINY_MERGE_COUNT + 2
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPArch:
+    """Architecture of one CLIP model (hashable so that it can be a Linen field)."""
+
+    embed_dim: int  # joint embedding width D (projection output)
+    image_size: int
+    patch_size: int
+    vision_width: int
+    vision_layers: int
+    vision_heads: int
+    vision_mlp: int
+    text_width: int
+    text_layers: int
+    text_heads: int
+    text_mlp: int
+    vocab_size: int = 49408
+    context_length: int = 77
+    vision_act: str = "quick_gelu"
+    text_act: str = "quick_gelu"
+    vision_ln_eps: float = 1e-5
+    text_ln_eps: float = 1e-5
+    # transformers' rule: eos_token_id == 2 (legacy configs) pools at argmax(token id),
+    # any other value pools at the first occurrence of that id.
+    eos_token_id: int = 49407
+    logit_scale_init: float = 2.6592  # log(1 / 0.07)
+
+
+def _openai(patch: int, image: int = 224, large: bool = False) -> CLIPArch:
+    if large:
+        return CLIPArch(768, image, patch, 1024, 24, 16, 4096, 768, 12, 12, 3072, eos_token_id=2)
+    return CLIPArch(512, image, patch, 768, 12, 12, 3072, 512, 12, 8, 2048, eos_token_id=2)
+
+
+VARIANTS: dict[str, CLIPArch] = {
+    "ViT-B/32": _openai(32),
+    "ViT-B/16": _openai(16),
+    "ViT-L/14": _openai(14, large=True),
+    "ViT-L/14-336": _openai(14, 336, large=True),
+    # Encodes thousands of 32x32 images per second on 2 CPU cores (demo, other helpers' tests).
+    "tiny": CLIPArch(
+        embed_dim=32,
+        image_size=32,
+        patch_size=8,
+        vision_width=64,
+        vision_layers=2,
+        vision_heads=4,
+        vision_mlp=256,
+        text_width=64,
+        text_layers=2,
+        text_heads=4,
+        text_mlp=256,
+        vocab_size=TINY_VOCAB_SIZE,
+        eos_token_id=TINY_VOCAB_SIZE - 1,
+    ),
+    # Deliberately odd widths / head counts / image size: catches layout bugs a square config hides.
+    "tiny-odd": CLIPArch(
+        embed_dim=24,
+        image_size=30,
+        patch_size=6,
+        vision_width=60,
+        vision_layers=3,
+        vision_heads=5,
+        vision_mlp=84,
+        text_width=36,
+        text_layers=2,
+        text_heads=3,
+        text_mlp=52,
+        vocab_size=TINY_VOCAB_SIZE,
+        eos_token_id=TINY_VOCAB_SIZE - 1,
+        vision_act="gelu",
+    ),
+}
+
+
+def _quick_gelu(x: jax.Array) -> jax.Array:
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "quick_gelu": _quick_gelu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # transformers "gelu" is exact erf
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+def _normal(std: float) -> Callable:
+    return nn.initializers.normal(stddev=std)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm in float32 whatever the compute dtype (eps inside the sqrt, as PyTorch)."""
+
+    epsilon: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., W]
+        width = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (width,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (width,), jnp.float32)
+        x = x.astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+        return y.astype(self.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with separate q/k/v/out projections (HF layout)."""
+
+    width: int
+    heads: int
+    layers: int  # depth of the tower, only for the init scale
+    causal: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, L, W] -> [B, L, W]
+        batch, length, _ = x.shape
+        head_dim = self.width // self.heads
+        in_std = self.width**-0.5 * (2 * self.layers) ** -0.5
+
+        def proj(name: str, std: float) -> nn.Dense:
+            return nn.Dense(self.width, dtype=self.dtype, kernel_init=_normal(std), name=name)
+
+        split = lambda t: t.reshape(batch, length, self.heads, head_dim)  # [B, L, H, hd]
+        q = split(proj("q_proj", in_std)(x))
+        k = split(proj("k_proj", in_std)(x))
+        v = split(proj("v_proj", in_std)(x))
+        # XLA attention (cuDNN flash attention on GPU when eligible); softmax is float32 inside.
+        out = jax.nn.dot_product_attention(q, k, v, scale=head_dim**-0.5, is_causal=self.causal)
+        out = out.reshape(batch, length, self.width)
+        return proj("out_proj", self.width**-0.5)(out)
+
+
+class MLP(nn.Module):
+    width: int
+    hidden: int
+    layers: int
+    activation: str
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, L, W] -> [B, L, W]
+        fc1_std = (2 * self.width) ** -0.5
+        fc2_std = self.width**-0.5 * (2 * self.layers) ** -0.5
+        x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=_normal(fc1_std), name="fc1")(x)
+        x = ACTIVATIONS[self.activation](x)
+        return nn.Dense(self.width, dtype=self.dtype, kernel_init=_normal(fc2_std), name="fc2")(x)
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LN residual block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    width: int
+    heads: int
+    hidden: int
+    layers: int
+    activation: str
+    epsilon: float
+    causal: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, L, W]
+        attn = Attention(
+            self.width, self.heads, self.layers, self.causal, self.dtype, name="self_attn"
+        )
+        x = x + attn(LayerNorm(self.epsilon, self.dtype, name="layer_norm1")(x))
+        mlp = MLP(self.width, self.hidden, self.layers, self.activation, self.dtype, name="mlp")
+        return x + mlp(LayerNorm(self.epsilon, self.dtype, name="layer_norm2")(x))
+
+
+class Encoder(nn.Module):
+    """A stack of `EncoderLayer`s named `layers_{i}` (HF `encoder.layers.{i}`)."""
+
+    width: int
+    heads: int
+    hidden: int
+    layers: int
+    activation: str
+    epsilon: float
+    causal: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, L, W]
+        for i in range(self.layers):
+            x = EncoderLayer(
+                self.width,
+                self.heads,
+                self.hidden,
+                self.layers,
+                self.activation,
+                self.epsilon,
+                self.causal,
+                self.dtype,
+                name=f"layers_{i}",
+            )(x)
+        return x
+
+
+class PatchEmbedding(nn.Module):
+    """Non-overlapping patch conv as one matmul. kernel [p, p, 3, W] (HWIO, Flax conv layout)."""
+
+    width: int
+    patch: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, pixels: jax.Array) -> jax.Array:  # [B, H, W, 3] -> [B, N, W]
+        p = self.patch
+        kernel = self.param("kernel", _normal(0.02), (p, p, 3, self.width), jnp.float32)
+        batch, height, width, channels = pixels.shape
+        gh, gw = height // p, width // p
+        patches = pixels.reshape(batch, gh, p, gw, p, channels).transpose(0, 1, 3, 2, 4, 5)
+        patches = patches.reshape(batch, gh * gw, p * p * channels).astype(self.dtype)
+        return patches @ kernel.reshape(p * p * channels, self.width).astype(self.dtype)
+
+
+class VisionEmbeddings(nn.Module):
+    arch: CLIPArch
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, pixels: jax.Array) -> jax.Array:  # [B, H, W, 3] -> [B, N + 1, W]
+        width = self.arch.vision_width
+        num_positions = (self.arch.image_size // self.arch.patch_size) ** 2 + 1
+        cls = self.param("class_embedding", _normal(width**-0.5), (width,), jnp.float32)
+        patches = PatchEmbedding(width, self.arch.patch_size, self.dtype, name="patch_embedding")(
+            pixels
+        )
+        cls = jnp.broadcast_to(cls.astype(self.dtype), (patches.shape[0], 1, width))
+        tokens = jnp.concatenate([cls, patches], axis=1)
+        positions = nn.Embed(
+            num_positions, width, embedding_init=_normal(0.02), name="position_embedding"
+        )
+        return tokens + positions.embedding.astype(self.dtype)[None]
+
+
+class VisionTransformer(nn.Module):
+    """ViT image tower up to the pooled, post-LN class token (HF `vision_model`)."""
+
+    arch: CLIPArch
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, pixels: jax.Array) -> jax.Array:  # [B, H, W, 3] -> [B, Wv]
+        a = self.arch
+        if pixels.ndim != 4 or pixels.shape[1:] != (a.image_size, a.image_size, 3):
+            raise ValueError(
+                f"encode_image expects normalised pixels [B, {a.image_size}, {a.image_size}, 3] "
+                f"(channels last), got shape {tuple(pixels.shape)}; use clip.preprocess(images, "
+                f"model.image_size)."
+            )
+        x = VisionEmbeddings(a, self.dtype, name="embeddings")(pixels)
+        x = LayerNorm(a.vision_ln_eps, self.dtype, name="pre_layrnorm")(x)  # sic: HF spelling
+        x = Encoder(
+            a.vision_width,
+            a.vision_heads,
+            a.vision_mlp,
+            a.vision_layers,
+            a.vision_act,
+            a.vision_ln_eps,
+            dtype=self.dtype,
+            name="encoder",
+        )(x)
+        return LayerNorm(a.vision_ln_eps, self.dtype, name="post_layernorm")(x[:, 0])
+
+
+class TextEmbeddings(nn.Module):
+    arch: CLIPArch
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, token_ids: jax.Array) -> jax.Array:  # [B, L] int -> [B, L, Wt]
+        a = self.arch
+        tokens = nn.Embed(
+            a.vocab_size, a.text_width, embedding_init=_normal(0.02), name="token_embedding"
+        )
+        positions = nn.Embed(
+            a.context_length, a.text_width, embedding_init=_normal(0.01), name="position_embedding"
+        )
+        length = token_ids.shape[1]
+        x = tokens(token_ids) + positions.embedding[:length][None]
+        return x.astype(self.dtype)
+
+
+def pool_index(token_ids: jax.Array, eos_token_id: int) -> jax.Array:
+    """Position of the pooled token per row, exactly as transformers' CLIPTextModel.  # [B]
+
+    Legacy configs (eos_token_id == 2) pool at the largest token id (the EOT token in OpenAI's
+    vocabulary); otherwise at the first occurrence of eos_token_id (0 if absent, as argmax does).
+    """
+    if eos_token_id == 2:
+        return jnp.argmax(token_ids, axis=-1)
+    return jnp.argmax((token_ids == eos_token_id).astype(jnp.int32), axis=-1)
+
+
+class TextTransformer(nn.Module):
+    """Causal text tower up to the final-LN state at the pooled token (HF `text_model`)."""
+
+    arch: CLIPArch
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, token_ids: jax.Array) -> jax.Array:  # [B, L] int -> [B, Wt]
+        a = self.arch
+        if token_ids.ndim != 2 or token_ids.shape[1] > a.context_length:
+            raise ValueError(
+                f"encode_text expects token ids [B, L<= {a.context_length}], got shape "
+                f"{tuple(token_ids.shape)}; use clip.load_tokenizer(...)(texts)."
+            )
+        x = TextEmbeddings(a, self.dtype, name="embeddings")(token_ids)
+        x = Encoder(
+            a.text_width,
+            a.text_heads,
+            a.text_mlp,
+            a.text_layers,
+            a.text_act,
+            a.text_ln_eps,
+            causal=True,
+            dtype=self.dtype,
+            name="encoder",
+        )(x)
+        x = LayerNorm(a.text_ln_eps, self.dtype, name="final_layer_norm")(x)
+        index = pool_index(token_ids, a.eos_token_id)
+        return x[jnp.arange(x.shape[0]), index]
+
+
+class CLIP(nn.Module):
+    """CLIP with both towers. `__call__` returns logits_per_image [B_img, B_txt] (as HF).
+
+    Attributes: `image_size`, `embed_dim`, `context_length` (from `arch`).
+    """
+
+    arch: CLIPArch
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self) -> None:
+        a = self.arch
+        self.vision_model = VisionTransformer(a, self.dtype)
+        self.text_model = TextTransformer(a, self.dtype)
+        self.visual_projection = nn.Dense(
+            a.embed_dim, use_bias=False, dtype=self.dtype, kernel_init=_normal(a.vision_width**-0.5)
+        )
+        self.text_projection = nn.Dense(
+            a.embed_dim, use_bias=False, dtype=self.dtype, kernel_init=_normal(a.text_width**-0.5)
+        )
+        self.logit_scale = self.param(
+            "logit_scale", nn.initializers.constant(a.logit_scale_init), (), jnp.float32
+        )
+
+    @property
+    def image_size(self) -> int:
+        return self.arch.image_size
+
+    @property
+    def embed_dim(self) -> int:
+        return self.arch.embed_dim
+
+    @property
+    def context_length(self) -> int:
+        return self.arch.context_length
+
+    def encode_image(self, pixels: jax.Array) -> jax.Array:
+        """Normalised pixels [B, H, W, 3] -> embeddings [B, D] (float32, not L2-normalised)."""
+        return self.visual_projection(self.vision_model(pixels)).astype(jnp.float32)
+
+    def encode_text(self, token_ids: jax.Array) -> jax.Array:
+        """Token ids [B, L] -> text embeddings [B, D] (float32, not L2-normalised)."""
+        return self.text_projection(self.text_model(token_ids)).astype(jnp.float32)
+
+    def __call__(self, pixels: jax.Array, token_ids: jax.Array) -> jax.Array:
+        image = self.encode_image(pixels)  # [B_img, D]
+        text = self.encode_text(token_ids)  # [B_txt, D]
+        image = image / jnp.linalg.norm(image, axis=-1, keepdims=True)
+        text = text / jnp.linalg.norm(text, axis=-1, keepdims=True)
+        return jnp.exp(self.logit_scale) * image @ text.T  # [B_img, B_txt]
+
+
+def init_params(arch: CLIPArch, seed: int = 0) -> dict:
+    """Random float32 parameters for `arch` (our init, close to transformers' CLIP init)."""
+    model = CLIP(arch)
+    pixels = jnp.zeros((1, arch.image_size, arch.image_size, 3), jnp.float32)
+    tokens = jnp.zeros((1, arch.context_length), jnp.int32)
+    return jax.jit(model.init)(jax.random.key(seed), pixels, tokens)["params"]
+
+
+def param_shapes(arch: CLIPArch) -> dict:
+    """Pytree of jax.ShapeDtypeStruct for every parameter of `arch` (no compute, no memory)."""
+    model = CLIP(arch)
+    pixels = jax.ShapeDtypeStruct((1, arch.image_size, arch.image_size, 3), jnp.float32)
+    tokens = jax.ShapeDtypeStruct((1, arch.context_length), jnp.int32)
+    return jax.eval_shape(model.init, jax.random.key(0), pixels, tokens)["params"]

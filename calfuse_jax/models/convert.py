@@ -1,0 +1,348 @@
+"""Hugging Face CLIP checkpoints <-> our Flax parameter pytree, strictly.
+
+A checkpoint is a folder holding `config.json` plus `model.safetensors` (or a sharded
+`model.safetensors.index.json`) or `pytorch_model.bin`, or a hub id resolved through
+huggingface_hub. Loading is strict: every tensor is used and every parameter filled; anything else
+raises one `CheckpointError` listing all offending names. The single tolerated extra is the
+`*.embeddings.position_ids` buffer that older snapshots saved (an `arange`, not a parameter), which
+an explicit rule skips.
+
+Names map by a short table on the HF module name (`q_proj.weight` -> `q_proj/kernel`, transposed);
+`to_state_dict` is the exact inverse, used to write random test checkpoints without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from calfuse_jax.models.clip import ACTIVATIONS, CLIPArch, param_shapes
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+# Non-persistent buffers that older transformers versions wrote into checkpoints. Skipped by name;
+# nothing else is ever skipped.
+SKIPPED_BUFFERS = re.compile(r"(text|vision)_model\.embeddings\.position_ids")
+
+_transpose = lambda w: np.ascontiguousarray(w.T)
+_conv_to_hwio = lambda w: np.ascontiguousarray(w.transpose(2, 3, 1, 0))  # [O,I,H,W] -> [H,W,I,O]
+_hwio_to_conv = lambda w: np.ascontiguousarray(w.transpose(3, 2, 0, 1))
+_same = lambda w: w
+
+# (HF module-name regex, Flax leaf name, HF->Flax transform, Flax->HF transform) for `*.weight`.
+WEIGHT_RULES: tuple[tuple[str, str, Callable, Callable], ...] = (
+    (
+        r"(q|k|v|out)_proj|fc1|fc2|visual_projection|text_projection",
+        "kernel",
+        _transpose,
+        _transpose,
+    ),
+    (r"patch_embedding", "kernel", _conv_to_hwio, _hwio_to_conv),
+    (r"token_embedding|position_embedding", "embedding", _same, _same),
+    (
+        r"layer_norm1|layer_norm2|pre_layrnorm|post_layernorm|final_layer_norm",
+        "scale",
+        _same,
+        _same,
+    ),
+)
+TOP_LEVEL = ("logit_scale", "class_embedding")  # bare parameters, same name on both sides
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded exactly; the message lists every offending name."""
+
+
+def _hf_key_to_flax(key: str) -> tuple[tuple[str, ...], Callable] | None:
+    """`vision_model.encoder.layers.3.mlp.fc1.weight` -> (path, transform); None if unknown."""
+    parts = re.sub(r"\.layers\.(\d+)\.", r".layers_\1.", key).split(".")
+    if parts[-1] in TOP_LEVEL:
+        return tuple(parts), _same
+    if len(parts) < 2:
+        return None
+    module, leaf = parts[-2], parts[-1]
+    if leaf == "bias":
+        return tuple(parts), _same
+    if leaf != "weight":
+        return None
+    for pattern, flax_leaf, to_flax, _ in WEIGHT_RULES:
+        if re.fullmatch(pattern, module):
+            return (*parts[:-1], flax_leaf), to_flax
+    return None
+
+
+def _flax_path_to_hf(path: tuple[str, ...]) -> tuple[str, Callable]:
+    """Inverse of `_hf_key_to_flax`: Flax path -> (HF key, transform to HF layout)."""
+    parts = [re.sub(r"^layers_(\d+)$", r"layers.\1", p) for p in path]
+    if parts[-1] in TOP_LEVEL or parts[-1] == "bias":
+        return ".".join(parts), _same
+    module = path[-2]
+    for pattern, _, _, to_hf in WEIGHT_RULES:
+        if re.fullmatch(pattern, module):
+            return ".".join([*parts[:-1], "weight"]), to_hf
+    raise KeyError(f"no HF name rule for Flax parameter {'/'.join(path)}")
+
+
+def to_state_dict(params: dict) -> dict[str, np.ndarray]:
+    """Flax params -> HF `CLIPModel` state dict (float32 NumPy); inverse of `from_state_dict`."""
+    state = {}
+    for path, value in jax.tree_util.tree_flatten_with_path(params)[0]:
+        names = tuple(k.key for k in path)
+        key, to_hf = _flax_path_to_hf(names)
+        state[key] = to_hf(np.asarray(value, dtype=np.float32))
+    return state
+
+
+def from_state_dict(state: dict[str, np.ndarray], arch: CLIPArch) -> dict:
+    """HF state dict -> Flax params for `arch`, strictly (see module docstring). float32 leaves."""
+    expected = {
+        tuple(k.key for k in path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(param_shapes(arch))[0]
+    }
+    converted, unused, wrong_shape = {}, [], {}
+    for key, value in state.items():
+        if SKIPPED_BUFFERS.fullmatch(key):
+            continue
+        mapped = _hf_key_to_flax(key)
+        if mapped is None or mapped[0] not in expected:
+            unused.append(key)
+            continue
+        path, to_flax = mapped
+        array = to_flax(np.asarray(value, dtype=np.float32))
+        if array.shape != expected[path]:
+            hf_shape = _flax_path_to_hf(path)[1](np.empty(expected[path], np.float32)).shape
+            wrong_shape[path] = f"{key}: checkpoint {tuple(value.shape)}, model expects {hf_shape}"
+            continue
+        converted[path] = array
+    missing = [
+        _flax_path_to_hf(p)[0] for p in expected if p not in converted and p not in wrong_shape
+    ]
+    wrong_shape = list(wrong_shape.values())
+    problems = []
+    if missing:
+        problems.append(f"missing tensors ({len(missing)}): {', '.join(sorted(missing))}")
+    if unused:
+        problems.append(f"unexpected tensors ({len(unused)}): {', '.join(sorted(unused))}")
+    if wrong_shape:
+        problems.append(f"shape mismatches ({len(wrong_shape)}): {'; '.join(sorted(wrong_shape))}")
+    if problems:
+        raise CheckpointError(
+            "checkpoint does not match the CLIP architecture in its config.json:\n  "
+            + "\n  ".join(problems)
+            + "\nFix: use the weights saved with this config.json (a CLIPModel state dict)."
+        )
+    params: dict = {}
+    for path, array in converted.items():
+        node = params
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = array
+    return params
+
+
+def arch_from_config(config: dict) -> CLIPArch:
+    """HF `config.json` dict (model_type "clip") -> CLIPArch; defaults as in transformers."""
+    model_type = config.get("model_type")
+    if model_type != "clip":
+        raise CheckpointError(
+            f"config.json has model_type={model_type!r}, expected 'clip' (a full CLIPModel with "
+            "both towers). Point from_pretrained at a CLIP checkpoint such as "
+            "openai/clip-vit-base-patch16."
+        )
+    from transformers import CLIPConfig  # config classes need no torch
+
+    try:
+        hf = CLIPConfig.from_dict(config)
+    except Exception as err:  # transformers validates architecture fields strictly
+        raise CheckpointError(f"config.json is not a valid CLIPConfig: {err}") from err
+    v, t = hf.vision_config, hf.text_config
+    for name, act in (("vision_config", v.hidden_act), ("text_config", t.hidden_act)):
+        if act not in ACTIVATIONS:
+            raise CheckpointError(
+                f"{name}.hidden_act={act!r} unsupported; known: {sorted(ACTIVATIONS)}"
+            )
+    if (
+        not isinstance(v.image_size, int)
+        or not isinstance(v.patch_size, int)
+        or v.num_channels != 3
+    ):
+        raise CheckpointError(
+            "only square RGB images with an int image_size / patch_size are supported, got "
+            f"image_size={v.image_size!r}, patch_size={v.patch_size!r}, "
+            f"num_channels={v.num_channels}"
+        )
+    if not isinstance(t.eos_token_id, int):
+        raise CheckpointError(f"text_config.eos_token_id must be an int, got {t.eos_token_id!r}")
+    return CLIPArch(
+        embed_dim=hf.projection_dim,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        vision_width=v.hidden_size,
+        vision_layers=v.num_hidden_layers,
+        vision_heads=v.num_attention_heads,
+        vision_mlp=v.intermediate_size,
+        text_width=t.hidden_size,
+        text_layers=t.num_hidden_layers,
+        text_heads=t.num_attention_heads,
+        text_mlp=t.intermediate_size,
+        vocab_size=t.vocab_size,
+        context_length=t.max_position_embeddings,
+        vision_act=v.hidden_act,
+        text_act=t.hidden_act,
+        vision_ln_eps=float(v.layer_norm_eps),
+        text_ln_eps=float(t.layer_norm_eps),
+        eos_token_id=t.eos_token_id,
+        logit_scale_init=float(hf.logit_scale_init_value),
+    )
+
+
+def config_from_arch(arch: CLIPArch, bos_token_id: int | None = None):
+    """CLIPArch -> transformers.CLIPConfig (to write config.json for random checkpoints)."""
+    from transformers import CLIPConfig
+
+    text = dict(
+        vocab_size=arch.vocab_size,
+        hidden_size=arch.text_width,
+        intermediate_size=arch.text_mlp,
+        projection_dim=arch.embed_dim,
+        num_hidden_layers=arch.text_layers,
+        num_attention_heads=arch.text_heads,
+        max_position_embeddings=arch.context_length,
+        hidden_act=arch.text_act,
+        layer_norm_eps=arch.text_ln_eps,
+        eos_token_id=arch.eos_token_id,
+        bos_token_id=arch.eos_token_id - 1 if bos_token_id is None else bos_token_id,
+        pad_token_id=arch.eos_token_id,
+    )
+    vision = dict(
+        hidden_size=arch.vision_width,
+        intermediate_size=arch.vision_mlp,
+        projection_dim=arch.embed_dim,
+        num_hidden_layers=arch.vision_layers,
+        num_attention_heads=arch.vision_heads,
+        image_size=arch.image_size,
+        patch_size=arch.patch_size,
+        hidden_act=arch.vision_act,
+        layer_norm_eps=arch.vision_ln_eps,
+    )
+    return CLIPConfig(
+        text_config=text,
+        vision_config=vision,
+        projection_dim=arch.embed_dim,
+        logit_scale_init_value=arch.logit_scale_init,
+    )
+
+
+def read_state_dict(folder: Path) -> dict[str, np.ndarray]:
+    """Tensors of the first weight file found in `folder` (safetensors preferred over .bin)."""
+    from safetensors.numpy import load_file
+
+    if (folder / "model.safetensors").is_file():
+        return dict(load_file(folder / "model.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state = {}
+        for shard in shards:
+            state.update(load_file(folder / shard))
+        return state
+    if (folder / "pytorch_model.bin").is_file():
+        try:
+            import torch  # only needed for legacy .bin files
+        except ImportError as err:
+            raise CheckpointError(
+                f"{folder}/pytorch_model.bin needs torch to read; `pip install torch` or convert "
+                "the checkpoint to model.safetensors"
+            ) from err
+        loaded = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return {k: v.float().numpy() for k, v in loaded.items()}
+    raise CheckpointError(
+        f"no weights in {folder}: expected one of {', '.join(WEIGHT_FILES)} beside config.json"
+    )
+
+
+def load_folder(folder: str | os.PathLike) -> tuple[CLIPArch, dict]:
+    """(arch, float32 params) from a local Hugging Face CLIP folder, strictly."""
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        raise CheckpointError(
+            f"{folder} has no config.json (found: {present or 'nothing'}). A CLIP checkpoint "
+            f"folder needs config.json and one of {', '.join(WEIGHT_FILES)} (plus vocab.json and "
+            "merges.txt for the tokenizer)."
+        )
+    arch = arch_from_config(json.loads(config_file.read_text()))
+    return arch, from_state_dict(read_state_dict(folder), arch)
+
+
+def _hub_offline() -> bool:
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
+
+
+def looks_like_hub_id(name: str) -> bool:
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None
+
+
+def resolve(
+    path_or_hub_id: str | os.PathLike,
+    required: tuple[str, ...],
+    alternatives: tuple[str, ...] = (),
+    cache_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Local folder for a folder path or a hub id: `required` files plus the first of
+    `alternatives` that exists. Tries the local cache first, so cached ids never touch the network;
+    offline (HF_HUB_OFFLINE=1) never tries the network at all and fails at once."""
+    name = str(path_or_hub_id)
+    if Path(name).is_dir():
+        return Path(name)
+    if not looks_like_hub_id(name) or Path(name).exists():
+        raise CheckpointError(
+            f"{name!r} is neither a checkpoint folder nor a hub id "
+            "like 'openai/clip-vit-base-patch16'"
+        )
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    offline = _hub_offline()
+
+    def fetch(filename: str) -> str:
+        try:  # cache first: no network round trip for files we already have
+            return hf_hub_download(name, filename, cache_dir=cache_dir, local_files_only=True)
+        except LocalEntryNotFoundError:
+            if offline:
+                raise
+        return hf_hub_download(name, filename, cache_dir=cache_dir)
+
+    try:
+        folder = Path(fetch(required[0])).parent
+        for filename in required[1:]:
+            fetch(filename)
+        for filename in alternatives:
+            try:
+                fetch(filename)
+                break
+            except (EntryNotFoundError, LocalEntryNotFoundError):
+                if filename == alternatives[-1]:
+                    raise
+        return folder
+    except (OSError, ValueError, RuntimeError) as err:  # hub errors derive from these
+        wanted = ", ".join(required) + (
+            f" and one of {', '.join(alternatives)}" if alternatives else ""
+        )
+        from huggingface_hub import constants
+
+        where = cache_dir or constants.HF_HUB_CACHE
+        mode = "offline (HF_HUB_OFFLINE is set)" if offline else "online"
+        raise CheckpointError(
+            f"could not get {name!r} from the Hugging Face hub, {mode}: {type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}\nNeeded files: {wanted}. Either "
+            f"download them once with network access (they are cached under {where}), or put "
+            f"them in a local folder and pass that folder's path instead of the hub id."
+        ) from err
