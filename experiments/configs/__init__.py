@@ -1,0 +1,194 @@
+"""Experiment configs: `load_config("cifar100:inc5")`, `apply_overrides(config, ["x.y=3"])`.
+
+A config is a Python file with `get_config(arg=None) -> ConfigDict` (big_vision style). It is named
+either by module (`cifar100`, with an optional `:arg` variant) or by path (`my/exp.py[:arg]`).
+Overrides are `key=value` strings with dotted keys; each value is parsed to the type the field
+already has, and an unknown key or a value of the wrong type raises `ConfigError` naming the fix.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import importlib
+import importlib.util
+import pathlib
+from collections.abc import Iterable
+from typing import Any
+
+import ml_collections
+
+from calfuse_jax.config import METHODS
+from experiments.configs.defaults import ORDERS, SOURCES
+
+CONFIGS = ("cifar100", "imagenet_r", "imagenet100", "cub200", "synthetic", "demo")
+
+# Enumerated fields: a typo here would otherwise only surface deep inside a run.
+CHOICES = {
+    "method": METHODS,
+    "order": ORDERS,
+    "dataset.source": SOURCES,
+    "calibration.mode": ("none", "fixed", "schedule", "learned", "dynamic"),
+    "calibration.schedule": ("linear", "old_fraction"),
+    "fusion.method": ("qr", "svd", "none"),
+    "head.init": ("pytorch", "identity"),
+}
+
+
+class ConfigError(ValueError):
+    """A config that cannot be loaded or an override that does not fit it."""
+
+
+def load_config(name_or_path: str) -> ml_collections.ConfigDict:
+    """Loads `name[:arg]` from experiments/configs/ or `path/to/file.py[:arg]`."""
+    name, _, arg = name_or_path.partition(":")
+    if name.endswith(".py") or "/" in name:
+        path = pathlib.Path(name).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        if name not in CONFIGS and not (pathlib.Path(__file__).parent / f"{name}.py").is_file():
+            close = difflib.get_close_matches(name, CONFIGS, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(
+                f"unknown config {name!r}; {hint}choose one of {', '.join(CONFIGS)} "
+                "or pass the path of a .py file with get_config(arg=None)"
+            )
+        module = importlib.import_module(f"experiments.configs.{name}")
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config {name!r} has no get_config(arg=None) function")
+    try:
+        config = module.get_config(arg or None)
+    except ValueError as e:  # a bad variant: say which config it was
+        raise ConfigError(f"config {name_or_path!r}: {e}") from None
+    return config
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Dotted names of every leaf field."""
+    keys = []
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            keys.extend(flat_keys(value, f"{prefix}{key}."))
+        else:
+            keys.append(prefix + key)
+    return keys
+
+
+def _unknown_key(config: ml_collections.ConfigDict, key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, flat_keys(config), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else "; `--help` lists the config keys"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _parent(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
+    *path, leaf = key.split(".")
+    node = config
+    for part in path:
+        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+            raise _unknown_key(config, key)
+        node = node[part]
+    if leaf not in node or isinstance(node[leaf], ml_collections.ConfigDict):
+        raise _unknown_key(config, key)
+    return node, leaf
+
+
+def _parse_scalar(text: str, kind: type, key: str) -> Any:
+    if kind is bool:
+        low = text.strip().lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"config key {key!r} wants true or false, got {text!r}")
+    try:
+        return kind(text.strip()) if kind in (int, float) else text
+    except ValueError:
+        raise ConfigError(f"config key {key!r} wants a {kind.__name__}, got {text!r}") from None
+
+
+def parse_value(config: ml_collections.ConfigDict, key: str, text: str) -> Any:
+    """Parses `text` to the type of field `key` (tuples: comma-separated; placeholders: 'none')."""
+    node, leaf = _parent(config, key)
+    current = node[leaf]
+    kind = type(current) if current is not None else node.get_ref(leaf).get_type()
+    if current is None and text.strip().lower() in ("none", "null", ""):
+        return None
+    if kind is tuple:
+        items = [t.strip() for t in text.strip("()[] ").split(",") if t.strip()]
+        item_kind = type(current[0]) if current else str
+        if item_kind is str and items and all(t.lstrip("-").isdigit() for t in items):
+            item_kind = int  # an empty tuple default gives no type; digits are ints
+        return tuple(_parse_scalar(t, item_kind, key) for t in items)
+    if kind is int and text.strip().lower().endswith(".0"):
+        text = text.strip()[:-2]
+    return _parse_scalar(text, kind, key)
+
+
+def apply_overrides(
+    config: ml_collections.ConfigDict, overrides: Iterable[str]
+) -> ml_collections.ConfigDict:
+    """Applies `key=value` strings in order (on a copy); raises ConfigError on a bad one."""
+    config = copy.deepcopy(config)  # keeps the types of placeholder fields
+    for item in overrides:
+        key, eq, text = item.partition("=")
+        key = key.strip().removeprefix("--").removeprefix("config.")
+        if not eq:
+            raise ConfigError(f"override {item!r} needs the form --config.{key}=VALUE")
+        node, leaf = _parent(config, key)
+        node[leaf] = parse_value(config, key, text)
+    validate(config)
+    return config
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Rejects values that have the right type but cannot work; names the field and the fix."""
+    for key, choices in CHOICES.items():
+        node, leaf = _parent(config, key) if _has(config, key) else (None, None)
+        if node is not None and node[leaf] not in choices:
+            raise ConfigError(
+                f"config key {key!r} is {node[leaf]!r}; choose one of {', '.join(choices)}"
+            )
+    seeds_of(config)
+    if config.continual.initial < 1 or config.continual.increment < 1:
+        raise ConfigError("continual.initial and continual.increment must be >= 1")
+    num_classes = config.dataset.num_classes
+    if config.continual.initial > num_classes:
+        raise ConfigError(
+            f"continual.initial={config.continual.initial} exceeds dataset.num_classes="
+            f"{num_classes}"
+        )
+    if config.order == "fixed" and sorted(config.class_order) != list(range(num_classes)):
+        raise ConfigError(
+            f"class_order must list each of the {num_classes} labels 0..{num_classes - 1} once "
+            f"(got {len(config.class_order)} entries); or set --config.order=seeded"
+        )
+    if config.train.epochs < 0 or config.train.batch_size < 1 or config.features.batch_size < 1:
+        raise ConfigError("train.epochs must be >= 0 and batch sizes >= 1")
+
+
+def _has(config: ml_collections.ConfigDict, key: str) -> bool:
+    try:
+        _parent(config, key)
+        return True
+    except ConfigError:
+        return False
+
+
+def seeds_of(config: ml_collections.ConfigDict) -> list[int]:
+    """The run seeds of `config.seeds` ("0", "0,1,2" or "0-4")."""
+    text = str(config.seeds).strip()
+    try:
+        if "-" in text and "," not in text:
+            lo, hi = (int(t) for t in text.split("-"))
+            seeds = list(range(lo, hi + 1))
+        else:
+            seeds = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds must be distinct integers like '0' or '0,1,2', got {text!r}")
+    return seeds

@@ -1,0 +1,139 @@
+"""CIFAR-100, B0 Inc10 (10 tasks of 10 classes), Continual-CLIP class order, OpenAI CLIP ViT-B/16.
+
+    python -m experiments.run --config cifar100
+    python -m experiments.run --config cifar100:inc5            # B0 Inc5, K = 4 (RAPF)
+    python -m experiments.run --config cifar100:b50,inc10       # B50 Inc10
+    python -m experiments.run --config cifar100 --config.dataset.source=files \
+        --config.dataset.root=/data/cifar-100-python             # the python archive, unpacked
+
+Data: TFDS `cifar100` (prepared once with `--config.dataset.download=True`) or the CIFAR-100 python
+archive. Values from DESIGN.md §3: fusion bias 0.6, hard-pair threshold 0.55, beta 2.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from experiments.configs import defaults
+
+# The public Continual-CLIP order (position -> dataset label), as RAPF and CalFuse use it.
+CLASS_ORDER = (
+    87,
+    0,
+    52,
+    58,
+    44,
+    91,
+    68,
+    97,
+    51,
+    15,
+    94,
+    92,
+    10,
+    72,
+    49,
+    78,
+    61,
+    14,
+    8,
+    86,
+    84,
+    96,
+    18,
+    24,
+    32,
+    45,
+    88,
+    11,
+    4,
+    67,
+    69,
+    66,
+    77,
+    47,
+    79,
+    93,
+    29,
+    50,
+    57,
+    83,
+    17,
+    81,
+    41,
+    12,
+    37,
+    59,
+    25,
+    20,
+    80,
+    73,
+    1,
+    28,
+    6,
+    46,
+    62,
+    82,
+    53,
+    9,
+    31,
+    75,
+    38,
+    63,
+    33,
+    74,
+    27,
+    22,
+    36,
+    3,
+    16,
+    21,
+    60,
+    19,
+    70,
+    90,
+    89,
+    43,
+    5,
+    42,
+    65,
+    76,
+    40,
+    30,
+    23,
+    85,
+    2,
+    95,
+    56,
+    48,
+    71,
+    64,
+    98,
+    13,
+    99,
+    7,
+    34,
+    55,
+    54,
+    26,
+    35,
+    39,
+)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Variants: see `defaults.apply_arg` (inc<k>, b<n>, seeded, rapf, smoke, ...)."""
+    c = defaults.base_config()
+    c.name = "cifar100"
+    c.dataset.name = "cifar100"
+    c.dataset.num_classes = 100
+    c.class_order = CLASS_ORDER
+    c.fusion.mix_bias = 0.6
+    c.pseudo.hard_threshold = 0.55
+    c.pseudo.beta = 2.0
+    c.pseudo.classes_per_batch = 2
+    defaults.b0(c, 10)
+    c = defaults.apply_arg(c, arg)
+    if c.continual.increment == 5:
+        c.pseudo.classes_per_batch = 4  # RAPF's K for CIFAR-100 Inc5
+    return c

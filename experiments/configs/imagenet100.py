@@ -1,0 +1,134 @@
+"""ImageNet-100, B0 Inc10 (10 tasks of 10 classes), Continual-CLIP class order, CLIP ViT-B/16.
+
+    python -m experiments.run --config imagenet100 --config.dataset.root=/data/imagenet
+    python -m experiments.run --config imagenet100:b50,inc10
+
+Data: an ImageNet-2012 train/val tree (or TFDS `imagenet2012`, prepared by hand because of its
+licence) restricted to the 100-class list. Values from DESIGN.md §3: fusion bias 0.5, threshold
+0.65, beta 1.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from experiments.configs import defaults
+
+# The public Continual-CLIP order (position -> dataset label), as RAPF and CalFuse use it.
+CLASS_ORDER = (
+    68,
+    56,
+    78,
+    8,
+    23,
+    84,
+    90,
+    65,
+    74,
+    76,
+    40,
+    89,
+    3,
+    92,
+    55,
+    9,
+    26,
+    80,
+    43,
+    38,
+    58,
+    70,
+    77,
+    1,
+    85,
+    19,
+    17,
+    50,
+    28,
+    53,
+    13,
+    81,
+    45,
+    82,
+    6,
+    59,
+    83,
+    16,
+    15,
+    44,
+    91,
+    41,
+    72,
+    60,
+    79,
+    52,
+    20,
+    10,
+    31,
+    54,
+    37,
+    95,
+    14,
+    71,
+    96,
+    98,
+    97,
+    2,
+    64,
+    66,
+    42,
+    22,
+    35,
+    86,
+    24,
+    34,
+    87,
+    21,
+    99,
+    0,
+    88,
+    27,
+    18,
+    94,
+    11,
+    12,
+    47,
+    25,
+    30,
+    46,
+    62,
+    69,
+    36,
+    61,
+    7,
+    63,
+    75,
+    5,
+    32,
+    4,
+    51,
+    48,
+    73,
+    93,
+    39,
+    67,
+    29,
+    49,
+    57,
+    33,
+)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Variants: see `defaults.apply_arg` (inc<k>, b<n>, seeded, rapf, smoke, ...)."""
+    c = defaults.base_config()
+    c.name = "imagenet100"
+    c.dataset.name = "imagenet100"
+    c.dataset.num_classes = 100
+    c.dataset.test_split = "validation"
+    c.class_order = CLASS_ORDER
+    c.fusion.mix_bias = 0.5
+    c.pseudo.hard_threshold = 0.65
+    c.pseudo.beta = 1.0
+    defaults.b0(c, 10)
+    return defaults.apply_arg(c, arg)

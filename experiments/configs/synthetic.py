@@ -1,0 +1,53 @@
+"""The synthetic benchmark: CLIP-like features with a known answer, no images, no weights.
+
+    python -m experiments.run --config synthetic
+    python -m experiments.run --config synthetic:smoke          # seconds: 1 epoch, small stream
+    python -m experiments.run --config synthetic --config.seeds=0,1,2 --config.method=rapf
+
+Features come from `calfuse_jax.data.synthetic.make_synthetic_stream` (class prototypes, a shared
+domain shift, close class pairs); `synthetic.*` are its arguments. B0 Inc10 over 50 classes.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from experiments.configs import defaults
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Variants: see `defaults.apply_arg`; `smoke` also shrinks the stream."""
+    c = defaults.base_config()
+    c.name = "synthetic"
+    c.dataset.name = "synthetic"
+    c.dataset.num_classes = 50
+    c.model.name = "none"  # features are generated, no encoder
+    c.model.variant = ""
+    c.prompt.templates = ()
+    c.order = "seeded"
+    c.class_order = ()
+    c.progress = False
+
+    c.synthetic = ml_collections.ConfigDict()
+    c.synthetic.dim = 64
+    c.synthetic.train_per_class = 100
+    c.synthetic.test_per_class = 50
+    c.synthetic.noise = 1.0
+    c.synthetic.close_pairs = 4
+    c.synthetic.pair_distance = 0.5
+    c.synthetic.text_noise = 0.8
+    c.synthetic.distortion = 1.5
+    c.synthetic.data_seed = 0  # the data stays fixed across run seeds
+
+    c.train.batch_size = 128
+    c.train.epochs = 5
+    c.train.milestones = (2, 4)
+    defaults.b0(c, 10)
+    c = defaults.apply_arg(c, arg)
+    if arg and "smoke" in arg.split(","):
+        c.dataset.num_classes = 20
+        c.synthetic.dim = 32
+        c.synthetic.train_per_class = 30
+        c.synthetic.test_per_class = 10
+        defaults.b0(c, 5)
+    return c

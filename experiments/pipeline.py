@@ -1,0 +1,258 @@
+"""From a config to the input of `run_continual`: weights, images, cached features, class order.
+
+`prepare(config)` returns a `Prepared` (stream, text features, logit scale, provenance) that every
+seed and method of a comparison can share. Images are encoded at most once per (weights, dataset,
+split, preprocessing): the feature cache skips the encoder on every later run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from calfuse_jax.data.protocol import TaskSplit, make_split, seeded_order
+from calfuse_jax.data.stream import FeatureStream
+
+log = logging.getLogger(__name__)
+
+
+class UserError(Exception):
+    """An expected problem the user can fix (missing files, offline, wrong path): no traceback."""
+
+
+@dataclasses.dataclass
+class Prepared:
+    """Everything a run needs besides the config.
+
+    Attributes:
+      stream: features and labels of both splits, cut into tasks.
+      text_features: float32 [C_dataset, D], indexed by dataset label.
+      logit_scale: CLIP's exp(logit_scale) from the checkpoint, or None (config value).
+      provenance: weights id, class order, split hash, prompts, dataset identity.
+    """
+
+    stream: FeatureStream
+    text_features: np.ndarray
+    logit_scale: float | None
+    provenance: dict
+
+
+def cache_dir_of(config: ml_collections.ConfigDict) -> pathlib.Path:
+    """config.cache_dir, else $CALFUSE_CACHE, else ~/.cache/calfuse_jax."""
+    root = config.cache_dir or os.environ.get("CALFUSE_CACHE") or "~/.cache/calfuse_jax"
+    return pathlib.Path(root).expanduser()
+
+
+def class_order_of(config: ml_collections.ConfigDict, num_classes: int) -> np.ndarray:
+    """int [C]: the dataset label at each position (config.order: fixed | seeded | identity)."""
+    if config.order == "fixed":
+        order = np.asarray(config.class_order, dtype=np.int64)
+    elif config.order == "seeded":
+        order = seeded_order(num_classes, config.order_seed)
+    else:
+        order = np.arange(num_classes)
+    if sorted(order.tolist()) != list(range(num_classes)):
+        raise UserError(
+            f"the class order lists {len(order)} labels but the dataset has {num_classes} "
+            "classes; set --config.order=seeded or give a full --config.class_order"
+        )
+    return order
+
+
+def split_hash(split: TaskSplit, *identities: Any) -> str:
+    """sha256 over the class order, the task bounds and the image lists' identities."""
+    payload = json.dumps(
+        {
+            "class_order": split.class_order.tolist(),
+            "bounds": split.bounds.tolist(),
+            "data": [str(i) for i in identities],
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def prepare(config: ml_collections.ConfigDict) -> Prepared:
+    """Builds the feature stream of `config` (synthetic, or images through the feature cache)."""
+    if config.dataset.name == "synthetic":
+        return _prepare_synthetic(config)
+    return _prepare_images(config)
+
+
+def _prepare_synthetic(config: ml_collections.ConfigDict) -> Prepared:
+    from calfuse_jax.data.synthetic import make_synthetic_stream
+
+    s = config.synthetic
+    order = class_order_of(config, config.dataset.num_classes)
+    stream, text = make_synthetic_stream(
+        num_classes=config.dataset.num_classes,
+        dim=s.dim,
+        train_per_class=s.train_per_class,
+        test_per_class=s.test_per_class,
+        initial=config.continual.initial,
+        increment=config.continual.increment,
+        seed=s.data_seed,
+        noise=s.noise,
+        close_pairs=s.close_pairs,
+        pair_distance=s.pair_distance,
+        text_noise=s.text_noise,
+        distortion=s.distortion,
+        class_order=order,
+    )
+    identity = f"synthetic:{json.dumps(s.to_dict(), sort_keys=True)}"
+    provenance = {
+        "weights": None,
+        "dataset": {"name": "synthetic", "identity": identity},
+        "class_order": order.tolist(),
+        "task_bounds": stream.split.bounds.tolist(),
+        "split_hash": split_hash(stream.split, identity),
+        "prompts": None,
+    }
+    return Prepared(stream, text, None, provenance)
+
+
+def model_path(config: ml_collections.ConfigDict) -> str:
+    """The checkpoint to load: a hub id, a folder, or a random one written into the cache."""
+    name = config.model.name
+    if not name.startswith("random:"):
+        return name
+    from calfuse_jax import clip
+
+    variant = name.split(":", 1)[1]
+    if variant not in clip.VARIANTS:
+        raise UserError(
+            f"model {name!r}: unknown variant {variant!r}; choose one of {', '.join(clip.VARIANTS)}"
+        )
+    folder = cache_dir_of(config) / "models" / f"random-{variant}-seed{config.model.seed}"
+    if not (folder / "config.json").exists():
+        # Written next to the target and renamed, so an interrupted write never looks finished.
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = pathlib.Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+        clip.random_checkpoint(tmp, variant=variant, seed=config.model.seed)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+        log.info("wrote a random-weight %s CLIP checkpoint to %s", variant, folder)
+    return str(folder)
+
+
+class FirstPerClass:
+    """The first `n` images of every class of a dataset (smoke runs); its own cache identity.
+
+    Same interface as `calfuse_jax.data.images.ImageDataset`.
+    """
+
+    def __init__(self, dataset: Any, n: int):
+        labels = np.asarray(dataset.labels)
+        keep = [np.flatnonzero(labels == c)[:n] for c in np.unique(labels)]
+        self._dataset, self._index = dataset, np.sort(np.concatenate(keep))
+        self.labels = labels[self._index]
+        self.class_names = dataset.class_names
+        self.identity = f"{dataset.identity}|first{n}perclass"
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def load(self, i: int) -> Any:
+        return self._dataset.load(int(self._index[i]))
+
+    def load_batch(self, indices) -> list:
+        return self._dataset.load_batch([int(self._index[i]) for i in indices])
+
+    def __getattr__(self, name: str) -> Any:  # anything else the feature cache may read
+        return getattr(self._dataset, name)
+
+
+def load_split(config: ml_collections.ConfigDict, split: str) -> Any:
+    """One split of the configured dataset (optionally the first n images per class)."""
+    from calfuse_jax.data.registry import load_dataset
+
+    d = config.dataset
+    dataset = load_dataset(
+        d.name, split, root=d.root, source=d.source, data_dir=d.data_dir, download=d.download
+    )
+    if d.max_per_class > 0:
+        dataset = FirstPerClass(dataset, d.max_per_class)
+    return dataset
+
+
+def prompt_names(config: ml_collections.ConfigDict, class_names) -> list[str]:
+    """Class names as they go into the prompt templates."""
+    from calfuse_jax.data.class_names import prompt_names as clean
+
+    return list(clean(class_names, underscores_to_spaces=config.prompt.underscores_to_spaces))
+
+
+def _prepare_images(config: ml_collections.ConfigDict) -> Prepared:
+    from calfuse_jax import clip, features
+
+    cache = cache_dir_of(config)
+    path = model_path(config)
+    weights = features.weights_id(path)
+    model, params = clip.from_pretrained(path)
+    image_size = config.model.image_size or model.image_size
+    train, test = load_split(config, config.dataset.train_split), None
+    test = load_split(config, config.dataset.test_split)
+    num_classes = len(train.class_names)
+    if num_classes != config.dataset.num_classes:
+        raise UserError(
+            f"dataset {config.dataset.name!r} has {num_classes} classes but the config says "
+            f"dataset.num_classes={config.dataset.num_classes}; fix the config"
+        )
+    encoded = {}
+    for name, dataset in (("train", train), ("test", test)):
+        log.info("features of %s/%s: %d images", config.dataset.name, name, len(dataset))
+        encoded[name] = features.image_features(
+            dataset,
+            model,
+            params,
+            cache_dir=cache / "features",
+            weights_id=weights,
+            image_size=image_size,
+            batch_size=config.features.batch_size,
+            progress=config.progress,
+        )
+    names = prompt_names(config, train.class_names)
+    text = features.text_features(
+        names,
+        model,
+        params,
+        clip.load_tokenizer(path),
+        templates=tuple(config.prompt.templates),
+        cache_dir=cache / "features",
+        weights_id=weights,
+    )
+    order = class_order_of(config, num_classes)
+    split = make_split(order, config.continual.initial, config.continual.increment)
+    stream = FeatureStream(
+        train_features=np.asarray(encoded["train"][0], np.float32),
+        train_labels=np.asarray(encoded["train"][1]),
+        test_features=np.asarray(encoded["test"][0], np.float32),
+        test_labels=np.asarray(encoded["test"][1]),
+        split=split,
+        class_names=tuple(names),
+    )
+    provenance = {
+        "weights": {"name": config.model.name, "path": path, "id": weights},
+        "dataset": {
+            "name": config.dataset.name,
+            "train": {"identity": str(train.identity), "images": len(train)},
+            "test": {"identity": str(test.identity), "images": len(test)},
+        },
+        "image_size": int(image_size),
+        "class_order": order.tolist(),
+        "task_bounds": split.bounds.tolist(),
+        "split_hash": split_hash(split, train.identity, test.identity),
+        "prompts": {"templates": list(config.prompt.templates), "class_names": names},
+    }
+    scale = float(clip.logit_scale(params))
+    return Prepared(stream, np.asarray(text, np.float32), scale, provenance)

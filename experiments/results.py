@@ -1,0 +1,227 @@
+"""The results folder: JSON records, TensorBoard events and PNG plots.
+
+    workdir/
+      config.json          resolved config (written before training; a resume compares it)
+      provenance.json      weights id + sha256, class order, split hash, prompts, versions, devices
+      metrics.jsonl        one row per task            (written by continual.run_continual)
+      accuracy_matrix.csv  A[i, j] in %                (written by continual.run_continual)
+      summary.json         Avg, Last, forgetting, BWT, old/new, the matrix and the curve
+      tensorboard/         event files rebuilt from metrics.jsonl at the end of every run
+      accuracy_curve.png, accuracy_matrix.png
+      run.log
+
+Multi-seed runs put one such folder per seed under workdir/seed_<k> and a `summary.json` with
+mean and std in workdir. Everything here is plain functions of plain data, so `report` can rebuild
+the plots from the JSON alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import shutil
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+METRICS = ("avg", "last", "forgetting", "bwt", "old", "new", "harmonic")
+METRIC_TITLES = {
+    "avg": "Avg",
+    "last": "Last",
+    "forgetting": "Forgetting",
+    "bwt": "BWT",
+    "old": "Old",
+    "new": "New",
+    "harmonic": "H-mean",
+}
+
+
+def jsonable(value: Any) -> Any:
+    """`value` with tuples, arrays, NumPy scalars and paths turned into JSON types (NaN -> None)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN; a metric that does not exist (one task: no forgetting)
+    if isinstance(value, pathlib.Path):
+        return str(value)
+    return value
+
+
+_jsonable = jsonable
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Writes `obj` as indented JSON atomically (temp file + rename: never a half file)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        json.dump(_jsonable(obj), f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(f.name, path)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict]:
+    """Rows of workdir/metrics.jsonl (one per finished task); [] when absent."""
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def make_summary(
+    summary: dict, accuracy_matrix: np.ndarray, seen_accuracy: np.ndarray, seen_classes: Sequence
+) -> dict:
+    """summary.json content: the scalar metrics (%), plus the matrix [T, T] and curve [T]."""
+    out = {key: summary.get(key) for key in METRICS if key in summary}
+    out.update({k: v for k, v in summary.items() if k not in out})
+    out["num_tasks"] = int(len(seen_accuracy))
+    out["seen_classes"] = [int(c) for c in seen_classes]
+    out["seen_accuracy"] = np.asarray(seen_accuracy, dtype=float).tolist()
+    out["accuracy_matrix"] = np.asarray(accuracy_matrix, dtype=float).tolist()
+    return _jsonable(out)
+
+
+def aggregate(summaries: Sequence[dict]) -> dict:
+    """Mean and sample std over seeds of each metric and of the accuracy curve."""
+    out: dict[str, Any] = {"seeds": [s.get("seed") for s in summaries]}
+    for key in METRICS:
+        values = [s[key] for s in summaries if s.get(key) is not None]
+        if values:
+            out[key] = float(np.mean(values))
+            out[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    curves = np.asarray([s["seen_accuracy"] for s in summaries], dtype=float)  # [S, T]
+    out["num_tasks"] = int(curves.shape[1])
+    out["seen_classes"] = summaries[0]["seen_classes"]
+    out["seen_accuracy"] = curves.mean(0).tolist()
+    spread = curves.std(0, ddof=1) if len(curves) > 1 else 0 * curves[0]
+    out["seen_accuracy_std"] = spread.tolist()
+    matrices = np.asarray([s["accuracy_matrix"] for s in summaries], dtype=float)  # [S, T, T]
+    out["accuracy_matrix"] = matrices.mean(0).tolist()  # the upper triangle is never read
+    return _jsonable(out)
+
+
+def format_metric(summary: dict, key: str) -> str:
+    value = summary.get(key)
+    if value is None:
+        return "—"
+    std = summary.get(f"{key}_std")
+    if std is not None and len(summary.get("seeds", [])) > 1:
+        return f"{value:.2f} ± {std:.2f}"
+    return f"{value:.2f}"
+
+
+def markdown_table(rows: Sequence[tuple[str, dict]], keys: Sequence[str] = METRICS) -> str:
+    """A Markdown table: one row per (label, summary), accuracies in %."""
+    keys = [k for k in keys if any(s.get(k) is not None for _, s in rows)]
+    header = "| run | tasks | " + " | ".join(METRIC_TITLES[k] for k in keys) + " |"
+    lines = [header, "|" + "---|" * (len(keys) + 2)]
+    for label, summary in rows:
+        cells = [format_metric(summary, k) for k in keys]
+        lines.append(f"| {label} | {summary.get('num_tasks', '')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_tensorboard(workdir: str | os.PathLike, rows: Sequence[dict], summary: dict) -> None:
+    """Rebuilds workdir/tensorboard from the metrics rows (idempotent across resumes)."""
+    from tensorboardX import SummaryWriter
+
+    logdir = pathlib.Path(workdir) / "tensorboard"
+    shutil.rmtree(logdir, ignore_errors=True)  # ours alone; rebuilding avoids duplicate steps
+    with SummaryWriter(logdir=str(logdir)) as writer:
+        for row in rows:
+            step = int(row["task"])
+            for key in ("accuracy", "old_accuracy", "new_accuracy", "loss", "train_seconds"):
+                value = row.get(key)
+                if isinstance(value, int | float) and math.isfinite(value):
+                    writer.add_scalar(f"task/{key}", value, step)
+        for key in METRICS:
+            if summary.get(key) is not None:
+                writer.add_scalar(f"summary/{key}", summary[key], len(rows) - 1)
+        writer.add_text("summary", markdown_table([("run", summary)]), 0)
+
+
+def plot_accuracy_curves(
+    curves: Sequence[tuple[str, dict]], path: str | os.PathLike, title: str = ""
+) -> None:
+    """Accuracy on all seen classes after each task, one line per (label, summary).
+
+    A summary with `seen_accuracy_std` (multi-seed) gets a shaded ± std band.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for label, summary in curves:
+        x = np.asarray(summary["seen_classes"])
+        y = np.asarray(summary["seen_accuracy"], dtype=float)
+        avg = summary.get("avg")
+        name = f"{label} (Avg {avg:.1f})" if avg is not None else label
+        ax.plot(x, y, marker="o", markersize=3, label=name)
+        if "seen_accuracy_std" in summary:
+            std = np.asarray(summary["seen_accuracy_std"], dtype=float)
+            ax.fill_between(x, y - std, y + std, alpha=0.2)
+    ax.set_xlabel("classes seen")
+    ax.set_ylabel("accuracy on all seen classes (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.set_title(title or "accuracy after each task")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_accuracy_matrix(matrix: Any, path: str | os.PathLike, title: str = "") -> None:
+    """Heatmap of A[i, j]: accuracy (%) on task j's classes after training task i."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    a = np.array(matrix, dtype=float)  # [T, T]
+    num_tasks = a.shape[0]
+    a[np.triu_indices(num_tasks, 1)] = np.nan  # tasks not trained yet: not part of the matrix
+    size = min(3.0 + 0.45 * num_tasks, 12.0)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85), dpi=120)
+    image = ax.imshow(np.ma.masked_invalid(a), vmin=0, vmax=100, cmap="viridis")
+    if num_tasks <= 20:
+        for i in range(num_tasks):
+            for j in range(num_tasks):
+                if np.isfinite(a[i, j]):
+                    color = "black" if a[i, j] > 60 else "white"
+                    text = f"{a[i, j]:.0f}"
+                    ax.text(j, i, text, ha="center", va="center", fontsize=7, color=color)
+    ax.set_xlabel("evaluated on task j")
+    ax.set_ylabel("after training task i")
+    ax.set_title(title or "accuracy matrix (%)")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_plots(workdir: str | os.PathLike, summary: dict, label: str) -> list[pathlib.Path]:
+    """accuracy_curve.png and accuracy_matrix.png of one run (or a multi-seed mean)."""
+    workdir = pathlib.Path(workdir)
+    curve, heatmap = workdir / "accuracy_curve.png", workdir / "accuracy_matrix.png"
+    plot_accuracy_curves([(label, summary)], curve, title=label)
+    plot_accuracy_matrix(summary["accuracy_matrix"], heatmap, title=f"{label}: A[i, j] (%)")
+    return [curve, heatmap]

@@ -1,0 +1,259 @@
+"""Runs one benchmark end to end and writes a results folder.
+
+    python -m experiments.run --config imagenet_r
+    python -m experiments.run --config cifar100:inc5 --config.method=rapf --workdir runs/c5-rapf
+    python -m experiments.run --config demo                      # offline, under a minute on CPU
+    python -m experiments.run --config synthetic --config.seeds=0,1,2
+
+Running the same command again resumes an interrupted run (finished tasks come from checkpoints,
+features from the cache); a workdir that holds a different config is refused unless `--overwrite`.
+From Python: `run_experiment(load_config("synthetic"), "runs/x")` returns the summary dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import logging
+import pathlib
+import platform
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from importlib import metadata
+
+import ml_collections
+
+from calfuse_jax.config import resolve_method
+from experiments import results
+from experiments.configs import ConfigError, apply_overrides, load_config, seeds_of, validate
+from experiments.pipeline import Prepared, UserError, prepare
+
+log = logging.getLogger("experiments.run")
+
+# Fields that change where things are or how they are shown, not what a run computes: a resume
+# may change them freely.
+NOT_COMPARED = (
+    "progress",
+    "cache_dir",
+    "features.batch_size",
+    "train.eval_batch_size",
+    "dataset.root",
+    "dataset.data_dir",
+    "dataset.download",
+)
+RESULT_MARKERS = ("config.json", "metrics.jsonl", "checkpoints", "summary.json")
+PACKAGES = ("calfuse-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
+            "transformers", "ml_collections", "tensorflow-datasets")  # fmt: skip
+
+
+def default_workdir(config_name: str, config: ml_collections.ConfigDict, overrides=()) -> str:
+    """runs/<config>-<method>[-<hash of the overrides>]: stable, so re-running resumes."""
+    stem = pathlib.Path(config_name.partition(":")[0]).stem
+    variant = config_name.partition(":")[2].replace(",", "-")
+    name = "-".join(p for p in (stem, variant, config.method) if p)
+    relevant = sorted(o for o in overrides if not o.split("=")[0].endswith(("method", "progress")))
+    if relevant:
+        name += "-" + hashlib.sha1("\n".join(relevant).encode()).hexdigest()[:8]
+    return str(pathlib.Path("runs") / name)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = list(value) if isinstance(value, tuple | list) else value
+    return out
+
+
+def _claim_workdir(workdir: pathlib.Path, config: dict, overwrite: bool) -> bool:
+    """Checks that `workdir` is new, a resume of the same config, or explicitly overwritten
+    (then empties it). Returns True when an existing run is resumed."""
+    if not workdir.exists() or not any(workdir.iterdir()):
+        return False
+    is_results = any((workdir / m).exists() for m in RESULT_MARKERS)
+    if not is_results:
+        raise UserError(
+            f"workdir {workdir} is not empty and holds no calfuse results; pass an empty or new "
+            "--workdir (nothing was written)"
+        )
+    old_path = workdir / "config.json"
+    old = _flat(results.read_json(old_path)) if old_path.exists() else {}
+    new = _flat(results.jsonable(config))
+    differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    differ = [k for k in differ if k not in NOT_COMPARED]
+    if not differ and old:
+        log.info("resuming the run in %s", workdir)
+        return True
+    if not overwrite:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:5])
+        more = f" (and {len(differ) - 5} more)" if len(differ) > 5 else ""
+        raise UserError(
+            f"workdir {workdir} holds a run of a different config ({shown}{more}). "
+            "Pass --overwrite to replace it, or choose another --workdir; nothing was changed."
+        )
+    log.warning("--overwrite: removing the earlier run in %s", workdir)
+    import shutil
+
+    shutil.rmtree(workdir)
+    return False
+
+
+@contextlib.contextmanager
+def _log_file(workdir: pathlib.Path) -> Iterator[None]:
+    """Copies every log record of this run into workdir/run.log (appending across resumes)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(workdir / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def environment() -> dict:
+    """Package versions, devices, Python, host and the git commit of the code that ran."""
+    import jax
+
+    versions = {}
+    for package in PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[package] = metadata.version(package)
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    commit = None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
+                              text=True, timeout=10)  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=repo, capture_output=True, text=True, timeout=10)  # fmt: skip
+        if head.returncode == 0:
+            commit = head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    return {
+        "packages": versions,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "devices": [str(d) for d in jax.devices()],
+        "git_commit": commit,
+    }
+
+
+def run_seed(
+    config: ml_collections.ConfigDict, prepared: Prepared, workdir, overwrite: bool = False
+) -> dict:
+    """One seed of one method into `workdir`; returns its summary (also summary.json)."""
+    from calfuse_jax.continual import run_continual
+
+    workdir = pathlib.Path(workdir)
+    _claim_workdir(workdir, config.to_dict(), overwrite)
+    with _log_file(workdir):
+        log.info("%s %s seed %d -> %s", config.name, config.method, config.seed, workdir)
+        results.write_json(workdir / "config.json", config.to_dict())
+        provenance = dict(prepared.provenance, seed=config.seed, method=config.method)
+        results.write_json(workdir / "provenance.json", {**provenance, **environment()})
+        result = run_continual(
+            prepared.stream,
+            prepared.text_features,
+            config,
+            str(workdir),
+            overwrite=False,  # an --overwrite already emptied the workdir above
+            progress=config.progress,
+            logit_scale=prepared.logit_scale,
+        )
+        seen = prepared.stream.split.bounds[1:]
+        summary = results.make_summary(
+            dict(result.summary), result.accuracy_matrix, result.seen_accuracy, seen
+        )
+        summary.update(method=config.method, seed=config.seed, config=config.name)
+        results.write_json(workdir / "summary.json", summary)
+        results.write_tensorboard(workdir, results.read_metrics(workdir), summary)
+        results.write_plots(workdir, summary, f"{config.name} {config.method} (seed {config.seed})")
+        log.info("Avg %.2f  Last %.2f  -> %s", summary["avg"], summary["last"], workdir)
+    return summary
+
+
+def run_experiment(config: ml_collections.ConfigDict, workdir, overwrite: bool = False) -> dict:
+    """Runs every seed of `config` (method preset resolved) into `workdir`; returns the summary.
+
+    One seed writes its results into `workdir`; several write `workdir/seed_<k>` each plus a
+    mean ± std `summary.json` and plots in `workdir`. The features are prepared once and shared.
+    """
+    validate(config)
+    config = resolve_method(config)
+    workdir = pathlib.Path(workdir)
+    seeds = seeds_of(config)
+    prepared = prepare(config)
+    if len(seeds) == 1:
+        config.seed = seeds[0]
+        return run_seed(config, prepared, workdir, overwrite)
+    _claim_workdir(workdir, config.to_dict(), overwrite)
+    results.write_json(workdir / "config.json", config.to_dict())  # marks the folder as ours
+    summaries = []
+    for seed in seeds:
+        seed_config = ml_collections.ConfigDict(config.to_dict())
+        seed_config.seed = seed
+        summaries.append(run_seed(seed_config, prepared, workdir / f"seed_{seed}", overwrite))
+    summary = results.aggregate(summaries)
+    summary.update(method=config.method, config=config.name)
+    results.write_json(workdir / "summary.json", summary)
+    results.write_plots(workdir, summary, f"{config.name} {config.method} ({len(seeds)} seeds)")
+    return summary
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.run",
+        description="Run a class-incremental CLIP benchmark; override any field with "
+        "--config.KEY=VALUE (e.g. --config.train.epochs=5).",
+    )
+    parser.add_argument("--config", required=True, help="name[:variant] or path/to/config.py")
+    parser.add_argument("--workdir", help="results folder (default: runs/<config>-<method>)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a run of another config")
+    parser.add_argument("--show-config", action="store_true", help="print the config and exit")
+    parser.add_argument("--traceback", action="store_true", help="show tracebacks of user errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress")
+    args, rest = parser.parse_known_args(argv)
+    overrides = []
+    for item in rest:
+        if not item.startswith("--config."):
+            parser.error(f"unrecognised argument {item!r}; overrides look like --config.KEY=VALUE")
+        overrides.append(item[len("--config.") :])
+    return args, overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, overrides = parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for chatty in ("absl", "orbax", "jax._src", "matplotlib"):  # per-save INFO lines drown ours
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    try:
+        config = apply_overrides(load_config(args.config), overrides)
+        if args.quiet:
+            config.progress = False
+        if args.show_config:
+            print(resolve_method(config))
+            return 0
+        workdir = args.workdir or default_workdir(args.config, config, overrides)
+        summary = run_experiment(config, workdir, overwrite=args.overwrite)
+    except (ConfigError, UserError, FileNotFoundError, FileExistsError, ValueError) as err:
+        if args.traceback:
+            raise
+        print(f"error: {err}\n(run with --traceback for the full trace)", file=sys.stderr)
+        return 2
+    print(results.markdown_table([(f"{config.name} {config.method}", summary)]), end="")
+    print(f"results: {workdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
