@@ -48,8 +48,24 @@ FUSION_METHODS = ("qr", "svd", "none")
 FLAX_KERNEL_NAMES = ("kernel",)
 
 
-def _mix(basis: jax.Array, r_old: jax.Array, w_old: jax.Array, w_new: jax.Array, bias):
-    """`basis (M * P + (1 - M) * r_old)` with `P = basis^T w_new`; guards max(D) == 0."""
+def fuse_in_basis(
+    basis: jax.Array, r_old: jax.Array, w_old: jax.Array, w_new: jax.Array, bias
+) -> jax.Array:
+    """The fusion formula for any orthogonal factorisation `w_old = basis @ r_old`.
+
+    `basis (M * P + (1 - M) * r_old)` with `P = basis^T w_new`, `D = |P - r_old|`,
+    `M = min(1, D / max(D) + bias)`; returns `w_old` when nothing changed and `w_new` for
+    `bias >= 1` (see module docstring). `qr_fuse` and `svd_fuse` call it with their factors.
+
+    Args:
+      basis: [out, out] orthogonal matrix.
+      r_old: [out, in] coefficients of `w_old` in that basis.
+      w_old, w_new: [out, in] float32.
+      bias: scalar fusion bias.
+
+    Returns:
+      [out, in] fused weights.
+    """
     p = basis.T @ w_new  # [out, in]
     diff = jnp.abs(p - r_old)
     max_diff = jnp.max(diff)
@@ -84,7 +100,7 @@ def qr_fuse(w_old: jax.Array, w_new: jax.Array, bias: jax.Array | float) -> jax.
     dtype = w_new.dtype
     w_old, w_new = w_old.astype(jnp.float32), w_new.astype(jnp.float32)
     q, r_old = jnp.linalg.qr(w_old, mode="complete")  # [out, out], [out, in]
-    return _mix(q, r_old, w_old, w_new, jnp.asarray(bias, jnp.float32)).astype(dtype)
+    return fuse_in_basis(q, r_old, w_old, w_new, jnp.asarray(bias, jnp.float32)).astype(dtype)
 
 
 def svd_fuse(w_old: jax.Array, w_new: jax.Array, bias: jax.Array | float) -> jax.Array:
@@ -109,7 +125,7 @@ def svd_fuse(w_old: jax.Array, w_new: jax.Array, bias: jax.Array | float) -> jax
         q_full, _ = jnp.linalg.qr(u, mode="complete")  # [out, out]
         u = jnp.concatenate([u, q_full[:, in_dim:]], axis=1)  # [out, out]
         r_old = jnp.pad(r_old, ((0, out_dim - in_dim), (0, 0)))  # [out, in]
-    return _mix(u, r_old, w_old, w_new, jnp.asarray(bias, jnp.float32)).astype(dtype)
+    return fuse_in_basis(u, r_old, w_old, w_new, jnp.asarray(bias, jnp.float32)).astype(dtype)
 
 
 def path_name(path: Sequence[Any]) -> str:
