@@ -178,6 +178,8 @@ def plot_accuracy_curves(
         if "seen_accuracy_std" in summary:
             std = np.asarray(summary["seen_accuracy_std"], dtype=float)
             ax.fill_between(x, y - std, y + std, alpha=0.2)
+    if curves and len(curves[0][1]["seen_classes"]) <= 20:
+        ax.set_xticks(curves[0][1]["seen_classes"])
     ax.set_xlabel("classes seen")
     ax.set_ylabel("accuracy on all seen classes (%)")
     ax.set_ylim(0, 100)
@@ -209,6 +211,9 @@ def plot_accuracy_matrix(matrix: Any, path: str | os.PathLike, title: str = "") 
                     color = "black" if a[i, j] > 60 else "white"
                     text = f"{a[i, j]:.0f}"
                     ax.text(j, i, text, ha="center", va="center", fontsize=7, color=color)
+    ticks = np.arange(0, num_tasks, max(1, num_tasks // 10))
+    ax.set_xticks(ticks)
+    ax.set_yticks(ticks)
     ax.set_xlabel("evaluated on task j")
     ax.set_ylabel("after training task i")
     ax.set_title(title or "accuracy matrix (%)")

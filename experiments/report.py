@@ -1,0 +1,131 @@
+"""Rebuilds plots and a Markdown table from one or more results folders.
+
+    python -m experiments.report runs/cifar100-calfuse runs/cifar100-rapf --out report/
+    python -m experiments.report runs/demo-calfuse            # rebuilds that folder's own plots
+
+Each folder is a `run_experiment` workdir (one seed, or several under seed_<k>/ with a mean ± std
+summary). A run still in progress is reported from its `metrics.jsonl` (finished tasks only).
+Writes `report.md` (table + plots), `report.csv`, `accuracy_curve.png` (every run on one chart)
+and `accuracy_matrix_<label>.png` per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import pathlib
+import re
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from experiments import results
+
+
+class ReportError(ValueError):
+    """A folder that holds no results."""
+
+
+def summary_from_metrics(rows: Sequence[dict]) -> dict:
+    """A partial summary (Avg, Last, matrix, curve) from the metrics rows of finished tasks."""
+    num_tasks = len(rows)
+    matrix = np.full((num_tasks, num_tasks), np.nan)  # [T, T]
+    for i, row in enumerate(rows):
+        matrix[i, : len(row["accuracy_row"])] = row["accuracy_row"]
+    seen = [float(row["accuracy"]) for row in rows]
+    summary = {"avg": float(np.mean(seen)), "last": seen[-1], "partial": True}
+    return results.make_summary(summary, matrix, seen, [row["seen_classes"] for row in rows])
+
+
+def load_run(workdir: str | pathlib.Path) -> tuple[str, dict]:
+    """(label, summary) of a results folder; label = '<config> <method>'."""
+    workdir = pathlib.Path(workdir)
+    config_path = workdir / "config.json"
+    config = results.read_json(config_path) if config_path.exists() else {}
+    label = " ".join(str(config[k]) for k in ("name", "method") if k in config) or workdir.name
+    if (workdir / "summary.json").exists():
+        summary = results.read_json(workdir / "summary.json")
+    elif results.read_metrics(workdir):
+        summary = summary_from_metrics(results.read_metrics(workdir))
+        label += " (partial)"
+    else:
+        raise ReportError(
+            f"{workdir} holds no summary.json or metrics.jsonl: not a results folder, or a run "
+            "that finished no task yet (re-run its command to resume it)"
+        )
+    return label, summary
+
+
+def _unique_labels(labels: list[str], folders: Sequence[pathlib.Path]) -> list[str]:
+    """Appends the folder name to labels that occur more than once."""
+    return [
+        f"{label} [{folder.name}]" if labels.count(label) > 1 else label
+        for label, folder in zip(labels, folders, strict=True)
+    ]
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")
+
+
+def write_csv(rows: Sequence[tuple[str, dict]], path: pathlib.Path) -> None:
+    columns = [f"{k}{s}" for k in results.METRICS for s in ("", "_std")]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["run", "num_tasks", *columns])
+        for label, summary in rows:
+            writer.writerow([label, summary.get("num_tasks"), *(summary.get(c) for c in columns)])
+
+
+def build_report(
+    workdirs: Sequence[str | pathlib.Path], out: str | pathlib.Path, title: str = ""
+) -> pathlib.Path:
+    """Writes report.md, report.csv and the plots of `workdirs` into `out`; returns report.md."""
+    folders = [pathlib.Path(w) for w in workdirs]
+    loaded = [load_run(f) for f in folders]
+    labels = _unique_labels([label for label, _ in loaded], folders)
+    rows = [(label, summary) for label, (_, summary) in zip(labels, loaded, strict=True)]
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results.plot_accuracy_curves(rows, out / "accuracy_curve.png", title=title)
+    images = ["accuracy_curve.png"]
+    for label, summary in rows:
+        name = "accuracy_matrix.png" if len(rows) == 1 else f"accuracy_matrix_{_slug(label)}.png"
+        results.plot_accuracy_matrix(summary["accuracy_matrix"], out / name, title=label)
+        images.append(name)
+    write_csv(rows, out / "report.csv")
+    lines = [f"# {title or 'Results'}", "", "Accuracy in % on all classes seen so far.", ""]
+    lines.append(results.markdown_table(rows))
+    lines += ["| run | folder |", "|---|---|"]
+    lines += [f"| {label} | `{folder}` |" for (label, _), folder in zip(rows, folders, strict=True)]
+    lines.append("")
+    lines += [f"![{name}]({name})" for name in images]
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.report",
+        description="Plots and a Markdown table from one or more results folders.",
+    )
+    parser.add_argument("workdirs", nargs="+", help="results folders (run_experiment workdirs)")
+    parser.add_argument("--out", help="output folder (default: the folder itself for one run, "
+                        "./report for several)")  # fmt: skip
+    parser.add_argument("--title", default="", help="chart and report title")
+    args = parser.parse_args(argv)
+    out = args.out or (args.workdirs[0] if len(args.workdirs) == 1 else "report")
+    try:
+        report = build_report(args.workdirs, out, args.title)
+    except (ReportError, OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(report.read_text(), end="")
+    print(f"report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
