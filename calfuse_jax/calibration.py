@@ -156,7 +156,7 @@ class CalibratedHead(nn.Module):
         Args:
           f0: [B, D] frozen image features.
           gate: for `none`/`fixed`/`schedule`, the gate value (scalar or [B]) from `gate_value`;
-            `none` defaults to 0. Must be None for `learned`/`dynamic`.
+            `none` (and `init`) default to 0. Must be None for `learned`/`dynamic`.
 
         Returns:
           ([B, D] unit-norm calibrated features, [B] gate values).
@@ -184,7 +184,8 @@ class CalibratedHead(nn.Module):
                 gate = self._dynamic_gate(f0, fa)
         else:
             if gate is None:
-                if self.mode != "none":
+                # `head.init(key, f0)` needs no gate: these modes have no gate parameters.
+                if self.mode != "none" and not self.is_initializing():
                     raise ValueError(
                         f"mode {self.mode!r} needs the gate from the caller (see gate_value)"
                     )
