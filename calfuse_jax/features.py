@@ -1,0 +1,418 @@
+"""Frozen-encoder features, computed once per (weights, preprocessing, dataset) and cached on disk.
+
+    feats, labels = image_features(ds, model, params, cache_dir=..., weights_id=..., image_size=224)
+    text = text_features(names, model, params, tokenizer, cache_dir=..., weights_id=...)
+
+Cache layout (`cache_dir/images/<key>/`): finished `chunks/chunk-<start>-<end>.npy` written
+atomically (temporary file, fsync, rename) while extraction runs, so an interrupted run resumes
+from the finished chunks; at the end one `features.npy` [N, D] float32 and `labels.npy` [N] int64
+plus `manifest.json` holding their sha256 and shapes, checked on every load (a corrupted or
+truncated cache is reported and recomputed, never used). The key is the sha256 of the weights id,
+model architecture, image size, compute dtype, preprocessing version and `ds.identity`, so every
+method and seed shares one cache and anything that changes the numbers changes the key.
+
+Extraction: batches are decoded and preprocessed on host threads (PIL releases the GIL) a few
+batches ahead of the device, padded to one fixed batch shape (the encoder is traced once), split
+over all devices of a `data` mesh (`NamedSharding`), encoded by one jitted function, and shown on a
+tqdm bar with images/s and ETA. Compute dtype: bfloat16 on GPU/TPU, float32 on CPU, unless given.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from calfuse_jax import sharding
+
+PREPROCESS_VERSION = "clip-bicubic-shortside-centercrop-meanstd-v1"
+TEXT_VERSION = "text-normalised-template-mean-v1"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what from_pretrained reads, in order
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".npz", ".ckpt")
+_FILE_SHA_MEMO: dict[tuple, str] = {}
+
+
+# ----------------------------------------------------------------------------------------------
+# Hashing and atomic files
+
+
+def file_sha256(path) -> str:
+    """sha256 (hex) of a file, memoised on (path, size, mtime) within the process."""
+    stat = os.stat(path)
+    memo_key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    if memo_key not in _FILE_SHA_MEMO:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        _FILE_SHA_MEMO[memo_key] = digest.hexdigest()
+    return _FILE_SHA_MEMO[memo_key]
+
+
+def weights_id(path_or_hub_id: str | os.PathLike) -> str:
+    """sha256 (hex) identifying a checkpoint's weights: a file, a folder, or a cached hub id.
+
+    For a folder (or a hub id, resolved to its local snapshot without network when cached) the
+    weight file `from_pretrained` reads is hashed: `model.safetensors`, else `pytorch_model.bin`,
+    else the shards named in `*.index.json`, else every weight-like file. One file -> its own
+    sha256 (comparable with the hub's LFS hash); several -> sha256 over `name:sha256` lines.
+    """
+    path = Path(os.fspath(path_or_hub_id))
+    if path.is_file():
+        return file_sha256(path)
+    if not path.is_dir():
+        from calfuse_jax.models.convert import resolve
+
+        path = resolve(path, ("config.json",), ("model.safetensors", "pytorch_model.bin"))
+    files = _weight_files(path)
+    if not files:
+        raise FileNotFoundError(
+            f"no weight file in {str(path)!r}: expected model.safetensors or pytorch_model.bin "
+            "(a Hugging Face CLIP folder); write a random one with clip.random_checkpoint(folder)"
+        )
+    if len(files) == 1:
+        return file_sha256(files[0])
+    lines = "".join(f"{f.name}:{file_sha256(f)}\n" for f in files)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return [folder / name]
+    for index in sorted(folder.glob("*.index.json")):
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / shard for shard in shards]
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+
+
+def cache_key(fields: dict) -> str:
+    """sha256 (hex, 24 chars) of the canonical JSON of `fields`."""
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _atomic_save(path: Path, array: np.ndarray) -> None:
+    """Writes `array` as .npy so that `path` is either absent or complete (never partial)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            np.save(f, array)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _atomic_write_json(path: Path, payload: dict) -> None:
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(handle, "w") as f:
+        json.dump(payload, f, indent=1, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _verified(folder: Path, names: Sequence[str]) -> list[np.ndarray] | None:
+    """Loads `names` (.npy) from `folder` if `manifest.json` exists and sha256/shape/dtype match.
+
+    Returns None when there is no cache; warns and returns None for a corrupted one.
+    """
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.exists():
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        arrays = []
+        for name in names:
+            entry = manifest["files"][name]
+            if file_sha256(folder / name) != entry["sha256"]:
+                raise ValueError(f"{name}: sha256 mismatch")
+            array = np.load(folder / name, allow_pickle=False)
+            if list(array.shape) != entry["shape"] or array.dtype.str != entry["dtype"]:
+                raise ValueError(f"{name}: shape/dtype {array.shape} {array.dtype} != manifest")
+            arrays.append(array)
+        return arrays
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as error:
+        warnings.warn(
+            f"feature cache {str(folder)!r} failed verification ({error}); recomputing it",
+            stacklevel=3,
+        )
+        manifest_path.unlink(missing_ok=True)
+        return None
+
+
+def _write_verified(folder: Path, arrays: dict[str, np.ndarray], fields: dict) -> None:
+    files = {}
+    for name, array in arrays.items():
+        _atomic_save(folder / name, array)
+        files[name] = {
+            "sha256": file_sha256(folder / name),
+            "shape": list(array.shape),
+            "dtype": array.dtype.str,
+        }
+    _atomic_write_json(folder / "manifest.json", {"fields": fields, "files": files})
+
+
+# ----------------------------------------------------------------------------------------------
+# Image features
+
+
+def default_compute_dtype() -> jnp.dtype:
+    """bfloat16 on GPU/TPU (halves memory traffic, tensor cores), float32 on CPU."""
+    return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+
+
+def make_image_encoder(model, params, mesh, compute_dtype) -> Callable[[np.ndarray], jax.Array]:
+    """host pixels float32 [B, H, W, 3] (B a multiple of the mesh size) -> features [B, D].
+
+    One jitted function; parameters replicated once, pixels split over the `data` axis, output
+    float32 split the same way. Pixels are not donated: the output has another shape, so XLA
+    could not reuse their buffer anyway.
+    """
+    if "dtype" in {f.name for f in dataclasses.fields(model)}:
+        model = model.clone(dtype=compute_dtype)
+
+    def encode(p, pixels):
+        out = model.apply({"params": p}, pixels, method=model.encode_image)
+        return out.astype(jnp.float32)
+
+    jitted = jax.jit(
+        encode,
+        in_shardings=(sharding.replicated(mesh), sharding.data_sharding(mesh)),
+        out_shardings=sharding.data_sharding(mesh),
+    )
+    device_params = sharding.replicate(params, mesh)
+    return lambda pixels: jitted(device_params, sharding.shard_batch(pixels, mesh))
+
+
+def _fetch(array: jax.Array) -> np.ndarray:
+    if array.is_fully_addressable:
+        return np.asarray(array)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def _host_batch(ds, indices, preprocess, image_size: int, batch: int) -> np.ndarray:
+    """Decode + preprocess `indices`, zero-padded to `batch` rows: float32 [batch, S, S, 3]."""
+    pixels = np.asarray(preprocess(ds.load_batch(indices), image_size), dtype=np.float32)
+    if len(indices) < batch:
+        pad = np.zeros((batch - len(indices),) + pixels.shape[1:], pixels.dtype)
+        pixels = np.concatenate([pixels, pad])
+    return pixels
+
+
+def _model_fields(model) -> dict:
+    arch = getattr(model, "arch", None)
+    return {"model": type(model).__name__, "arch": repr(arch) if arch is not None else None}
+
+
+def image_features(
+    ds,
+    model,
+    params,
+    *,
+    cache_dir: str | os.PathLike,
+    weights_id: str,
+    image_size: int | None = None,
+    batch_size: int = 256,
+    mesh: jax.sharding.Mesh | None = None,
+    progress: bool = True,
+    compute_dtype=None,
+    chunk_size: int | None = None,
+    num_workers: int | None = None,
+    preprocess: Callable | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Frozen image features of every item of `ds`, cached under `cache_dir`.
+
+    Args:
+      ds: a dataset (`labels`, `identity`, `load_batch`; see `calfuse_jax.data.images`).
+      model, params: a Linen module with `encode_image` (pixels [B, S, S, 3] -> [B, D]) and its
+        params.
+      cache_dir: root of the cache (shared by all runs).
+      weights_id: `weights_id(checkpoint)`; part of the key.
+      image_size: S; default `model.image_size`.
+      batch_size: images per encoder call (rounded up to a multiple of the device count).
+      mesh: a `data` mesh; default all devices.
+      compute_dtype: encoder compute dtype; default `default_compute_dtype()`.
+      chunk_size: images per resumable chunk file (default about 4096, a multiple of the batch).
+      num_workers: host threads decoding/preprocessing ahead of the device (default <= 8).
+      preprocess: `(images, image_size) -> float32 [B, S, S, 3]`; default `clip.preprocess`.
+
+    Returns:
+      features float32 [N, D] (not normalised) and labels int64 [N] (== `ds.labels`).
+    """
+    preprocess_version = PREPROCESS_VERSION
+    if preprocess is None:
+        from calfuse_jax.preprocess import preprocess
+    else:  # a custom function changes the numbers: key on its name
+        name = getattr(preprocess, "__qualname__", repr(preprocess))
+        preprocess_version = f"custom:{getattr(preprocess, '__module__', '')}.{name}"
+    image_size = int(image_size or model.image_size)
+    mesh = mesh or sharding.make_mesh()
+    compute_dtype = jnp.dtype(compute_dtype or default_compute_dtype())
+    labels = np.asarray(ds.labels, dtype=np.int64)
+    fields = {
+        "kind": "image",
+        "weights_id": weights_id,
+        **_model_fields(model),
+        "image_size": image_size,
+        "compute_dtype": compute_dtype.name,
+        "preprocess": preprocess_version,
+        "dataset": ds.identity,
+    }
+    folder = Path(cache_dir) / "images" / cache_key(fields)
+    cached = _verified(folder, ("features.npy", "labels.npy"))
+    if cached is not None and np.array_equal(cached[1], labels):
+        return cached[0], cached[1]
+    batch = min(sharding.padded_size(batch_size, mesh), sharding.padded_size(len(ds), mesh))
+    chunk = max(1, (chunk_size or max(4096, batch)) // batch) * batch
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic_write_json(folder / "key.json", fields)  # for people browsing the cache
+    plan = _Plan(preprocess, image_size, batch, chunk, num_workers or min(8, os.cpu_count() or 1))
+    encoder = lambda: make_image_encoder(model, params, mesh, compute_dtype)  # noqa: E731
+    features = _extract_chunks(ds, folder / "chunks", encoder, plan, progress)
+    if jax.process_index() == 0:
+        _write_verified(folder, {"features.npy": features, "labels.npy": labels}, fields)
+        shutil.rmtree(folder / "chunks", ignore_errors=True)
+    return features, labels
+
+
+def _load_chunk(path: Path, rows: int) -> np.ndarray | None:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    return array if array.ndim == 2 and array.shape[0] == rows else None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    preprocess: Callable
+    image_size: int
+    batch: int  # rows per encoder call, a multiple of the device count
+    chunk: int  # rows per resumable chunk file, a multiple of `batch`
+    workers: int  # host threads decoding ahead of the device
+
+
+def _extract_chunks(ds, chunk_dir: Path, make_encoder, plan: _Plan, progress: bool) -> np.ndarray:
+    """Runs the encoder over every chunk without a finished file; returns float32 [N, D]."""
+    from tqdm.auto import tqdm
+
+    total, batch = len(ds), plan.batch
+    bounds = [(s, min(s + plan.chunk, total)) for s in range(0, total, plan.chunk)]
+    paths = [chunk_dir / f"chunk-{s:09d}-{e:09d}.npy" for s, e in bounds]
+    done = {i: _load_chunk(paths[i], e - s) for i, (s, e) in enumerate(bounds)}
+    done = {i: a for i, a in done.items() if a is not None}
+    todo = [i for i in range(len(bounds)) if i not in done]
+    initial = sum(len(a) for a in done.values())
+    bar = tqdm(
+        total=total, initial=initial, unit="img", desc="image features", disable=not progress
+    )
+    if todo:
+        encoder = make_encoder()
+        jobs = [(i, s) for i in todo for s in range(bounds[i][0], bounds[i][1], batch)]
+        with concurrent.futures.ThreadPoolExecutor(plan.workers) as pool:
+
+            def submit(job):
+                rows = range(job[1], min(job[1] + batch, bounds[job[0]][1]))
+                return pool.submit(_host_batch, ds, rows, plan.preprocess, plan.image_size, batch)
+
+            ahead = collections.deque(submit(job) for job in jobs[: plan.workers + 1])
+            next_job = len(ahead)
+            parts: dict[int, list[np.ndarray]] = {i: [] for i in todo}
+            for i, start in jobs:
+                pixels = ahead.popleft().result()
+                if next_job < len(jobs):  # keep the host `workers + 1` batches ahead
+                    ahead.append(submit(jobs[next_job]))
+                    next_job += 1
+                rows = min(batch, bounds[i][1] - start)
+                parts[i].append(_fetch(encoder(pixels))[:rows])
+                bar.update(rows)
+                if start + batch >= bounds[i][1]:  # chunk finished: keep it on disk
+                    done[i] = np.concatenate(parts.pop(i))
+                    if jax.process_index() == 0:
+                        _atomic_save(paths[i], done[i])
+    bar.close()
+    return np.concatenate([done[i] for i in range(len(bounds))]).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Text features
+
+
+def text_features(
+    class_names: Sequence[str],
+    model,
+    params,
+    tokenizer,
+    *,
+    templates: Sequence[str] = ("a good photo of a {}.",),
+    cache_dir: str | os.PathLike,
+    weights_id: str,
+    batch_size: int = 256,
+) -> np.ndarray:
+    """L2-normalised text embeddings of the class prompts, float32 [C, D], cached.
+
+    Each class's prompts `template.format(name)` are encoded and normalised; an ensemble of
+    templates averages the normalised embeddings and renormalises (CLIP's prompt ensembling).
+    Names are used as given (turn `_` into spaces first with `class_names.prompt_names`).
+    """
+    names, templates = list(class_names), list(templates)
+    if not names or not templates:
+        raise ValueError("text_features needs at least one class name and one template")
+    bad = [t for t in templates if "{}" not in t]
+    if bad:
+        raise ValueError(f"templates must contain '{{}}' for the class name: {bad}")
+    fields = {
+        "kind": "text",
+        "weights_id": weights_id,
+        **_model_fields(model),
+        "version": TEXT_VERSION,
+        "names": names,
+        "templates": templates,
+    }
+    folder = Path(cache_dir) / "text" / cache_key(fields)
+    cached = _verified(folder, ("text.npy",))
+    if cached is not None:
+        return cached[0]
+    prompts = [t.format(name) for name in names for t in templates]
+    tokens = np.asarray(tokenizer(prompts), dtype=np.int32)  # [C * T, L]
+    encode = jax.jit(
+        lambda p, x: model.apply({"params": p}, x, method=model.encode_text).astype(jnp.float32)
+    )
+    batch = min(batch_size, len(tokens))
+    outputs = []
+    for start in range(0, len(tokens), batch):
+        part = tokens[start : start + batch]
+        padded = np.concatenate([part, np.repeat(part[-1:], batch - len(part), 0)])
+        outputs.append(np.asarray(encode(params, padded))[: len(part)])
+    embeddings = normalise(np.concatenate(outputs).reshape(len(names), len(templates), -1))
+    text = normalise(embeddings.mean(axis=1)).astype(np.float32)  # [C, D]
+    folder.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        _write_verified(folder, {"text.npy": text}, fields)
+    return text
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    """x / ||x|| along the last axis (float64 inside for a stable cache)."""
+    x64 = np.asarray(x, dtype=np.float64)
+    return (x64 / np.linalg.norm(x64, axis=-1, keepdims=True)).astype(np.float32)
