@@ -47,6 +47,15 @@ def accuracy(logits_or_preds, labels, percent: bool = True, mask=None) -> jax.Ar
     return frac * 100.0 if percent else frac
 
 
+def _percent_correct(preds: np.ndarray, labels: np.ndarray, keep: np.ndarray, scale: float):
+    """`scale * correct / total` over the rows in `keep` (count-based, so hand fractions match
+    exactly); NaN when no row is kept."""
+    total = int(np.sum(keep))
+    if total == 0:
+        return float("nan")
+    return scale * int(np.sum(preds[keep] == labels[keep])) / total
+
+
 def accuracy_row(preds, labels, bounds: Sequence[int], task: int, percent: bool = True):
     """Row `task` of A plus the seen-class accuracy, from one evaluation after task `task`.
 
@@ -65,10 +74,8 @@ def accuracy_row(preds, labels, bounds: Sequence[int], task: int, percent: bool 
     row = np.full(len(bounds) - 1, np.nan)
     for j in range(task + 1):
         keep = (labels >= bounds[j]) & (labels < bounds[j + 1])
-        row[j] = scale * np.mean(preds[keep] == labels[keep]) if keep.any() else np.nan
-    seen = labels < bounds[task + 1]
-    seen_acc = scale * np.mean(preds[seen] == labels[seen]) if seen.any() else np.nan
-    return row, float(seen_acc)
+        row[j] = _percent_correct(preds, labels, keep, scale)
+    return row, _percent_correct(preds, labels, labels < bounds[task + 1], scale)
 
 
 def accuracy_matrix(predictions: Sequence, labels, bounds: Sequence[int], percent: bool = True):
@@ -173,10 +180,9 @@ def old_new_accuracy(preds, labels, num_old: int, num_seen: int, percent: bool =
         preds = np.argmax(preds, axis=-1)
     scale = 100.0 if percent else 1.0
 
-    def part(keep):
-        return float(scale * np.mean(preds[keep] == labels[keep])) if keep.any() else float("nan")
-
-    return part(labels < num_old), part((labels >= num_old) & (labels < num_seen))
+    old = _percent_correct(preds, labels, labels < num_old, scale)
+    new = _percent_correct(preds, labels, (labels >= num_old) & (labels < num_seen), scale)
+    return old, new
 
 
 def harmonic_mean(old: float, new: float) -> float:
