@@ -1,0 +1,150 @@
+"""One entry point for every dataset: `load_dataset(name, split, root=..., source=...)`.
+
+    ds = load_dataset("cifar100", "train", root="~/data")              # the python archive
+    ds = load_dataset("imagenet_r", "test", source="tfds", data_dir="~/tensorflow_datasets")
+    ds = load_dataset("shapes", "train")                                # procedural, no files
+
+Sources: `files` (what users already have: archives, class-per-folder trees), `tfds` (a prepared
+array_record TFDS dataset, read without TensorFlow), `package` (Animal-MNIST inside its wheel),
+`procedural` (shapes). `auto` picks `files` when `root` is given, else a prepared TFDS dataset,
+else explains both ways to get the data in one message. Every returned object has `labels`,
+`class_names`, `identity`, `len`, `load(i)` and `load_batch(indices)` (see `data.images`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+
+from calfuse_jax.data import animal_mnist as animal_lib
+from calfuse_jax.data import cifar, images, tfds_source
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetEntry:
+    """What `load_dataset` knows about one dataset name."""
+
+    description: str
+    sources: tuple[str, ...]  # the first is the default when `root` is given / nothing else works
+    splits: tuple[str, ...]
+    options: tuple[str, ...]  # keyword options accepted through **options
+    files_help: str = ""
+
+
+_SPLIT_OPTIONS = ("seed", "train_fraction")
+DATASETS: dict[str, DatasetEntry] = {
+    "cifar100": DatasetEntry(
+        "CIFAR-100, 100 classes, 50,000 train / 10,000 test 32x32 images",
+        ("files", "tfds"), ("train", "test"), ("label_cache",), cifar.CIFAR100_HELP,
+    ),
+    "imagenet_r": DatasetEntry(
+        "ImageNet-R, 200 classes, 30,000 renditions; seeded 80/20 per-class split or a split file",
+        ("files", "tfds"), ("train", "test"), (*_SPLIT_OPTIONS, "split_file", "label_cache"),
+        images.IMAGENET_R_HELP,
+    ),
+    "imagenet100": DatasetEntry(
+        "ImageNet-100 (first 100 ImageNet-1k classes by wnid), train / val",
+        ("files", "tfds"), ("train", "test"), ("class_file", "wnids", "label_cache"),
+        images.IMAGENET_HELP,
+    ),
+    "cub200": DatasetEntry(
+        "CUB-200-2011 birds, 200 classes, official train/test split",
+        ("files", "tfds"), ("train", "test"), ("label_cache",), images.CUB_HELP,
+    ),
+    "animal_mnist": DatasetEntry(
+        "Animal-MNIST, 10 animal silhouettes, 28x28 grayscale, from the animal-mnist wheel",
+        ("package",), ("train", "test", "all"), _SPLIT_OPTIONS,
+        f"    {animal_lib.INSTALL_LINE}",
+    ),
+    "shapes": DatasetEntry(
+        "procedural coloured shapes, 10 classes, generated on demand (no files)",
+        ("procedural",), ("train", "test"), ("seed", "num_per_class", "image_size"),
+    ),
+    "folder": DatasetEntry(
+        "any class-per-folder tree ROOT/<class>/<image>",
+        ("files",), ("train", "test", "all"), ("class_names",),
+        "    pass root=DIR holding one sub-folder of images per class",
+    ),
+}  # fmt: skip
+
+
+def _files_reader(name: str) -> Callable:
+    if name == "cifar100":
+        return lambda root, split, **o: cifar.cifar100(root, split)
+    if name == "imagenet_r":
+        return images.imagenet_r
+    if name == "imagenet100":
+        return images.imagenet_subset
+    if name == "cub200":
+        return lambda root, split, **o: images.cub200(root, split)
+    return lambda root, split, **o: images.folder_dataset(root, split=split, **o)
+
+
+def load_dataset(
+    name: str,
+    split: str,
+    *,
+    root: str | os.PathLike | None = None,
+    source: str = "auto",
+    data_dir: str | os.PathLike | None = None,
+    download: bool = False,
+    **options,
+) -> images.ImageDataset:
+    """Opens dataset `name`'s `split` (see `DATASETS` for names, splits, sources and options).
+
+    Args:
+      name: cifar100 | imagenet_r | imagenet100 | cub200 | animal_mnist | shapes | folder.
+      split: "train" or "test" ("val"/"validation" mean "test").
+      root: the user's files (archive, folder tree); implies source="files".
+      source: "auto", "files", "tfds", "package", "procedural".
+      data_dir: TFDS data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets).
+      download: let TFDS download and prepare (needs TensorFlow for these builders).
+      **options: dataset options, e.g. seed / train_fraction / split_file for imagenet_r.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    entry = DATASETS[name]
+    split = {"val": "test", "validation": "test"}.get(split, split)
+    if split not in entry.splits:
+        raise ValueError(f"{name} has splits {entry.splits}; got {split!r}")
+    unknown = sorted(set(options) - set(entry.options))
+    if unknown:
+        raise TypeError(f"{name} takes options {entry.options}; unknown: {unknown}")
+    source = _pick_source(name, entry, source, root, data_dir, download)
+    if source == "package":
+        return animal_lib.animal_mnist(split, **options)
+    if source == "procedural":
+        return animal_lib.shapes(split, **options)
+    if source == "tfds":
+        kept = {k: v for k, v in options.items() if k in ("seed", "train_fraction", "label_cache")}
+        if set(options) - set(kept):
+            raise ValueError(f"{sorted(set(options) - set(kept))} only work with source='files'")
+        return tfds_source.tfds_dataset(name, split, data_dir=data_dir, download=download, **kept)
+    if root is None:
+        raise images.missing_data_error(name, "source='files' needs root=", entry.files_help)
+    files_options = {k: v for k, v in options.items() if k != "label_cache"}
+    return _files_reader(name)(os.path.expanduser(os.fspath(root)), split, **files_options)
+
+
+def _pick_source(name, entry, source, root, data_dir, download) -> str:
+    if source not in ("auto", "files", "tfds", "package", "procedural"):
+        raise ValueError(f"unknown source {source!r}; use auto, files, tfds, package, procedural")
+    if source != "auto":
+        if source not in entry.sources:
+            raise ValueError(f"{name} can be read from {entry.sources}, not {source!r}")
+        return source
+    if root is not None or entry.sources[0] != "files" or "tfds" not in entry.sources:
+        return entry.sources[0]
+    spec = tfds_source.TFDS_SPECS[name]
+    data_dir = os.fspath(data_dir or tfds_source.default_data_dir())
+    if download or tfds_source.find_prepared(spec.tfds_name, data_dir) is not None:
+        return "tfds"
+    raise images.missing_data_error(
+        name,
+        f"no root= given and no prepared TFDS dataset `{spec.tfds_name}` in {data_dir!r}",
+        "Either (a) plain files:\n"
+        + entry.files_help
+        + "\n\nor (b) TFDS:\n"
+        + tfds_source.prepare_instructions(spec.tfds_name, data_dir, spec.manual),
+    )

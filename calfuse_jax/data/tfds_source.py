@@ -1,0 +1,253 @@
+"""Prepared TFDS datasets read by random access (array_record), without TensorFlow.
+
+We open the prepared folder `DATA_DIR/<tfds name>/<version>/` with `tfds.builder_from_directory`
+(no builder code, no download attempt) and read records through `as_data_source` with the image
+left encoded (`SkipDecoding`); images are decoded with PIL on our host threads. Labels are read
+once per split (one pass over the records) and kept in a small `.npy` under the label cache, so a
+second open is instant.
+
+Measured with tensorflow-datasets 4.9.10: *reading* array_record needs no TensorFlow, but the
+catalog builders of `cifar100`, `imagenet_r`, `caltech_birds2011` and `imagenet2012` call
+`tf.io.gfile` / `tf.image` while *preparing*, so preparing needs TensorFlow once (any machine;
+the prepared folder can be copied). The errors below say exactly that and give the command.
+
+Benchmark view of each TFDS dataset (`TFDS_SPECS`):
+  cifar100     `cifar100` train/test, fine `label`.
+  cub200       `caltech_birds2011` train/test (official split), `label` 0-199.
+  imagenet_r   `imagenet_r` (only a `test` split, ImageNet-1k labels): mapped to the 200
+               ImageNet-R classes by wnid, then the seeded 80/20 per-class split.
+  imagenet100  `imagenet2012` train/validation, kept: the 100 classes of `IMAGENET100`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+
+from calfuse_jax.data import class_names as names_lib
+from calfuse_jax.data.images import (
+    ImageDataset,
+    content_hash,
+    decode_image,
+    missing_data_error,
+    seeded_class_split,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsSpec:
+    tfds_name: str
+    splits: dict  # our split -> TFDS split
+    names: tuple = ()  # class names by label (when labels are used as they are)
+    wnid_table: tuple = ()  # (wnid, name) rows: keep/map TFDS labels by wnid (ImageNet label space)
+    seeded_split: bool = False  # no train/test in TFDS: seeded per-class split of one TFDS split
+    manual: str = ""  # manual-download note for the prepare command
+
+
+TFDS_SPECS = {
+    "cifar100": TfdsSpec("cifar100", {"train": "train", "test": "test"}, names_lib.CIFAR100),
+    "cub200": TfdsSpec("caltech_birds2011", {"train": "train", "test": "test"}, names_lib.CUB200),
+    "imagenet_r": TfdsSpec(
+        "imagenet_r", {"train": "test", "test": "test"}, wnid_table=names_lib.IMAGENET_R,
+        seeded_split=True,
+    ),
+    "imagenet100": TfdsSpec(
+        "imagenet2012", {"train": "train", "test": "validation"}, wnid_table=names_lib.IMAGENET100,
+        manual="ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in MANUAL_DIR, and add "
+        "--manual_dir=MANUAL_DIR",
+    ),
+}  # fmt: skip
+
+
+def default_data_dir() -> str:
+    """TFDS's data dir: $TFDS_DATA_DIR or ~/tensorflow_datasets."""
+    return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+
+
+def default_label_cache() -> str:
+    """Where label scans are kept: $CALFUSE_CACHE/tfds_labels or ~/.cache/calfuse_jax/..."""
+    root = os.environ.get("CALFUSE_CACHE") or os.path.expanduser("~/.cache/calfuse_jax")
+    return os.path.join(root, "tfds_labels")
+
+
+def prepare_instructions(tfds_name: str, data_dir: str, manual: str = "") -> str:
+    lines = [
+        f"TFDS's `{tfds_name}` builder needs TensorFlow to *prepare* the data (once; reading needs",
+        "none). In any environment with TensorFlow (a separate venv is fine), run",
+        "    pip install tensorflow tensorflow-datasets importlib_resources",
+        f"    tfds build {tfds_name} --data_dir={data_dir} --file_format=array_record",
+    ]
+    if manual:
+        lines.append(f"with {manual}")
+    lines += [
+        f"then call again with data_dir={data_dir}. A dataset prepared as tfrecord converts with",
+        f"    tfds convert_format --dataset_version_dir={data_dir}/{tfds_name}/VERSION "
+        "--out_file_format=array_record",
+        'Or use the plain files instead: source="files", root=... (see calfuse_jax.data.registry).',
+    ]
+    return "\n".join(lines)
+
+
+def find_prepared(tfds_name: str, data_dir: str) -> str | None:
+    """Newest `DATA_DIR/<name>[/<config>]/<version>` holding a `dataset_info.json`, or None."""
+    base = os.path.join(data_dir, tfds_name)
+    if not os.path.isdir(base):
+        return None
+    found = []
+    for dirpath, _, filenames in os.walk(base):
+        if "dataset_info.json" in filenames and "incomplete" not in dirpath:
+            version = os.path.basename(dirpath)
+            try:
+                found.append((tuple(int(p) for p in version.split(".")), dirpath))
+            except ValueError:
+                continue
+    return max(found)[1] if found else None
+
+
+def open_builder(tfds_name: str, data_dir: str | None = None, download: bool = False, manual=""):
+    """A read-only TFDS builder over the prepared array_record folder (prepares it if asked)."""
+    import tensorflow_datasets as tfds
+
+    data_dir = os.fspath(data_dir or default_data_dir())
+    folder = find_prepared(tfds_name, data_dir)
+    if folder is None and download:
+        _prepare(tfds_name, data_dir, manual)
+        folder = find_prepared(tfds_name, data_dir)
+    if folder is None:
+        raise missing_data_error(
+            tfds_name,
+            f"no prepared TFDS dataset under {os.path.join(data_dir, tfds_name)!r}",
+            prepare_instructions(tfds_name, data_dir, manual),
+        )
+    builder = tfds.builder_from_directory(folder)
+    file_format = str(builder.info.file_format).lower()
+    if "array_record" not in file_format:
+        raise missing_data_error(
+            tfds_name,
+            f"{folder!r} is prepared as {file_format}; random access needs array_record",
+            prepare_instructions(tfds_name, data_dir, manual),
+        )
+    return builder
+
+
+def _prepare(tfds_name: str, data_dir: str, manual: str) -> None:
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(tfds_name, data_dir=data_dir, file_format="array_record")
+        builder.download_and_prepare()
+    except ModuleNotFoundError as error:  # tensorflow, importlib_resources, ...
+        raise missing_data_error(
+            tfds_name,
+            f"preparing needs the module {error.name!r}, which is not installed",
+            prepare_instructions(tfds_name, data_dir, manual),
+        ) from error
+
+
+def scan_labels(source, label_key: str = "label", batch: int = 1024) -> np.ndarray:
+    """int64 [N]: `label_key` of every record (images stay encoded, so this is I/O bound)."""
+    labels = np.empty(len(source), dtype=np.int64)
+    for start in range(0, len(source), batch):
+        records = source.__getitems__(list(range(start, min(start + batch, len(source)))))
+        labels[start : start + len(records)] = [int(r[label_key]) for r in records]
+    return labels
+
+
+def cached_labels(builder, tfds_split: str, source, label_cache: str | None) -> np.ndarray:
+    info = builder.info
+    key = content_hash(info.name, str(info.version), tfds_split, len(source), info.config_name)
+    path = os.path.join(label_cache or default_label_cache(), f"{info.name}-{tfds_split}-{key}.npy")
+    if os.path.exists(path):
+        labels = np.load(path, allow_pickle=False)
+        if labels.shape == (len(source),):
+            return labels
+    labels = scan_labels(source)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp.npy"  # complete file or nothing
+    np.save(tmp, labels)
+    os.replace(tmp, path)
+    return labels
+
+
+class TfdsDataset(ImageDataset):
+    """Items `indices` of one TFDS data source; images decoded from their encoded bytes."""
+
+    def __init__(self, source, indices, labels, class_names, *, description: str):
+        self.source = source
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.class_names = tuple(class_names)
+        self.identity = (
+            f"{description}/n={len(self.labels)}/items={content_hash(self.indices, self.labels)}"
+        )
+        self._lock = threading.Lock()  # record reads serialised; decoding runs in parallel
+
+    def _records(self, positions: Sequence[int]) -> list:
+        with self._lock:
+            return self.source.__getitems__([int(self.indices[p]) for p in positions])
+
+    def load(self, index: int) -> np.ndarray:
+        return self.load_batch([index])[0]
+
+    def load_batch(self, indices: Sequence[int]) -> list[np.ndarray]:
+        return [_decode_record(r) for r in self._records(indices)]
+
+
+def _decode_record(record) -> np.ndarray:
+    image = record["image"]
+    if isinstance(image, (bytes, bytearray)):
+        return decode_image(io.BytesIO(image))
+    array = np.asarray(image, dtype=np.uint8)  # already decoded (e.g. a mock source)
+    return np.repeat(array, 3, -1) if array.shape[-1] == 1 else array
+
+
+def tfds_dataset(
+    name: str,
+    split: str,
+    *,
+    data_dir: str | None = None,
+    download: bool = False,
+    seed: int = 0,
+    train_fraction: float = 0.8,
+    label_cache: str | None = None,
+) -> TfdsDataset:
+    """Benchmark `name` (a key of `TFDS_SPECS`) from its prepared TFDS dataset."""
+    import tensorflow_datasets as tfds
+
+    spec = TFDS_SPECS[name]
+    if split not in spec.splits:
+        raise ValueError(f"{name} splits are {sorted(spec.splits)}; got {split!r}")
+    builder = open_builder(spec.tfds_name, data_dir, download, spec.manual)
+    tfds_split = spec.splits[split]
+    if tfds_split not in builder.info.splits:
+        raise ValueError(
+            f"{spec.tfds_name} has no split {tfds_split!r}: {list(builder.info.splits)}"
+        )
+    source = builder.as_data_source(
+        split=tfds_split, decoders={"image": tfds.decode.SkipDecoding()}
+    )
+    labels = cached_labels(builder, tfds_split, source, label_cache)
+    indices = np.arange(len(labels))
+    names = spec.names
+    if spec.wnid_table:  # ImageNet-1k label space -> the benchmark's classes, by wnid
+        tfds_names = builder.info.features["label"].names
+        position = {w: i for i, w in enumerate(names_lib.wnids(spec.wnid_table))}
+        mapping = np.asarray([position.get(w, -1) for w in tfds_names], dtype=np.int64)
+        labels = mapping[labels]
+        indices = indices[labels >= 0]
+        labels = labels[labels >= 0]
+        names = names_lib.names(spec.wnid_table)
+    description = f"{name}/{split}/tfds/{spec.tfds_name}:{builder.info.version}"
+    if spec.seeded_split:
+        train, test = seeded_class_split(labels, train_fraction=train_fraction, seed=seed)
+        keep = train if split == "train" else test
+        indices, labels = indices[keep], labels[keep]
+        description += f"/seed={seed},frac={train_fraction}"
+    if len(names) and labels.size and labels.max() >= len(names):
+        raise ValueError(f"{spec.tfds_name}: label {labels.max()} beyond {len(names)} class names")
+    return TfdsDataset(source, indices, labels, names, description=description)
