@@ -1,0 +1,65 @@
+"""`load_dataset`: source selection, option checking, and one message when data is missing."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from calfuse_jax.data import registry, tfds_source
+from calfuse_jax.data.registry import DATASETS, load_dataset
+
+
+def test_every_benchmark_and_demo_dataset_is_registered():
+    for name in ("cifar100", "imagenet_r", "imagenet100", "cub200", "animal_mnist", "shapes",
+                 "folder"):  # fmt: skip
+        assert name in DATASETS and DATASETS[name].description
+
+
+def test_folder_through_the_registry(tmp_path):
+    for cls, value in [("b", 1), ("a", 2)]:
+        (tmp_path / cls).mkdir()
+        Image.fromarray(np.full((3, 3, 3), value, np.uint8)).save(tmp_path / cls / "0.png")
+    ds = load_dataset("folder", "all", root=tmp_path, class_names=["ant", "bee"])
+    assert ds.class_names == ("ant", "bee") and ds.labels.tolist() == [0, 1]
+    assert ds.load(0)[0, 0, 0] == 2  # folder "a" sorts first
+
+
+def test_shapes_and_split_aliases():
+    ds = load_dataset("shapes", "val", num_per_class=2, image_size=16)
+    assert len(ds) == 20 and ds.identity.startswith("shapes/test/")
+    assert ds.load(3).shape == (16, 16, 3)
+
+
+def test_bad_names_splits_options_and_sources():
+    with pytest.raises(ValueError, match="unknown dataset 'cifar10'"):
+        load_dataset("cifar10", "train")
+    with pytest.raises(ValueError, match="splits"):
+        load_dataset("cifar100", "holdout", root=".")
+    with pytest.raises(TypeError, match="unknown: \\['sed'\\]"):
+        load_dataset("imagenet_r", "train", root=".", sed=1)
+    with pytest.raises(ValueError, match="not 'tfds'"):
+        load_dataset("shapes", "train", source="tfds")
+    with pytest.raises(ValueError, match="only work with source='files'"):
+        load_dataset("imagenet_r", "train", source="tfds", split_file="x.txt")
+
+
+def test_auto_without_data_explains_both_ways(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        load_dataset("cifar100", "train", data_dir=tmp_path)
+    message = str(info.value)
+    assert "cifar-100-python.tar.gz" in message  # (a) plain files
+    assert f"tfds build cifar100 --data_dir={tmp_path} --file_format=array_record" in message
+
+
+def test_auto_prefers_root_then_prepared_tfds(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(tfds_source, "find_prepared", lambda name, data_dir: f"{data_dir}/{name}")
+    monkeypatch.setattr(
+        tfds_source, "tfds_dataset", lambda name, split, **kw: calls.append((name, split, kw))
+    )
+    load_dataset("imagenet_r", "test", data_dir=tmp_path, seed=5)
+    assert calls == [("imagenet_r", "test", dict(data_dir=tmp_path, download=False, seed=5))]
+    with pytest.raises(FileNotFoundError, match="imagenet-r.tar"):  # root given -> files
+        load_dataset("imagenet_r", "test", root=tmp_path / "none")
+    assert (
+        registry._pick_source("cub200", DATASETS["cub200"], "auto", None, tmp_path, False) == "tfds"
+    )
