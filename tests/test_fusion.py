@@ -112,16 +112,24 @@ def test_zero_old_qr_is_masked_new():
     np.testing.assert_allclose(np.asarray(got), mask * w_new, atol=1e-6)
 
 
+def np_factors(w_old, kind):
+    if kind == "qr":
+        return np.linalg.qr(w_old, mode="complete")
+    u, s, vh = np.linalg.svd(w_old, full_matrices=False)
+    return u, s[:, None] * vh  # complete for square and wide shapes
+
+
 @settings(max_examples=15, deadline=None)
 @given(
     seed=st.integers(0, 2**16),
-    shape=st.sampled_from(SHAPES),
+    shape=st.sampled_from(SHAPES[:2]),
     bias=st.floats(0.0, 0.95),
+    kind=st.sampled_from(["qr", "svd"]),
 )
-def test_sign_flips_do_not_change_the_result(seed, shape, bias):
+def test_sign_flips_do_not_change_the_result(seed, shape, bias, kind):
     w_old, w_new = pair(shape, seed)
     signs = np.where(np.random.default_rng(seed + 1).random(shape[0]) < 0.5, -1.0, 1.0)
-    q, r = np.linalg.qr(w_old, mode="complete")
+    q, r = np_factors(w_old, kind)
     plain = fusion.fuse_in_basis(q, r, w_old, w_new, bias)
     flipped = fusion.fuse_in_basis(q * signs, signs[:, None] * r, w_old, w_new, bias)
     np.testing.assert_allclose(np.asarray(plain), np.asarray(flipped), atol=1e-5)
@@ -141,6 +149,19 @@ def test_fused_coefficients_lie_between_old_and_new(seed, shape, bias):
     moved = np.abs(p - r) > 1e-3
     weight_new = (coeff - r)[moved] / (p - r)[moved]
     assert np.all(weight_new >= bias - 1e-3)
+
+
+def test_qr_fuse_under_jit_and_vmap():
+    stacked = [pair((6, 4), seed) for seed in range(3)]
+    olds = np.stack([o for o, _ in stacked])
+    news = np.stack([n for _, n in stacked])
+    biases = np.array([0.0, 0.5, 1.0], np.float32)
+    got = jax.jit(jax.vmap(fusion.qr_fuse))(olds, news, biases)
+    for k in range(3):
+        np.testing.assert_allclose(
+            np.asarray(got[k]), np.asarray(fusion.qr_fuse(olds[k], news[k], biases[k])), atol=1e-6
+        )
+    np.testing.assert_array_equal(np.asarray(got[2]), news[2])
 
 
 def head_params(seed, mode="dynamic", dim=6):
