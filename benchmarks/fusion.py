@@ -3,10 +3,10 @@
     python benchmarks/fusion.py [--repeats 20] [--sizes 512 768] [--layers 12]
 
 Reports, per case, the median wall time of `--repeats` runs after compilation (the minimum in
-brackets), and the compile time (lower + compile) separately. Cases: `qr_fuse` and `svd_fuse` on square d x d matrices, and
-`fuse_params` over a pytree of `--layers` Dense layers (d x d kernel + bias each, the kernels
-QR-fused, the biases kept new). Goal (issue 3): 512^2 QR fusion <= 50 ms on the CPU after
-compilation. Timings depend on machine load; the script prints `os.getloadavg()`.
+brackets), and the compile time (lower + compile) separately. Cases: `qr_fuse` and `svd_fuse` on
+square d x d matrices, and `fuse_params` over a pytree of `--layers` Dense layers (d x d kernel +
+bias each; kernels QR-fused, biases kept new). Goal (issue 3): 512^2 QR fusion <= 50 ms on the CPU
+after compilation. Timings depend on machine load; the script prints `os.getloadavg()`.
 """
 
 from __future__ import annotations
