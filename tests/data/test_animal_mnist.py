@@ -43,8 +43,18 @@ def test_reads_files_without_importing_the_package(fake_package):
     assert "animal_mnist" not in sys.modules
     assert len(train) == 40 and len(test) == 10
     assert np.bincount(train.labels).tolist() == [4] * 10
-    assert train.class_names == ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe",
-                                 "horse", "sheep", "zebra")  # fmt: skip
+    assert train.class_names == (
+        "bear",
+        "bird",
+        "cat",
+        "cow",
+        "dog",
+        "elephant",
+        "giraffe",
+        "horse",
+        "sheep",
+        "zebra",
+    )
     everything = animal_lib.animal_mnist("all")
     np.testing.assert_array_equal(everything.labels, labels)
     first = everything.load(0)

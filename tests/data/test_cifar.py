@@ -32,7 +32,7 @@ def archive(tmp_path):
                 "coarse_labels": [0] * 12,
                 "filenames": [b"f%d.png" % i for i in range(12)],
             }
-        ),  # fmt: skip
+        ),
         "test": _pickle(
             {
                 "data": data[:5],
@@ -40,13 +40,13 @@ def archive(tmp_path):
                 "coarse_labels": [0] * 5,
                 "filenames": [b"t.png"] * 5,
             }
-        ),  # fmt: skip
+        ),
         "meta": _pickle(
             {
                 "fine_label_names": [n.encode() for n in names_lib.CIFAR100],
                 "coarse_label_names": [b"x"] * 20,
             }
-        ),  # fmt: skip
+        ),
     }
     path = tmp_path / "cifar-100-python.tar.gz"
     with tarfile.open(path, "w:gz") as tar:

@@ -102,10 +102,14 @@ def test_imagenet_r_seeded_split(imagenet_r_root):
     half_test = images.imagenet_r(imagenet_r_root, "test", seed=3, train_fraction=0.5)
     assert len(set(half_train.files) | set(half_test.files)) == 1002
     # Compare with the rule written out here (files in sorted wnid / file order).
-    listing = [f"{w}/img_{j}.jpg" for k, w in enumerate(names_lib.wnids(names_lib.IMAGENET_R))
-               for j in range(7 if k == 3 else 5)]  # fmt: skip
-    labels = np.asarray([names_lib.wnids(names_lib.IMAGENET_R).index(f.split("/")[0])
-                         for f in listing])  # fmt: skip
+    listing = [
+        f"{w}/img_{j}.jpg"
+        for k, w in enumerate(names_lib.wnids(names_lib.IMAGENET_R))
+        for j in range(7 if k == 3 else 5)
+    ]
+    labels = np.asarray(
+        [names_lib.wnids(names_lib.IMAGENET_R).index(f.split("/")[0]) for f in listing]
+    )
     expected = [listing[i] for i in _reference_split(labels, 0.8, 3)]
     assert sorted(train.files) == sorted(expected)
     assert images.imagenet_r(imagenet_r_root, "train", seed=4).files != train.files
@@ -148,16 +152,22 @@ def test_cub200_official_split(tmp_path):
     (root / "classes.txt").write_text("1 001.Black_footed_Albatross\n2 002.Laysan_Albatross\n")
     a, b = "001.Black_footed_Albatross", "002.Laysan_Albatross"
     # (image id, path, class id, is_train): the split file, not the order, decides membership.
-    rows = [(1, f"{a}/a.jpg", 1, 1), (2, f"{b}/b.jpg", 2, 0), (3, f"{a}/c.jpg", 1, 0),
-            (4, f"{b}/d.jpg", 2, 1)]  # fmt: skip
+    rows = [
+        (1, f"{a}/a.jpg", 1, 1),
+        (2, f"{b}/b.jpg", 2, 0),
+        (3, f"{a}/c.jpg", 1, 0),
+        (4, f"{b}/d.jpg", 2, 1),
+    ]
     (root / "images.txt").write_text("".join(f"{i} {p}\n" for i, p, _, _ in rows))
     (root / "image_class_labels.txt").write_text("".join(f"{i} {c}\n" for i, _, c, _ in rows))
     (root / "train_test_split.txt").write_text("".join(f"{i} {t}\n" for i, _, _, t in rows))
     for _, path, _, _ in rows:
         _png(str(root / "images" / path), np.full((2, 2, 3), 7, np.uint8))
     train, test = images.cub200(tmp_path, "train"), images.cub200(root, "test")
-    assert train.files == ("images/001.Black_footed_Albatross/a.jpg",
-                           "images/002.Laysan_Albatross/d.jpg")  # fmt: skip
+    assert train.files == (
+        "images/001.Black_footed_Albatross/a.jpg",
+        "images/002.Laysan_Albatross/d.jpg",
+    )
     assert train.labels.tolist() == [0, 1] and test.labels.tolist() == [1, 0]
     assert train.class_names == ("Black_footed_Albatross", "Laysan_Albatross")
     assert train.load(1).shape == (2, 2, 3)

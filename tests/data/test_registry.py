@@ -9,8 +9,15 @@ from calfuse_jax.data.registry import DATASETS, load_dataset
 
 
 def test_every_benchmark_and_demo_dataset_is_registered():
-    for name in ("cifar100", "imagenet_r", "imagenet100", "cub200", "animal_mnist", "shapes",
-                 "folder"):  # fmt: skip
+    for name in (
+        "cifar100",
+        "imagenet_r",
+        "imagenet100",
+        "cub200",
+        "animal_mnist",
+        "shapes",
+        "folder",
+    ):
         assert name in DATASETS and DATASETS[name].description
 
 

@@ -37,8 +37,10 @@ class CalfuseFakeCifar(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     VERSION = tfds.core.Version("3.0.2")
 
     def _info(self):
-        features = {"image": tfds.features.Image(shape=(None, None, 3)),
-                    "label": tfds.features.ClassLabel(names=list(names_lib.CIFAR100))}  # fmt: skip
+        features = {
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "label": tfds.features.ClassLabel(names=list(names_lib.CIFAR100)),
+        }
         return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
 
     def _split_generators(self, dl_manager):
@@ -61,8 +63,10 @@ class CalfuseFakeImagenetR(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
     WNIDS = [w for w, _ in names_lib.IMAGENET_R[:3]]
 
     def _info(self):
-        features = {"image": tfds.features.Image(shape=(None, None, 3)),
-                    "label": tfds.features.ClassLabel(names_file=IMAGENET_LABELS)}  # fmt: skip
+        features = {
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "label": tfds.features.ClassLabel(names_file=IMAGENET_LABELS),
+        }
         return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
 
     def _split_generators(self, dl_manager):
