@@ -44,6 +44,7 @@ __all__ = [
     "arch_from_config",
     "from_pretrained",
     "from_state_dict",
+    "init_params",
     "load_tokenizer",
     "logit_scale",
     "pool_index",

@@ -1,7 +1,7 @@
 """CLIP BPE tokenizer: lower-cased byte-level BPE, <|startoftext|> ... <|endoftext|>, 77 tokens.
 
 Built on transformers' `CLIPTokenizer` from a checkpoint's `vocab.json` + `merges.txt`. transformers
-5 silently builds a 3-token vocabulary when it gets no `vocab=` (for example when given the old
+5 silently builds a 2-token vocabulary when it gets no `vocab=` (for example when given the old
 `vocab_file=` argument), which turns every word into <|endoftext|>; `load_tokenizer` passes the
 parsed files explicitly and checks the result against them, raising instead.
 
