@@ -1,0 +1,639 @@
+"""The class-incremental task loop: train -> class statistics -> fuse -> evaluate -> checkpoint.
+
+`run_continual` drives a whole `FeatureStream`. After each task it writes a metrics row
+(`metrics.jsonl`, `accuracy_matrix.csv`) and an Orbax checkpoint holding everything the next task
+needs, so a killed run resumes after the last finished task, or inside a task from the newest
+step checkpoint, and replays bit for bit. A run folder belongs to one configuration (its
+fingerprint is in `run_fingerprint.json`); a different one is refused unless `overwrite=True`,
+which moves the old results aside into `overwritten-<time>/`. Only process 0 writes files; Orbax
+checkpoints are collective.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from calfuse_jax import calibration, fusion, metrics, sharding, stats, train
+from calfuse_jax.checkpoint import RunCheckpoints, abstract_like
+from calfuse_jax.config import method_config, resolve_method
+from calfuse_jax.data.stream import FeatureStream
+from calfuse_jax.train import NonFiniteLossError, TrainState
+
+logger = logging.getLogger("calfuse_jax")
+
+FINGERPRINT_FILE = "run_fingerprint.json"
+RESULT_FILES = ("checkpoints", "metrics.jsonl", "accuracy_matrix.csv", FINGERPRINT_FILE)
+# Fields that change neither the maths nor the data order, so a run may resume with new values.
+NEUTRAL_FIELDS = ("train.checkpoint_every_steps", "train.eval_batch_size")
+
+__all__ = ["ConfigMismatchError", "ContinualResult", "NonFiniteLossError", "run_continual"]
+
+
+class ConfigMismatchError(ValueError):
+    """The workdir holds a run of another configuration (or data)."""
+
+
+@dataclasses.dataclass
+class ContinualResult:
+    """The outcome of `run_continual` (percentages; NaN where undefined).
+
+    Attributes:
+      accuracy_matrix: float [T, T], A[i, j] = accuracy on task j's classes after task i; NaN
+        above the diagonal.
+      seen_accuracy: float [T], accuracy on all seen classes after each task.
+      old_accuracy, new_accuracy: float [T], on classes of earlier tasks / of the task itself.
+      summary: avg, last, forgetting, bwt, old, new, harmonic.
+      params: final head params; stats: `ClassStats` of every class.
+      rows: the metrics rows written to `metrics.jsonl`.
+    """
+
+    accuracy_matrix: np.ndarray
+    seen_accuracy: np.ndarray
+    old_accuracy: np.ndarray
+    new_accuracy: np.ndarray
+    summary: dict
+    params: Any
+    stats: stats.ClassStats
+    rows: list
+    workdir: Path
+
+
+@dataclasses.dataclass
+class _Run:
+    """Per-run constants shared by the helpers below."""
+
+    stream: FeatureStream
+    text: np.ndarray  # [C, D] unit text embeddings by position
+    config: ml_collections.ConfigDict  # resolved
+    mesh: Mesh
+    head: calibration.CalibratedHead
+    settings: train.StepSettings
+    scale: float
+    fingerprint: str
+    checkpoints: RunCheckpoints
+    workdir: Path
+    progress: bool
+    step_callback: Callable[[int, int], None] | None
+
+    @property
+    def num_tasks(self) -> int:
+        return self.stream.split.num_tasks
+
+    @property
+    def writer(self) -> bool:
+        return jax.process_index() == 0
+
+
+def validate_inputs(stream: FeatureStream, text_features: np.ndarray) -> None:
+    """Raises ValueError on inputs that cannot make a valid run (before anything is written)."""
+    split, dim = stream.split, stream.dim
+    text = np.asarray(text_features)
+    if stream.test_features.ndim != 2 or stream.test_features.shape[1] != dim:
+        raise ValueError(
+            f"test features have shape {stream.test_features.shape} but train features are "
+            f"{dim}-d; extract both with the same model"
+        )
+    if text.ndim != 2 or text.shape[1] != dim:
+        raise ValueError(
+            f"text features have shape {text.shape} but image features are {dim}-d; use the text "
+            "and image embeddings of the same CLIP model"
+        )
+    if int(split.class_order.max()) >= text.shape[0]:
+        raise ValueError(
+            f"class order uses label {int(split.class_order.max())} but there are only "
+            f"{text.shape[0]} text embeddings (one per dataset label)"
+        )
+    for subset, features, labels in (
+        ("train", stream.train_features, stream.train_labels),
+        ("test", stream.test_features, stream.test_labels),
+    ):
+        if len(features) != len(labels):
+            raise ValueError(f"{subset}: {len(features)} features but {len(labels)} labels")
+        bad = np.flatnonzero(~np.isfinite(features).all(axis=1))
+        if bad.size:
+            raise ValueError(
+                f"{subset} features contain NaN/Inf in {bad.size} rows (first rows "
+                f"{bad[:5].tolist()}); re-extract or drop them"
+            )
+        positions = split.to_positions(labels)  # raises on labels outside the class order
+        counts = np.bincount(positions, minlength=split.num_classes)
+        for task in range(split.num_tasks):
+            lo, hi = split.bounds[task], split.bounds[task + 1]
+            if counts[lo:hi].sum() == 0:
+                raise ValueError(
+                    f"task {task} (dataset labels {split.class_order[lo:hi][:10].tolist()}) has "
+                    f"no {subset} features; check the class order and task sizes"
+                )
+            few = np.flatnonzero(counts[lo:hi] < (2 if subset == "train" else 1))
+            if few.size:
+                labels_few = split.class_order[lo + few][:10].tolist()
+                need = "2 training" if subset == "train" else "1 test"
+                raise ValueError(
+                    f"task {task}: classes with dataset labels {labels_few} have fewer than "
+                    f"{need} features (class statistics and accuracy need them)"
+                )
+
+
+def _neutral(path: str) -> bool:
+    return path in NEUTRAL_FIELDS
+
+
+def _method_fields(config: ml_collections.ConfigDict) -> dict:
+    """The resolved config restricted to `method_config()`'s fields (extra fields are ignored)."""
+    reference = method_config().to_dict()
+    values = config.to_dict()
+
+    def pick(ref: dict, val: dict, prefix: str) -> dict:
+        out = {}
+        for key, default in ref.items():
+            path = f"{prefix}{key}"
+            if isinstance(default, dict):
+                out[key] = pick(default, val.get(key, {}), path + ".")
+            elif not _neutral(path):
+                item = val.get(key, default)
+                out[key] = list(item) if isinstance(item, tuple) else item
+        return out
+
+    return pick(reference, values, "")
+
+
+def config_fingerprint(config, stream: FeatureStream, scale: float) -> dict:
+    """A JSON document identifying a run: method fields, logit scale and a digest of the data."""
+    digest = hashlib.sha256()
+    for array in (stream.split.class_order, stream.split.bounds, stream.train_labels):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    for array in (stream.train_features, stream.test_features):
+        digest.update(np.ascontiguousarray(array[::97]).tobytes())  # a cheap, stable sample
+        digest.update(str(array.shape).encode())
+    doc = {"config": _method_fields(config), "logit_scale": scale, "data": digest.hexdigest()}
+    doc["fingerprint"] = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+    return doc
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def prepare_workdir(workdir: Path, doc: dict, overwrite: bool) -> None:
+    """Creates `workdir`, or checks that its run has this fingerprint (see module docstring)."""
+    stamp_path = workdir / FINGERPRINT_FILE
+    present = [name for name in RESULT_FILES if (workdir / name).exists()]
+    if present and not overwrite:
+        if not stamp_path.exists():
+            raise ConfigMismatchError(
+                f"{workdir} holds results ({', '.join(present)}) without a run fingerprint; "
+                "use another workdir or pass overwrite=True to move them aside"
+            )
+        old = json.loads(stamp_path.read_text())
+        if old.get("fingerprint") != doc["fingerprint"]:
+            diff = _differences(old, doc)
+            raise ConfigMismatchError(
+                f"{workdir} holds a run with a different configuration or data "
+                f"({'; '.join(d for d in diff if not d.startswith('fingerprint'))[:600]}); "
+                "use another workdir, or pass overwrite=True (--overwrite) to move the old run "
+                "aside and start again"
+            )
+        return
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        if present:
+            aside = workdir / time.strftime("overwritten-%Y%m%d-%H%M%S")
+            aside.mkdir()
+            for name in present:
+                shutil.move(str(workdir / name), str(aside / name))
+            logger.warning("overwrite: moved the old run's %s to %s", ", ".join(present), aside)
+        stamp_path.write_text(json.dumps(doc, indent=2, sort_keys=True))
+    _barrier("calfuse_prepare_workdir")
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _gate(run: _Run, task: int) -> float:
+    """Host-side gate of `task` (0.0 placeholder for the trainable modes)."""
+    config, split = run.config, run.stream.split
+    if config.method == "zeroshot":
+        return 1.0  # g = 1: the calibrated feature is CLIP's own n(f0)
+    value = calibration.gate_value(
+        config.calibration.mode,
+        task=task,
+        num_tasks=split.num_tasks,
+        old_classes=int(split.bounds[task]),
+        seen_classes=int(split.bounds[task + 1]),
+        value=float(config.calibration.value),
+        schedule=config.calibration.schedule,
+        g_first=float(config.calibration.g_first),
+        g_last=float(config.calibration.g_last),
+    )
+    return 0.0 if value is None else value
+
+
+def _make_head(config: ml_collections.ConfigDict, dim: int) -> calibration.CalibratedHead:
+    if config.method == "zeroshot":  # no parameters are trained; a fixed gate of 1 is CLIP
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.calibration.mode = "fixed"
+    return train.make_head(config, dim)
+
+
+def _initial_params(run: _Run):
+    """Head params from `config.seed`, replicated."""
+    key = jax.random.fold_in(jax.random.PRNGKey(int(run.config.seed)), 1_000_003)
+    dummy = jnp.zeros((1, run.stream.dim), jnp.float32)
+    gate = 0.0 if run.settings.host_gate else None
+    init = jax.jit(
+        lambda k: run.head.init(k, dummy, gate)["params"],
+        out_shardings=sharding.replicated(run.mesh),
+    )
+    return init(key)
+
+
+def _abstract_run_state(run: _Run, task: int):
+    """Shapes of the end-of-task checkpoint state of `task` (for restoring)."""
+    dim, num_tasks = run.stream.dim, run.num_tasks
+    seen = int(run.stream.split.bounds[task + 1])
+    params = jax.eval_shape(lambda: _initial_params(run))
+    f32 = jnp.float32
+    tree = {
+        "params": params,
+        "stats": {
+            "means": jax.ShapeDtypeStruct((seen, dim), f32),
+            "chols": jax.ShapeDtypeStruct((seen, dim, dim), f32),
+        },
+        "accuracy": jax.ShapeDtypeStruct((num_tasks, num_tasks), f32),
+        "curves": jax.ShapeDtypeStruct((3, num_tasks), f32),  # seen, old, new accuracy
+        "key": jax.ShapeDtypeStruct((2,), jnp.uint32),
+    }
+    return abstract_like(tree, sharding.replicated(run.mesh))
+
+
+def _accuracy_of(correct, total, lo: int, hi: int) -> float:
+    n = total[lo:hi].sum()
+    return float(100.0 * correct[lo:hi].sum() / n) if n else float("nan")
+
+
+def _hard_pairs(run: _Run, task: int) -> np.ndarray:
+    """int [P, 2] hard pairs (old, new) of `task` (none on task 0 or with the hinge off)."""
+    split, config = run.stream.split, run.config
+    old, seen = int(split.bounds[task]), int(split.bounds[task + 1])
+    if task == 0 or float(config.pseudo.hard_weight) <= 0:
+        return np.zeros((0, 2), np.int64)
+    threshold = float(config.pseudo.hard_threshold)
+    return stats.hard_pairs(run.text, np.arange(old), np.arange(old, seen), threshold)
+
+
+def _padded_pairs(run: _Run, task: int) -> tuple[np.ndarray, np.ndarray]:
+    """The task's pairs padded to the run's largest count (one shape, one compile) + mask."""
+    pairs = _hard_pairs(run, task)
+    size = max(max(len(_hard_pairs(run, t)) for t in range(run.num_tasks)), 1)
+    padded = np.zeros((size, 2), np.int32)
+    padded[: len(pairs)] = pairs
+    return padded, (np.arange(size) < len(pairs)).astype(np.float32)
+
+
+def _task_inputs(run: _Run, task: int, class_stats, teacher, gate: float) -> train.TaskInputs:
+    """The replicated constants of `task`, padded to all C classes of the stream."""
+    split = run.stream.split
+    old, seen = int(split.bounds[task]), int(split.bounds[task + 1])
+    classes, dim = split.num_classes, run.stream.dim
+    pairs, pair_mask = _padded_pairs(run, task)
+    means = np.zeros((classes, dim), np.float32)
+    chols = np.zeros((classes, dim, dim), np.float32)
+    known = class_stats.num_classes
+    means[:known], chols[:known] = np.asarray(class_stats.means), np.asarray(class_stats.chols)
+    inputs = train.TaskInputs(
+        text=run.text,
+        num_seen=np.int32(seen),
+        num_old=np.int32(old),
+        means=means,
+        chols=chols,
+        pairs=pairs,
+        pair_mask=pair_mask,
+        gate=np.float32(gate),
+        teacher=teacher,
+        teacher_gate=np.float32(_gate(run, task - 1) if task > 0 else gate),
+    )
+    return sharding.replicate(inputs, run.mesh)
+
+
+def _task_run(run: _Run, task: int, inputs: train.TaskInputs) -> train.TaskRun:
+    features, labels = run.stream.task(task, "train")
+    key = jax.random.fold_in(jax.random.PRNGKey(int(run.config.seed)), task)
+    return train.TaskRun(
+        task=task,
+        features=np.asarray(features, np.float32),
+        labels=labels.astype(np.int32),
+        old_ids=np.arange(int(run.stream.split.bounds[task])),
+        inputs=inputs,
+        settings=run.settings,
+        key=sharding.replicate(key, run.mesh),
+    )
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _write_results(run: _Run, carry: dict) -> None:
+    """Rewrites `metrics.jsonl` and `accuracy_matrix.csv` from the carried rows (process 0)."""
+    if not run.writer:
+        return
+    lines = "".join(json.dumps({k: _json_safe(v) for k, v in row.items()}) + "\n" for row in carry["rows"])
+    (run.workdir / "metrics.jsonl").write_text(lines)
+    done = len(carry["rows"])
+    header = "after_task," + ",".join(f"task_{j}" for j in range(run.num_tasks))
+    body = [
+        f"{i}," + ",".join("" if np.isnan(v) else f"{v:.4f}" for v in carry["accuracy"][i])
+        for i in range(done)
+    ]
+    (run.workdir / "accuracy_matrix.csv").write_text("\n".join([header, *body]) + "\n")
+
+
+def _fresh_carry(run: _Run) -> dict:
+    num_tasks = run.num_tasks
+    return {
+        "params": _initial_params(run),
+        "stats": stats.ClassStats.empty(run.stream.dim),
+        "accuracy": np.full((num_tasks, num_tasks), np.nan, np.float32),
+        "curves": np.full((3, num_tasks), np.nan, np.float32),
+        "key": np.asarray(jax.random.PRNGKey(int(run.config.seed)), np.uint32),
+        "rows": [],
+    }
+
+
+def _check_meta(run: _Run, meta: dict, what: str) -> None:
+    if meta.get("fingerprint") != run.fingerprint:
+        raise ConfigMismatchError(
+            f"{what} in {run.workdir} was written by another configuration "
+            f"({meta.get('fingerprint')} != {run.fingerprint}); pass overwrite=True to start again"
+        )
+
+
+def _resume(run: _Run) -> tuple[dict, int]:
+    """The carry after the last finished task (or a fresh one) and the next task index."""
+    finished = run.checkpoints.finished_tasks()
+    if not finished:
+        return _fresh_carry(run), 0
+    task = finished[-1]
+    meta = run.checkpoints.task_meta(task)
+    _check_meta(run, meta, f"task checkpoint {task}")
+    state = run.checkpoints.restore_task(task, _abstract_run_state(run, task))
+    host = sharding.to_host({k: v for k, v in state.items() if k != "params"})
+    carry = {
+        "params": state["params"],
+        "stats": stats.ClassStats.from_dict(host["stats"]),
+        "accuracy": host["accuracy"],
+        "curves": host["curves"],
+        "key": host["key"],
+        "rows": list(meta["rows"]),
+    }
+    logger.info("resuming %s after task %d of %d", run.workdir, task, run.num_tasks)
+    return carry, task + 1
+
+
+@functools.lru_cache(maxsize=8)
+def _fresh_state_fn(mesh: Mesh):
+    # A copy of the params: the step donates its state, and the carried params are still needed
+    # (fusion base, distillation teacher).
+    def fresh(params):
+        return TrainState(jax.tree.map(jnp.copy, params), train.optimizer().init(params))
+
+    return jax.jit(fresh, out_shardings=sharding.replicated(mesh))
+
+
+def _start_state(run: _Run, task: int, params) -> tuple[TrainState, int]:
+    """The optimiser start of `task`: fresh, or from its newest step checkpoint."""
+    fresh = _fresh_state_fn(run.mesh)(params)
+    latest = run.checkpoints.latest_step()
+    if latest is None or latest[0] != task:
+        return fresh, 0
+    abstract = abstract_like(fresh._asdict(), sharding.replicated(run.mesh))
+    state, meta = run.checkpoints.restore_step(task, latest[1], abstract)
+    _check_meta(run, meta, f"step checkpoint {latest}")
+    logger.info("resuming task %d at step %d", task, latest[1])
+    return TrainState(**state), latest[1]
+
+
+def _train(run: _Run, task: int, carry: dict, inputs: train.TaskInputs) -> tuple[Any, dict]:
+    """Trains task `task` from the carried params; returns (params, info)."""
+    if int(run.config.train.epochs) == 0:
+        return carry["params"], {"loss": None, "steps": 0}
+    state, start = _start_state(run, task, carry["params"])
+
+    def save_step(step: int, state: TrainState) -> None:
+        meta = {"task": task, "step": step, "fingerprint": run.fingerprint}
+        run.checkpoints.save_step(task, step, state._asdict(), meta)
+
+    state, info = train.train_task(
+        run.head,
+        run.config,
+        _task_run(run, task, inputs),
+        state,
+        run.mesh,
+        start_step=start,
+        save_step=save_step,
+        step_callback=run.step_callback,
+        progress=run.progress,
+    )
+    return state.params, info
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "shrinkage"))
+def _new_class_stats(features, labels, class_ids, eps: float, shrinkage: bool):
+    """(means [K, D], Cholesky factors [K, D, D]); jitted so equal task shapes compile once."""
+    means, covs = stats.class_stats(features, labels, class_ids, eps, shrinkage)
+    return means, stats.cholesky_factors(covs)
+
+
+def _run_task(run: _Run, task: int, carry: dict) -> dict:
+    """Train -> statistics -> fuse -> evaluate -> checkpoint for one task; returns the new carry."""
+    split, config = run.stream.split, run.config
+    old, seen = int(split.bounds[task]), int(split.bounds[task + 1])
+    inputs = _task_inputs(run, task, carry["stats"], carry["params"], _gate(run, task))
+    started = time.perf_counter()
+    params, info = _train(run, task, carry, inputs)
+    train_seconds = time.perf_counter() - started
+    # Statistics of the frozen features of the new classes: after training, before fusion.
+    features, labels = run.stream.task(task, "train")
+    means, chols = _new_class_stats(
+        features, labels, np.arange(old, seen), float(config.stats.cov_eps), config.stats.shrinkage
+    )
+    class_stats = carry["stats"].extend(means, chols)
+    if task > 0 and config.fusion.method != "none":
+        rules = fusion.fusion_rules(config.fusion.method, bool(config.fusion.fuse_gate))
+        params = fusion.fuse_params(carry["params"], params, rules, float(config.fusion.mix_bias))
+        params = sharding.replicate(params, run.mesh)  # keep one layout for every compiled use
+    features, labels = run.stream.seen(task, "test")
+    # One batch size for the whole run (the largest test set), so one compiled evaluation.
+    batch_size = min(int(config.train.eval_batch_size), len(run.stream.test_labels))
+    correct, total = train.evaluate(
+        run.head, run.settings, params, features, labels, inputs, run.mesh, batch_size
+    )
+    accuracy, curves = carry["accuracy"].copy(), carry["curves"].copy()
+    for j in range(task + 1):
+        accuracy[task, j] = _accuracy_of(correct, total, split.bounds[j], split.bounds[j + 1])
+    curves[:, task] = [
+        _accuracy_of(correct, total, 0, seen),
+        _accuracy_of(correct, total, 0, old),
+        _accuracy_of(correct, total, old, seen),
+    ]
+    row = {
+        "task": task,
+        "seen_classes": seen,
+        "accuracy": float(curves[0, task]),
+        "accuracy_row": [float(v) for v in accuracy[task, : task + 1]],
+        "old_accuracy": float(curves[1, task]),
+        "new_accuracy": float(curves[2, task]),
+        "loss": info["loss"],
+        "train_seconds": round(train_seconds, 3),
+        "steps": info["steps"],
+    }
+    new = {"params": params, "stats": class_stats, "accuracy": accuracy, "curves": curves}
+    new.update(key=carry["key"], rows=[*carry["rows"], row])
+    _save_task(run, task, new)
+    logger.info(
+        "task %d/%d: seen-class accuracy %.2f%% (old %.2f, new %.2f), %.1fs",
+        task + 1, run.num_tasks, row["accuracy"], row["old_accuracy"], row["new_accuracy"],
+        train_seconds,
+    )  # fmt: skip
+    return new
+
+
+def _save_task(run: _Run, task: int, carry: dict) -> None:
+    state = {
+        "params": carry["params"],
+        "stats": {"means": carry["stats"].means, "chols": carry["stats"].chols},
+        "accuracy": carry["accuracy"],
+        "curves": carry["curves"],
+        "key": carry["key"],
+    }
+    state = sharding.replicate(state, run.mesh)
+    meta = {
+        "task": task,
+        "fingerprint": run.fingerprint,
+        "config": run.config.to_dict(),
+        "rows": [{k: _json_safe(v) for k, v in row.items()} for row in carry["rows"]],
+    }
+    run.checkpoints.save_task(task, state, json.loads(json.dumps(meta, default=str)))
+    _write_results(run, carry)
+
+
+def _result(run: _Run, carry: dict) -> ContinualResult:
+    accuracy, (seen, old, new) = carry["accuracy"], carry["curves"]
+    num_tasks = run.num_tasks
+    summary = {
+        "avg": metrics.average_accuracy(seen),
+        "last": metrics.last_accuracy(seen),
+        "forgetting": metrics.forgetting(accuracy) if num_tasks > 1 else float("nan"),
+        "bwt": metrics.backward_transfer(accuracy) if num_tasks > 1 else float("nan"),
+        "old": float(old[-1]),
+        "new": float(new[-1]),
+        "harmonic": metrics.harmonic_mean(old[-1], new[-1]) if num_tasks > 1 else float("nan"),
+    }
+    return ContinualResult(
+        accuracy_matrix=np.asarray(accuracy, np.float64),
+        seen_accuracy=np.asarray(seen, np.float64),
+        old_accuracy=np.asarray(old, np.float64),
+        new_accuracy=np.asarray(new, np.float64),
+        summary=summary,
+        params=sharding.to_host(carry["params"]),
+        stats=carry["stats"],
+        rows=carry["rows"],
+        workdir=run.workdir,
+    )
+
+
+def run_continual(
+    stream: FeatureStream,
+    text_features: np.ndarray,
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    overwrite: bool = False,
+    mesh: Mesh | None = None,
+    progress: bool = True,
+    logit_scale: float | None = None,
+    step_callback: Callable[[int, int], None] | None = None,
+) -> ContinualResult:
+    """Runs (or resumes) the whole class-incremental sequence of `stream`.
+
+    Args:
+      stream: frozen image features and labels, with the task split.
+      text_features: [C_dataset, D] class text embeddings by dataset label (normalised here).
+      config: `method_config()` fields (extra fields are ignored); `method` picks the preset.
+      workdir: run folder (metrics files, `checkpoints/`); resumed if it holds this config's run.
+      overwrite: move a different run found in `workdir` aside instead of refusing.
+      mesh: device mesh with a `data` axis (default: all devices).
+      progress: tqdm progress bars.
+      logit_scale: CLIP's logit scale; None takes `config.logit_scale`.
+      step_callback: `fn(task, completed_steps)` after every training step (tests, monitoring).
+
+    Raises:
+      ValueError on bad inputs, ConfigMismatchError for a foreign workdir, NonFiniteLossError when
+      the loss turns NaN/Inf (the last good checkpoint is kept). KeyboardInterrupt is re-raised
+      after a step checkpoint is saved.
+    """
+    config = resolve_method(config)
+    validate_inputs(stream, text_features)
+    scale = float(config.logit_scale if logit_scale is None else logit_scale)
+    workdir = Path(workdir).absolute()
+    doc = config_fingerprint(config, stream, scale)
+    prepare_workdir(workdir, doc, overwrite)
+    text = np.asarray(stream.text_by_position(text_features), np.float32)
+    text = text / np.maximum(np.linalg.norm(text, axis=1, keepdims=True), 1e-12)
+    head = _make_head(config, stream.dim)
+    host_gate = config.method == "zeroshot" or head.mode not in ("learned", "dynamic")
+    run = _Run(
+        stream=stream,
+        text=text,
+        config=config,
+        mesh=mesh if mesh is not None else sharding.make_mesh(),
+        head=head,
+        settings=train.step_settings(config, scale, host_gate),
+        scale=scale,
+        fingerprint=doc["fingerprint"],
+        checkpoints=RunCheckpoints(workdir / "checkpoints"),
+        workdir=workdir,
+        progress=progress,
+        step_callback=step_callback,
+    )
+    try:
+        carry, start = _resume(run)
+        _write_results(run, carry)
+        for task in range(start, run.num_tasks):
+            carry = _run_task(run, task, carry)
+    except NonFiniteLossError as error:
+        logger.error("%s", error)
+        raise
+    finally:
+        run.checkpoints.close()
+    return _result(run, carry)

@@ -1,0 +1,108 @@
+"""A synthetic class-incremental benchmark whose answer we know.
+
+"CLIP-like" features: every class has a unit prototype; image features are the prototype seen
+through a fixed distortion shared by all classes (the domain gap a trained adapter can undo) plus
+isotropic noise, scaled to CLIP's typical norm; text features are the prototype plus a little
+noise, so zero-shot classification works partly but not fully. Some classes come in deliberately
+close pairs, so the hard-pair mechanism has work to do. Everything is drawn from one seed, in
+NumPy, in milliseconds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from calfuse_jax.data.protocol import make_split, seeded_order
+from calfuse_jax.data.stream import FeatureStream
+
+FEATURE_NORM = 10.0  # typical norm of a CLIP ViT-B/16 image embedding
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def class_prototypes(
+    rng: np.random.Generator, num_classes: int, dim: int, close_pairs: int, pair_distance: float
+) -> np.ndarray:
+    """Unit prototypes [C, D]; classes 2i+1 sit `pair_distance` (chord) from 2i for i < pairs."""
+    protos = _unit(rng.standard_normal((num_classes, dim)))
+    for i in range(close_pairs):
+        anchor, partner = protos[2 * i], 2 * i + 1
+        offset = rng.standard_normal(dim)
+        offset -= offset @ anchor * anchor  # orthogonal to the anchor
+        offset = _unit(offset)
+        # A unit vector at chord distance d from the anchor: angle theta with 2 sin(theta/2) = d.
+        theta = 2 * np.arcsin(pair_distance / 2)
+        protos[partner] = np.cos(theta) * anchor + np.sin(theta) * offset
+    return protos
+
+
+def make_synthetic_stream(
+    num_classes: int = 50,
+    dim: int = 64,
+    train_per_class: int = 100,
+    test_per_class: int = 50,
+    initial: int = 10,
+    increment: int = 10,
+    seed: int = 0,
+    noise: float = 1.0,
+    close_pairs: int = 4,
+    pair_distance: float = 0.5,
+    text_noise: float = 0.8,
+    distortion: float = 1.5,
+    class_order: np.ndarray | None = None,
+) -> tuple[FeatureStream, np.ndarray]:
+    """A seeded feature stream and text embeddings for `num_classes` classes.
+
+    Args:
+      num_classes, dim: classes and feature width.
+      train_per_class, test_per_class: images per class in each subset.
+      initial, increment: task split (B0 Inc10 is 10, 10).
+      seed: seeds every draw (prototypes, distortion, noise, class order).
+      noise: per-coordinate std of the image noise relative to the unit prototype, times
+        sqrt(dim) (so its norm is about `noise` whatever the width).
+      close_pairs: number of (2i, 2i+1) dataset-label pairs whose prototypes are close; their
+        text embeddings are close too, so they form hard pairs.
+      pair_distance: chord distance between the prototypes of a close pair.
+      text_noise: norm of the noise added to a prototype to make its text embedding.
+      distortion: strength of the shared random linear map between the text space and the image
+        space; 0 makes zero-shot nearly perfect, larger values leave more for the adapter to learn.
+      class_order: dataset labels in task order; default `seeded_order(num_classes, seed)`.
+
+    Returns:
+      (stream, text_features): a `FeatureStream` (labels are dataset labels; float32 features
+      of norm about 10) and float32 text embeddings [C, D] indexed by dataset label, unit norm.
+    """
+    if 2 * close_pairs > num_classes:
+        raise ValueError(f"close_pairs={close_pairs} needs at least {2 * close_pairs} classes")
+    if min(train_per_class, test_per_class) < 1:
+        raise ValueError("train_per_class and test_per_class must be >= 1")
+    rng = np.random.default_rng(seed)
+    protos = class_prototypes(rng, num_classes, dim, close_pairs, pair_distance)
+    text_offsets = _unit(rng.standard_normal((num_classes, dim)))
+    # A close pair shares its text noise, so its text embeddings stay as close as its prototypes.
+    text_offsets[1 : 2 * close_pairs : 2] = text_offsets[0 : 2 * close_pairs : 2]
+    text = _unit(protos + text_noise * text_offsets)
+    # A near-identity map: image space = text space seen through a fixed domain shift.
+    mixing = np.eye(dim) + distortion * rng.standard_normal((dim, dim)) / np.sqrt(dim)
+    image_protos = _unit(protos @ mixing.T)
+
+    def draw(per_class: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.repeat(np.arange(num_classes), per_class)
+        eps = rng.standard_normal((len(labels), dim)) * noise / np.sqrt(dim)
+        features = FEATURE_NORM * (image_protos[labels] + eps)
+        return features.astype(np.float32), labels.astype(np.int64)
+
+    train_features, train_labels = draw(train_per_class)
+    test_features, test_labels = draw(test_per_class)
+    order = seeded_order(num_classes, seed) if class_order is None else np.asarray(class_order)
+    stream = FeatureStream(
+        train_features=train_features,
+        train_labels=train_labels,
+        test_features=test_features,
+        test_labels=test_labels,
+        split=make_split(order, initial, increment),
+        class_names=tuple(f"class_{c}" for c in range(num_classes)),
+    )
+    return stream, text.astype(np.float32)

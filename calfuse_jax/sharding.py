@@ -1,0 +1,110 @@
+"""Data-parallel placement: one `Mesh` with a `data` axis over every device of every process.
+
+Batches are split along their first axis with `NamedSharding(mesh, P("data"))`; parameters,
+optimiser state and class statistics are replicated with `NamedSharding(mesh, P())`. The same code
+runs on 1 CPU, several fake CPU devices, 8 GPUs or a multi-host TPU slice: under
+`jax.distributed.initialize()` every process builds the same global batch on the host and hands
+JAX only the rows its own devices hold (`jax.make_array_from_process_local_data`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh with axis `data` over `devices` (default: all devices of all processes)."""
+    devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("make_mesh needs at least one device")
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows split over the `data` axis."""
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array."""
+    return NamedSharding(mesh, P())
+
+
+def padded_size(n: int, mesh: Mesh) -> int:
+    """Smallest multiple of the mesh size that is >= n (a batch must split evenly)."""
+    size = mesh.devices.size
+    return max(size, -(-n // size) * size)
+
+
+def _local_rows(mesh: Mesh, global_rows: int) -> slice:
+    """The contiguous rows of a `P("data")` array held by this process's devices."""
+    sharding = data_sharding(mesh)
+    index_map = sharding.addressable_devices_indices_map((global_rows,))
+    starts = [idx[0].start or 0 for idx in index_map.values()]
+    stops = [global_rows if idx[0].stop is None else idx[0].stop for idx in index_map.values()]
+    lo, hi = min(starts), max(stops)
+    if sum(b - a for a, b in zip(starts, stops, strict=True)) != hi - lo:
+        raise ValueError("this process's devices do not hold a contiguous block of the batch")
+    return slice(lo, hi)
+
+
+def shard_batch(batch, mesh: Mesh):
+    """Places a pytree of host arrays (same global batch on every process) rows-split on `mesh`.
+
+    Args:
+      batch: pytree of NumPy arrays whose first axis is the global batch, a multiple of the
+        mesh size (see `padded_size`). Every process passes the same global batch.
+      mesh: the `data` mesh.
+
+    Returns:
+      The same pytree of global `jax.Array`s sharded `P("data")`. Each process hands JAX only its
+      own rows, so no host holds or transfers another host's part.
+    """
+    sharding = data_sharding(mesh)
+
+    def place(x):
+        x = np.asarray(x)
+        if x.shape[0] % mesh.devices.size:
+            raise ValueError(
+                f"batch of {x.shape[0]} rows does not split over {mesh.devices.size} devices; "
+                "pad it with `padded_size` and mask the padding"
+            )
+        if jax.process_count() == 1:
+            return jax.device_put(x, sharding)
+        rows = _local_rows(mesh, x.shape[0])
+        return jax.make_array_from_process_local_data(sharding, x[rows], x.shape)
+
+    return jax.tree.map(place, batch)
+
+
+def replicate(tree, mesh: Mesh):
+    """Places a pytree (host or device arrays, identical on every process) on every device."""
+    sharding = replicated(mesh)
+
+    def place(x):
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x
+        x = np.asarray(x)
+        if jax.process_count() == 1:
+            return jax.device_put(x, sharding)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(place, tree)
+
+
+def to_host(tree):
+    """Fetches a pytree of replicated (or fully addressable) arrays as NumPy arrays."""
+
+    def fetch(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(x)
+
+    return jax.tree.map(fetch, tree)
