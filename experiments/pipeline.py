@@ -26,6 +26,18 @@ from calfuse_jax.data.stream import FeatureStream
 log = logging.getLogger(__name__)
 
 
+DATA_FLAGS = (
+    "On the command line: root= is --config.dataset.root=PATH, data_dir= is "
+    "--config.dataset.data_dir=DIR, source= is --config.dataset.source=files|tfds. "
+    "`python -m experiments.run --config demo` needs no data and no network."
+)
+WEIGHTS_FLAGS = (
+    "On the command line, pass a local CLIP folder with --config.model.name=/path/to/folder "
+    "(config.json + model.safetensors + vocab.json + merges.txt), or run once with network access "
+    "to fill the Hugging Face cache. `python -m experiments.run --config demo` needs no weights."
+)
+
+
 class UserError(Exception):
     """An expected problem the user can fix (missing files, offline, wrong path): no traceback."""
 
@@ -177,9 +189,19 @@ def load_split(config: ml_collections.ConfigDict, split: str) -> Any:
     from calfuse_jax.data.registry import load_dataset
 
     d = config.dataset
-    dataset = load_dataset(
-        d.name, split, root=d.root, source=d.source, data_dir=d.data_dir, download=d.download
-    )
+    options = {k: v for k, v in d.options.to_dict().items() if v is not None}
+    try:
+        dataset = load_dataset(
+            d.name,
+            split,
+            root=d.root,
+            source=d.source,
+            data_dir=d.data_dir,
+            download=d.download,
+            **options,
+        )
+    except FileNotFoundError as err:
+        raise UserError(f"{err}\n\n{DATA_FLAGS}") from err
     if d.max_per_class > 0:
         dataset = FirstPerClass(dataset, d.max_per_class)
     return dataset
@@ -196,12 +218,17 @@ def _prepare_images(config: ml_collections.ConfigDict) -> Prepared:
     from calfuse_jax import clip, features
 
     cache = cache_dir_of(config)
-    path = model_path(config)
-    weights = features.weights_id(path)
-    model, params = clip.from_pretrained(path)
-    image_size = config.model.image_size or model.image_size
-    train, test = load_split(config, config.dataset.train_split), None
+    # Data first: opening a dataset is cheap and its error names the files to fetch.
+    train = load_split(config, config.dataset.train_split)
     test = load_split(config, config.dataset.test_split)
+    path = model_path(config)
+    try:
+        weights = features.weights_id(path)
+        model, params = clip.from_pretrained(path)
+        tokenizer = clip.load_tokenizer(path)
+    except (clip.CheckpointError, FileNotFoundError) as err:
+        raise UserError(f"{err}\n\n{WEIGHTS_FLAGS}") from err
+    image_size = config.model.image_size or model.image_size
     num_classes = len(train.class_names)
     if num_classes != config.dataset.num_classes:
         raise UserError(
@@ -226,7 +253,7 @@ def _prepare_images(config: ml_collections.ConfigDict) -> Prepared:
         names,
         model,
         params,
-        clip.load_tokenizer(path),
+        tokenizer,
         templates=tuple(config.prompt.templates),
         cache_dir=cache / "features",
         weights_id=weights,

@@ -16,10 +16,12 @@ import argparse
 import contextlib
 import hashlib
 import logging
+import os
 import pathlib
 import platform
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from importlib import metadata
 
@@ -71,8 +73,9 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def _claim_workdir(workdir: pathlib.Path, config: dict, overwrite: bool) -> bool:
     """Checks that `workdir` is new, a resume of the same config, or explicitly overwritten
-    (then empties it). Returns True when an existing run is resumed."""
-    if not workdir.exists() or not any(workdir.iterdir()):
+    (then moves its content aside into overwritten-<time>/: nothing is deleted). Returns True
+    when an existing run is resumed."""
+    if not workdir.exists() or not any(p for p in workdir.iterdir() if not _aside(p)):
         return False
     is_results = any((workdir / m).exists() for m in RESULT_MARKERS)
     if not is_results:
@@ -86,8 +89,13 @@ def _claim_workdir(workdir: pathlib.Path, config: dict, overwrite: bool) -> bool
     differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     differ = [k for k in differ if k not in NOT_COMPARED]
     if not differ and old:
-        log.info("resuming the run in %s", workdir)
         return True
+    if not overwrite and not old:
+        present = ", ".join(m for m in RESULT_MARKERS if (workdir / m).exists())
+        raise UserError(
+            f"workdir {workdir} holds results ({present}) but no config.json, so it cannot be "
+            "resumed safely. Pass --overwrite to move them aside, or choose another --workdir."
+        )
     if not overwrite:
         shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:5])
         more = f" (and {len(differ) - 5} more)" if len(differ) > 5 else ""
@@ -95,11 +103,17 @@ def _claim_workdir(workdir: pathlib.Path, config: dict, overwrite: bool) -> bool
             f"workdir {workdir} holds a run of a different config ({shown}{more}). "
             "Pass --overwrite to replace it, or choose another --workdir; nothing was changed."
         )
-    log.warning("--overwrite: removing the earlier run in %s", workdir)
-    import shutil
-
-    shutil.rmtree(workdir)
+    aside = workdir / time.strftime("overwritten-%Y%m%d-%H%M%S")
+    aside.mkdir()
+    for path in workdir.iterdir():
+        if not _aside(path):
+            os.replace(path, aside / path.name)
+    log.warning("--overwrite: moved the earlier run in %s aside to %s", workdir, aside)
     return False
+
+
+def _aside(path: pathlib.Path) -> bool:
+    return path.name.startswith("overwritten-")
 
 
 @contextlib.contextmanager
@@ -108,13 +122,23 @@ def _log_file(workdir: pathlib.Path) -> Iterator[None]:
     workdir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(workdir / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
     root = logging.getLogger()
     root.addHandler(handler)
+    # Our INFO lines reach the file even when the caller (a notebook, pytest) left the root at
+    # WARNING; the levels are restored afterwards.
+    ours = [logging.getLogger(name) for name in ("experiments", "calfuse_jax")]
+    levels = [logger.level for logger in ours]
+    for logger in ours:
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
     try:
         yield
     finally:
         root.removeHandler(handler)
         handler.close()
+        for logger, level in zip(ours, levels, strict=True):
+            logger.setLevel(level)
 
 
 def environment() -> dict:
@@ -143,15 +167,16 @@ def environment() -> dict:
     }
 
 
-def run_seed(
-    config: ml_collections.ConfigDict, prepared: Prepared, workdir, overwrite: bool = False
-) -> dict:
-    """One seed of one method into `workdir`; returns its summary (also summary.json)."""
+def run_seed(config: ml_collections.ConfigDict, prepared: Prepared, workdir) -> dict:
+    """One seed of one method into `workdir` (checked with `claim_workdir` first); returns its
+    summary (also summary.json)."""
     from calfuse_jax.continual import run_continual
 
     workdir = pathlib.Path(workdir)
-    _claim_workdir(workdir, config.to_dict(), overwrite)
     with _log_file(workdir):
+        finished = len(results.read_metrics(workdir))
+        if finished:
+            log.info("resuming the run in %s after %d finished tasks", workdir, finished)
         log.info("%s %s seed %d -> %s", config.name, config.method, config.seed, workdir)
         results.write_json(workdir / "config.json", config.to_dict())
         provenance = dict(prepared.provenance, seed=config.seed, method=config.method)
@@ -187,17 +212,21 @@ def run_experiment(config: ml_collections.ConfigDict, workdir, overwrite: bool =
     config = resolve_method(config)
     workdir = pathlib.Path(workdir)
     seeds = seeds_of(config)
-    prepared = prepare(config)
     if len(seeds) == 1:
         config.seed = seeds[0]
-        return run_seed(config, prepared, workdir, overwrite)
-    _claim_workdir(workdir, config.to_dict(), overwrite)
-    results.write_json(workdir / "config.json", config.to_dict())  # marks the folder as ours
-    summaries = []
+        _claim_workdir(workdir, config.to_dict(), overwrite)  # before any work: fail fast
+        return run_seed(config, prepare(config), workdir)
+    runs = []
     for seed in seeds:
         seed_config = ml_collections.ConfigDict(config.to_dict())
         seed_config.seed = seed
-        summaries.append(run_seed(seed_config, prepared, workdir / f"seed_{seed}", overwrite))
+        runs.append((seed_config, workdir / f"seed_{seed}"))
+    resumed = _claim_workdir(workdir, config.to_dict(), overwrite)
+    for seed_config, seed_dir in runs:
+        _claim_workdir(seed_dir, seed_config.to_dict(), overwrite and not resumed)
+    results.write_json(workdir / "config.json", config.to_dict())  # marks the folder as ours
+    prepared = prepare(config)
+    summaries = [run_seed(c, prepared, d) for c, d in runs]
     summary = results.aggregate(summaries)
     summary.update(method=config.method, config=config.name)
     results.write_json(workdir / "summary.json", summary)

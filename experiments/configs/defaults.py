@@ -18,7 +18,7 @@ from calfuse_jax.config import method_config
 DEFAULT_TEMPLATES = ("a good photo of a {}.",)
 
 ORDERS = ("fixed", "seeded", "identity")
-SOURCES = ("auto", "tfds", "files")
+SOURCES = ("auto", "tfds", "files", "package", "procedural")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -36,6 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.test_split = "test"
     c.dataset.num_classes = 100
     c.dataset.max_per_class = 0  # >0 keeps the first n images of each class per split (smoke)
+    # Reader options passed to load_dataset(**options) (None values are left out), e.g. the
+    # ImageNet-R split seed; each dataset file lists the ones its reader takes.
+    c.dataset.options = ml_collections.ConfigDict()
 
     c.model = ml_collections.ConfigDict()
     # Hub id, local Hugging Face CLIP folder, or "random:<variant>" (random weights, offline).

@@ -11,6 +11,7 @@ licence) restricted to the 100-class list. Values from DESIGN.md §3: fusion bia
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 from experiments.configs import defaults
 
@@ -126,6 +127,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dataset.name = "imagenet100"
     c.dataset.num_classes = 100
     c.dataset.test_split = "validation"
+    c.dataset.options.class_file = config_dict.placeholder(str)  # default: the built-in 100 wnids
     c.class_order = CLASS_ORDER
     c.fusion.mix_bias = 0.5
     c.pseudo.hard_threshold = 0.65

@@ -12,6 +12,7 @@ file). Values from DESIGN.md §3: fusion bias 0.7, threshold 0.65, beta 1, K = 5
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 from experiments.configs import defaults
 
@@ -226,6 +227,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.name = "imagenet_r"
     c.dataset.name = "imagenet_r"
     c.dataset.num_classes = 200
+    c.dataset.options.seed = 0  # the seeded per-class split (no official one exists)
+    c.dataset.options.train_fraction = 0.8
+    c.dataset.options.split_file = config_dict.placeholder(str)  # or your own train-file list
     c.class_order = CLASS_ORDER
     c.fusion.mix_bias = 0.7
     c.pseudo.hard_threshold = 0.65
