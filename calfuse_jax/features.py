@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -188,18 +189,24 @@ def make_image_encoder(model, params, mesh, compute_dtype) -> Callable[[np.ndarr
     """
     if "dtype" in {f.name for f in dataclasses.fields(model)}:
         model = model.clone(dtype=compute_dtype)
+    jitted = _jitted_encoder(model, mesh)
+    device_params = sharding.replicate(params, mesh)
+    return lambda pixels: jitted(device_params, sharding.shard_batch(pixels, mesh))
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_encoder(model, mesh):
+    """One compiled encoder per (module, mesh): a second dataset (the test split) reuses it."""
 
     def encode(p, pixels):
         out = model.apply({"params": p}, pixels, method=model.encode_image)
         return out.astype(jnp.float32)
 
-    jitted = jax.jit(
+    return jax.jit(
         encode,
         in_shardings=(sharding.replicated(mesh), sharding.data_sharding(mesh)),
         out_shardings=sharding.data_sharding(mesh),
     )
-    device_params = sharding.replicate(params, mesh)
-    return lambda pixels: jitted(device_params, sharding.shard_batch(pixels, mesh))
 
 
 def _fetch(array: jax.Array) -> np.ndarray:
