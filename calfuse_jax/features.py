@@ -286,9 +286,15 @@ def image_features(
         "dataset": ds.identity,
     }
     folder = Path(cache_dir) / "images" / cache_key(fields)
+    if len(ds) == 0:
+        raise ValueError(f"dataset {ds.identity!r} is empty: nothing to encode")
     cached = _verified(folder, ("features.npy", "labels.npy"))
-    if cached is not None and np.array_equal(cached[1], labels):
-        return cached[0], cached[1]
+    if cached is not None:
+        if np.array_equal(cached[1], labels):
+            return cached[0], cached[1]
+        warnings.warn(
+            f"feature cache {str(folder)!r} holds other labels; recomputing", stacklevel=2
+        )
     batch = min(sharding.padded_size(batch_size, mesh), sharding.padded_size(len(ds), mesh))
     chunk = max(1, (chunk_size or max(4096, batch)) // batch) * batch
     folder.mkdir(parents=True, exist_ok=True)
@@ -334,31 +340,45 @@ def _extract_chunks(ds, chunk_dir: Path, make_encoder, plan: _Plan, progress: bo
         total=total, initial=initial, unit="img", desc="image features", disable=not progress
     )
     if todo:
-        encoder = make_encoder()
         jobs = [(i, s) for i in todo for s in range(bounds[i][0], bounds[i][1], batch)]
-        with concurrent.futures.ThreadPoolExecutor(plan.workers) as pool:
+        for i, features in _encode_jobs(ds, jobs, bounds, make_encoder(), plan, bar):
+            done[i] = features
+            if jax.process_index() == 0:  # chunk finished: keep it on disk
+                _atomic_save(paths[i], features)
+    bar.close()
+    return np.concatenate([done[i] for i in range(len(bounds))]).astype(np.float32)
 
-            def submit(job):
-                rows = range(job[1], min(job[1] + batch, bounds[job[0]][1]))
-                return pool.submit(_host_batch, ds, rows, plan.preprocess, plan.image_size, batch)
 
-            ahead = collections.deque(submit(job) for job in jobs[: plan.workers + 1])
-            next_job = len(ahead)
-            parts: dict[int, list[np.ndarray]] = {i: [] for i in todo}
+def _encode_jobs(ds, jobs, bounds, encoder, plan: _Plan, bar):
+    """Yields (chunk index, float32 [rows, D]) as chunks finish; jobs are (chunk, batch start).
+
+    Host threads decode and preprocess `workers + 1` batches ahead while the device encodes.
+    """
+    batch = plan.batch
+    with concurrent.futures.ThreadPoolExecutor(plan.workers) as pool:
+
+        def submit(job):
+            rows = range(job[1], min(job[1] + batch, bounds[job[0]][1]))
+            return pool.submit(_host_batch, ds, rows, plan.preprocess, plan.image_size, batch)
+
+        ahead = collections.deque(submit(job) for job in jobs[: plan.workers + 1])
+        next_job = len(ahead)
+        parts: list[np.ndarray] = []
+        try:
             for i, start in jobs:
                 pixels = ahead.popleft().result()
-                if next_job < len(jobs):  # keep the host `workers + 1` batches ahead
+                if next_job < len(jobs):
                     ahead.append(submit(jobs[next_job]))
                     next_job += 1
                 rows = min(batch, bounds[i][1] - start)
-                parts[i].append(_fetch(encoder(pixels))[:rows])
+                parts.append(_fetch(encoder(pixels))[:rows])
                 bar.update(rows)
-                if start + batch >= bounds[i][1]:  # chunk finished: keep it on disk
-                    done[i] = np.concatenate(parts.pop(i))
-                    if jax.process_index() == 0:
-                        _atomic_save(paths[i], done[i])
-    bar.close()
-    return np.concatenate([done[i] for i in range(len(bounds))]).astype(np.float32)
+                if start + batch >= bounds[i][1]:
+                    yield i, np.concatenate(parts)
+                    parts = []
+        finally:  # interrupted: drop the queued host work instead of finishing it
+            for future in ahead:
+                future.cancel()
 
 
 # ----------------------------------------------------------------------------------------------

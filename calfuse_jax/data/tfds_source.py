@@ -136,8 +136,16 @@ def open_builder(tfds_name: str, data_dir: str | None = None, download: bool = F
 
 
 def _prepare(tfds_name: str, data_dir: str, manual: str) -> None:
+    import importlib.util
+
     import tensorflow_datasets as tfds
 
+    if importlib.util.find_spec("tensorflow") is None:  # fail before a long download, not after
+        raise missing_data_error(
+            tfds_name,
+            "download=True asks TFDS to prepare the data, and its builder needs TensorFlow",
+            prepare_instructions(tfds_name, data_dir, manual),
+        )
     try:
         builder = tfds.builder(tfds_name, data_dir=data_dir, file_format="array_record")
         builder.download_and_prepare()

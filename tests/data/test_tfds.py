@@ -6,6 +6,7 @@ the catalog datasets live (`DATA_DIR/<tfds name>/<version>/`), so the reader's r
 `builder_from_directory` -> `as_data_source` -> our PIL decoding.
 """
 
+import importlib.util
 import io
 import os
 import shutil
@@ -131,6 +132,13 @@ def test_imagenet_r_maps_wnids_and_splits(data_dir, tmp_path):
 def test_missing_dataset_names_the_prepare_command(tmp_path):
     with pytest.raises(FileNotFoundError, match="(?s)TensorFlow.*tfds build caltech_birds2011"):
         tfds_source.tfds_dataset("cub200", "train", data_dir=tmp_path)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is not None, reason="TF installed")
+def test_download_without_tensorflow_fails_before_downloading(tmp_path):
+    with pytest.raises(FileNotFoundError, match="(?s)needs TensorFlow.*tfds build cifar100"):
+        tfds_source.tfds_dataset("cifar100", "train", data_dir=tmp_path, download=True)
+    assert not any(tmp_path.iterdir())  # nothing fetched
 
 
 def test_reading_never_imports_tensorflow(data_dir, tmp_path):
