@@ -377,9 +377,11 @@ class CLIP(nn.Module):
         self.text_projection = nn.Dense(
             a.embed_dim, use_bias=False, dtype=self.dtype, kernel_init=_normal(a.text_width**-0.5)
         )
-        self.logit_scale = self.param(
-            "logit_scale", nn.initializers.constant(a.logit_scale_init), (), jnp.float32
-        )
+        # Declared only when present, so that one tower's params alone can run its encoder.
+        if self.is_initializing() or self.has_variable("params", "logit_scale"):
+            self.logit_scale = self.param(
+                "logit_scale", nn.initializers.constant(a.logit_scale_init), (), jnp.float32
+            )
 
     @property
     def image_size(self) -> int:

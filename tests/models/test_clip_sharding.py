@@ -32,3 +32,19 @@ def test_sharded_encode_image_equals_single_device():
     # Each device runs the same per-example maths on 2 of the 8 rows; only matmul blocking may
     # change the float summation order.
     np.testing.assert_allclose(np.asarray(many), np.asarray(one), atol=1e-5, rtol=1e-5)
+
+
+def test_each_tower_runs_on_its_own_params():
+    # The continual pipeline encodes images and texts at different times; either half suffices.
+    arch = clip.VARIANTS["tiny"]
+    model, params = clip.CLIP(arch), clip.init_params(arch, seed=0)
+    pixels = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    tokens = np.full((2, 77), 521, np.int32)
+    vision = {k: params[k] for k in ("vision_model", "visual_projection")}
+    text = {k: params[k] for k in ("text_model", "text_projection")}
+    image_alone = model.apply({"params": vision}, pixels, method=model.encode_image)
+    image_full = model.apply({"params": params}, pixels, method=model.encode_image)
+    np.testing.assert_array_equal(np.asarray(image_alone), np.asarray(image_full))
+    text_alone = model.apply({"params": text}, tokens, method=model.encode_text)
+    text_full = model.apply({"params": params}, tokens, method=model.encode_text)
+    np.testing.assert_array_equal(np.asarray(text_alone), np.asarray(text_full))
