@@ -214,6 +214,22 @@ def prompt_names(config: ml_collections.ConfigDict, class_names) -> list[str]:
     return list(clean(class_names, underscores_to_spaces=config.prompt.underscores_to_spaces))
 
 
+def _check_variant(config: ml_collections.ConfigDict, arch: Any) -> None:
+    """Warns when the loaded weights are not the architecture `model.variant` names."""
+    from calfuse_jax import clip
+
+    expected = clip.VARIANTS.get(config.model.variant)
+    fields = ("embed_dim", "image_size", "patch_size", "vision_width", "vision_layers")
+    if expected is not None and any(getattr(expected, f) != getattr(arch, f) for f in fields):
+        log.warning(
+            "model.variant=%r but %s has another architecture (%s); set --config.model.variant "
+            "to the right name (the results are unaffected, the recorded variant is wrong)",
+            config.model.variant,
+            config.model.name,
+            ", ".join(f"{f}={getattr(arch, f)}" for f in fields),
+        )
+
+
 def _prepare_images(config: ml_collections.ConfigDict) -> Prepared:
     from calfuse_jax import clip, features
 
@@ -228,6 +244,7 @@ def _prepare_images(config: ml_collections.ConfigDict) -> Prepared:
         tokenizer = clip.load_tokenizer(path)
     except (clip.CheckpointError, FileNotFoundError) as err:
         raise UserError(f"{err}\n\n{WEIGHTS_FLAGS}") from err
+    _check_variant(config, model.arch)
     image_size = config.model.image_size or model.image_size
     num_classes = len(train.class_names)
     if num_classes != config.dataset.num_classes:
@@ -269,7 +286,8 @@ def _prepare_images(config: ml_collections.ConfigDict) -> Prepared:
         class_names=tuple(names),
     )
     provenance = {
-        "weights": {"name": config.model.name, "path": path, "id": weights},
+        "weights": {"name": config.model.name, "path": path, "sha256": weights},
+        "architecture": dataclasses.asdict(model.arch),
         "dataset": {
             "name": config.dataset.name,
             "train": {"identity": str(train.identity), "images": len(train)},

@@ -29,7 +29,14 @@ import ml_collections
 
 from calfuse_jax.config import resolve_method
 from experiments import results
-from experiments.configs import ConfigError, apply_overrides, load_config, seeds_of, validate
+from experiments.configs import (
+    ConfigError,
+    apply_overrides,
+    format_config,
+    load_config,
+    seeds_of,
+    validate,
+)
 from experiments.pipeline import Prepared, UserError, prepare
 
 log = logging.getLogger("experiments.run")
@@ -71,7 +78,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _claim_workdir(workdir: pathlib.Path, config: dict, overwrite: bool) -> bool:
+def claim_workdir(workdir: pathlib.Path, config: dict, overwrite: bool) -> bool:
     """Checks that `workdir` is new, a resume of the same config, or explicitly overwritten
     (then moves its content aside into overwritten-<time>/: nothing is deleted). Returns True
     when an existing run is resumed."""
@@ -202,11 +209,18 @@ def run_seed(config: ml_collections.ConfigDict, prepared: Prepared, workdir) -> 
     return summary
 
 
-def run_experiment(config: ml_collections.ConfigDict, workdir, overwrite: bool = False) -> dict:
+def run_experiment(
+    config: ml_collections.ConfigDict,
+    workdir,
+    overwrite: bool = False,
+    prepared: Prepared | None = None,
+) -> dict:
     """Runs every seed of `config` (method preset resolved) into `workdir`; returns the summary.
 
     One seed writes its results into `workdir`; several write `workdir/seed_<k>` each plus a
-    mean ± std `summary.json` and plots in `workdir`. The features are prepared once and shared.
+    mean ± std `summary.json` and plots in `workdir`. The features are prepared once and shared;
+    a grid over method fields may pass `prepared=pipeline.prepare(config)` to share them across
+    runs too (it must come from a config with the same dataset, model, prompt and split fields).
     """
     validate(config)
     config = resolve_method(config)
@@ -214,18 +228,18 @@ def run_experiment(config: ml_collections.ConfigDict, workdir, overwrite: bool =
     seeds = seeds_of(config)
     if len(seeds) == 1:
         config.seed = seeds[0]
-        _claim_workdir(workdir, config.to_dict(), overwrite)  # before any work: fail fast
-        return run_seed(config, prepare(config), workdir)
+        claim_workdir(workdir, config.to_dict(), overwrite)  # before any work: fail fast
+        return run_seed(config, prepared or prepare(config), workdir)
     runs = []
     for seed in seeds:
         seed_config = ml_collections.ConfigDict(config.to_dict())
         seed_config.seed = seed
         runs.append((seed_config, workdir / f"seed_{seed}"))
-    resumed = _claim_workdir(workdir, config.to_dict(), overwrite)
+    resumed = claim_workdir(workdir, config.to_dict(), overwrite)
     for seed_config, seed_dir in runs:
-        _claim_workdir(seed_dir, seed_config.to_dict(), overwrite and not resumed)
+        claim_workdir(seed_dir, seed_config.to_dict(), overwrite and not resumed)
     results.write_json(workdir / "config.json", config.to_dict())  # marks the folder as ours
-    prepared = prepare(config)
+    prepared = prepared or prepare(config)
     summaries = [run_seed(c, prepared, d) for c, d in runs]
     summary = results.aggregate(summaries)
     summary.update(method=config.method, config=config.name)
@@ -243,7 +257,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     parser.add_argument("--config", required=True, help="name[:variant] or path/to/config.py")
     parser.add_argument("--workdir", help="results folder (default: runs/<config>-<method>)")
     parser.add_argument("--overwrite", action="store_true", help="replace a run of another config")
-    parser.add_argument("--show-config", action="store_true", help="print the config and exit")
+    parser.add_argument(
+        "--show-config", action="store_true", help="print every config key and value, then exit"
+    )
     parser.add_argument("--traceback", action="store_true", help="show tracebacks of user errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress")
     args, rest = parser.parse_known_args(argv)
@@ -257,12 +273,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, overrides = parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.WARNING if args.quiet else logging.INFO)  # run.log keeps INFO
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                           datefmt="%H:%M:%S"))  # fmt: skip
+    logging.basicConfig(level=logging.INFO, handlers=[console])
     for chatty in ("absl", "orbax", "jax._src", "matplotlib"):  # per-save INFO lines drown ours
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
@@ -270,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.quiet:
             config.progress = False
         if args.show_config:
-            print(resolve_method(config))
+            print(format_config(resolve_method(config)))
             return 0
         workdir = args.workdir or default_workdir(args.config, config, overrides)
         summary = run_experiment(config, workdir, overwrite=args.overwrite)

@@ -78,9 +78,23 @@ def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
     return keys
 
 
+def format_config(config: ml_collections.ConfigDict) -> str:
+    """One `key = value` line per field (long tuples shortened), as --show-config prints it."""
+    lines = []
+    for key in flat_keys(config):
+        node, leaf = _parent(config, key)
+        value = node[leaf]
+        if isinstance(value, tuple) and len(value) > 12:
+            shown = ", ".join(map(str, value[:8]))
+            lines.append(f"{key} = ({shown}, ... {len(value)} values)")
+        else:
+            lines.append(f"{key} = {value!r}")
+    return "\n".join(lines)
+
+
 def _unknown_key(config: ml_collections.ConfigDict, key: str) -> ConfigError:
     close = difflib.get_close_matches(key, flat_keys(config), n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else "; `--help` lists the config keys"
+    hint = f"; did you mean {close[0]!r}?" if close else "; --show-config lists every key"
     return ConfigError(f"unknown config key {key!r}{hint}")
 
 
@@ -140,6 +154,8 @@ def apply_overrides(
             raise ConfigError(f"override {item!r} needs the form --config.{key}=VALUE")
         node, leaf = _parent(config, key)
         node[leaf] = parse_value(config, key, text)
+        if key == "seed":  # `seeds` decides what runs; a lone --config.seed=3 means seeds=3
+            config.seeds = str(config.seed)
     validate(config)
     return config
 

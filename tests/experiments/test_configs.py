@@ -1,5 +1,7 @@
 """Every experiment config loads, builds its model abstractly, and rejects bad overrides."""
 
+import functools
+
 import jax
 import pytest
 
@@ -35,10 +37,10 @@ def test_every_config_loads_and_validates(name):
         assert sorted(config.class_order) == list(range(config.dataset.num_classes))
 
 
-@pytest.mark.parametrize("name", IMAGE_CONFIGS)
-def test_every_image_config_builds_its_model_under_eval_shape(name):
-    config = load_config(name)
-    arch = clip.VARIANTS[config.model.variant]
+@functools.cache
+def abstract_model(variant):
+    """(arch, abstract params, abstract image embeddings [2, D]); cached: four configs share B/16."""
+    arch = clip.VARIANTS[variant]
     model = CLIP(arch)
     pixels = jax.ShapeDtypeStruct((2, arch.image_size, arch.image_size, 3), "float32")
     tokens = jax.ShapeDtypeStruct((3, arch.context_length), "int32")
@@ -46,6 +48,13 @@ def test_every_image_config_builds_its_model_under_eval_shape(name):
     image = jax.eval_shape(
         lambda p, x: model.apply({"params": p}, x, method=model.encode_image), params, pixels
     )
+    return arch, params, image
+
+
+@pytest.mark.parametrize("name", IMAGE_CONFIGS)
+def test_every_image_config_builds_its_model_under_eval_shape(name):
+    config = load_config(name)
+    arch, params, image = abstract_model(config.model.variant)
     assert image.shape == (2, arch.embed_dim)
     assert params["visual_projection"]["kernel"].shape == (arch.vision_width, arch.embed_dim)
 

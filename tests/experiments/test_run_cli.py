@@ -88,7 +88,7 @@ def test_every_results_file_exists_and_parses(finished_run):
 
     provenance = results.read_json(workdir / "provenance.json")
     weights = cache / "models" / "random-tiny-seed0" / "model.safetensors"
-    assert provenance["weights"]["id"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert provenance["weights"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert provenance["class_order"] == list(range(10))
     assert provenance["task_bounds"] == [0, 5, 10]
     assert len(provenance["split_hash"]) == 64
