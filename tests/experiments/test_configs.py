@@ -39,7 +39,7 @@ def test_every_config_loads_and_validates(name):
 
 @functools.cache
 def abstract_model(variant):
-    """(arch, abstract params, abstract image embeddings [2, D]); cached: four configs share B/16."""
+    """(arch, abstract params, abstract image embeddings [2, D]); cached: 4 configs share B/16."""
     arch = clip.VARIANTS[variant]
     model = CLIP(arch)
     pixels = jax.ShapeDtypeStruct((2, arch.image_size, arch.image_size, 3), "float32")
