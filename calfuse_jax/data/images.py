@@ -138,11 +138,18 @@ def list_class_folders(root: str, extensions=IMAGE_EXTENSIONS) -> dict[str, list
 
 
 def folder_dataset(
-    root, *, split: str = "all", class_names: Sequence[str] | None = None, name: str = "folder"
+    root,
+    *,
+    split: str = "all",
+    class_names: Sequence[str] | None = None,
+    name: str = "folder",
+    folders: Sequence[str] | None = None,
 ) -> FileDataset:
     """A class-per-folder tree: `root/<class>/<image>`; labels follow sorted folder names.
 
     `class_names` (optional) replaces the folder names as names, in sorted-folder order.
+    `folders` fixes the class list (and label order); a folder outside it is an error and a
+    class without a folder simply has no images here (a test split lacking a class).
     """
     root = os.fspath(root)
     if not os.path.isdir(root):
@@ -157,14 +164,48 @@ def folder_dataset(
             f"Lay the images out as {root}/<class name>/<image>.jpg (extensions: "
             f"{', '.join(IMAGE_EXTENSIONS)}).",
         )
-    folders = list(classes)
+    folders = list(folders or classes)
+    stray = sorted(set(classes) - set(folders))
+    if stray:
+        raise ValueError(f"class folders {stray[:5]} in {root!r} are not among the classes")
     if class_names is not None and len(class_names) != len(folders):
         raise ValueError(f"{len(class_names)} class names for {len(folders)} class folders")
-    files = [f"{c}/{f}" for c in folders for f in classes[c]]
-    labels = [i for i, c in enumerate(folders) for _ in classes[c]]
+    files = [f"{c}/{f}" for c in folders for f in classes.get(c, [])]
+    labels = [i for i, c in enumerate(folders) for _ in classes.get(c, [])]
     return FileDataset(
         root, files, labels, class_names or folders, description=f"{name}/{split}/files"
     )
+
+
+def folder_split(
+    root,
+    split: str,
+    *,
+    class_names: Sequence[str] | None = None,
+    seed: int = 0,
+    train_fraction: float = 0.8,
+) -> FileDataset:
+    """A user's class-per-folder dataset, split three ways depending on the layout:
+
+    `split="all"`: every image under `root/<class>/`. `root/train/<class>/` and
+    `root/test/<class>/` (or `val/`) present: those, with the label order of `train/`. Otherwise
+    the seeded per-class split of `root/<class>/` (`seeded_class_split(train_fraction, seed)`).
+    """
+    root = os.fspath(root)
+    if split == "all":
+        return folder_dataset(root, class_names=class_names)
+    split = _train_or_test(split)
+    subdirs = {"train": ["train"], "test": ["test", "val", "validation"]}[split]
+    found = [d for d in subdirs if os.path.isdir(os.path.join(root, d))]
+    if found and os.path.isdir(os.path.join(root, "train")):
+        classes = list(list_class_folders(os.path.join(root, "train")))
+        return folder_dataset(
+            os.path.join(root, found[0]), split=split, class_names=class_names, folders=classes
+        )
+    full = folder_dataset(root, class_names=class_names)
+    train, test = seeded_class_split(full.labels, train_fraction=train_fraction, seed=seed)
+    keep = train if split == "train" else test
+    return _subset(full, keep, f"folder/{split}/files/seed={seed},frac={train_fraction}")
 
 
 def seeded_class_split(labels: np.ndarray, *, train_fraction: float = 0.8, seed: int = 0):

@@ -62,9 +62,10 @@ DATASETS: dict[str, DatasetEntry] = {
         ("procedural",), ("train", "test"), ("seed", "num_per_class", "image_size"),
     ),
     "folder": DatasetEntry(
-        "any class-per-folder tree ROOT/<class>/<image>",
-        ("files",), ("train", "test", "all"), ("class_names",),
-        "    pass root=DIR holding one sub-folder of images per class",
+        "any class-per-folder tree ROOT/<class>/<image> (or ROOT/{train,test}/<class>/<image>)",
+        ("files",), ("train", "test", "all"), ("class_names", *_SPLIT_OPTIONS),
+        "    pass root=DIR holding one sub-folder of images per class (split by a seeded 80/20\n"
+        "    per class), or DIR/train/<class>/ and DIR/test/<class>/",
     ),
 }  # fmt: skip
 
@@ -78,7 +79,7 @@ def _files_reader(name: str) -> Callable:
         return images.imagenet_subset
     if name == "cub200":
         return lambda root, split, **o: images.cub200(root, split)
-    return lambda root, split, **o: images.folder_dataset(root, split=split, **o)
+    return images.folder_split
 
 
 def load_dataset(

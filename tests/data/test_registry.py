@@ -30,6 +30,41 @@ def test_folder_through_the_registry(tmp_path):
     assert ds.load(0)[0, 0, 0] == 2  # folder "a" sorts first
 
 
+def test_folder_splits_by_subfolders_or_seeded(tmp_path):
+    # train/ has classes a, b, c; test/ lacks b: test labels must still use train's numbering.
+    for split, classes in [("train", "abc"), ("test", "ac")]:
+        for cls in classes:
+            (tmp_path / "split" / split / cls).mkdir(parents=True)
+            for k in range(2):
+                Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(
+                    tmp_path / "split" / split / cls / f"{k}.png"
+                )
+    test = load_dataset("folder", "test", root=tmp_path / "split")
+    assert test.class_names == ("a", "b", "c") and test.labels.tolist() == [0, 0, 2, 2]
+    assert load_dataset("folder", "train", root=tmp_path / "split").labels.tolist() == [
+        0,
+        0,
+        1,
+        1,
+        2,
+        2,
+    ]
+    # No split folders: seeded per-class split (5 images per class -> 4 train / 1 test).
+    for cls in "xy":
+        (tmp_path / "flat" / cls).mkdir(parents=True)
+        for k in range(5):
+            Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(
+                tmp_path / "flat" / cls / f"{k}.png"
+            )
+    train = load_dataset("folder", "train", root=tmp_path / "flat", seed=1)
+    test = load_dataset("folder", "test", root=tmp_path / "flat", seed=1)
+    assert np.bincount(train.labels).tolist() == [4, 4] and np.bincount(test.labels).tolist() == [
+        1,
+        1,
+    ]
+    assert not set(train.files) & set(test.files)
+
+
 def test_shapes_and_split_aliases():
     ds = load_dataset("shapes", "val", num_per_class=2, image_size=16)
     assert len(ds) == 20 and ds.identity.startswith("shapes/test/")
