@@ -177,23 +177,27 @@ def environment() -> dict:
 def run_seed(config: ml_collections.ConfigDict, prepared: Prepared, workdir) -> dict:
     """One seed of one method into `workdir` (checked with `claim_workdir` first); returns its
     summary (also summary.json)."""
+    import jax
+
     from calfuse_jax.continual import run_continual
 
     workdir = pathlib.Path(workdir)
-    with _log_file(workdir):
+    primary = jax.process_index() == 0  # multi-process runs: process 0 writes, all compute
+    with _log_file(workdir) if primary else contextlib.nullcontext():
         finished = len(results.read_metrics(workdir))
         if finished:
             log.info("resuming the run in %s after %d finished tasks", workdir, finished)
         log.info("%s %s seed %d -> %s", config.name, config.method, config.seed, workdir)
-        results.write_json(workdir / "config.json", config.to_dict())
-        provenance = dict(prepared.provenance, seed=config.seed, method=config.method)
-        results.write_json(workdir / "provenance.json", {**provenance, **environment()})
+        if primary:
+            results.write_json(workdir / "config.json", config.to_dict())
+            _write_provenance(workdir, dict(prepared.provenance, seed=config.seed,
+                                            method=config.method))  # fmt: skip
         result = run_continual(
             prepared.stream,
             prepared.text_features,
             config,
             str(workdir),
-            overwrite=False,  # an --overwrite already emptied the workdir above
+            overwrite=False,  # an --overwrite already moved the old run aside
             progress=config.progress,
             logit_scale=prepared.logit_scale,
         )
@@ -202,11 +206,26 @@ def run_seed(config: ml_collections.ConfigDict, prepared: Prepared, workdir) -> 
             dict(result.summary), result.accuracy_matrix, result.seen_accuracy, seen
         )
         summary.update(method=config.method, seed=config.seed, config=config.name)
-        results.write_json(workdir / "summary.json", summary)
-        results.write_tensorboard(workdir, results.read_metrics(workdir), summary)
-        results.write_plots(workdir, summary, f"{config.name} {config.method} (seed {config.seed})")
+        if primary:
+            results.write_json(workdir / "summary.json", summary)
+            results.write_tensorboard(workdir, results.read_metrics(workdir), summary)
+            title = f"{config.name} {config.method} (seed {config.seed})"
+            results.write_plots(workdir, summary, title)
         log.info("Avg %.2f  Last %.2f  -> %s", summary["avg"], summary["last"], workdir)
     return summary
+
+
+def _write_provenance(workdir: pathlib.Path, provenance: dict) -> None:
+    """provenance.json of the first start; a resume appends its own environment under
+    `resumed` (the code or machine may differ between the two)."""
+    path = workdir / "provenance.json"
+    env = dict(environment(), time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    if not path.exists():
+        results.write_json(path, {**provenance, **env})
+        return
+    old = results.read_json(path)
+    old.setdefault("resumed", []).append(env)
+    results.write_json(path, old)
 
 
 def run_experiment(
