@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,23 +27,22 @@ import numpy as np
 from jax.sharding import Mesh
 
 from calfuse_jax import calibration, fusion, metrics, sharding, stats, train
-from calfuse_jax.checkpoint import RunCheckpoints, abstract_like
-from calfuse_jax.config import method_config, resolve_method
+from calfuse_jax.checkpoint import (
+    ConfigMismatchError,
+    RunCheckpoints,
+    abstract_like,
+    config_fingerprint,
+    json_safe,
+    prepare_workdir,
+    write_results,
+)
+from calfuse_jax.config import resolve_method
 from calfuse_jax.data.stream import FeatureStream
 from calfuse_jax.train import NonFiniteLossError, TrainState
 
 logger = logging.getLogger("calfuse_jax")
 
-FINGERPRINT_FILE = "run_fingerprint.json"
-RESULT_FILES = ("checkpoints", "metrics.jsonl", "accuracy_matrix.csv", FINGERPRINT_FILE)
-# Fields that change neither the maths nor the data order, so a run may resume with new values.
-NEUTRAL_FIELDS = ("train.checkpoint_every_steps", "train.eval_batch_size")
-
 __all__ = ["ConfigMismatchError", "ContinualResult", "NonFiniteLossError", "run_continual"]
-
-
-class ConfigMismatchError(ValueError):
-    """The workdir holds a run of another configuration (or data)."""
 
 
 @dataclasses.dataclass
@@ -147,92 +144,6 @@ def validate_inputs(stream: FeatureStream, text_features: np.ndarray) -> None:
                     f"task {task}: classes with dataset labels {labels_few} have fewer than "
                     f"{need} features (class statistics and accuracy need them)"
                 )
-
-
-def _neutral(path: str) -> bool:
-    return path in NEUTRAL_FIELDS
-
-
-def _method_fields(config: ml_collections.ConfigDict) -> dict:
-    """The resolved config restricted to `method_config()`'s fields (extra fields are ignored)."""
-    reference = method_config().to_dict()
-    values = config.to_dict()
-
-    def pick(ref: dict, val: dict, prefix: str) -> dict:
-        out = {}
-        for key, default in ref.items():
-            path = f"{prefix}{key}"
-            if isinstance(default, dict):
-                out[key] = pick(default, val.get(key, {}), path + ".")
-            elif not _neutral(path):
-                item = val.get(key, default)
-                out[key] = list(item) if isinstance(item, tuple) else item
-        return out
-
-    return pick(reference, values, "")
-
-
-def config_fingerprint(config, stream: FeatureStream, scale: float) -> dict:
-    """A JSON document identifying a run: method fields, logit scale and a digest of the data."""
-    digest = hashlib.sha256()
-    for array in (stream.split.class_order, stream.split.bounds, stream.train_labels):
-        digest.update(np.ascontiguousarray(array).tobytes())
-    for array in (stream.train_features, stream.test_features):
-        digest.update(np.ascontiguousarray(array[::97]).tobytes())  # a cheap, stable sample
-        digest.update(str(array.shape).encode())
-    doc = {"config": _method_fields(config), "logit_scale": scale, "data": digest.hexdigest()}
-    doc["fingerprint"] = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
-    return doc
-
-
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out
-
-
-def prepare_workdir(workdir: Path, doc: dict, overwrite: bool) -> None:
-    """Creates `workdir`, or checks that its run has this fingerprint (see module docstring)."""
-    stamp_path = workdir / FINGERPRINT_FILE
-    present = [name for name in RESULT_FILES if (workdir / name).exists()]
-    if present and not overwrite:
-        if not stamp_path.exists():
-            raise ConfigMismatchError(
-                f"{workdir} holds results ({', '.join(present)}) without a run fingerprint; "
-                "use another workdir or pass overwrite=True to move them aside"
-            )
-        old = json.loads(stamp_path.read_text())
-        if old.get("fingerprint") != doc["fingerprint"]:
-            diff = _differences(old, doc)
-            raise ConfigMismatchError(
-                f"{workdir} holds a run with a different configuration or data "
-                f"({'; '.join(d for d in diff if not d.startswith('fingerprint'))[:600]}); "
-                "use another workdir, or pass overwrite=True (--overwrite) to move the old run "
-                "aside and start again"
-            )
-        return
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        if present:
-            aside = workdir / time.strftime("overwritten-%Y%m%d-%H%M%S")
-            aside.mkdir()
-            for name in present:
-                shutil.move(str(workdir / name), str(aside / name))
-            logger.warning("overwrite: moved the old run's %s to %s", ", ".join(present), aside)
-        stamp_path.write_text(json.dumps(doc, indent=2, sort_keys=True))
-    _barrier("calfuse_prepare_workdir")
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # noqa: PLC0415
-
-        multihost_utils.sync_global_devices(name)
 
 
 def _gate(run: _Run, task: int) -> float:
@@ -353,29 +264,6 @@ def _task_run(run: _Run, task: int, inputs: train.TaskInputs) -> train.TaskRun:
         settings=run.settings,
         key=sharding.replicate(key, run.mesh),
     )
-
-
-def _json_safe(value):
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def _write_results(run: _Run, carry: dict) -> None:
-    """Rewrites `metrics.jsonl` and `accuracy_matrix.csv` from the carried rows (process 0)."""
-    if not run.writer:
-        return
-    lines = "".join(json.dumps({k: _json_safe(v) for k, v in row.items()}) + "\n" for row in carry["rows"])
-    (run.workdir / "metrics.jsonl").write_text(lines)
-    done = len(carry["rows"])
-    header = "after_task," + ",".join(f"task_{j}" for j in range(run.num_tasks))
-    body = [
-        f"{i}," + ",".join("" if np.isnan(v) else f"{v:.4f}" for v in carry["accuracy"][i])
-        for i in range(done)
-    ]
-    (run.workdir / "accuracy_matrix.csv").write_text("\n".join([header, *body]) + "\n")
 
 
 def _fresh_carry(run: _Run) -> dict:
@@ -541,10 +429,11 @@ def _save_task(run: _Run, task: int, carry: dict) -> None:
         "task": task,
         "fingerprint": run.fingerprint,
         "config": run.config.to_dict(),
-        "rows": [{k: _json_safe(v) for k, v in row.items()} for row in carry["rows"]],
+        "rows": [{k: json_safe(v) for k, v in row.items()} for row in carry["rows"]],
     }
     run.checkpoints.save_task(task, state, json.loads(json.dumps(meta, default=str)))
-    _write_results(run, carry)
+    if run.writer:
+        write_results(run.workdir, carry["rows"], carry["accuracy"])
 
 
 def _result(run: _Run, carry: dict) -> ContinualResult:
@@ -628,7 +517,8 @@ def run_continual(
     )
     try:
         carry, start = _resume(run)
-        _write_results(run, carry)
+        if run.writer:
+            write_results(run.workdir, carry["rows"], carry["accuracy"])
         for task in range(start, run.num_tasks):
             carry = _run_task(run, task, carry)
     except NonFiniteLossError as error:

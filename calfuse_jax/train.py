@@ -291,7 +291,7 @@ def pseudo_class_schedule(
 
 
 def host_batch(features, labels, rows: np.ndarray, padded: int):
-    """(features [Bp, D], labels int32 [Bp], mask float32 [Bp]) with rows beyond len(rows) masked."""
+    """(features [Bp, D], labels int32 [Bp], mask float32 [Bp]); rows past len(rows) masked."""
     x = np.zeros((padded, features.shape[1]), np.float32)
     y = np.zeros((padded,), np.int32)
     mask = np.zeros((padded,), np.float32)

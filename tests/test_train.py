@@ -1,0 +1,165 @@
+"""One task's training pieces against NumPy: the batch loss of DESIGN.md §2, the lr schedule, the
+data order and the pseudo-class cycling."""
+
+import jax
+import numpy as np
+import pytest
+
+from calfuse_jax import sharding, train
+from calfuse_jax.config import method_config
+
+D, C = 8, 6
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _log_softmax(z):
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def _setup(kd_weight=0.5):
+    # Mode "fixed" with gate 0.25 exercises the calibration; zero Cholesky factors make every
+    # pseudo-feature equal to its class mean, so the NumPy reference needs no random numbers.
+    config = method_config()
+    config.calibration.mode = "fixed"
+    config.pseudo.beta = 0.2  # floor(10 * 0.2) = 2 pseudo samples, floor(20 * 0.2) = 4 hard
+    config.loss.kd_weight = kd_weight
+    head = train.make_head(config, D)
+    settings = train.step_settings(config, logit_scale=10.0, host_gate=True)
+    rng = np.random.default_rng(0)
+    params = head.init(jax.random.PRNGKey(0), np.zeros((1, D), np.float32), 0.0)["params"]
+    teacher = head.init(jax.random.PRNGKey(1), np.zeros((1, D), np.float32), 0.0)["params"]
+    inputs = train.TaskInputs(
+        text=_unit(rng.standard_normal((C, D))).astype(np.float32),
+        num_seen=np.int32(5),  # class 5 is not seen yet: the softmax must ignore it
+        num_old=np.int32(3),
+        means=(3 * rng.standard_normal((C, D))).astype(np.float32),
+        chols=np.zeros((C, D, D), np.float32),
+        pairs=np.array([[1, 4], [2, 3], [0, 0]], np.int32),  # last row is padding
+        pair_mask=np.array([1, 1, 0], np.float32),
+        gate=np.float32(0.25),
+        teacher=teacher,
+        teacher_gate=np.float32(0.5),
+    )
+    features = (3 * rng.standard_normal((5, D))).astype(np.float32)
+    labels = np.array([3, 4, 3, 4, 0], np.int32)
+    mask = np.array([1, 1, 1, 1, 0], np.float32)  # the last row is batch padding
+    return head, settings, params, inputs, (features, labels, mask)
+
+
+def _numpy_logits(params, f0, text, gate, scale, num_seen):
+    fa = f0 @ np.asarray(params["adapter"]["kernel"])
+    f = _unit(gate * _unit(f0) + (1 - gate) * _unit(fa))
+    logits = scale * f @ text.T
+    logits[:, num_seen:] = -np.inf
+    return logits, f
+
+
+def numpy_loss(params, inputs, batch, pseudo_ids, kd_weight):
+    """DESIGN.md §2 written out in NumPy for zero covariances (pseudo-feature = class mean)."""
+    features, labels, mask = batch
+    text, means = np.asarray(inputs.text), np.asarray(inputs.means)
+    pseudo_labels = np.repeat(pseudo_ids, 2)
+    x = np.concatenate([features[mask > 0], means[pseudo_labels]])
+    y = np.concatenate([labels[mask > 0], pseudo_labels])
+    logits, _ = _numpy_logits(params, x, text, 0.25, 10.0, 5)
+    ce = -np.mean(_log_softmax(logits)[np.arange(len(y)), y])
+    pairs = np.asarray(inputs.pairs)[:2]
+    hard = means[np.repeat(pairs[:, 0], 4)]
+    _, f = _numpy_logits(params, hard, text, 0.25, 10.0, 5)
+    own, other = text[np.repeat(pairs[:, 0], 4)], text[np.repeat(pairs[:, 1], 4)]
+    hinge = np.mean(np.maximum((f * other).sum(1) - (f * own).sum(1) + 0.1, 0))
+    student, _ = _numpy_logits(params, means[pseudo_labels], text, 0.25, 10.0, 3)
+    teacher, _ = _numpy_logits(inputs.teacher, means[pseudo_labels], text, 0.5, 10.0, 3)
+    log_s, log_t = _log_softmax(student[:, :3] / 2.0), _log_softmax(teacher[:, :3] / 2.0)
+    kd = 4.0 * np.mean((np.exp(log_t) * (log_t - log_s)).sum(1))
+    return ce + hinge + kd_weight * kd
+
+
+# One jitted function for both loss tests (same static settings): one compile.
+jitted_loss = jax.jit(train.loss_fn, static_argnums=(5, 6))
+
+
+def test_loss_matches_numpy():
+    head, settings, params, inputs, batch = _setup()
+    pseudo_ids = np.array([2, 0], np.int32)
+    loss, terms = jitted_loss(
+        params, batch, pseudo_ids, jax.random.PRNGKey(3), inputs, head, settings
+    )
+    assert set(terms) == {"ce", "hinge", "kd"}
+    expected = numpy_loss(params, inputs, batch, pseudo_ids, kd_weight=0.5)
+    np.testing.assert_allclose(float(loss), expected, rtol=2e-5)
+
+
+def test_first_task_switches_old_class_terms_off():
+    head, settings, params, inputs, batch = _setup()
+    inputs = inputs._replace(num_old=np.int32(0))
+    key = jax.random.PRNGKey(3)
+    _, terms = jitted_loss(params, batch, np.zeros(2, np.int32), key, inputs, head, settings)
+    features, labels, mask = batch
+    logits, _ = _numpy_logits(params, features[:4], np.asarray(inputs.text), 0.25, 10.0, 5)
+    ce = -np.mean(_log_softmax(logits)[np.arange(4), labels[:4]])
+    np.testing.assert_allclose(float(terms["ce"]), ce, rtol=2e-5)  # real rows only
+    assert float(terms["hinge"]) == 0.0 and float(terms["kd"]) == 0.0
+
+
+def test_learning_rate_schedule():
+    config = method_config()  # lr 1e-3, x0.1 at epochs 4 and 10
+    lrs = [train.learning_rate(config, step, epoch_steps=5) for step in (0, 19, 20, 49, 50, 74)]
+    np.testing.assert_allclose(lrs, [1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5], rtol=1e-12)
+
+
+def test_epoch_order_is_seeded_and_reshuffled():
+    a = train.epoch_permutation(0, 1, 0, 50)
+    np.testing.assert_array_equal(a, train.epoch_permutation(0, 1, 0, 50))
+    assert sorted(a) == list(range(50))
+    assert not np.array_equal(a, train.epoch_permutation(0, 1, 1, 50))
+    assert not np.array_equal(a, train.epoch_permutation(0, 2, 0, 50))
+
+
+def test_pseudo_classes_cycle_through_every_old_class_each_epoch():
+    old = np.arange(7)
+    first = train.pseudo_class_schedule(0, 1, 0, old, steps=10, per_batch=2)
+    second = train.pseudo_class_schedule(0, 1, 1, old, steps=10, per_batch=2)
+    assert first.shape == (10, 2)
+    # ceil(7 / 2) = 4 batches visit every old class once (the 8th slot starts the next cycle).
+    assert sorted(first.reshape(-1)[:7]) == list(range(7))
+    np.testing.assert_array_equal(first.reshape(-1)[7:14], first.reshape(-1)[:7])
+    assert not np.array_equal(first, second)  # reshuffled every epoch
+
+
+def test_host_batch_pads_and_masks():
+    features = np.arange(12, dtype=np.float32).reshape(6, 2)
+    labels = np.arange(6)
+    x, y, mask = train.host_batch(features, labels, np.array([4, 1]), padded=4)
+    np.testing.assert_array_equal(x, [[8, 9], [2, 3], [0, 0], [0, 0]])
+    np.testing.assert_array_equal(y, [4, 1, 0, 0])
+    np.testing.assert_array_equal(mask, [1, 1, 0, 0])
+
+
+def test_train_task_runs_every_row_and_flags_nan(tmp_path):
+    head, settings, params, inputs, _ = _setup(kd_weight=0.0)
+    config = method_config()
+    config.train.update(epochs=2, batch_size=6, milestones=(1,))
+    mesh = sharding.make_mesh()
+    rng = np.random.default_rng(1)
+    features = (3 * rng.standard_normal((15, D))).astype(np.float32)
+    run = train.TaskRun(
+        task=1, features=features, labels=rng.integers(3, 5, 15).astype(np.int32),
+        old_ids=np.arange(3), inputs=sharding.replicate(inputs, mesh), settings=settings,
+        key=sharding.replicate(jax.random.PRNGKey(0), mesh),
+    )  # fmt: skip
+    state = sharding.replicate(train.TrainState(params, train.optimizer().init(params)), mesh)
+    seen = []
+    state, info = train.train_task(
+        head, config, run, state, mesh, progress=False, step_callback=lambda t, s: seen.append(s)
+    )
+    assert info["steps"] == 6 and seen == [1, 2, 3, 4, 5, 6]  # ceil(15 / 6) = 3 per epoch
+    assert np.isfinite(info["loss"])
+    bad = train.TaskRun(**{**run.__dict__, "features": features * np.inf})
+    state = sharding.replicate(train.TrainState(params, train.optimizer().init(params)), mesh)
+    with pytest.raises(train.NonFiniteLossError, match="task 1, step 1"):
+        train.train_task(head, config, bad, state, mesh, progress=False)
