@@ -1,0 +1,111 @@
+"""Orbax task/step checkpoints and the workdir fingerprint."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from calfuse_jax import checkpoint, sharding
+from calfuse_jax.config import method_config, resolve_method
+from calfuse_jax.data.synthetic import make_synthetic_stream
+
+
+def _state(seed):
+    rng = np.random.default_rng(seed)
+    accuracy = np.full((3, 3), np.nan, np.float32)
+    accuracy[0, 0] = 71.25
+    return {
+        "params": {"adapter": {"kernel": rng.standard_normal((4, 4)).astype(np.float32)}},
+        "accuracy": accuracy,  # NaN above the diagonal must survive the round trip
+        "key": np.array([0, seed], np.uint32),
+    }
+
+
+def test_task_checkpoint_round_trip_across_meshes(tmp_path):
+    four = sharding.make_mesh()  # the suite's 4 fake CPU devices
+    one = sharding.make_mesh(jax.devices()[:1])
+    checkpoints = checkpoint.RunCheckpoints(tmp_path / "checkpoints")
+    saved = _state(1)
+    checkpoints.save_task(0, sharding.replicate(saved, four), {"task": 0, "rows": [{"a": 1}]})
+    checkpoints.save_task(1, sharding.replicate(_state(2), four), {"task": 1, "rows": []})
+    checkpoints.close()
+    reopened = checkpoint.RunCheckpoints(tmp_path / "checkpoints")
+    assert reopened.finished_tasks() == [0, 1]
+    assert reopened.task_meta(0) == {"task": 0, "rows": [{"a": 1}]}
+    abstract = checkpoint.abstract_like(saved, sharding.replicated(one))
+    restored = reopened.restore_task(0, abstract)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(saved), strict=True):
+        assert a.sharding == sharding.replicated(one)  # restored onto the new mesh
+        np.testing.assert_array_equal(np.asarray(a), b)  # equal, NaN included
+    reopened.close()
+
+
+def test_step_checkpoints_keep_only_the_newest(tmp_path):
+    mesh = sharding.make_mesh()
+    checkpoints = checkpoint.RunCheckpoints(tmp_path)
+    assert checkpoints.latest_step() is None
+    checkpoints.save_step(1, 3, sharding.replicate(_state(3), mesh), {"step": 3})
+    checkpoints.save_step(1, 6, sharding.replicate(_state(6), mesh), {"step": 6})
+    assert checkpoints.latest_step() == (1, 6)
+    assert [p.name for p in (tmp_path / "steps").iterdir() if p.name.isdigit()] == ["10000006"]
+    abstract = checkpoint.abstract_like(_state(0), sharding.replicated(mesh))
+    state, meta = checkpoints.restore_step(1, 6, abstract)
+    assert meta == {"step": 6}
+    np.testing.assert_array_equal(np.asarray(state["key"]), [0, 6])
+    with pytest.raises(ValueError, match="step must be in"):
+        checkpoints.save_step(1, 0, _state(0), {})
+    checkpoints.close()
+
+
+def test_half_written_checkpoint_is_not_a_finished_task(tmp_path):
+    mesh = sharding.make_mesh()
+    checkpoints = checkpoint.RunCheckpoints(tmp_path)
+    checkpoints.save_task(0, sharding.replicate(_state(1), mesh), {"task": 0})
+    checkpoints.close()
+    # What a crash during Orbax's write leaves: a temporary folder, renamed only when complete.
+    (tmp_path / "tasks" / "1.orbax-checkpoint-tmp-1234567").mkdir()
+    assert checkpoint.RunCheckpoints(tmp_path).finished_tasks() == [0]
+
+
+def _doc(config=None, **stream_args):
+    stream, _ = make_synthetic_stream(num_classes=10, dim=8, train_per_class=4, test_per_class=2,
+                                      initial=5, increment=5, **stream_args)  # fmt: skip
+    return checkpoint.config_fingerprint(resolve_method(config or method_config()), stream, 100.0)
+
+
+def test_fingerprint_tracks_method_fields_and_data_only():
+    base = _doc()
+    extra = method_config()
+    extra.dataset = "cifar100"  # extra fields (experiments add them) are ignored
+    extra.train.checkpoint_every_steps = 50  # neutral: resuming may change it
+    assert _doc(extra)["fingerprint"] == base["fingerprint"]
+    changed = method_config()
+    changed.fusion.mix_bias = 0.7
+    assert _doc(changed)["fingerprint"] != base["fingerprint"]
+    assert _doc(seed=1)["fingerprint"] != base["fingerprint"]  # other features, same shapes
+
+
+def test_prepare_workdir_refuses_foreign_results(tmp_path):
+    doc = _doc()
+    (tmp_path / "metrics.jsonl").write_text("{}\n")  # results of unknown origin
+    with pytest.raises(checkpoint.ConfigMismatchError, match="without a run fingerprint"):
+        checkpoint.prepare_workdir(tmp_path, doc, overwrite=False)
+    checkpoint.prepare_workdir(tmp_path, doc, overwrite=True)
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("overwritten-")]
+    assert len(moved) == 1 and (moved[0] / "metrics.jsonl").read_text() == "{}\n"
+    assert json.loads((tmp_path / checkpoint.FINGERPRINT_FILE).read_text()) == doc
+    checkpoint.prepare_workdir(tmp_path, doc, overwrite=False)  # same run: accepted
+
+
+def test_write_results_files(tmp_path):
+    accuracy = np.array([[80.0, np.nan], [70.5, 60.25]])
+    rows = [{"task": 0, "old_accuracy": float("nan")}, {"task": 1, "old_accuracy": 70.5}]
+    checkpoint.write_results(tmp_path, rows, accuracy)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"task": 0, "old_accuracy": None},  # strict JSON: NaN becomes null
+        {"task": 1, "old_accuracy": 70.5},
+    ]
+    csv = (tmp_path / "accuracy_matrix.csv").read_text()
+    assert csv == "after_task,task_0,task_1\n0,80.0000,\n1,70.5000,60.2500\n"
