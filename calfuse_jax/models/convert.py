@@ -238,18 +238,28 @@ def config_from_arch(arch: CLIPArch, bos_token_id: int | None = None):
     )
 
 
-def read_state_dict(folder: Path) -> dict[str, np.ndarray]:
-    """Tensors of the first weight file found in `folder` (safetensors preferred over .bin)."""
+def load_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Tensors of one .safetensors file as NumPy; bfloat16 files (NumPy has no bf16) via JAX."""
     from safetensors.numpy import load_file
 
+    try:
+        return dict(load_file(path))
+    except TypeError:  # "data type 'bfloat16' not understood"
+        from safetensors.flax import load_file as load_jax
+
+        return {k: np.asarray(v.astype(np.float32)) for k, v in load_jax(path).items()}
+
+
+def read_state_dict(folder: Path) -> dict[str, np.ndarray]:
+    """Tensors of the first weight file found in `folder` (safetensors preferred over .bin)."""
     if (folder / "model.safetensors").is_file():
-        return dict(load_file(folder / "model.safetensors"))
+        return load_safetensors(folder / "model.safetensors")
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         state = {}
         for shard in shards:
-            state.update(load_file(folder / shard))
+            state.update(load_safetensors(folder / shard))
         return state
     if (folder / "pytorch_model.bin").is_file():
         try:

@@ -171,3 +171,33 @@ def test_pool_index_follows_transformers_rule():
     # otherwise: first occurrence of eos_token_id
     assert clip.pool_index(ids, 7).tolist() == [3, 1]
     assert clip.pool_index(ids, 3).tolist() == [0, 2]  # absent -> 0, as torch argmax of zeros
+
+
+def test_bfloat16_checkpoint_loads_as_float32(copy):
+    import jax.numpy as jnp
+    from safetensors.flax import save_file as save_jax
+
+    state = load_file(copy / "model.safetensors")
+    save_jax(
+        {k: jnp.asarray(v, jnp.bfloat16) for k, v in state.items()}, copy / "model.safetensors"
+    )
+    _, params = clip.from_pretrained(copy)
+    kernel = params["visual_projection"]["kernel"]
+    assert kernel.dtype == np.float32
+    rounded = np.asarray(jnp.asarray(state["visual_projection.weight"], jnp.bfloat16), np.float32)
+    np.testing.assert_array_equal(kernel, rounded.T)
+
+
+def test_legacy_openai_config_reads_as_vit_b16():
+    # The shape of openai/clip-vit-base-patch16's older config.json: *_config_dict, defaults
+    # omitted, eos_token_id 2 (argmax pooling).
+    config = {
+        "model_type": "clip",
+        "projection_dim": 512,
+        "text_config": None,
+        "vision_config": None,
+        "text_config_dict": {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1},
+        "vision_config_dict": {"patch_size": 16, "hidden_size": 768, "num_attention_heads": 12,
+                               "intermediate_size": 3072},
+    }  # fmt: skip
+    assert clip.arch_from_config(config) == clip.VARIANTS["ViT-B/16"]
