@@ -351,7 +351,8 @@ def resolve(
         where = cache_dir or constants.HF_HUB_CACHE
         mode = "offline (HF_HUB_OFFLINE is set)" if offline else "online"
         raise CheckpointError(
-            f"could not get {name!r} from the Hugging Face hub, {mode}: {type(err).__name__}: "
+            f"{name!r} is not a local folder, so it was looked up as a Hugging Face hub id, "
+            f"{mode}, and that failed: {type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}\nNeeded files: {wanted}. Either "
             f"download them once with network access (they are cached under {where}), or put "
             f"them in a local folder and pass that folder's path instead of the hub id."
