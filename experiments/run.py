@@ -41,6 +41,11 @@ from experiments.pipeline import Prepared, UserError, prepare
 
 log = logging.getLogger("experiments.run")
 
+# Problems a user can fix from the message alone (missing files, bad config, a NaN loss that
+# names task and step): printed as one message, no traceback, exit code 2.
+EXPECTED_ERRORS = (ConfigError, UserError, FileNotFoundError, FileExistsError, ValueError,
+                   FloatingPointError)  # fmt: skip
+
 # Fields that change where things are or how they are shown, not what a run computes: a resume
 # may change them freely.
 NOT_COMPARED = (
@@ -62,7 +67,10 @@ def default_workdir(config_name: str, config: ml_collections.ConfigDict, overrid
     stem = pathlib.Path(config_name.partition(":")[0]).stem
     variant = config_name.partition(":")[2].replace(",", "-")
     name = "-".join(p for p in (stem, variant, config.method) if p)
-    relevant = sorted(o for o in overrides if not o.split("=")[0].endswith(("method", "progress")))
+    keys = [o.partition("=")[0].strip() for o in overrides]
+    relevant = sorted(
+        o for o, k in zip(overrides, keys, strict=True) if k != "method" and k not in NOT_COMPARED
+    )
     if relevant:
         name += "-" + hashlib.sha1("\n".join(relevant).encode()).hexdigest()[:8]
     return str(pathlib.Path("runs") / name)
@@ -78,10 +86,11 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def claim_workdir(workdir: pathlib.Path, config: dict, overwrite: bool) -> bool:
+def claim_workdir(workdir: str | os.PathLike, config: dict, overwrite: bool) -> bool:
     """Checks that `workdir` is new, a resume of the same config, or explicitly overwritten
     (then moves its content aside into overwritten-<time>/: nothing is deleted). Returns True
     when an existing run is resumed."""
+    workdir = pathlib.Path(workdir)
     if not workdir.exists() or not any(p for p in workdir.iterdir() if not _aside(p)):
         return False
     is_results = any((workdir / m).exists() for m in RESULT_MARKERS)
@@ -308,11 +317,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         workdir = args.workdir or default_workdir(args.config, config, overrides)
         summary = run_experiment(config, workdir, overwrite=args.overwrite)
-    except (ConfigError, UserError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except EXPECTED_ERRORS as err:
         if args.traceback:
             raise
         print(f"error: {err}\n(run with --traceback for the full trace)", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.traceback:
+            raise
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
     print(results.markdown_table([(f"{config.name} {config.method}", summary)]), end="")
     print(f"results: {workdir}")
     return 0
