@@ -202,6 +202,9 @@ def prepare_workdir(workdir: Path, doc: dict, overwrite: bool) -> None:
                 "aside and start again"
             )
         return
+    # Every process has inspected the same untouched folder (so all took this branch) before
+    # process 0 alone writes.
+    _barrier("calfuse_workdir_inspected")
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         if present:

@@ -89,8 +89,11 @@ def replicate(tree, mesh: Mesh):
     sharding = replicated(mesh)
 
     def place(x):
-        if isinstance(x, jax.Array) and x.sharding == sharding:
-            return x
+        if isinstance(x, jax.Array):
+            if x.sharding == sharding:
+                return x
+            if not x.is_fully_addressable:  # a global array: let XLA move it
+                return jax.device_put(x, sharding)
         x = np.asarray(x)
         if jax.process_count() == 1:
             return jax.device_put(x, sharding)

@@ -319,7 +319,7 @@ def check_losses(pending: list[tuple[int, jax.Array]], task: int) -> float | Non
     """
     if not pending:
         return None
-    values = np.asarray(jax.device_get(jnp.stack([loss for _, loss in pending])))
+    values = sharding.to_host(jnp.stack([loss for _, loss in pending]))
     bad = np.flatnonzero(~np.isfinite(values))
     steps = [step for step, _ in pending]
     pending.clear()
