@@ -151,8 +151,11 @@ def model_path(config: ml_collections.ConfigDict) -> str:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = pathlib.Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
         clip.random_checkpoint(tmp, variant=variant, seed=config.model.seed)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+        shutil.rmtree(folder, ignore_errors=True)  # ours, and without config.json: unfinished
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process finished the same folder first
+            shutil.rmtree(tmp, ignore_errors=True)
         log.info("wrote a random-weight %s CLIP checkpoint to %s", variant, folder)
     return str(folder)
 

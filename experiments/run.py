@@ -66,7 +66,8 @@ def default_workdir(config_name: str, config: ml_collections.ConfigDict, overrid
     """runs/<config>-<method>[-<hash of the overrides>]: stable, so re-running resumes."""
     stem = pathlib.Path(config_name.partition(":")[0]).stem
     variant = config_name.partition(":")[2].replace(",", "-")
-    name = "-".join(p for p in (stem, variant, config.method) if p)
+    method = "" if config.method in variant.split("-") else config.method  # no "rapf-rapf"
+    name = "-".join(p for p in (stem, variant, method) if p)
     keys = [o.partition("=")[0].strip() for o in overrides]
     relevant = sorted(
         o for o, k in zip(overrides, keys, strict=True) if k != "method" and k not in NOT_COMPARED

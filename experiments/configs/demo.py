@@ -30,9 +30,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.order = "identity"
     c.class_order = ()
     c.features.batch_size = 64
-    c.train.epochs = 5
-    c.train.milestones = (3,)
-    c.train.batch_size = 64
+    # 100 images per task: small batches give the head ~100 steps per task (the features of a
+    # random CLIP differ little between classes, so a few steps learn nothing).
+    c.train.epochs = 15
+    c.train.milestones = (10,)
+    c.train.batch_size = 16
     c.pseudo.beta = 1.0
     c.pseudo.hard_threshold = 0.5
     defaults.b0(c, 2)
