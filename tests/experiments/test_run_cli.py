@@ -226,3 +226,27 @@ def test_the_demo_command_runs(tmp_path):
     summary = results.read_json(tmp_path / "tmp" / "summary.json")
     assert summary["num_tasks"] == 5 and summary["seen_classes"] == [2, 4, 6, 8, 10]
     assert "| demo calfuse | 5 |" in proc.stdout
+
+
+def test_overwrite_moves_the_old_run_aside(tmp_path, monkeypatch):
+    monkeypatch.setattr(calfuse_jax.continual, "run_continual", fake_run_continual)
+    base = run.load_config("synthetic:smoke")
+    workdir = tmp_path / "w"
+    run.run_experiment(base, workdir)
+    other = run.apply_overrides(base, ["train.epochs=2"])
+    with pytest.raises(run.UserError, match=r"train.epochs: 1 -> 2"):
+        run.run_experiment(other, workdir)
+    run.run_experiment(other, workdir, overwrite=True)
+    aside = [p for p in workdir.iterdir() if p.name.startswith("overwritten-")]
+    assert len(aside) == 1
+    assert results.read_json(aside[0] / "config.json")["train"]["epochs"] == 1
+    assert results.read_json(workdir / "config.json")["train"]["epochs"] == 2
+
+
+def test_default_workdir_is_stable_and_names_the_run():
+    config = run.load_config("cifar100:inc5")
+    assert run.default_workdir("cifar100:inc5", config) == "runs/cifar100-inc5-calfuse"
+    assert run.default_workdir("demo:rapf", run.load_config("demo:rapf")) == "runs/demo-rapf"
+    a = run.default_workdir("cifar100", config, ["train.epochs=3", "cache_dir=/x"])
+    b = run.default_workdir("cifar100", config, ["train.epochs=3"])
+    assert a == b != run.default_workdir("cifar100", config, ["train.epochs=4"])
