@@ -63,7 +63,10 @@ class Cell:
 
     @property
     def label(self) -> str:
-        """A short human label: the varied values with their last key part (`mode=none qr`)."""
+        """A short human label: the value alone when one key varies (`rapf`), else the values
+        with the last part of their keys (`mode=none method=qr`)."""
+        if len(self.varied) == 1:
+            return self.values[self.varied[0]]
         return " ".join(f"{short_key(key)}={self.values[key]}" for key in self.varied) or "default"
 
 

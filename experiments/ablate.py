@@ -1,0 +1,401 @@
+"""Runs a grid of configs x seeds and writes one comparison table and plot.
+
+    python -m experiments.ablate --config synthetic --preset method --seeds 0,1,2
+    python -m experiments.ablate --config cifar100 --preset calfuse_ablation --seeds 0,1,2
+    python -m experiments.ablate --config cifar100 \
+        --grid calibration.mode=none,fixed,dynamic fusion.method=qr,svd,none --seeds 0,1
+    python -m experiments.ablate --config demo:smoke --preset method --config.train.epochs=3
+
+Every cell is one `run_experiment` (all its seeds) in `<workdir>/<cell name>/`, so each cell is an
+ordinary results folder that `experiments.report` also reads. All cells take their features from
+the same cache (`cache_dir` is not a grid key), so images are encoded once for the whole grid.
+Running the same command again skips finished cells and resumes an interrupted one. The grid
+writes, in `<workdir>`:
+
+    ablation.md       Markdown table: one row per cell, Avg / Last / Forgetting / BWT, mean ± std
+    ablation.csv      the same numbers, one column per grid key, plus std and seed count
+    comparison.png    Avg and Last per cell (bars, ± std over seeds)
+    accuracy_curve.png  accuracy after each task, every cell on one chart
+    grid.json         the base config name, overrides, axes and cells (what produced the table)
+
+From Python: `ablate(load_config("synthetic"), preset("method"), "runs/x", seeds="0,1")`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import pathlib
+import sys
+from collections.abc import Callable, Sequence
+
+import ml_collections
+import numpy as np
+
+from calfuse_jax.config import method_config, resolve_method
+from experiments import report, results
+from experiments.configs import ConfigError, apply_overrides, load_config
+from experiments.grids import Axis, Cell, GridError, combine, expand, parse_grid, preset, short_key
+from experiments.pipeline import UserError, cache_dir_of, prepare
+from experiments.run import NOT_COMPARED, run_experiment
+
+log = logging.getLogger("experiments.ablate")
+
+TABLE_METRICS = ("avg", "last", "forgetting", "bwt")
+# Keys a grid may not vary: seeds are the repetitions of a cell, and one cache serves every cell.
+FORBIDDEN_KEYS = ("seeds", "seed", "cache_dir", "progress")
+
+
+@dataclasses.dataclass
+class CellResult:
+    """One finished cell of a grid.
+
+    Attributes:
+      cell: its grid settings; workdir: its results folder; summary: its `summary.json` (mean ±
+      std over seeds when several); skipped: True when an earlier run had already finished it.
+    """
+
+    cell: Cell
+    workdir: pathlib.Path
+    summary: dict
+    skipped: bool
+
+
+def cell_config(
+    base: ml_collections.ConfigDict, cell: Cell, seeds: str | None = None
+) -> ml_collections.ConfigDict:
+    """`base` with the cell's settings (and `seeds`, when given) applied and validated."""
+    extra = [f"seeds={seeds}"] if seeds else []
+    return apply_overrides(base, [*cell.overrides, *extra])
+
+
+def check_axes(base: ml_collections.ConfigDict, axes: Sequence[Axis]) -> list[Cell]:
+    """Expands `axes` into cells and checks every cell's config before anything runs."""
+    for key, _ in axes:
+        if key in FORBIDDEN_KEYS:
+            hint = "use --seeds" if key.startswith("seed") else "set it with --config.KEY=VALUE"
+            raise GridError(f"{key!r} cannot be a grid key; {hint}")
+    cells = expand(axes)
+    for cell in cells:
+        cell_config(base, cell)  # raises ConfigError naming a bad key or value
+    return cells
+
+
+def _comparable(config: dict) -> dict:
+    """The flattened config minus the fields a resume may change (run.NOT_COMPARED) and the
+    single `seed`, which run_experiment fills from `seeds`."""
+    flat = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[prefix + key] = value
+
+    walk(results.jsonable(config), "")
+    return {k: v for k, v in flat.items() if k not in NOT_COMPARED and k != "seed"}
+
+
+def finished_summary(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> dict | None:
+    """The summary of a finished run of `config` in `workdir`, or None (absent, unfinished, or a
+    run of another config: then run_experiment decides, and refuses without --overwrite)."""
+    summary_path, config_path = workdir / "summary.json", workdir / "config.json"
+    if not (summary_path.exists() and config_path.exists()):
+        return None
+    wanted = _comparable(resolve_method(config).to_dict())
+    if _comparable(results.read_json(config_path)) != wanted:
+        return None
+    return report.load_run(workdir)[1]
+
+
+def data_key(config: ml_collections.ConfigDict) -> str:
+    """What `pipeline.prepare` depends on: every field outside `method_config()` (dataset, model,
+    prompt, class order, synthetic data, cache), plus the task split (`continual.*`). Cells with
+    the same key share one prepared feature stream."""
+    method = _comparable(method_config().to_dict())
+    method_keys = {k for k in method if not k.startswith("continual.")}
+    flat = _comparable(config.to_dict())
+    ignore = {"seeds", "name", "progress"} | method_keys
+    return json.dumps({k: v for k, v in sorted(flat.items()) if k not in ignore}, sort_keys=True)
+
+
+def run_cells(
+    base: ml_collections.ConfigDict,
+    cells: Sequence[Cell],
+    workdir: str | pathlib.Path,
+    seeds: str | None = None,
+    overwrite: bool = False,
+    on_cell: Callable[[int, CellResult], None] | None = None,
+) -> list[CellResult]:
+    """Runs (or skips, when finished) every cell into `workdir/<cell.name>`, in grid order.
+
+    Cells whose data fields agree (`data_key`) share one `pipeline.prepare` result, so a grid
+    over method fields reads its features once.
+    """
+    workdir = pathlib.Path(workdir)
+    done, prepared = [], {}
+    for index, cell in enumerate(cells):
+        config = cell_config(base, cell, seeds)
+        folder = workdir / cell.name
+        summary = None if overwrite else finished_summary(folder, config)
+        skipped = summary is not None
+        if skipped:
+            log.info("[%d/%d] %s: finished earlier, skipped", index + 1, len(cells), cell.label)
+        else:
+            log.info("[%d/%d] %s -> %s", index + 1, len(cells), cell.label, folder)
+            key = data_key(config)
+            if key not in prepared:  # features load (or encode) once per dataset/split/model
+                prepared[key] = prepare(config)
+            summary = run_experiment(config, folder, overwrite=overwrite, prepared=prepared[key])
+        done.append(CellResult(cell, folder, summary, skipped))
+        if on_cell is not None:
+            on_cell(index, done[-1])
+    return done
+
+
+def _seed_count(summary: dict) -> int:
+    return len(summary.get("seeds") or [summary.get("seed")])
+
+
+def table_rows(cells: Sequence[CellResult]) -> list[dict]:
+    """One dict per cell: its varied settings, then each metric and its std, seeds, folder."""
+    rows = []
+    for result in cells:
+        row = {key: result.cell.values[key] for key in result.cell.varied}
+        for key in TABLE_METRICS:
+            row[key] = result.summary.get(key)
+            row[f"{key}_std"] = result.summary.get(f"{key}_std")
+        row["seeds"] = _seed_count(result.summary)
+        row["folder"] = result.workdir.name
+        rows.append(row)
+    return rows
+
+
+def markdown_table(cells: Sequence[CellResult]) -> str:
+    """A Markdown table, one column per varied grid key, metrics as `mean ± std`."""
+    varied = cells[0].cell.varied if cells else ()
+    titles = [short_key(k) for k in varied] or ["run"]
+    titles += [results.METRIC_TITLES[k] for k in TABLE_METRICS] + ["seeds"]
+    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    for result in cells:
+        settings = [result.cell.values[k] for k in varied] or [result.cell.label]
+        metrics = [results.format_metric(result.summary, k) for k in TABLE_METRICS]
+        line = [*settings, *metrics, str(_seed_count(result.summary))]
+        lines.append("| " + " | ".join(line) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(cells: Sequence[CellResult], path: pathlib.Path) -> None:
+    """ablation.csv: the rows of `table_rows` (empty cells for metrics that do not exist)."""
+    rows = table_rows(cells)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_comparison(cells: Sequence[CellResult], path: pathlib.Path, title: str = "") -> None:
+    """Grouped bars of Avg and Last per cell with ± std error bars (std 0 for one seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [result.cell.label for result in cells]
+    x = np.arange(len(cells))
+    width = 0.38
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(cells) + 2.5), 4.4), dpi=120)
+    for offset, key in ((-width / 2, "avg"), (width / 2, "last")):
+        means = np.array([r.summary.get(key) or np.nan for r in cells], dtype=float)
+        stds = np.array([r.summary.get(f"{key}_std") or 0.0 for r in cells], dtype=float)
+        bars = ax.bar(
+            x + offset, means, width, yerr=stds, capsize=3, label=results.METRIC_TITLES[key]
+        )
+        if len(cells) <= 12:
+            ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+    ax.set_xticks(x)
+    tilt = len(cells) > 4 or max(len(label) for label in labels) > 12
+    ax.set_xticklabels(
+        labels, rotation=30 if tilt else 0, ha="right" if tilt else "center", fontsize=8
+    )
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(title or "ablation")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_outputs(
+    cells: Sequence[CellResult], workdir: str | pathlib.Path, title: str, notes: Sequence[str] = ()
+) -> pathlib.Path:
+    """ablation.md, ablation.csv, comparison.png and accuracy_curve.png; returns ablation.md."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_csv(cells, workdir / "ablation.csv")
+    plot_comparison(cells, workdir / "comparison.png", title)
+    curves = [(result.cell.label, result.summary) for result in cells]
+    results.plot_accuracy_curves(curves, workdir / "accuracy_curve.png", title=title)
+    seeds = sorted({_seed_count(result.summary) for result in cells})
+    lines = [f"# {title}", ""]
+    lines.append(
+        "Accuracy in % on all classes seen so far"
+        + (f", mean ± std over {seeds[0]} seeds" if seeds == [seeds[0]] and seeds[0] > 1 else "")
+        + ". Forgetting: lower is better; BWT: higher is better."
+    )
+    lines += ["", *notes, "", markdown_table(cells)]
+    lines += ["![comparison](comparison.png)", "", "![accuracy curves](accuracy_curve.png)", ""]
+    path = workdir / "ablation.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def ablate(
+    config: ml_collections.ConfigDict,
+    axes: Sequence[Axis],
+    workdir: str | pathlib.Path,
+    seeds: str | None = None,
+    overwrite: bool = False,
+    title: str = "",
+) -> list[CellResult]:
+    """Runs every cell of `axes` on `config` (resuming) and writes the table and plots.
+
+    Args:
+      config: the base config (e.g. `load_config("synthetic")`, overrides already applied).
+      axes: `(key, values)` pairs: `preset("method")`, `parse_grid(["fusion.method=qr,svd"])`.
+      workdir: the grid folder; cell k goes to `workdir/<cell name>`.
+      seeds: "0,1,2" overrides `config.seeds` for every cell (None keeps it).
+      overwrite: rerun every cell, moving earlier results aside (run_experiment's --overwrite).
+      title: heading of the table and plots.
+
+    Returns:
+      One `CellResult` per cell, in grid order.
+    """
+    cells = check_axes(config, axes)
+    workdir = pathlib.Path(workdir)
+    fixed = [f"`{k}={v}`" for k, v in cells[0].values.items() if k not in cells[0].varied]
+    record = {
+        "config": config.name,
+        "seeds": seeds or config.seeds,
+        "axes": [[key, list(values)] for key, values in axes],
+        "cells": [cell.name for cell in cells],
+    }
+    results.write_json(workdir / "grid.json", record)
+    done = run_cells(config, cells, workdir, seeds, overwrite)
+    notes = [f"Config `{config.name}`; fixed in every cell: {', '.join(fixed)}."] if fixed else []
+    if not notes:
+        notes = [f"Config `{config.name}`."]
+    path = write_outputs(done, workdir, title or f"Ablation on {config.name}", notes)
+    log.info("table: %s", path)
+    return done
+
+
+def default_workdir(config_name: str, preset_name: str | None, specs: Sequence[str],
+                    overrides: Sequence[str]) -> pathlib.Path:  # fmt: skip
+    """runs/ablate-<config>-<preset or grid>[-<hash of grid and overrides>]: stable, so the same
+    command resumes."""
+    stem = pathlib.Path(config_name.partition(":")[0]).stem
+    variant = config_name.partition(":")[2].replace(",", "-")
+    name = "-".join(p for p in ("ablate", stem, variant, preset_name or "grid") if p)
+    extra = sorted(specs) + sorted(overrides)
+    if extra:
+        name += "-" + hashlib.sha1("\n".join(extra).encode()).hexdigest()[:8]
+    return pathlib.Path("runs") / name
+
+
+def enable_compile_cache(config: ml_collections.ConfigDict) -> pathlib.Path | None:
+    """Turns on JAX's persistent compilation cache in `<cache_dir>/xla` (unless the environment
+    already names one), so every seed and cell after the first reuses the compiled steps of the
+    same shapes; on a CPU this about halves a small grid. Returns the folder used."""
+    import os
+
+    import jax
+
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return pathlib.Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
+    folder = cache_dir_of(config) / "xla"
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    # The head's programs compile in well under the 1 s default threshold, yet add up over a grid.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return folder
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.ablate",
+        description="Run every combination of a grid (x seeds) on one benchmark and write one "
+        "table (ablation.md, ablation.csv) and one comparison plot. Base-config overrides: "
+        "--config.KEY=VALUE.",
+    )
+    parser.add_argument("--config", required=True, help="name[:variant] or path/to/config.py")
+    parser.add_argument("--preset", help="a preset grid: method | calfuse_ablation")
+    parser.add_argument(
+        "--grid",
+        nargs="+",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="grid axes; with --preset, replaces the preset's axis of that key",
+    )
+    parser.add_argument("--seeds", help="seeds of every cell, e.g. 0,1,2 (default: config.seeds)")
+    parser.add_argument("--workdir", help="grid folder (default: runs/ablate-<config>-<grid>)")
+    parser.add_argument("--overwrite", action="store_true", help="rerun finished cells too")
+    parser.add_argument("--title", default="", help="table and plot title")
+    parser.add_argument(
+        "--no-compile-cache",
+        action="store_true",
+        help="do not keep compiled XLA programs in <cache_dir>/xla between cells and seeds",
+    )
+    parser.add_argument("--traceback", action="store_true", help="show tracebacks of user errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress")
+    args, rest = parser.parse_known_args(argv)
+    overrides = []
+    for item in rest:
+        if not item.startswith("--config."):
+            parser.error(f"unrecognised argument {item!r}; overrides look like --config.KEY=VALUE")
+        overrides.append(item[len("--config.") :])
+    if not args.preset and not args.grid:
+        parser.error("give --preset method|calfuse_ablation or --grid KEY=V1,V2 ...")
+    return args, overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, overrides = parse_args(argv)
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.WARNING if args.quiet else logging.INFO)  # each run.log keeps INFO
+    console.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    )
+    logging.basicConfig(level=logging.INFO, handlers=[console])
+    for chatty in ("absl", "orbax", "jax._src", "matplotlib"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    try:
+        config = apply_overrides(load_config(args.config), overrides)
+        if args.quiet:
+            config.progress = False
+        axes = combine(preset(args.preset) if args.preset else (), parse_grid(args.grid))
+        check_axes(config, axes)  # a bad grid fails before anything (the cache too) is set up
+        if not args.no_compile_cache:
+            enable_compile_cache(config)
+        workdir = args.workdir or default_workdir(args.config, args.preset, args.grid, overrides)
+        title = args.title or f"{config.name}: {args.preset or 'grid'}"
+        done = ablate(config, axes, workdir, args.seeds, args.overwrite, title)
+    except (ConfigError, GridError, UserError, FileNotFoundError, FileExistsError) as err:
+        if args.traceback:
+            raise
+        print(f"error: {err}\n(run with --traceback for the full trace)", file=sys.stderr)
+        return 2
+    print(markdown_table(done), end="")
+    print(f"table: {pathlib.Path(workdir) / 'ablation.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
