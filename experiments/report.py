@@ -46,6 +46,8 @@ def load_run(workdir: str | pathlib.Path) -> tuple[str, dict]:
     label = " ".join(str(config[k]) for k in ("name", "method") if k in config) or workdir.name
     if (workdir / "summary.json").exists():
         summary = results.read_json(workdir / "summary.json")
+        if len(summary.get("seeds") or ()) > 1:
+            label += f" ({len(summary['seeds'])} seeds)"
     elif results.read_metrics(workdir):
         summary = summary_from_metrics(results.read_metrics(workdir))
         label += " (partial)"

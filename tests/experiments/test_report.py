@@ -36,12 +36,12 @@ def test_report_of_two_runs_has_one_chart_and_a_table(tmp_path):
     text = (out / "report.md").read_text()
     assert "# CIFAR-100" in text
     assert "| cifar100 calfuse | 3 | 80.00 | 70.00 |" in text
-    assert "| cifar100 rapf | 3 | 70.00 ± 0.00 | 50.00 ± 0.00 |" in text
+    assert "| cifar100 rapf (2 seeds) | 3 | 70.00 ± 0.00 | 50.00 ± 0.00 |" in text
     names = {p.name for p in out.iterdir()}
     assert {
         "accuracy_curve.png",
         "accuracy_matrix_cifar100_calfuse.png",
-        "accuracy_matrix_cifar100_rapf.png",
+        "accuracy_matrix_cifar100_rapf_2_seeds.png",
         "report.csv",
     } <= names
     for name in names - {"report.md", "report.csv"}:
@@ -49,7 +49,7 @@ def test_report_of_two_runs_has_one_chart_and_a_table(tmp_path):
             assert image.format == "PNG"
     with open(out / "report.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["run"] for r in rows] == ["cifar100 calfuse", "cifar100 rapf"]
+    assert [r["run"] for r in rows] == ["cifar100 calfuse", "cifar100 rapf (2 seeds)"]
     assert float(rows[1]["last"]) == 50.0
 
 
