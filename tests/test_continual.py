@@ -96,6 +96,21 @@ def test_resume_mid_task_is_bit_identical(reference, tmp_path):
     _assert_same_run(result, expected)
 
 
+def test_resume_from_periodic_step_checkpoint_after_a_crash(reference, tmp_path):
+    stream, text, expected, _ = reference
+    config = tiny_config(checkpoint_every_steps=4)  # a neutral field: same run fingerprint
+
+    def crash(task, step):
+        if (task, step) == (1, 6):
+            raise RuntimeError("simulated crash")  # not Ctrl-C: nothing is saved on the way out
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_continual(stream, text, config, tmp_path, progress=False, step_callback=crash)
+    steps = [p.name for p in (tmp_path / "checkpoints" / "steps").iterdir() if p.name.isdigit()]
+    assert steps == [str(1 * 10_000_000 + 4)]  # the newest periodic one only
+    _assert_same_run(run_continual(stream, text, config, tmp_path, progress=False), expected)
+
+
 def test_resume_after_first_task_is_bit_identical(reference, tmp_path):
     stream, text, expected, _ = reference
     with pytest.raises(KeyboardInterrupt):
@@ -233,3 +248,17 @@ def test_overwrite_moves_the_old_run_aside(tmp_path):
     assert (aside[0] / "checkpoints" / "tasks" / "2").exists()
     assert (aside[0] / "metrics.jsonl").exists()
     assert not np.array_equal(first.accuracy_matrix, second.accuracy_matrix)
+
+
+def test_new_class_stats_equal_the_stats_module():
+    from calfuse_jax import continual, stats  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((40, 6)).astype(np.float32) * 3 + 1
+    labels = np.repeat([4, 5, 6, 7], 10)
+    for shrinkage in (False, True):
+        means, chols = continual._new_class_stats(features, labels, [5, 6], 1e-4, shrinkage)
+        ref_means, ref_covs = stats.class_stats(features, labels, np.array([5, 6]), 1e-4, shrinkage)
+        np.testing.assert_allclose(means, ref_means, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(chols @ np.swapaxes(chols, 1, 2), ref_covs, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(means[0], features[10:20].mean(0), rtol=1e-5)  # NumPy itself

@@ -1,0 +1,75 @@
+"""Speed of a whole continual run on CIFAR-100-sized synthetic features.
+
+    python benchmarks/continual.py [--tasks 10] [--classes 100] [--dim 512] [--epochs 15]
+
+10 tasks x 10 classes, 512-d features, 50k train / 10k test rows, 15 epochs per task, batch 128:
+the same work as a CalFuse run on CIFAR-100 B0 Inc10 after feature extraction. Reports wall time
+split into compilation (XLA backend compiles, summed from JAX's monitoring events) and the rest,
+plus per-phase figures (training steps, checkpoints). Goal on a 2-core CPU: <= 60 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from calfuse_jax.config import method_config
+from calfuse_jax.continual import run_continual
+from calfuse_jax.data.synthetic import make_synthetic_stream
+
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+TRACE_EVENT = "/jax/core/compile/tracing_duration"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", type=int, default=10)
+    parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--method", default="calfuse")
+    args = parser.parse_args()
+
+    durations: collections.Counter = collections.Counter()
+
+    def listen(event: str, seconds: float, **kwargs) -> None:
+        durations[event] += seconds
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    per_class = args.classes // args.tasks
+    stream, text = make_synthetic_stream(
+        num_classes=args.classes, dim=args.dim, train_per_class=50_000 // args.classes,
+        test_per_class=10_000 // args.classes, initial=per_class, increment=per_class, seed=0,
+        close_pairs=args.classes // 10,
+    )  # fmt: skip
+    config = method_config()
+    config.method = args.method
+    config.train.epochs = args.epochs
+    config.continual.initial = config.continual.increment = per_class
+    with tempfile.TemporaryDirectory() as workdir:
+        started = time.perf_counter()
+        result = run_continual(stream, text, config, workdir, progress=False)
+        wall = time.perf_counter() - started
+    compile_s = durations[COMPILE_EVENT]
+    train_s = sum(row["train_seconds"] for row in result.rows)
+    steps = sum(row["steps"] for row in result.rows)
+    print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}, load {os.getloadavg()}")
+    print(f"data: {len(stream.train_labels)} train / {len(stream.test_labels)} test, "
+          f"{args.dim}-d, {args.tasks} tasks, {args.epochs} epochs, {steps} steps")  # fmt: skip
+    tracing = durations[TRACE_EVENT]
+    print(f"wall {wall:.1f} s = compile {compile_s:.1f} s (+ tracing {tracing:.1f} s)"
+          f" + run {wall - compile_s - tracing:.1f} s")  # fmt: skip
+    print(f"training loops {train_s:.1f} s ({1e3 * train_s / max(steps, 1):.2f} ms/step incl. "
+          f"compile); stats, fusion, eval, checkpoints {wall - train_s:.1f} s")  # fmt: skip
+    np.set_printoptions(precision=1, suppress=True)
+    print("summary:", {k: round(v, 2) for k, v in result.summary.items()})
+
+
+if __name__ == "__main__":
+    main()
