@@ -64,6 +64,8 @@ def load_config(name_or_path: str) -> ml_collections.ConfigDict:
         config = module.get_config(arg or None)
     except ValueError as e:  # a bad variant: say which config it was
         raise ConfigError(f"config {name_or_path!r}: {e}") from None
+    if arg and "name" in config:
+        config.name = f"{config.name}:{arg}"  # labels and reports tell variants apart
     return config
 
 

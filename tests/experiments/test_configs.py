@@ -158,4 +158,4 @@ def test_unknown_config_name_and_path(tmp_path):
         "    return c\n"
     )
     config = load_config(f"{path}:inc20")
-    assert config.name == "mine" and config.continual.increment == 20
+    assert config.name == "mine:inc20" and config.continual.increment == 20

@@ -67,7 +67,7 @@ def test_every_results_file_exists_and_parses(finished_run):
     for name in RESULT_FILES:
         assert (workdir / name).is_file(), name
     config = results.read_json(workdir / "config.json")
-    assert config["name"] == "demo" and config["continual"]["increment"] == 5
+    assert config["name"] == "demo:smoke" and config["continual"]["increment"] == 5
     rows = results.read_metrics(workdir)
     assert [r["task"] for r in rows] == [0, 1] and [r["seen_classes"] for r in rows] == [5, 10]
     summary = results.read_json(workdir / "summary.json")
@@ -133,7 +133,7 @@ def test_report_rebuilds_plots_from_two_result_folders(finished_run, tmp_path):
         results.write_json(other / name, data)
     assert report.main([str(workdir), str(other), "--out", str(tmp_path / "out")]) == 0
     text = (tmp_path / "out" / "report.md").read_text()
-    assert "demo calfuse" in text and "demo rapf" in text
+    assert "demo:smoke calfuse" in text and "demo:smoke rapf" in text
     assert (tmp_path / "out" / "accuracy_curve.png").stat().st_size > 1000
 
 
