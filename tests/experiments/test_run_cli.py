@@ -215,7 +215,7 @@ def test_several_seeds_write_one_folder_each_and_mean_std(tmp_path, monkeypatch)
 def test_the_demo_command_runs(tmp_path):
     env = dict(os.environ, CALFUSE_CACHE=str(tmp_path / "cache"))
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.run", "--config", "demo", "--workdir", "tmp", "-q"],
+        [sys.executable, "-m", "experiments.run", "--config", "demo", "--workdir", "tmp"],
         cwd=tmp_path,
         env={**env, "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", "")},
         capture_output=True,
