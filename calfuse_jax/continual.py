@@ -318,27 +318,29 @@ def _fresh_state_fn(mesh: Mesh):
     return jax.jit(fresh, out_shardings=sharding.replicated(mesh))
 
 
-def _start_state(run: _Run, task: int, params) -> tuple[TrainState, int]:
-    """The optimiser start of `task`: fresh, or from its newest step checkpoint."""
+def _start_state(run: _Run, task: int, params) -> tuple[TrainState, int, list[float]]:
+    """(state, step, losses of the epoch so far) to start `task` from: fresh, or its newest step
+    checkpoint."""
     fresh = _fresh_state_fn(run.mesh)(params)
     latest = run.checkpoints.latest_step()
     if latest is None or latest[0] != task:
-        return fresh, 0
+        return fresh, 0, []
     abstract = abstract_like(fresh._asdict(), sharding.replicated(run.mesh))
     state, meta = run.checkpoints.restore_step(task, latest[1], abstract)
     _check_meta(run, meta, f"step checkpoint {latest}")
     logger.info("resuming task %d at step %d", task, latest[1])
-    return TrainState(**state), latest[1]
+    return TrainState(**state), latest[1], list(meta.get("epoch_losses", []))
 
 
 def _train(run: _Run, task: int, carry: dict, inputs: train.TaskInputs) -> tuple[Any, dict]:
     """Trains task `task` from the carried params; returns (params, info)."""
     if int(run.config.train.epochs) == 0:
         return carry["params"], {"loss": None, "steps": 0}
-    state, start = _start_state(run, task, carry["params"])
+    state, start, losses = _start_state(run, task, carry["params"])
 
-    def save_step(step: int, state: TrainState) -> None:
+    def save_step(step: int, state: TrainState, epoch_losses: list[float]) -> None:
         meta = {"task": task, "step": step, "fingerprint": run.fingerprint}
+        meta["epoch_losses"] = epoch_losses
         run.checkpoints.save_step(task, step, state._asdict(), meta)
 
     state, info = train.train_task(
@@ -349,6 +351,7 @@ def _train(run: _Run, task: int, carry: dict, inputs: train.TaskInputs) -> tuple
         run.mesh,
         start_step=start,
         save_step=save_step,
+        epoch_losses=losses,
         step_callback=run.step_callback,
         progress=run.progress,
     )
@@ -416,6 +419,7 @@ def _run_task(run: _Run, task: int, carry: dict) -> dict:
         "train_seconds": round(train_seconds, 3),
         "steps": info["steps"],
     }
+    row = {k: json_safe(v) for k, v in row.items()}  # NaN -> None, as restored from JSON
     new = {"params": params, "stats": class_stats, "accuracy": accuracy, "curves": curves}
     new.update(key=carry["key"], rows=[*carry["rows"], row])
     _save_task(run, task, new)

@@ -312,20 +312,20 @@ class TaskRun:
     key: jax.Array  # the task's key, replicated
 
 
-def check_losses(pending: list[tuple[int, jax.Array]], task: int) -> float | None:
-    """Fetches the losses of `pending` (step, loss) pairs, raises on the first non-finite one.
+def check_losses(pending: list[tuple[int, jax.Array]], task: int, done: list[float]) -> None:
+    """Fetches the losses of `pending` (step, loss) pairs into `done`, empties `pending`.
 
-    Returns the mean loss (None if nothing pending) and empties `pending`.
+    Raises NonFiniteLossError on the first NaN/Inf one.
     """
     if not pending:
-        return None
+        return
     values = sharding.to_host(jnp.stack([loss for _, loss in pending]))
     bad = np.flatnonzero(~np.isfinite(values))
     steps = [step for step, _ in pending]
     pending.clear()
     if bad.size:
         raise NonFiniteLossError(task, steps[bad[0]], float(values[bad[0]]))
-    return float(values.mean())
+    done.extend(float(v) for v in values)
 
 
 def train_task(
@@ -336,7 +336,8 @@ def train_task(
     mesh: Mesh,
     *,
     start_step: int = 0,
-    save_step: Callable[[int, TrainState], None] | None = None,
+    save_step: Callable[[int, TrainState, list[float]], None] | None = None,
+    epoch_losses: list[float] | None = None,
     step_callback: Callable[[int, int], None] | None = None,
     progress: bool = True,
 ) -> tuple[TrainState, dict]:
@@ -344,8 +345,10 @@ def train_task(
 
     Args:
       state: head params and the optimiser state matching `start_step`, replicated.
-      save_step: called as `save_step(step, state)` every `checkpoint_every_steps` steps and on
-        KeyboardInterrupt (state after `step` completed steps).
+      save_step: called as `save_step(step, state, epoch_losses)` every `checkpoint_every_steps`
+        steps and on KeyboardInterrupt (state after `step` completed steps; the losses of the
+        current epoch so far, so a resumed run reports the same epoch loss).
+      epoch_losses: those losses when resuming from a step checkpoint.
       step_callback: `step_callback(task, completed_steps)` after every step (tests use it to
         interrupt a run).
 
@@ -366,6 +369,7 @@ def train_task(
     per_batch = int(config.pseudo.classes_per_batch)
     pending: list[tuple[int, jax.Array]] = []
     last_loss, step = None, start_step
+    losses_so_far = list(epoch_losses or [])
     bar = tqdm(total=total, initial=start_step, desc=f"task {run.task}", disable=not progress)
     try:
         for epoch in range(start_step // epoch_steps, epochs):
@@ -385,27 +389,28 @@ def train_task(
                 pending.append((step, loss))
                 bar.update(1)
                 if save_step is not None and every and step % every == 0 and step < total:
-                    check_losses(pending, run.task)
-                    save_step(step, state)
+                    check_losses(pending, run.task, losses_so_far)
+                    save_step(step, state, losses_so_far)
                 if step_callback is not None:
                     step_callback(run.task, step)
-            last_loss = check_losses(pending, run.task)
+            check_losses(pending, run.task, losses_so_far)
+            last_loss, losses_so_far = float(np.mean(losses_so_far)), []
             bar.set_postfix(loss=f"{last_loss:.4f}")
     except KeyboardInterrupt:
-        _save_on_interrupt(pending, run.task, step, total, state, save_step)
+        _save_on_interrupt(pending, run.task, step, total, state, save_step, losses_so_far)
         raise
     finally:
         bar.close()
     return state, {"loss": last_loss, "steps": total}
 
 
-def _save_on_interrupt(pending, task, step, total, state, save_step) -> None:
+def _save_on_interrupt(pending, task, step, total, state, save_step, losses) -> None:
     """Ctrl-C: keep the work done so far as a step checkpoint (unless it is unusable)."""
     if save_step is None or not 0 < step < total:
         return
     if any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(state)):
         logger.warning("interrupted inside a step; no step checkpoint written for task %d", task)
         return
-    check_losses(pending, task)
+    check_losses(pending, task, losses)
     logger.warning("interrupted at task %d step %d; saving a step checkpoint", task, step)
-    save_step(step, state)
+    save_step(step, state, losses)
