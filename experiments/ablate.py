@@ -329,6 +329,7 @@ def enable_compile_cache(config: ml_collections.ConfigDict) -> pathlib.Path | No
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """(the parsed flags, the `--config.KEY=VALUE` overrides without their prefix)."""
     parser = argparse.ArgumentParser(
         prog="python -m experiments.ablate",
         description="Run every combination of a grid (x seeds) on one benchmark and write one "
@@ -367,6 +368,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit status (2 for a user error, with its fix printed)."""
     args, overrides = parse_args(argv)
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.WARNING if args.quiet else logging.INFO)  # each run.log keeps INFO
