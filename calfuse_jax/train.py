@@ -3,11 +3,13 @@
 Every batch is the task's real features plus pseudo-features of K old classes (drawn inside the
 step from the stored Gaussians) plus samples of the old class of every hard pair (DESIGN.md §2).
 The batch is split over the `data` axis of the mesh and the head is replicated, so XLA inserts the
-gradient all-reduce; the global batch (`config.train.batch_size`) does not depend on the number of
-devices, and the ragged last batch is padded to a multiple of the device count with a zero mask
-rather than dropped. Data order and pseudo-class lists come from NumPy generators seeded by
-(seed, task, epoch); step randomness is `fold_in(task_key, step)`; so a run is a pure function of
-(config, seed, data), and a resumed run replays exactly.
+gradient all-reduce; the global batch (`config.train.batch_size`, rounded up to a multiple of the
+device count) does not depend on the number of devices, and the ragged last batch is padded to it
+with a zero mask rather than dropped. Task inputs are padded to the stream's C classes, so the
+step is traced and compiled once per run, not once per task. Data order and pseudo-class lists
+come from NumPy generators seeded by (seed, task, epoch); step randomness is
+`fold_in(task_key, step)`; so a run is a pure function of (config, seed, data), and a resumed run
+replays exactly.
 """
 
 from __future__ import annotations
