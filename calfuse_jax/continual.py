@@ -425,8 +425,7 @@ def _run_task(run: _Run, task: int, carry: dict) -> dict:
     _save_task(run, task, new)
     logger.info(
         "task %d/%d: seen-class accuracy %.2f%% (old %.2f, new %.2f), %.1fs",
-        task + 1, run.num_tasks, row["accuracy"], row["old_accuracy"], row["new_accuracy"],
-        train_seconds,
+        task + 1, run.num_tasks, *curves[:, task], train_seconds,
     )  # fmt: skip
     return new
 

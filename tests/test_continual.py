@@ -2,6 +2,7 @@
 baselines on a synthetic stream with a known answer, and bad inputs refused without damage."""
 
 import json
+import logging
 import shutil
 
 import jax
@@ -239,10 +240,12 @@ def test_bad_inputs_are_refused_and_the_workdir_is_intact(reference):
     assert _snapshot(workdir) == before
 
 
-def test_overwrite_moves_the_old_run_aside(tmp_path):
+def test_overwrite_moves_the_old_run_aside(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="calfuse_jax")
     stream, text = tiny_stream()
     config = tiny_config(epochs=0)
     first = run_continual(stream, text, config, tmp_path, progress=False)
+    assert "task 1/3: seen-class accuracy" in caplog.text  # the log lines format (NaN old acc.)
     other = tiny_config(epochs=0)
     other.method = "zeroshot"
     second = run_continual(stream, text, other, tmp_path, overwrite=True, progress=False)
@@ -251,6 +254,7 @@ def test_overwrite_moves_the_old_run_aside(tmp_path):
     assert (aside[0] / "checkpoints" / "tasks" / "2").exists()
     assert (aside[0] / "metrics.jsonl").exists()
     assert not np.array_equal(first.accuracy_matrix, second.accuracy_matrix)
+    assert "overwrite: moved the old run's" in caplog.text
 
 
 def test_new_class_stats_equal_the_stats_module():
