@@ -264,6 +264,7 @@ def ablate(
     seeds: str | None = None,
     overwrite: bool = False,
     title: str = "",
+    notes: Sequence[str] = (),
 ) -> list[CellResult]:
     """Runs every cell of `axes` on `config` (resuming) and writes the table and plots.
 
@@ -274,6 +275,7 @@ def ablate(
       seeds: "0,1,2" overrides `config.seeds` for every cell (None keeps it).
       overwrite: rerun every cell, moving earlier results aside (run_experiment's --overwrite).
       title: heading of the table and plots.
+      notes: extra Markdown lines under the heading (the CLI lists the base-config overrides).
 
     Returns:
       One `CellResult` per cell, in grid order.
@@ -289,10 +291,10 @@ def ablate(
     }
     results.write_json(workdir / "grid.json", record)
     done = run_cells(config, cells, workdir, seeds, overwrite)
-    notes = [f"Config `{config.name}`; fixed in every cell: {', '.join(fixed)}."] if fixed else []
-    if not notes:
-        notes = [f"Config `{config.name}`."]
-    path = write_outputs(done, workdir, title or f"Ablation on {config.name}", notes)
+    lines = [f"Config `{config.name}`; fixed in every cell: {', '.join(fixed)}."] if fixed else []
+    if not lines:
+        lines = [f"Config `{config.name}`."]
+    path = write_outputs(done, workdir, title or f"Ablation on {config.name}", [*lines, *notes])
     log.info("table: %s", path)
     return done
 
@@ -388,7 +390,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             enable_compile_cache(config)
         workdir = args.workdir or default_workdir(args.config, args.preset, args.grid, overrides)
         title = args.title or f"{config.name}: {args.preset or 'grid'}"
-        done = ablate(config, axes, workdir, args.seeds, args.overwrite, title)
+        shown = [f"`{o}`" for o in overrides if not o.startswith(("progress", "cache_dir"))]
+        notes = [f"Base-config overrides: {', '.join(shown)}."] if shown else []
+        done = ablate(config, axes, workdir, args.seeds, args.overwrite, title, notes)
     except (ConfigError, GridError, UserError, FileNotFoundError, FileExistsError) as err:
         if args.traceback:
             raise

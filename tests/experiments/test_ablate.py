@@ -175,6 +175,8 @@ def test_method_grid_writes_one_table_and_plot(method_grid):
     rows = read_csv(workdir / "ablation.csv")
     assert [r["method"] for r in rows] == ["calfuse", "rapf", "finetune", "zeroshot"]
     assert "| calfuse |" in stdout and "| zeroshot |" in stdout
+    # The table names what it was run with, so two tables can be compared.
+    assert "`dataset.num_classes=30`, `train.epochs=15`" in (workdir / "ablation.md").read_text()
     for row in rows:
         # Each cell is an ordinary run_experiment folder; the table's mean ± std must be those of
         # the per-seed summaries it holds.
