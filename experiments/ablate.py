@@ -199,35 +199,43 @@ def write_csv(cells: Sequence[CellResult], path: pathlib.Path) -> None:
         writer.writerows(rows)
 
 
+def _metric(cells: Sequence[CellResult], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(means, stds) of one metric over cells; NaN where a cell lacks it, std 0 for one seed."""
+
+    def value(summary: dict, name: str, missing: float) -> float:
+        return missing if summary.get(name) is None else float(summary[name])
+
+    means = np.array([value(r.summary, key, np.nan) for r in cells])
+    stds = np.array([value(r.summary, f"{key}_std", 0.0) for r in cells])
+    return means, stds
+
+
 def plot_comparison(cells: Sequence[CellResult], path: pathlib.Path, title: str = "") -> None:
-    """Grouped bars of Avg and Last per cell with ± std error bars (std 0 for one seed)."""
+    """Horizontal bars of Avg and Last per cell (grid order, top to bottom) with ± std error
+    bars and the values printed. The accuracy axis starts at the decade below the lowest bar, not
+    at 0, so the differences an ablation is about stay visible (the axis label says where)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [result.cell.label for result in cells]
-    x = np.arange(len(cells))
-    width = 0.38
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(cells) + 2.5), 4.4), dpi=120)
-    for offset, key in ((-width / 2, "avg"), (width / 2, "last")):
-        means = np.array([r.summary.get(key) or np.nan for r in cells], dtype=float)
-        stds = np.array([r.summary.get(f"{key}_std") or 0.0 for r in cells], dtype=float)
-        bars = ax.bar(
-            x + offset, means, width, yerr=stds, capsize=3, label=results.METRIC_TITLES[key]
-        )
-        if len(cells) <= 12:
-            ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
-    ax.set_xticks(x)
-    tilt = len(cells) > 4 or max(len(label) for label in labels) > 12
-    ax.set_xticklabels(
-        labels, rotation=30 if tilt else 0, ha="right" if tilt else "center", fontsize=8
-    )
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 105)
-    ax.grid(axis="y", alpha=0.3)
+    y = np.arange(len(cells))[::-1]  # first cell on top
+    height = 0.38
+    lowest = min(np.nanmin(m - s) for m, s in (_metric(cells, k) for k in ("avg", "last")))
+    start = max(0.0, 10 * np.floor((lowest - 2) / 10)) if np.isfinite(lowest) else 0.0
+    fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.42 * len(cells)), dpi=120)
+    for offset, key in ((height / 2, "avg"), (-height / 2, "last")):
+        means, stds = _metric(cells, key)
+        bars = ax.barh(y + offset, means - start, height, left=start, xerr=stds, capsize=2,
+                       label=results.METRIC_TITLES[key])  # fmt: skip
+        ax.bar_label(bars, labels=[f"{m:.1f}" for m in means], fontsize=7, padding=3)
+    ax.set_yticks(y)
+    ax.set_yticklabels([result.cell.label for result in cells], fontsize=8)
+    ax.set_xlim(start, 102)
+    ax.set_xlabel(f"accuracy (%), axis from {start:.0f}" if start else "accuracy (%)")
+    ax.grid(axis="x", alpha=0.3)
     ax.set_title(title or "ablation")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
