@@ -98,6 +98,26 @@ def test_cells_are_checked_against_the_config_before_running():
         ablate.check_axes(config, grids.parse_grid(["seeds=0,1"]))
 
 
+def test_cells_share_prepared_features_only_when_their_data_agree():
+    base = load_config("synthetic")
+    key = ablate.data_key(base)
+    # Method fields and seeds do not change the features, the split or the data do.
+    for same in (["method=rapf"], ["calibration.mode=none", "loss.kd_weight=1"], ["seeds=0,1"]):
+        assert ablate.data_key(apply_overrides(base, same)) == key, same
+    for other in (["continual.increment=5"], ["synthetic.noise=2"], ["order_seed=7"]):
+        assert ablate.data_key(apply_overrides(base, other)) != key, other
+
+
+def test_default_workdir_is_stable_and_names_the_grid():
+    assert (
+        str(ablate.default_workdir("cifar100", "method", [], [])) == "runs/ablate-cifar100-method"
+    )
+    a = ablate.default_workdir("demo:smoke", None, ["fusion.method=qr,svd"], ["train.epochs=3"])
+    b = ablate.default_workdir("demo:smoke", None, ["fusion.method=qr,svd"], ["train.epochs=3"])
+    c = ablate.default_workdir("demo:smoke", None, ["fusion.method=qr,svd"], ["train.epochs=4"])
+    assert a == b != c and a.name.startswith("ablate-demo-smoke-grid-")
+
+
 # --- the table from hand-made summaries ----------------------------------------------------------
 
 
