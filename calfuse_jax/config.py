@@ -28,7 +28,9 @@ def method_config() -> ml_collections.ConfigDict:
     c.calibration.schedule = "linear"  # linear (g_first -> g_last) | old_fraction
     c.calibration.g_first = 0.0
     c.calibration.g_last = 0.5
-    c.calibration.init_bias = 0.0  # initial gate pre-activation for learned/dynamic (sigmoid(0)=0.5)
+    c.calibration.init_bias = (
+        0.0  # initial gate pre-activation for learned/dynamic (sigmoid(0)=0.5)
+    )
 
     c.fusion = ml_collections.ConfigDict()
     c.fusion.method = "qr"  # qr | svd | none
