@@ -361,19 +361,30 @@ def _train(run: _Run, task: int, carry: dict, inputs: train.TaskInputs) -> tuple
 def _new_class_stats(features, labels, class_ids, eps: float, shrinkage: bool):
     """(means [K, D], Cholesky factors [K, D, D]) of the new classes.
 
-    The same statistics as `stats.class_stats` (mean, `numpy.cov` + eps I, optional
-    `stats.shrink`), computed per class on that class's rows only in float64 NumPy: O(N D^2) for
-    the task instead of O(K N D^2) when every class scans all N rows, and no compile per shape.
+    The statistics of `stats.class_stats` (mean, `numpy.cov` + eps I, optional `stats.shrink`),
+    computed on each class's own rows: the rows are grouped into [K, n, D] blocks (n = the largest
+    class, rounded up to 64, padding weighted 0), so the cost is O(N D^2) rather than
+    O(K N D^2) when every class scans all N rows, and equal-sized tasks share one compile.
     """
-    means, covs = [], []
-    for class_id in class_ids:
-        rows = np.asarray(features[labels == class_id], np.float64)  # [n_c, D]
-        means.append(rows.mean(axis=0))
-        covs.append(np.cov(rows, rowvar=False) + eps * np.eye(rows.shape[1]))
-    covs = np.stack(covs).astype(np.float32)
+    rows = [np.flatnonzero(labels == class_id) for class_id in class_ids]
+    size = -(-max(len(r) for r in rows) // 64) * 64
+    blocks = np.zeros((len(rows), size, features.shape[1]), np.float32)
+    weights = np.zeros((len(rows), size), np.float32)
+    for k, r in enumerate(rows):
+        blocks[k, : len(r)], weights[k, : len(r)] = features[r], 1.0
+    return _blocked_stats(blocks, weights, eps, shrinkage)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "shrinkage"))
+def _blocked_stats(blocks, weights, eps: float, shrinkage: bool):
+    count = jnp.sum(weights, axis=1)  # [K]
+    means = jnp.einsum("kn,knd->kd", weights, blocks) / count[:, None]  # [K, D]
+    centred = (blocks - means[:, None, :]) * weights[..., None]  # [K, n, D], padding zero
+    covs = jnp.einsum("knd,kne->kde", centred, centred) / (count - 1.0)[:, None, None]
+    covs = covs + eps * jnp.eye(blocks.shape[-1], dtype=covs.dtype)
     if shrinkage:
         covs = stats.shrink(covs)
-    return np.stack(means).astype(np.float32), stats.cholesky_factors(covs)
+    return means, stats.cholesky_factors(covs)
 
 
 def _run_task(run: _Run, task: int, carry: dict) -> dict:

@@ -262,10 +262,23 @@ def test_new_class_stats_equal_the_stats_module():
 
     rng = np.random.default_rng(0)
     features = rng.standard_normal((40, 6)).astype(np.float32) * 3 + 1
-    labels = np.repeat([4, 5, 6, 7], 10)
+    labels = np.repeat([4, 5, 6, 7], [10, 7, 13, 10])  # unequal classes: padded blocks
+    ids = np.array([5, 6])
     for shrinkage in (False, True):
-        means, chols = continual._new_class_stats(features, labels, [5, 6], 1e-4, shrinkage)
-        ref_means, ref_covs = stats.class_stats(features, labels, np.array([5, 6]), 1e-4, shrinkage)
+        means, chols = continual._new_class_stats(features, labels, ids, 1e-4, shrinkage)
+        ref_means, ref_covs = stats.class_stats(features, labels, ids, 1e-4, shrinkage)
         np.testing.assert_allclose(means, ref_means, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(chols @ np.swapaxes(chols, 1, 2), ref_covs, rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(means[0], features[10:20].mean(0), rtol=1e-5)  # NumPy itself
+        covs = chols @ np.swapaxes(chols, 1, 2)
+        np.testing.assert_allclose(covs, ref_covs, rtol=1e-4, atol=1e-5)
+    rows = features[labels == 6]  # and NumPy itself
+    np.testing.assert_allclose(means[1], rows.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(
+        covs[1], shrink_np(np.cov(rows, rowvar=False) + 1e-4 * np.eye(6)), rtol=1e-4, atol=1e-5
+    )
+
+
+def shrink_np(cov):
+    """RAPF shrinkage in NumPy: cov + mean(diag) I + mean(offdiag) (11^T - I)."""
+    d = cov.shape[0]
+    off = (cov.sum() - np.trace(cov)) / (d * (d - 1))
+    return cov + np.trace(cov) / d * np.eye(d) + off * (1 - np.eye(d))
