@@ -1,6 +1,7 @@
 """Speed of a whole continual run on CIFAR-100-sized synthetic features.
 
     python benchmarks/continual.py [--tasks 10] [--classes 100] [--dim 512] [--epochs 15]
+                                   [--cpu-devices 2]
 
 10 tasks x 10 classes, 512-d features, 50k train / 10k test rows, 15 epochs per task, batch 128:
 the same work as a CalFuse run on CIFAR-100 B0 Inc10 after feature extraction. Reports wall time
@@ -13,14 +14,21 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import sys
 import tempfile
 import time
 
-import jax
+if __name__ == "__main__" and "--cpu-devices" in sys.argv:
+    # Split the CPU into N XLA devices (before jax is imported): the batch is then sharded over
+    # N threads by the same Mesh code that shards it over GPUs.
+    count = sys.argv[sys.argv.index("--cpu-devices") + 1]
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={count}"
 
-from calfuse_jax.config import method_config
-from calfuse_jax.continual import run_continual
-from calfuse_jax.data.synthetic import make_synthetic_stream
+import jax  # noqa: E402
+
+from calfuse_jax.config import method_config  # noqa: E402
+from calfuse_jax.continual import run_continual  # noqa: E402
+from calfuse_jax.data.synthetic import make_synthetic_stream  # noqa: E402
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 TRACE_EVENT = "/jax/core/compile/tracing_duration"
@@ -33,6 +41,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--method", default="calfuse")
+    parser.add_argument("--cpu-devices", type=int, default=1, help="fake XLA CPU devices")
     args = parser.parse_args()
 
     durations: collections.Counter = collections.Counter()
