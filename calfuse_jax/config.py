@@ -71,7 +71,9 @@ def resolve_method(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     """Returns a copy of `config` with the `method` preset applied.
 
     rapf: SVD fusion, no calibration. finetune: no fusion, no pseudo-features, no calibration.
-    zeroshot: no training at all (epochs = 0). calfuse: the config as given.
+    zeroshot: plain CLIP - no training (epochs = 0), no fusion, and a fixed gate g = 1 so the
+    calibrated feature is CLIP's own n(f0). calfuse: the config as given. Every method-specific
+    switch lives here; the training loop only reads the resolved fields.
     """
     if config.method not in METHODS:
         raise ValueError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
@@ -88,4 +90,6 @@ def resolve_method(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     elif c.method == "zeroshot":
         c.train.epochs = 0
         c.fusion.method = "none"
+        c.calibration.mode = "fixed"
+        c.calibration.value = 1.0
     return c

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from calfuse_jax import calibration, fusion, metrics, sharding, stats, train
+from calfuse_jax import calibration, evaluation, fusion, sharding, stats, train
 from calfuse_jax.checkpoint import (
     ConfigMismatchError,
     RunCheckpoints,
@@ -38,36 +38,13 @@ from calfuse_jax.checkpoint import (
 )
 from calfuse_jax.config import resolve_method
 from calfuse_jax.data.stream import FeatureStream
+from calfuse_jax.evaluation import ContinualResult
 from calfuse_jax.train import NonFiniteLossError, TrainState
+from calfuse_jax.validation import validate_inputs
 
 logger = logging.getLogger("calfuse_jax")
 
 __all__ = ["ConfigMismatchError", "ContinualResult", "NonFiniteLossError", "run_continual"]
-
-
-@dataclasses.dataclass
-class ContinualResult:
-    """The outcome of `run_continual` (percentages; NaN where undefined).
-
-    Attributes:
-      accuracy_matrix: float [T, T], A[i, j] = accuracy on task j's classes after task i; NaN
-        above the diagonal.
-      seen_accuracy: float [T], accuracy on all seen classes after each task.
-      old_accuracy, new_accuracy: float [T], on classes of earlier tasks / of the task itself.
-      summary: avg, last, forgetting, bwt, old, new, harmonic.
-      params: final head params; stats: `ClassStats` of every class.
-      rows: the metrics rows written to `metrics.jsonl`.
-    """
-
-    accuracy_matrix: np.ndarray
-    seen_accuracy: np.ndarray
-    old_accuracy: np.ndarray
-    new_accuracy: np.ndarray
-    summary: dict
-    params: Any
-    stats: stats.ClassStats
-    rows: list
-    workdir: Path
 
 
 @dataclasses.dataclass
@@ -96,61 +73,9 @@ class _Run:
         return jax.process_index() == 0
 
 
-def validate_inputs(stream: FeatureStream, text_features: np.ndarray) -> None:
-    """Raises ValueError on inputs that cannot make a valid run (before anything is written)."""
-    split, dim = stream.split, stream.dim
-    text = np.asarray(text_features)
-    if stream.test_features.ndim != 2 or stream.test_features.shape[1] != dim:
-        raise ValueError(
-            f"test features have shape {stream.test_features.shape} but train features are "
-            f"{dim}-d; extract both with the same model"
-        )
-    if text.ndim != 2 or text.shape[1] != dim:
-        raise ValueError(
-            f"text features have shape {text.shape} but image features are {dim}-d; use the text "
-            "and image embeddings of the same CLIP model"
-        )
-    if int(split.class_order.max()) >= text.shape[0]:
-        raise ValueError(
-            f"class order uses label {int(split.class_order.max())} but there are only "
-            f"{text.shape[0]} text embeddings (one per dataset label)"
-        )
-    for subset, features, labels in (
-        ("train", stream.train_features, stream.train_labels),
-        ("test", stream.test_features, stream.test_labels),
-    ):
-        if len(features) != len(labels):
-            raise ValueError(f"{subset}: {len(features)} features but {len(labels)} labels")
-        bad = np.flatnonzero(~np.isfinite(features).all(axis=1))
-        if bad.size:
-            raise ValueError(
-                f"{subset} features contain NaN/Inf in {bad.size} rows (first rows "
-                f"{bad[:5].tolist()}); re-extract or drop them"
-            )
-        positions = split.to_positions(labels)  # raises on labels outside the class order
-        counts = np.bincount(positions, minlength=split.num_classes)
-        for task in range(split.num_tasks):
-            lo, hi = split.bounds[task], split.bounds[task + 1]
-            if counts[lo:hi].sum() == 0:
-                raise ValueError(
-                    f"task {task} (dataset labels {split.class_order[lo:hi][:10].tolist()}) has "
-                    f"no {subset} features; check the class order and task sizes"
-                )
-            few = np.flatnonzero(counts[lo:hi] < (2 if subset == "train" else 1))
-            if few.size:
-                labels_few = split.class_order[lo + few][:10].tolist()
-                need = "2 training" if subset == "train" else "1 test"
-                raise ValueError(
-                    f"task {task}: classes with dataset labels {labels_few} have fewer than "
-                    f"{need} features (class statistics and accuracy need them)"
-                )
-
-
 def _gate(run: _Run, task: int) -> float:
     """Host-side gate of `task` (0.0 placeholder for the trainable modes)."""
     config, split = run.config, run.stream.split
-    if config.method == "zeroshot":
-        return 1.0  # g = 1: the calibrated feature is CLIP's own n(f0)
     value = calibration.gate_value(
         config.calibration.mode,
         task=task,
@@ -163,13 +88,6 @@ def _gate(run: _Run, task: int) -> float:
         g_last=float(config.calibration.g_last),
     )
     return 0.0 if value is None else value
-
-
-def _make_head(config: ml_collections.ConfigDict, dim: int) -> calibration.CalibratedHead:
-    if config.method == "zeroshot":  # no parameters are trained; a fixed gate of 1 is CLIP
-        config = ml_collections.ConfigDict(config.to_dict())
-        config.calibration.mode = "fixed"
-    return train.make_head(config, dim)
 
 
 def _initial_params(run: _Run):
@@ -201,11 +119,6 @@ def _abstract_run_state(run: _Run, task: int):
         "key": jax.ShapeDtypeStruct((2,), jnp.uint32),
     }
     return abstract_like(tree, sharding.replicated(run.mesh))
-
-
-def _accuracy_of(correct, total, lo: int, hi: int) -> float:
-    n = total[lo:hi].sum()
-    return float(100.0 * correct[lo:hi].sum() / n) if n else float("nan")
 
 
 def _hard_pairs(run: _Run, task: int) -> np.ndarray:
@@ -358,35 +271,6 @@ def _train(run: _Run, task: int, carry: dict, inputs: train.TaskInputs) -> tuple
     return state.params, info
 
 
-def _new_class_stats(features, labels, class_ids, eps: float, shrinkage: bool):
-    """(means [K, D], Cholesky factors [K, D, D]) of the new classes.
-
-    The statistics of `stats.class_stats` (mean, `numpy.cov` + eps I, optional `stats.shrink`),
-    computed on each class's own rows: the rows are grouped into [K, n, D] blocks (n = the largest
-    class, rounded up to 64, padding weighted 0), so the cost is O(N D^2) rather than
-    O(K N D^2) when every class scans all N rows, and equal-sized tasks share one compile.
-    """
-    rows = [np.flatnonzero(labels == class_id) for class_id in class_ids]
-    size = -(-max(len(r) for r in rows) // 64) * 64
-    blocks = np.zeros((len(rows), size, features.shape[1]), np.float32)
-    weights = np.zeros((len(rows), size), np.float32)
-    for k, r in enumerate(rows):
-        blocks[k, : len(r)], weights[k, : len(r)] = features[r], 1.0
-    return _blocked_stats(blocks, weights, eps, shrinkage)
-
-
-@functools.partial(jax.jit, static_argnames=("eps", "shrinkage"))
-def _blocked_stats(blocks, weights, eps: float, shrinkage: bool):
-    count = jnp.sum(weights, axis=1)  # [K]
-    means = jnp.einsum("kn,knd->kd", weights, blocks) / count[:, None]  # [K, D]
-    centred = (blocks - means[:, None, :]) * weights[..., None]  # [K, n, D], padding zero
-    covs = jnp.einsum("knd,kne->kde", centred, centred) / (count - 1.0)[:, None, None]
-    covs = covs + eps * jnp.eye(blocks.shape[-1], dtype=covs.dtype)
-    if shrinkage:
-        covs = stats.shrink(covs)
-    return means, stats.cholesky_factors(covs)
-
-
 def _run_task(run: _Run, task: int, carry: dict) -> dict:
     """Train -> statistics -> fuse -> evaluate -> checkpoint for one task; returns the new carry."""
     split, config = run.stream.split, run.config
@@ -397,40 +281,19 @@ def _run_task(run: _Run, task: int, carry: dict) -> dict:
     train_seconds = time.perf_counter() - started
     # Statistics of the frozen features of the new classes: after training, before fusion.
     features, labels = run.stream.task(task, "train")
-    means, chols = _new_class_stats(
+    means, covs = stats.class_stats(
         features, labels, np.arange(old, seen), float(config.stats.cov_eps), config.stats.shrinkage
     )
-    class_stats = carry["stats"].extend(means, chols)
+    class_stats = carry["stats"].extend(means, stats.cholesky_factors(covs))
     if task > 0 and config.fusion.method != "none":
         rules = fusion.fusion_rules(config.fusion.method, bool(config.fusion.fuse_gate))
         params = fusion.fuse_params(carry["params"], params, rules, float(config.fusion.mix_bias))
         params = sharding.replicate(params, run.mesh)  # keep one layout for every compiled use
-    features, labels = run.stream.seen(task, "test")
-    # One batch size for the whole run (the largest test set), so one compiled evaluation.
-    batch_size = min(int(config.train.eval_batch_size), len(run.stream.test_labels))
-    correct, total = train.evaluate(
-        run.head, run.settings, params, features, labels, inputs, run.mesh, batch_size
+    correct, total = _evaluate(run, task, params, inputs)
+    accuracy, curves = evaluation.record_task(
+        carry["accuracy"], carry["curves"], correct, total, split.bounds, task
     )
-    accuracy, curves = carry["accuracy"].copy(), carry["curves"].copy()
-    for j in range(task + 1):
-        accuracy[task, j] = _accuracy_of(correct, total, split.bounds[j], split.bounds[j + 1])
-    curves[:, task] = [
-        _accuracy_of(correct, total, 0, seen),
-        _accuracy_of(correct, total, 0, old),
-        _accuracy_of(correct, total, old, seen),
-    ]
-    row = {
-        "task": task,
-        "seen_classes": seen,
-        "accuracy": float(curves[0, task]),
-        "accuracy_row": [float(v) for v in accuracy[task, : task + 1]],
-        "old_accuracy": float(curves[1, task]),
-        "new_accuracy": float(curves[2, task]),
-        "loss": info["loss"],
-        "train_seconds": round(train_seconds, 3),
-        "steps": info["steps"],
-    }
-    row = {k: json_safe(v) for k, v in row.items()}  # NaN -> None, as restored from JSON
+    row = evaluation.metrics_row(task, seen, accuracy, curves, info, train_seconds)
     new = {"params": params, "stats": class_stats, "accuracy": accuracy, "curves": curves}
     new.update(key=carry["key"], rows=[*carry["rows"], row])
     _save_task(run, task, new)
@@ -439,6 +302,16 @@ def _run_task(run: _Run, task: int, carry: dict) -> dict:
         task + 1, run.num_tasks, *curves[:, task], train_seconds,
     )  # fmt: skip
     return new
+
+
+def _evaluate(run: _Run, task: int, params, inputs: train.TaskInputs):
+    """(correct [C], count [C]) on the test features of every class seen after `task`."""
+    features, labels = run.stream.seen(task, "test")
+    # One batch size for the whole run (the largest test set), so one compiled evaluation.
+    batch_size = min(int(run.config.train.eval_batch_size), len(run.stream.test_labels))
+    return evaluation.evaluate(
+        run.head, run.settings, params, features, labels, inputs, run.mesh, batch_size
+    )
 
 
 def _save_task(run: _Run, task: int, carry: dict) -> None:
@@ -459,31 +332,6 @@ def _save_task(run: _Run, task: int, carry: dict) -> None:
     run.checkpoints.save_task(task, state, json.loads(json.dumps(meta, default=str)))
     if run.writer:
         write_results(run.workdir, carry["rows"], carry["accuracy"])
-
-
-def _result(run: _Run, carry: dict) -> ContinualResult:
-    accuracy, (seen, old, new) = carry["accuracy"], carry["curves"]
-    num_tasks = run.num_tasks
-    summary = {
-        "avg": metrics.average_accuracy(seen),
-        "last": metrics.last_accuracy(seen),
-        "forgetting": metrics.forgetting(accuracy) if num_tasks > 1 else float("nan"),
-        "bwt": metrics.backward_transfer(accuracy) if num_tasks > 1 else float("nan"),
-        "old": float(old[-1]),
-        "new": float(new[-1]),
-        "harmonic": metrics.harmonic_mean(old[-1], new[-1]) if num_tasks > 1 else float("nan"),
-    }
-    return ContinualResult(
-        accuracy_matrix=np.asarray(accuracy, np.float64),
-        seen_accuracy=np.asarray(seen, np.float64),
-        old_accuracy=np.asarray(old, np.float64),
-        new_accuracy=np.asarray(new, np.float64),
-        summary=summary,
-        params=sharding.to_host(carry["params"]),
-        stats=carry["stats"],
-        rows=carry["rows"],
-        workdir=run.workdir,
-    )
 
 
 def run_continual(
@@ -524,8 +372,8 @@ def run_continual(
     prepare_workdir(workdir, doc, overwrite)
     text = np.asarray(stream.text_by_position(text_features), np.float32)
     text = text / np.maximum(np.linalg.norm(text, axis=1, keepdims=True), 1e-12)
-    head = _make_head(config, stream.dim)
-    host_gate = config.method == "zeroshot" or head.mode not in ("learned", "dynamic")
+    head = train.make_head(config, stream.dim)
+    host_gate = head.mode not in ("learned", "dynamic")
     run = _Run(
         stream=stream,
         text=text,
@@ -551,4 +399,4 @@ def run_continual(
         raise
     finally:
         run.checkpoints.close()
-    return _result(run, carry)
+    return evaluation.continual_result(carry, run.workdir)

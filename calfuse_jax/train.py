@@ -215,6 +215,7 @@ def loss_fn(params, batch, pseudo_ids, rng, inputs: TaskInputs, head, settings: 
 
 
 TRACES: collections.Counter = collections.Counter()  # traces of the jitted functions, by name
+# (`evaluation` counts its own under "eval_counts")
 
 
 def _train_step(state: TrainState, batch, pseudo_ids, step, lr, key, inputs, head, settings):
@@ -236,44 +237,6 @@ def train_step_fn(head, settings: StepSettings, mesh: Mesh):
     """
     step = functools.partial(_train_step, head=head, settings=settings)
     return jax.jit(step, donate_argnums=(0,), out_shardings=sharding.replicated(mesh))
-
-
-def _eval_counts(params, batch, text, num_seen, gate, head, settings):
-    TRACES["eval_counts"] += 1
-    f0, positions, mask = batch
-    logits, _ = head_apply(head, params, f0, text, gate, settings)
-    logits = jnp.where(jnp.arange(text.shape[0]) < num_seen, logits, -jnp.inf)
-    correct = (jnp.argmax(logits, axis=-1) == positions).astype(jnp.float32) * mask
-    classes = text.shape[0]
-    return (
-        jax.ops.segment_sum(correct, positions, num_segments=classes),
-        jax.ops.segment_sum(mask, positions, num_segments=classes),
-    )
-
-
-@functools.lru_cache(maxsize=16)
-def eval_counts_fn(head, settings: StepSettings, mesh: Mesh):
-    """Jitted `(params, batch, text, num_seen, gate) -> (correct [C], count [C])` per class."""
-    counts = functools.partial(_eval_counts, head=head, settings=settings)
-    return jax.jit(counts, out_shardings=sharding.replicated(mesh))
-
-
-def evaluate(head, settings, params, features, labels, inputs, mesh, batch_size: int):
-    """(correct [C], count [C]) of the head on (features [M, D], positions [M]), batched.
-
-    Every batch has `batch_size` rows (rounded up to the mesh size; the last one padded with mask
-    0), so one compiled function serves every batch and task of a run.
-    """
-    counts = eval_counts_fn(head, settings, mesh)
-    size = sharding.padded_size(batch_size, mesh)
-    classes = inputs.text.shape[0]
-    correct, total = np.zeros(classes), np.zeros(classes)
-    for start in range(0, len(labels), size):
-        rows = np.arange(start, min(start + size, len(labels)))
-        batch = sharding.shard_batch(host_batch(features, labels, rows, size), mesh)
-        c, n = sharding.to_host(counts(params, batch, inputs.text, inputs.num_seen, inputs.gate))
-        correct, total = correct + c, total + n
-    return correct, total
 
 
 def epoch_permutation(seed: int, task: int, epoch: int, n: int) -> np.ndarray:

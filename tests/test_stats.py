@@ -39,6 +39,28 @@ def test_class_stats_under_jit():
     np.testing.assert_allclose(np.asarray(covs), np.asarray(eager_covs), atol=1e-6)
 
 
+def test_fast_path_equals_scan_and_numpy_on_unsorted_interleaved_labels():
+    # Labels are unsorted, interleaved, not contiguous (positions 4..7) and of unequal counts, so
+    # the sort-once grouping and the padding of the per-class blocks are both exercised; the
+    # traced path (every class scans all rows) and numpy.cov are the two independent references.
+    rng = np.random.default_rng(0)
+    labels = rng.permutation(np.repeat([4, 5, 6, 7], [10, 7, 13, 70]))
+    features = (rng.standard_normal((len(labels), 6)) * 3 + labels[:, None]).astype(np.float32)
+    ids = np.array([7, 5, 6])  # not in label order either
+    scanned = jax.jit(stats.class_stats, static_argnames=("shrinkage",))
+    for shrinkage in (False, True):
+        means, covs = stats.class_stats(features, labels, ids, 1e-4, shrinkage)
+        ref_means, ref_covs = scanned(features, labels, jnp.asarray(ids), 1e-4, shrinkage)
+        np.testing.assert_allclose(means, ref_means, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(covs, ref_covs, rtol=1e-4, atol=1e-4)
+        for k, class_id in enumerate(ids):
+            rows = features[labels == class_id].astype(np.float64)
+            cov = np.cov(rows, rowvar=False) + 1e-4 * np.eye(6)
+            cov = np_shrink(cov) if shrinkage else cov
+            np.testing.assert_allclose(means[k], rows.mean(0), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(covs[k], cov, rtol=1e-4, atol=1e-4)
+
+
 def np_shrink(cov):
     # Written entry by entry, independently of the vectorised version.
     dim = cov.shape[0]
@@ -64,8 +86,10 @@ def test_class_with_one_sample_is_rejected():
     feats, labels = labelled_features()
     labels[labels == 1] = 0
     labels[0] = 1  # class 1 now has a single sample
-    with pytest.raises(ValueError, match="fewer than 2 samples"):
+    with pytest.raises(ValueError, match=r"classes \[1\] have fewer than 2 samples"):
         stats.class_stats(feats, labels, np.array([1]))
+    with pytest.raises(ValueError, match=r"classes \[9\] have fewer than 2 samples"):
+        stats.class_stats(feats, labels, np.array([0, 9]))  # a class with no rows at all
 
 
 def test_cholesky_factors_reconstruct():

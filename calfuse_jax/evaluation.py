@@ -1,0 +1,178 @@
+"""Evaluation of the head after each task, and the per-task numbers it turns into.
+
+`evaluate` counts correct predictions per class over the seen classes' test features (one
+compiled function for every batch and task of a run); `record_task` fills the task's row of the
+accuracy matrix and its seen/old/new accuracies; `metrics_row` is the row written to
+`metrics.jsonl`; `summary` gives the final numbers (avg, last, forgetting, BWT, old, new,
+harmonic). All accuracies are percentages, NaN where a set of classes is empty.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from calfuse_jax import metrics, sharding, stats
+from calfuse_jax.checkpoint import json_safe
+from calfuse_jax.train import TRACES, StepSettings, TaskInputs, head_apply, host_batch
+
+
+@dataclasses.dataclass
+class ContinualResult:
+    """The outcome of `run_continual` (percentages; NaN where undefined).
+
+    Attributes:
+      accuracy_matrix: float [T, T], A[i, j] = accuracy on task j's classes after task i; NaN
+        above the diagonal.
+      seen_accuracy: float [T], accuracy on all seen classes after each task.
+      old_accuracy, new_accuracy: float [T], on classes of earlier tasks / of the task itself.
+      summary: avg, last, forgetting, bwt, old, new, harmonic.
+      params: final head params; stats: `ClassStats` of every class.
+      rows: the metrics rows written to `metrics.jsonl`.
+    """
+
+    accuracy_matrix: np.ndarray
+    seen_accuracy: np.ndarray
+    old_accuracy: np.ndarray
+    new_accuracy: np.ndarray
+    summary: dict
+    params: Any
+    stats: stats.ClassStats
+    rows: list
+    workdir: Path
+
+
+def _eval_counts(params, batch, text, num_seen, gate, head, settings):
+    TRACES["eval_counts"] += 1
+    f0, positions, mask = batch
+    logits, _ = head_apply(head, params, f0, text, gate, settings)
+    logits = jnp.where(jnp.arange(text.shape[0]) < num_seen, logits, -jnp.inf)
+    correct = (jnp.argmax(logits, axis=-1) == positions).astype(jnp.float32) * mask
+    classes = text.shape[0]
+    return (
+        jax.ops.segment_sum(correct, positions, num_segments=classes),
+        jax.ops.segment_sum(mask, positions, num_segments=classes),
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def eval_counts_fn(head, settings: StepSettings, mesh: Mesh):
+    """Jitted `(params, batch, text, num_seen, gate) -> (correct [C], count [C])` per class."""
+    counts = functools.partial(_eval_counts, head=head, settings=settings)
+    return jax.jit(counts, out_shardings=sharding.replicated(mesh))
+
+
+def evaluate(
+    head,
+    settings: StepSettings,
+    params,
+    features: np.ndarray,
+    labels: np.ndarray,
+    inputs: TaskInputs,
+    mesh: Mesh,
+    batch_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(correct [C], count [C]) of the head on (features [M, D], positions [M]), batched.
+
+    Every batch has `batch_size` rows (rounded up to the mesh size; the last one padded with mask
+    0), so one compiled function serves every batch and task of a run.
+    """
+    counts = eval_counts_fn(head, settings, mesh)
+    size = sharding.padded_size(batch_size, mesh)
+    classes = inputs.text.shape[0]
+    correct, total = np.zeros(classes), np.zeros(classes)
+    for start in range(0, len(labels), size):
+        rows = np.arange(start, min(start + size, len(labels)))
+        batch = sharding.shard_batch(host_batch(features, labels, rows, size), mesh)
+        c, n = sharding.to_host(counts(params, batch, inputs.text, inputs.num_seen, inputs.gate))
+        correct, total = correct + c, total + n
+    return correct, total
+
+
+def accuracy_of(correct: np.ndarray, total: np.ndarray, lo: int, hi: int) -> float:
+    """Accuracy (%) over class positions lo..hi-1 from per-class counts; NaN with no samples."""
+    n = total[lo:hi].sum()
+    return float(100.0 * correct[lo:hi].sum() / n) if n else float("nan")
+
+
+def record_task(
+    accuracy: np.ndarray,
+    curves: np.ndarray,
+    correct: np.ndarray,
+    total: np.ndarray,
+    bounds: np.ndarray,
+    task: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Copies of the accuracy matrix [T, T] and curves [3, T] (seen, old, new) with `task` filled.
+
+    Args:
+      correct, total: [C] per-class counts of `evaluate` after `task`.
+      bounds: [T + 1] task boundaries in positions (task t owns bounds[t]:bounds[t+1]).
+    """
+    accuracy, curves = accuracy.copy(), curves.copy()
+    for j in range(task + 1):
+        accuracy[task, j] = accuracy_of(correct, total, bounds[j], bounds[j + 1])
+    old, seen = int(bounds[task]), int(bounds[task + 1])
+    curves[:, task] = [
+        accuracy_of(correct, total, 0, seen),
+        accuracy_of(correct, total, 0, old),
+        accuracy_of(correct, total, old, seen),
+    ]
+    return accuracy, curves
+
+
+def metrics_row(
+    task: int, seen: int, accuracy: np.ndarray, curves: np.ndarray, info: dict, seconds: float
+) -> dict:
+    """The `metrics.jsonl` row of `task` (NaN -> None, as it reads back from JSON)."""
+    row = {
+        "task": task,
+        "seen_classes": seen,
+        "accuracy": float(curves[0, task]),
+        "accuracy_row": [float(v) for v in accuracy[task, : task + 1]],
+        "old_accuracy": float(curves[1, task]),
+        "new_accuracy": float(curves[2, task]),
+        "loss": info["loss"],
+        "train_seconds": round(seconds, 3),
+        "steps": info["steps"],
+    }
+    return {k: json_safe(v) for k, v in row.items()}
+
+
+def summary(accuracy: np.ndarray, curves: np.ndarray) -> dict[str, float]:
+    """avg, last, forgetting, bwt, old, new, harmonic of a finished run (NaN where undefined,
+    e.g. forgetting with a single task)."""
+    seen, old, new = curves
+    several = accuracy.shape[0] > 1
+    return {
+        "avg": metrics.average_accuracy(seen),
+        "last": metrics.last_accuracy(seen),
+        "forgetting": metrics.forgetting(accuracy) if several else float("nan"),
+        "bwt": metrics.backward_transfer(accuracy) if several else float("nan"),
+        "old": float(old[-1]),
+        "new": float(new[-1]),
+        "harmonic": metrics.harmonic_mean(old[-1], new[-1]) if several else float("nan"),
+    }
+
+
+def continual_result(carry: dict, workdir: Path) -> ContinualResult:
+    """The `ContinualResult` of a finished run's carry (params fetched to the host)."""
+    accuracy, (seen, old, new) = carry["accuracy"], carry["curves"]
+    return ContinualResult(
+        accuracy_matrix=np.asarray(accuracy, np.float64),
+        seen_accuracy=np.asarray(seen, np.float64),
+        old_accuracy=np.asarray(old, np.float64),
+        new_accuracy=np.asarray(new, np.float64),
+        summary=summary(accuracy, carry["curves"]),
+        params=sharding.to_host(carry["params"]),
+        stats=carry["stats"],
+        rows=carry["rows"],
+        workdir=workdir,
+    )

@@ -1,0 +1,49 @@
+"""Method presets: each method's resolved switches, written out by hand from DESIGN.md §2, so a
+preset cannot drift silently; the preset is the single place a method's switches are set."""
+
+import pytest
+
+from calfuse_jax.config import METHODS, method_config, resolve_method
+
+# (calibration.mode, calibration.value, fusion.method, train.epochs, pseudo.classes_per_batch,
+#  pseudo.hard_weight, loss.kd_weight); the base config sets kd_weight 0.5 to see who clears it.
+EXPECTED = {
+    "calfuse": ("dynamic", 0.5, "qr", 15, 2, 1.0, 0.5),
+    "rapf": ("none", 0.5, "svd", 15, 2, 1.0, 0.5),
+    "finetune": ("none", 0.5, "none", 15, 0, 0.0, 0.0),
+    "zeroshot": ("fixed", 1.0, "none", 0, 2, 1.0, 0.5),  # plain CLIP: g = 1 is n(f0) itself
+}
+
+
+def switches(c):
+    return (
+        c.calibration.mode,
+        c.calibration.value,
+        c.fusion.method,
+        c.train.epochs,
+        c.pseudo.classes_per_batch,
+        c.pseudo.hard_weight,
+        c.loss.kd_weight,
+    )
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_preset_resolves_to_its_switches(method):
+    config = method_config()
+    config.method = method
+    config.loss.kd_weight = 0.5
+    resolved = resolve_method(config)
+    assert switches(resolved) == EXPECTED[method]
+    assert config.calibration.mode == "dynamic" and config.train.epochs == 15  # input untouched
+    assert resolve_method(resolved).to_dict() == resolved.to_dict()  # resolving twice is a no-op
+
+
+def test_every_method_has_an_expectation():
+    assert set(EXPECTED) == set(METHODS)
+
+
+def test_unknown_method_is_refused_with_the_choices():
+    config = method_config()
+    config.method = "clip"
+    with pytest.raises(ValueError, match=r"unknown method 'clip'; choose one of calfuse, rapf"):
+        resolve_method(config)
