@@ -66,10 +66,16 @@ class CellResult:
 
 
 def cell_config(
-    base: ml_collections.ConfigDict, cell: Cell, seeds: str | None = None
+    base: ml_collections.ConfigDict,
+    cell: Cell,
+    seeds: str | None = None,
+    cell_outputs: bool = True,
 ) -> ml_collections.ConfigDict:
-    """`base` with the cell's settings (and `seeds`, when given) applied and validated."""
+    """`base` with the cell's settings (and `seeds`, when given) applied and validated;
+    `cell_outputs=False` also turns off the cell's own plots and TensorBoard files."""
     extra = [f"seeds={seeds}"] if seeds else []
+    if not cell_outputs:
+        extra += ["outputs.plots=false", "outputs.tensorboard=false"]
     return apply_overrides(base, [*cell.overrides, *extra])
 
 
@@ -131,16 +137,19 @@ def run_cells(
     seeds: str | None = None,
     overwrite: bool = False,
     on_cell: Callable[[int, CellResult], None] | None = None,
+    cell_outputs: bool = False,
 ) -> list[CellResult]:
     """Runs (or skips, when finished) every cell into `workdir/<cell.name>`, in grid order.
 
     Cells whose data fields agree (`data_key`) share one `pipeline.prepare` result, so a grid
-    over method fields reads its features once.
+    over method fields reads its features once. Each cell's own plots and TensorBoard files are
+    skipped unless `cell_outputs` (they took about a third of a small grid's time; the grid's
+    table and plots cover the comparison, and `experiments.report` redraws a cell's plots).
     """
     workdir = pathlib.Path(workdir)
     done, prepared = [], {}
     for index, cell in enumerate(cells):
-        config = cell_config(base, cell, seeds)
+        config = cell_config(base, cell, seeds, cell_outputs)
         folder = workdir / cell.name
         summary = None if overwrite else finished_summary(folder, config)
         skipped = summary is not None
@@ -214,16 +223,14 @@ def plot_comparison(cells: Sequence[CellResult], path: pathlib.Path, title: str 
     """Horizontal bars of Avg and Last per cell (grid order, top to bottom) with ± std error
     bars and the values printed. The accuracy axis starts at the decade below the lowest bar, not
     at 0, so the differences an ablation is about stay visible (the axis label says where)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: a notebook's backend stays as it is
 
     y = np.arange(len(cells))[::-1]  # first cell on top
     height = 0.38
     lowest = min(np.nanmin(m - s) for m, s in (_metric(cells, k) for k in ("avg", "last")))
     start = max(0.0, 10 * np.floor((lowest - 2) / 10)) if np.isfinite(lowest) else 0.0
-    fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.42 * len(cells)), dpi=120)
+    fig = Figure(figsize=(7.5, 1.2 + 0.42 * len(cells)), dpi=120)
+    ax = fig.subplots()
     for offset, key in ((height / 2, "avg"), (-height / 2, "last")):
         means, stds = _metric(cells, key)
         bars = ax.barh(y + offset, means - start, height, left=start, xerr=stds, capsize=2,
@@ -238,7 +245,6 @@ def plot_comparison(cells: Sequence[CellResult], path: pathlib.Path, title: str 
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def write_outputs(
@@ -273,6 +279,7 @@ def ablate(
     overwrite: bool = False,
     title: str = "",
     notes: Sequence[str] = (),
+    cell_outputs: bool = False,
 ) -> list[CellResult]:
     """Runs every cell of `axes` on `config` (resuming) and writes the table and plots.
 
@@ -284,6 +291,8 @@ def ablate(
       overwrite: rerun every cell, moving earlier results aside (run_experiment's --overwrite).
       title: heading of the table and plots.
       notes: extra Markdown lines under the heading (the CLI lists the base-config overrides).
+      cell_outputs: also write each cell's own plots and TensorBoard files (off: grids are
+        compared in the grid's table and plots).
 
     Returns:
       One `CellResult` per cell, in grid order.
@@ -298,7 +307,7 @@ def ablate(
         "cells": [cell.name for cell in cells],
     }
     results.write_json(workdir / "grid.json", record)
-    done = run_cells(config, cells, workdir, seeds, overwrite)
+    done = run_cells(config, cells, workdir, seeds, overwrite, cell_outputs=cell_outputs)
     lines = [f"Config `{config.name}`; fixed in every cell: {', '.join(fixed)}."] if fixed else []
     if not lines:
         lines = [f"Config `{config.name}`."]
@@ -360,6 +369,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     parser.add_argument("--overwrite", action="store_true", help="rerun finished cells too")
     parser.add_argument("--title", default="", help="table and plot title")
     parser.add_argument(
+        "--cell-outputs",
+        action="store_true",
+        help="also write each cell's own plots and TensorBoard files (off by default: slower)",
+    )
+    parser.add_argument(
         "--no-compile-cache",
         action="store_true",
         help="do not keep compiled XLA programs in <cache_dir>/xla between cells and seeds",
@@ -400,7 +414,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         title = args.title or f"{config.name}: {args.preset or 'grid'}"
         shown = [f"`{o}`" for o in overrides if not o.startswith(("progress", "cache_dir"))]
         notes = [f"Base-config overrides: {', '.join(shown)}."] if shown else []
-        done = ablate(config, axes, workdir, args.seeds, args.overwrite, title, notes)
+        done = ablate(config, axes, workdir, args.seeds, args.overwrite, title, notes,
+                      cell_outputs=args.cell_outputs)  # fmt: skip
     except (ConfigError, GridError, UserError, FileNotFoundError, FileExistsError) as err:
         if args.traceback:
             raise

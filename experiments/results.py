@@ -156,6 +156,14 @@ def write_tensorboard(workdir: str | os.PathLike, rows: Sequence[dict], summary:
         writer.add_text("summary", markdown_table([("run", summary)]), 0)
 
 
+def _figure(figsize: tuple[float, float]) -> Any:
+    """A standalone matplotlib Figure: drawn and saved through its own Agg canvas, so neither
+    pyplot nor the caller's backend (a notebook's inline one) is touched."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize, dpi=120)
+
+
 def plot_accuracy_curves(
     curves: Sequence[tuple[str, dict]], path: str | os.PathLike, title: str = ""
 ) -> None:
@@ -163,12 +171,8 @@ def plot_accuracy_curves(
 
     A summary with `seen_accuracy_std` (multi-seed) gets a shaded ± std band.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fig = _figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
     for label, summary in curves:
         x = np.asarray(summary["seen_classes"])
         y = np.asarray(summary["seen_accuracy"], dtype=float)
@@ -188,21 +192,16 @@ def plot_accuracy_curves(
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def plot_accuracy_matrix(matrix: Any, path: str | os.PathLike, title: str = "") -> None:
     """Heatmap of A[i, j]: accuracy (%) on task j's classes after training task i."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     a = np.array(matrix, dtype=float)  # [T, T]
     num_tasks = a.shape[0]
     a[np.triu_indices(num_tasks, 1)] = np.nan  # tasks not trained yet: not part of the matrix
     size = min(3.0 + 0.45 * num_tasks, 12.0)
-    fig, ax = plt.subplots(figsize=(size, size * 0.85), dpi=120)
+    fig = _figure(figsize=(size, size * 0.85))
+    ax = fig.subplots()
     image = ax.imshow(np.ma.masked_invalid(a), vmin=0, vmax=100, cmap="viridis")
     if num_tasks <= 20:
         for i in range(num_tasks):
@@ -220,7 +219,6 @@ def plot_accuracy_matrix(matrix: Any, path: str | os.PathLike, title: str = "") 
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def write_plots(workdir: str | os.PathLike, summary: dict, label: str) -> list[pathlib.Path]:

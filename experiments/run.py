@@ -41,10 +41,12 @@ from experiments.pipeline import Prepared, UserError, prepare
 
 log = logging.getLogger("experiments.run")
 
-# Problems a user can fix from the message alone (missing files, bad config, a NaN loss that
-# names task and step): printed as one message, no traceback, exit code 2.
-EXPECTED_ERRORS = (ConfigError, UserError, FileNotFoundError, FileExistsError, ValueError,
-                   FloatingPointError)  # fmt: skip
+# Problems a user can fix from the message alone (missing files, bad config, a workdir holding
+# another run: calfuse_jax's ConfigMismatchError is a ValueError): printed as one message, no
+# traceback, exit code 2. A NaN/Inf loss exits with 3 instead (the config was valid, the run
+# diverged), also as one message: see `non_finite_message`.
+EXPECTED_ERRORS = (ConfigError, UserError, FileNotFoundError, FileExistsError, ValueError)
+EXIT_USER_ERROR, EXIT_NON_FINITE = 2, 3
 
 # Fields that change where things are or how they are shown, not what a run computes: a resume
 # may change them freely.
@@ -56,6 +58,8 @@ NOT_COMPARED = (
     "dataset.root",
     "dataset.data_dir",
     "dataset.download",
+    "outputs.plots",
+    "outputs.tensorboard",
 )
 RESULT_MARKERS = ("config.json", "metrics.jsonl", "checkpoints", "summary.json")
 PACKAGES = ("calfuse-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
@@ -105,6 +109,11 @@ def claim_workdir(workdir: str | os.PathLike, config: dict, overwrite: bool) -> 
     new = _flat(results.jsonable(config))
     differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     differ = [k for k in differ if k not in NOT_COMPARED]
+    layout = _several(old.get("seeds")), _several(new.get("seeds"))
+    if "seeds" in differ and layout[0] is not None and layout[0] == layout[1]:
+        # More (or fewer) seeds: each seed_<k> folder is its own run (its `seed` is compared),
+        # so the finished ones are reused. Only one seed vs several changes the folder layout.
+        differ.remove("seeds")
     if not differ and old:
         return True
     if not overwrite and not old:
@@ -127,6 +136,15 @@ def claim_workdir(workdir: str | os.PathLike, config: dict, overwrite: bool) -> 
             os.replace(path, aside / path.name)
     log.warning("--overwrite: moved the earlier run in %s aside to %s", workdir, aside)
     return False
+
+
+def _several(seeds: object) -> bool | None:
+    """Whether a config's `seeds` text names more than one seed (the seed_<k> folder layout);
+    None when it is missing or unreadable (then `seeds` is compared as it is)."""
+    try:
+        return len(seeds_of(ml_collections.ConfigDict({"seeds": str(seeds)}))) > 1
+    except ConfigError:
+        return None
 
 
 def _aside(path: pathlib.Path) -> bool:
@@ -184,6 +202,12 @@ def environment() -> dict:
     }
 
 
+def wants_output(config: ml_collections.ConfigDict, name: str) -> bool:
+    """`config.outputs.<name>` (plots, tensorboard); True for configs without an `outputs` block."""
+    outputs = config.get("outputs") or {}
+    return bool(outputs.get(name, True))
+
+
 def run_seed(config: ml_collections.ConfigDict, prepared: Prepared, workdir) -> dict:
     """One seed of one method into `workdir` (checked with `claim_workdir` first); returns its
     summary (also summary.json)."""
@@ -218,9 +242,11 @@ def run_seed(config: ml_collections.ConfigDict, prepared: Prepared, workdir) -> 
         summary.update(method=config.method, seed=config.seed, config=config.name)
         if primary:
             results.write_json(workdir / "summary.json", summary)
-            results.write_tensorboard(workdir, results.read_metrics(workdir), summary)
-            title = f"{config.name} {config.method} (seed {config.seed})"
-            results.write_plots(workdir, summary, title)
+            if wants_output(config, "tensorboard"):
+                results.write_tensorboard(workdir, results.read_metrics(workdir), summary)
+            if wants_output(config, "plots"):
+                title = f"{config.name} {config.method} (seed {config.seed})"
+                results.write_plots(workdir, summary, title)
         log.info("Avg %.2f  Last %.2f  -> %s", summary["avg"], summary["last"], workdir)
     return summary
 
@@ -265,15 +291,27 @@ def run_experiment(
         seed_config.seed = seed
         runs.append((seed_config, workdir / f"seed_{seed}"))
     resumed = claim_workdir(workdir, config.to_dict(), overwrite)
+    finished = {}  # seed folders of this config that already hold a summary: reused, not rerun
     for seed_config, seed_dir in runs:
-        claim_workdir(seed_dir, seed_config.to_dict(), overwrite and not resumed)
+        if claim_workdir(seed_dir, seed_config.to_dict(), overwrite and not resumed):
+            if (seed_dir / "summary.json").exists():
+                finished[seed_dir] = results.read_json(seed_dir / "summary.json")
     results.write_json(workdir / "config.json", config.to_dict())  # marks the folder as ours
-    prepared = prepared or prepare(config)
-    summaries = [run_seed(c, prepared, d) for c, d in runs]
+    if len(finished) < len(runs):
+        prepared = prepared or prepare(config)
+    summaries = []
+    for seed_config, seed_dir in runs:
+        if seed_dir in finished:
+            log.info("seed %d: finished earlier in %s, reused", seed_config.seed, seed_dir)
+            summaries.append(finished[seed_dir])
+        else:
+            summaries.append(run_seed(seed_config, prepared, seed_dir))
     summary = results.aggregate(summaries)
     summary.update(method=config.method, config=config.name)
     results.write_json(workdir / "summary.json", summary)
-    results.write_plots(workdir, summary, f"{config.name} {config.method} ({len(seeds)} seeds)")
+    if wants_output(config, "plots"):
+        title = f"{config.name} {config.method} ({len(seeds)} seeds)"
+        results.write_plots(workdir, summary, title)
     return summary
 
 
@@ -300,8 +338,27 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     return args, overrides
 
 
+def non_finite_message(error: FloatingPointError, workdir: str | os.PathLike | None) -> str:
+    """One paragraph for a NaN/Inf training loss (`calfuse_jax.train.NonFiniteLossError`)."""
+    task, step = getattr(error, "task", "?"), getattr(error, "step", "?")
+    value = getattr(error, "value", "NaN/Inf")
+    where = f" in {workdir}" if workdir else ""
+    return (
+        f"error: the training loss became {value} at task {task}, step {step}, so the run "
+        f"stopped. The last good checkpoint{where} is kept: running the same command again "
+        "retries from it. If the loss diverges again, lower --config.train.lr or check the "
+        "features for NaN/Inf, with a new --workdir (or --overwrite to move this run aside). "
+        "(run with --traceback for the full trace)"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit status: 0 done, 2 a user error (bad config, missing
+    files, a workdir of another run), 3 a NaN/Inf loss, 130 interrupted."""
+    from calfuse_jax.continual import ConfigMismatchError, NonFiniteLossError  # imports jax
+
     args, overrides = parse_args(argv)
+    workdir = None
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.WARNING if args.quiet else logging.INFO)  # run.log keeps INFO
     console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -318,11 +375,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         workdir = args.workdir or default_workdir(args.config, config, overrides)
         summary = run_experiment(config, workdir, overwrite=args.overwrite)
-    except EXPECTED_ERRORS as err:
+    except NonFiniteLossError as err:
+        if args.traceback:
+            raise
+        print(non_finite_message(err, workdir), file=sys.stderr)
+        return EXIT_NON_FINITE
+    except (ConfigMismatchError, *EXPECTED_ERRORS) as err:
         if args.traceback:
             raise
         print(f"error: {err}\n(run with --traceback for the full trace)", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         if args.traceback:
             raise

@@ -65,6 +65,12 @@ def base_config() -> ml_collections.ConfigDict:
     # None: $CALFUSE_CACHE, else ~/.cache/calfuse_jax. Shared by every method and seed.
     c.cache_dir = config_dict.placeholder(str)
     c.progress = True
+
+    # What a run writes besides its metrics, summary and checkpoints. Neither changes a result,
+    # so a resume may flip them (experiments.run.NOT_COMPARED); grids turn both off per cell.
+    c.outputs = ml_collections.ConfigDict()
+    c.outputs.plots = True  # accuracy_curve.png, accuracy_matrix.png
+    c.outputs.tensorboard = True  # tensorboard/ event files
     return c
 
 

@@ -93,6 +93,10 @@ def test_variants():
     assert half.method == "rapf" and half.order == "seeded"
     smoke = load_config("cub200:smoke")
     assert smoke.train.epochs == 1 and smoke.dataset.max_per_class == 5
+    # The synthetic benchmark trains on the design's schedule; its smoke variant stays 1 epoch.
+    synthetic = load_config("synthetic")
+    assert (synthetic.train.epochs, synthetic.train.milestones) == (15, (4, 10))
+    assert load_config("synthetic:smoke").train.epochs == 1
     with pytest.raises(ConfigError, match="unknown config variant 'inc'"):
         load_config("cifar100:inc")
 

@@ -111,3 +111,18 @@ def test_plots_are_png_files(tmp_path):
     for path in [*paths, tmp_path / "both.png"]:
         with Image.open(path) as image:
             assert image.format == "PNG" and image.size[0] > 300
+
+
+def test_plots_leave_the_matplotlib_backend_and_pyplot_alone(tmp_path, monkeypatch):
+    # A notebook's inline backend must survive a run: no matplotlib.use, no pyplot figures.
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("plots must use matplotlib.figure.Figure, not pyplot/backends")
+
+    for module, name in ((matplotlib, "use"), (plt, "subplots"), (plt, "figure")):
+        monkeypatch.setattr(module, name, forbidden)
+    summary = summary_of(0, [90.0, 70.0])
+    for path in results.write_plots(tmp_path, summary, "demo calfuse"):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -250,3 +250,68 @@ def test_default_workdir_is_stable_and_names_the_run():
     a = run.default_workdir("cifar100", config, ["train.epochs=3", "cache_dir=/x"])
     b = run.default_workdir("cifar100", config, ["train.epochs=3"])
     assert a == b != run.default_workdir("cifar100", config, ["train.epochs=4"])
+
+
+def smoke_args(workdir, *extra):
+    # synthetic:smoke: generated features, no encoder; run_continual is replaced in these tests.
+    return ["--config", "synthetic:smoke", "--workdir", str(workdir), *extra]
+
+
+def test_a_nan_loss_exits_3_naming_task_and_step(tmp_path, monkeypatch, capsys):
+    def diverging_run(stream, text_features, config, workdir, **kwargs):
+        raise calfuse_jax.continual.NonFiniteLossError(1, 3, float("nan"))
+
+    monkeypatch.setattr(calfuse_jax.continual, "run_continual", diverging_run)
+    assert run.main(smoke_args(tmp_path / "w")) == 3
+    err = capsys.readouterr().err
+    assert "loss became nan at task 1, step 3" in err
+    assert "last good checkpoint in" in err and "Traceback" not in err
+    with pytest.raises(calfuse_jax.continual.NonFiniteLossError):
+        run.main(smoke_args(tmp_path / "w2", "--traceback"))
+
+
+def test_a_config_mismatch_from_the_checkpoints_exits_2(tmp_path, monkeypatch, capsys):
+    message = "task checkpoint 0 in w was written by another configuration (ab != cd)"
+
+    def foreign_run(stream, text_features, config, workdir, **kwargs):
+        raise calfuse_jax.continual.ConfigMismatchError(message)
+
+    monkeypatch.setattr(calfuse_jax.continual, "run_continual", foreign_run)
+    assert run.main(smoke_args(tmp_path / "w")) == 2
+    err = capsys.readouterr().err
+    assert f"error: {message}" in err and "Traceback" not in err
+
+
+def test_more_seeds_run_only_the_new_ones(tmp_path, monkeypatch):
+    ran = []
+
+    def counting_run(stream, text_features, config, workdir, **kwargs):
+        ran.append(config.seed)
+        return fake_run_continual(stream, text_features, config, workdir, **kwargs)
+
+    monkeypatch.setattr(calfuse_jax.continual, "run_continual", counting_run)
+    base = run.apply_overrides(run.load_config("synthetic:smoke"), ["progress=false"])
+    workdir = tmp_path / "multi"
+    run.run_experiment(run.apply_overrides(base, ["seeds=0,1"]), workdir)
+    seed_0 = (workdir / "seed_0" / "summary.json").read_bytes()
+    summary = run.run_experiment(run.apply_overrides(base, ["seeds=0,1,2"]), workdir)
+    assert ran == [0, 1, 2]  # seeds 0 and 1 were reused, not rerun
+    assert (workdir / "seed_0" / "summary.json").read_bytes() == seed_0
+    # Per seed Avg = 75 - seed: mean over 0, 1, 2 is 74 with sample std 1 (over 0, 1: 74.5).
+    assert summary["avg"] == pytest.approx(74.0) and summary["avg_std"] == pytest.approx(1.0)
+    assert results.read_json(workdir / "summary.json")["seeds"] == [0, 1, 2]
+    # One seed writes into the folder itself, not seed_<k>/: that layout change is refused.
+    with pytest.raises(run.UserError, match=r"seeds: '0,1,2' -> '0'"):
+        run.run_experiment(run.apply_overrides(base, ["seeds=0"]), workdir)
+
+
+def test_outputs_switch_skips_plots_and_tensorboard_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.setattr(calfuse_jax.continual, "run_continual", fake_run_continual)
+    base = run.apply_overrides(run.load_config("synthetic:smoke"), ["progress=false"])
+    quiet = run.apply_overrides(base, ["outputs.plots=false", "outputs.tensorboard=false"])
+    workdir = tmp_path / "w"
+    run.run_experiment(quiet, workdir)
+    assert (workdir / "summary.json").is_file()
+    assert not list(workdir.glob("*.png")) and not (workdir / "tensorboard").exists()
+    run.run_experiment(base, workdir)  # output-only switches: the same run, resumed
+    assert (workdir / "accuracy_curve.png").is_file() and (workdir / "tensorboard").is_dir()
