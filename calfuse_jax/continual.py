@@ -334,6 +334,12 @@ def _save_task(run: _Run, task: int, carry: dict) -> None:
         write_results(run.workdir, carry["rows"], carry["accuracy"])
 
 
+def _unit_rows(text: np.ndarray) -> np.ndarray:
+    """float32 [C, D] rows scaled to unit norm (a zero row stays zero)."""
+    text = np.asarray(text, np.float32)
+    return text / np.maximum(np.linalg.norm(text, axis=1, keepdims=True), 1e-12)
+
+
 def run_continual(
     stream: FeatureStream,
     text_features: np.ndarray,
@@ -370,13 +376,11 @@ def run_continual(
     workdir = Path(workdir).absolute()
     doc = config_fingerprint(config, stream, scale)
     prepare_workdir(workdir, doc, overwrite)
-    text = np.asarray(stream.text_by_position(text_features), np.float32)
-    text = text / np.maximum(np.linalg.norm(text, axis=1, keepdims=True), 1e-12)
     head = train.make_head(config, stream.dim)
-    host_gate = head.mode not in ("learned", "dynamic")
+    host_gate = head.mode not in ("learned", "dynamic")  # none/fixed/schedule: gate from the host
     run = _Run(
         stream=stream,
-        text=text,
+        text=_unit_rows(stream.text_by_position(text_features)),
         config=config,
         mesh=mesh if mesh is not None else sharding.make_mesh(),
         head=head,
