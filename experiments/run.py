@@ -6,7 +6,9 @@
     python -m experiments.run --config synthetic --config.seeds=0,1,2
 
 Running the same command again resumes an interrupted run (finished tasks come from checkpoints,
-features from the cache); a workdir that holds a different config is refused unless `--overwrite`.
+features from the cache); a workdir that holds a different config is refused unless `--overwrite`
+(more seeds are not a different config: only the new ones run). Exit codes: 2 for a user error,
+3 for a NaN/Inf loss (the last good checkpoint is kept).
 From Python: `run_experiment(load_config("synthetic"), "runs/x")` returns the summary dict.
 """
 
