@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from calfuse_jax.models.clip import CLIP, VARIANTS, CLIPArch, param_shapes
+from calfuse_jax.models.convert import config_from_arch
 
 
 def vision_macs(arch: CLIPArch) -> float:
@@ -82,19 +83,10 @@ def torch_fn(arch: CLIPArch, batch: int):
     """Callable running transformers' PyTorch CLIPVisionModelWithProjection, or None."""
     try:
         import torch
-        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+        from transformers import CLIPVisionModelWithProjection
     except ImportError:
         return None
-    config = CLIPVisionConfig(
-        hidden_size=arch.vision_width,
-        intermediate_size=arch.vision_mlp,
-        projection_dim=arch.embed_dim,
-        num_hidden_layers=arch.vision_layers,
-        num_attention_heads=arch.vision_heads,
-        image_size=arch.image_size,
-        patch_size=arch.patch_size,
-        hidden_act=arch.vision_act,
-    )
+    config = config_from_arch(arch).vision_config  # the same HF config our loader reads
     model = CLIPVisionModelWithProjection(config).eval()
     pixels = torch.randn(batch, 3, arch.image_size, arch.image_size)
 

@@ -41,7 +41,7 @@ from experiments import report, results
 from experiments.configs import ConfigError, apply_overrides, load_config
 from experiments.grids import Axis, Cell, GridError, combine, expand, parse_grid, preset, short_key
 from experiments.pipeline import UserError, cache_dir_of, prepare
-from experiments.run import NOT_COMPARED, run_experiment
+from experiments.run import NOT_COMPARED, parse_with_overrides, run_experiment
 
 log = logging.getLogger("experiments.ablate")
 
@@ -380,12 +380,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     )
     parser.add_argument("--traceback", action="store_true", help="show tracebacks of user errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress")
-    args, rest = parser.parse_known_args(argv)
-    overrides = []
-    for item in rest:
-        if not item.startswith("--config."):
-            parser.error(f"unrecognised argument {item!r}; overrides look like --config.KEY=VALUE")
-        overrides.append(item[len("--config.") :])
+    args, overrides = parse_with_overrides(parser, argv)
     if not args.preset and not args.grid:
         parser.error("give --preset method|calfuse_ablation or --grid KEY=V1,V2 ...")
     return args, overrides

@@ -331,6 +331,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     )
     parser.add_argument("--traceback", action="store_true", help="show tracebacks of user errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress")
+    return parse_with_overrides(parser, argv)
+
+
+def parse_with_overrides(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> tuple[argparse.Namespace, list[str]]:
+    """Parses `argv`; every `--config.KEY=VALUE` left over becomes the override `KEY=VALUE`."""
     args, rest = parser.parse_known_args(argv)
     overrides = []
     for item in rest:
