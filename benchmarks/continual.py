@@ -17,6 +17,7 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 if __name__ == "__main__" and "--cpu-devices" in sys.argv:
     # Split the CPU into N XLA devices (before jax is imported): the batch is then sharded over
@@ -34,6 +35,11 @@ COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 TRACE_EVENT = "/jax/core/compile/tracing_duration"
 
 
+def folder_bytes(folder: Path) -> int:
+    """Bytes on disk under `folder` (allocated blocks, as `du` counts them)."""
+    return sum(p.stat().st_blocks * 512 for p in folder.rglob("*") if p.is_file())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", type=int, default=10)
@@ -42,6 +48,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--method", default="calfuse")
     parser.add_argument("--cpu-devices", type=int, default=1, help="fake XLA CPU devices")
+    parser.add_argument("--workdir", default=None, help="run folder to keep (default: a temp one)")
     args = parser.parse_args()
 
     durations: collections.Counter = collections.Counter()
@@ -60,10 +67,12 @@ def main() -> None:
     config.method = args.method
     config.train.epochs = args.epochs
     config.continual.initial = config.continual.increment = per_class
-    with tempfile.TemporaryDirectory() as workdir:
+    with tempfile.TemporaryDirectory() as scratch:
+        workdir = Path(args.workdir or scratch)
         started, cpu_started = time.perf_counter(), os.times()
         result = run_continual(stream, text, config, workdir, progress=False)
         wall, cpu_ended = time.perf_counter() - started, os.times()
+        checkpoint_bytes = folder_bytes(workdir / "checkpoints")
     # CPU seconds used by this process: on a shared machine, wall time also counts waiting.
     cpu = (cpu_ended.user + cpu_ended.system) - (cpu_started.user + cpu_started.system)
     compile_s = durations[COMPILE_EVENT]
@@ -80,6 +89,7 @@ def main() -> None:
     print(f"training loops {train_s:.1f} s ({1e3 * train_s / max(steps, 1):.2f} ms/step incl. "
           f"compile); stats, fusion, eval, checkpoints {wall - train_s:.1f} s")  # fmt: skip
     print(f"process CPU time {cpu:.1f} s (user + system, all threads)")
+    print(f"checkpoints folder {checkpoint_bytes / 2**20:.1f} MiB on disk")
     print("summary:", {k: round(v, 2) for k, v in result.summary.items()})
 
 

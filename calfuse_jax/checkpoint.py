@@ -2,11 +2,15 @@
 
 Layout under `<workdir>/checkpoints/`:
 
-- `tasks/<t>/`: written after task t is trained, fused and evaluated. `state` holds every array
-  the next task needs (head + gate params, class statistics, accuracy matrix, RNG key); `meta` is
-  JSON (task index, config, fingerprint, the metrics rows so far).
-- `steps/<t * STEP_STRIDE + s>/`: the state after step s of task t (params + optimiser state),
-  kept only for the newest step; a run killed mid-task resumes from it.
+- `tasks/<t>/`: written after task t is trained, fused and evaluated. `state` holds the head +
+  gate params, accuracy matrix, accuracy curves and RNG key; `stats` the statistics of the classes
+  task t added only (means [n_t, D], Cholesky factors [n_t, D, D]); `meta` is JSON (task index,
+  config, fingerprint, the metrics rows so far). Restoring task t reads `stats` of tasks 0..t in
+  order (`restore_class_stats`), so every earlier task checkpoint must still be there; storing all
+  seen classes in every checkpoint instead would write sum_t C_t classes (1 MiB each at 512-d).
+- `steps/<t * STEP_STRIDE + s>/`: the state after step s of task t (params + optimiser state; no
+  class statistics: those of tasks < t are in the task checkpoints), kept only for the newest
+  step; a run killed mid-task resumes from it.
 
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a
 half-written checkpoint is never listed. Saving is collective: under `jax.distributed` every
@@ -24,6 +28,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +36,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from calfuse_jax import sharding
 from calfuse_jax.config import method_config
 
 STEP_STRIDE = 10_000_000  # step checkpoint id = task * STEP_STRIDE + step
+STATE_FIELDS = ("params", "accuracy", "curves", "key")  # carry fields in a task's `state`
 FINGERPRINT_FILE = "run_fingerprint.json"
 RESULT_FILES = ("checkpoints", "metrics.jsonl", "accuracy_matrix.csv", FINGERPRINT_FILE)
 # Fields that change neither the maths nor the data order, so a run may resume with new values.
@@ -46,6 +53,10 @@ class ConfigMismatchError(ValueError):
     """The workdir holds a run of another configuration (or data)."""
 
 
+class TaskCheckpointError(RuntimeError):
+    """A task checkpoint that a restore needs is missing, half-written or unreadable."""
+
+
 class RunCheckpoints:
     """The task and step checkpoint managers of one workdir."""
 
@@ -54,9 +65,15 @@ class RunCheckpoints:
         self.directory = directory
         # Synchronous saves: a checkpoint is complete when `save` returns, which keeps the order
         # "checkpoint, then metrics files" simple and lets the next step donate the saved arrays.
+        # Named handlers let a fresh manager read an item's metadata (shapes) without its arrays.
         self._tasks = ocp.CheckpointManager(
             directory / "tasks",
             options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "stats": ocp.StandardCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
         )
         self._steps = ocp.CheckpointManager(
             directory / "steps",
@@ -74,16 +91,38 @@ class RunCheckpoints:
         """Indices of the tasks with a complete checkpoint, ascending."""
         return sorted(self._tasks.all_steps())
 
-    def save_task(self, task: int, state: Any, meta: dict) -> None:
-        """Saves the end-of-task `state` pytree and JSON `meta` of task `task`."""
-        self._tasks.save(
-            task,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-            force=True,
-        )
+    def task_path(self, task: int) -> Path:
+        """The folder of task `task`'s checkpoint (whether or not it exists)."""
+        return self.directory / "tasks" / str(task)
+
+    def save_task(self, task: int, state: Any, meta: dict, new_stats: Any = None) -> None:
+        """Saves the end-of-task `state` pytree and JSON `meta` of task `task`, plus `new_stats`
+        (`{"means": [n_t, D], "chols": [n_t, D, D]}` of the task's own classes) when given."""
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        if new_stats is not None:
+            items["stats"] = ocp.args.StandardSave(new_stats)
+        self._tasks.save(task, args=ocp.args.Composite(**items), force=True)
         self._tasks.wait_until_finished()
+
+    def task_shapes(self, task: int, item: str = "stats") -> dict[str, tuple[int, ...]] | None:
+        """Array shapes of `item` ("state" or "stats") in task `task`'s checkpoint by "/"-joined
+        path, e.g. {"means": (n_t, D), "chols": (n_t, D, D)}, from Orbax's metadata (no arrays
+        read); None when the checkpoint has no such item."""
+        metadata = self._tasks.item_metadata(task).get(item)
+        if metadata is None:
+            return None
+        leaves = jax.tree_util.tree_flatten_with_path(dict(metadata.tree))[0]
+        return {
+            "/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+            for path, leaf in leaves
+        }
+
+    def restore_task_stats(self, task: int, abstract_stats: Any) -> Any:
+        """The class statistics task `task` added, shaped and placed like `abstract_stats`."""
+        restored = self._tasks.restore(
+            task, args=ocp.args.Composite(stats=ocp.args.StandardRestore(abstract_stats))
+        )
+        return restored["stats"]
 
     def task_meta(self, task: int) -> dict:
         """The JSON part of task `task`'s checkpoint (cheap: no arrays read)."""
@@ -132,6 +171,95 @@ class RunCheckpoints:
 def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
     """ShapeDtypeStructs of `tree`'s leaves (arrays or ShapeDtypeStructs) with `sharding`."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+# What a task checkpoint holds, and how the class statistics are rebuilt from several of them.
+def task_state(carry: dict, old: int) -> tuple[dict, dict]:
+    """Splits an end-of-task carry into the checkpoint's (`state`, `stats`) items.
+
+    Args:
+      carry: the run's carry (`params`, `stats`: a `ClassStats` of all C seen classes, `accuracy`
+        [T, T], `curves` [3, T], `key` [2]).
+      old: classes seen before this task; `stats` keeps positions old..C-1 only.
+    Returns:
+      (state, new_stats): `{params, accuracy, curves, key}` and `{"means": [C - old, D],
+      "chols": [C - old, D, D]}`.
+    """
+    state = {name: carry[name] for name in STATE_FIELDS}
+    class_stats = carry["stats"]
+    return state, {"means": class_stats.means[old:], "chols": class_stats.chols[old:]}
+
+
+def abstract_task_state(abstract_params: Any, num_tasks: int, placement) -> dict:
+    """Shapes of a task checkpoint's `state` item (see `task_state`), placed with `placement`."""
+    f32 = np.float32
+    tree = {
+        "params": abstract_params,
+        "accuracy": jax.ShapeDtypeStruct((num_tasks, num_tasks), f32),
+        "curves": jax.ShapeDtypeStruct((3, num_tasks), f32),  # seen, old, new accuracy
+        "key": jax.ShapeDtypeStruct((2,), np.uint32),
+    }
+    return abstract_like(tree, placement)
+
+
+def restore_class_stats(
+    checkpoints: RunCheckpoints, task: int, bounds: Sequence[int], dim: int, placement
+) -> dict[str, np.ndarray]:
+    """Rebuilds the statistics of every class seen after `task` from tasks 0..task's checkpoints.
+
+    Args:
+      checkpoints: the run's checkpoints; task k's holds positions bounds[k]:bounds[k+1].
+      task: the last finished task.
+      bounds: [T + 1] task boundaries in positions (`TaskSplit.bounds`).
+      dim: feature width D.
+      placement: the sharding to restore through (replicated over the run's mesh).
+    Returns:
+      NumPy `{"means": [C, D], "chols": [C, D, D]}`, C = bounds[task + 1], concatenated in task
+      order (bit for bit what the uninterrupted run carried).
+    Raises:
+      TaskCheckpointError naming the first task checkpoint that is missing, half-written,
+      without statistics or unreadable.
+    """
+    finished = set(checkpoints.finished_tasks())
+    means, chols = [], []
+    for k in range(task + 1):
+        count = int(bounds[k + 1]) - int(bounds[k])
+        expected = {"means": (count, dim), "chols": (count, dim, dim)}
+        if k not in finished:
+            raise _stats_error(checkpoints, k, task, "is missing")
+        try:
+            shapes = checkpoints.task_shapes(k, "stats")
+            if shapes != expected:
+                problem = "holds no class statistics" if shapes is None else f"holds {shapes}"
+                raise _stats_error(checkpoints, k, task, f"{problem}, not {expected}")
+            abstract = abstract_like(
+                {name: jax.ShapeDtypeStruct(shape, np.float32) for name, shape in expected.items()},
+                placement,
+            )
+            part = sharding.to_host(checkpoints.restore_task_stats(k, abstract))
+        except TaskCheckpointError:
+            raise
+        except Exception as error:  # Orbax/TensorStore report damaged files in many types
+            raise _stats_error(checkpoints, k, task, f"is unreadable ({error})") from error
+        means.append(part["means"])
+        chols.append(part["chols"])
+    return {"means": np.concatenate(means), "chols": np.concatenate(chols)}
+
+
+def _stats_error(checkpoints: RunCheckpoints, k: int, task: int, problem: str):
+    path = checkpoints.task_path(k)
+    partial = sorted(path.parent.glob(f"{k}.orbax-checkpoint-tmp-*"))
+    if partial:
+        problem += f" (only a half-written {partial[0].name} is there)"
+    fixes = "pass overwrite=True (--overwrite) to start the run again"
+    if k > 0:
+        fixes = (
+            f"delete {path.parent}/<t> for every t >= {k} to resume after task {k - 1}, or {fixes}"
+        )
+    return TaskCheckpointError(
+        f"task checkpoint {k} ({path}) {problem}; resuming after task {task} needs the class "
+        f"statistics of tasks 0..{task}, each stored in its own task checkpoint: {fixes}"
+    )
 
 
 # Run identity: the fingerprint that ties a workdir to one configuration and data set.

@@ -1,9 +1,10 @@
 """The class-incremental task loop: train -> class statistics -> fuse -> evaluate -> checkpoint.
 
 `run_continual` drives a whole `FeatureStream`. After each task it writes a metrics row
-(`metrics.jsonl`, `accuracy_matrix.csv`) and an Orbax checkpoint holding everything the next task
-needs, so a killed run resumes after the last finished task, or inside a task from the newest
-step checkpoint, and replays bit for bit. A run folder belongs to one configuration (its
+(`metrics.jsonl`, `accuracy_matrix.csv`) and an Orbax checkpoint holding, with the earlier task
+checkpoints, everything the next task needs (each stores only its own classes' statistics), so a
+killed run resumes after the last finished task, or inside a task from the newest step
+checkpoint, and replays bit for bit. A run folder belongs to one configuration (its
 fingerprint is in `run_fingerprint.json`); a different one is refused unless `overwrite=True`,
 which moves the old results aside into `overwritten-<time>/`. Only process 0 writes files; Orbax
 checkpoints are collective.
@@ -30,10 +31,14 @@ from calfuse_jax import calibration, evaluation, fusion, sharding, stats, train
 from calfuse_jax.checkpoint import (
     ConfigMismatchError,
     RunCheckpoints,
+    TaskCheckpointError,
     abstract_like,
+    abstract_task_state,
     config_fingerprint,
     json_safe,
     prepare_workdir,
+    restore_class_stats,
+    task_state,
     write_results,
 )
 from calfuse_jax.config import resolve_method
@@ -44,7 +49,13 @@ from calfuse_jax.validation import validate_inputs
 
 logger = logging.getLogger("calfuse_jax")
 
-__all__ = ["ConfigMismatchError", "ContinualResult", "NonFiniteLossError", "run_continual"]
+__all__ = [
+    "ConfigMismatchError",
+    "ContinualResult",
+    "NonFiniteLossError",
+    "TaskCheckpointError",
+    "run_continual",
+]
 
 
 @dataclasses.dataclass
@@ -100,25 +111,6 @@ def _initial_params(run: _Run):
         out_shardings=sharding.replicated(run.mesh),
     )
     return init(key)
-
-
-def _abstract_run_state(run: _Run, task: int):
-    """Shapes of the end-of-task checkpoint state of `task` (for restoring)."""
-    dim, num_tasks = run.stream.dim, run.num_tasks
-    seen = int(run.stream.split.bounds[task + 1])
-    params = jax.eval_shape(lambda: _initial_params(run))
-    f32 = jnp.float32
-    tree = {
-        "params": params,
-        "stats": {
-            "means": jax.ShapeDtypeStruct((seen, dim), f32),
-            "chols": jax.ShapeDtypeStruct((seen, dim, dim), f32),
-        },
-        "accuracy": jax.ShapeDtypeStruct((num_tasks, num_tasks), f32),
-        "curves": jax.ShapeDtypeStruct((3, num_tasks), f32),  # seen, old, new accuracy
-        "key": jax.ShapeDtypeStruct((2,), jnp.uint32),
-    }
-    return abstract_like(tree, sharding.replicated(run.mesh))
 
 
 def _hard_pairs(run: _Run, task: int) -> np.ndarray:
@@ -207,11 +199,18 @@ def _resume(run: _Run) -> tuple[dict, int]:
     task = finished[-1]
     meta = run.checkpoints.task_meta(task)
     _check_meta(run, meta, f"task checkpoint {task}")
-    state = run.checkpoints.restore_task(task, _abstract_run_state(run, task))
+    placement = sharding.replicated(run.mesh)
+    abstract_params = jax.eval_shape(lambda: _initial_params(run))
+    state = run.checkpoints.restore_task(
+        task, abstract_task_state(abstract_params, run.num_tasks, placement)
+    )
     host = sharding.to_host({k: v for k, v in state.items() if k != "params"})
+    bounds, dim = run.stream.split.bounds, run.stream.dim
     carry = {
         "params": state["params"],
-        "stats": stats.ClassStats.from_dict(host["stats"]),
+        "stats": stats.ClassStats.from_dict(
+            restore_class_stats(run.checkpoints, task, bounds, dim, placement)
+        ),
         "accuracy": host["accuracy"],
         "curves": host["curves"],
         "key": host["key"],
@@ -315,21 +314,17 @@ def _evaluate(run: _Run, task: int, params, inputs: train.TaskInputs):
 
 
 def _save_task(run: _Run, task: int, carry: dict) -> None:
-    state = {
-        "params": carry["params"],
-        "stats": {"means": carry["stats"].means, "chols": carry["stats"].chols},
-        "accuracy": carry["accuracy"],
-        "curves": carry["curves"],
-        "key": carry["key"],
-    }
-    state = sharding.replicate(state, run.mesh)
+    # Only the statistics of this task's classes: earlier ones are in earlier task checkpoints.
+    state, new_stats = task_state(carry, int(run.stream.split.bounds[task]))
+    state, new_stats = sharding.replicate((state, new_stats), run.mesh)
     meta = {
         "task": task,
         "fingerprint": run.fingerprint,
         "config": run.config.to_dict(),
         "rows": [{k: json_safe(v) for k, v in row.items()} for row in carry["rows"]],
     }
-    run.checkpoints.save_task(task, state, json.loads(json.dumps(meta, default=str)))
+    meta = json.loads(json.dumps(meta, default=str))
+    run.checkpoints.save_task(task, state, meta, new_stats=new_stats)
     if run.writer:
         write_results(run.workdir, carry["rows"], carry["accuracy"])
 
@@ -366,9 +361,10 @@ def run_continual(
       step_callback: `fn(task, completed_steps)` after every training step (tests, monitoring).
 
     Raises:
-      ValueError on bad inputs, ConfigMismatchError for a foreign workdir, NonFiniteLossError when
-      the loss turns NaN/Inf (the last good checkpoint is kept). KeyboardInterrupt is re-raised
-      after a step checkpoint is saved.
+      ValueError on bad inputs, ConfigMismatchError for a foreign workdir, TaskCheckpointError
+      when resuming needs an earlier task checkpoint that is missing or damaged (each holds only
+      its own classes' statistics), NonFiniteLossError when the loss turns NaN/Inf (the last
+      good checkpoint is kept). KeyboardInterrupt is re-raised after a step checkpoint is saved.
     """
     config = resolve_method(config)
     validate_inputs(stream, text_features)

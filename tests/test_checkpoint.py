@@ -1,6 +1,7 @@
 """Orbax task/step checkpoints and the workdir fingerprint."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -66,6 +67,41 @@ def test_half_written_checkpoint_is_not_a_finished_task(tmp_path):
     # What a crash during Orbax's write leaves: a temporary folder, renamed only when complete.
     (tmp_path / "tasks" / "1.orbax-checkpoint-tmp-1234567").mkdir()
     assert checkpoint.RunCheckpoints(tmp_path).finished_tasks() == [0]
+
+
+def test_class_stats_are_rebuilt_from_each_tasks_own_classes(tmp_path):
+    # Task 0 adds 2 classes, task 1 adds 3 (3-d): each checkpoint holds its own rows only, and
+    # the restore concatenates them in task order, on another mesh than the one that saved.
+    four = sharding.make_mesh()
+    one = sharding.replicated(sharding.make_mesh(jax.devices()[:1]))
+    rng = np.random.default_rng(0)
+    bounds = [0, 2, 5]
+    means = rng.standard_normal((5, 3)).astype(np.float32)
+    chols = rng.standard_normal((5, 3, 3)).astype(np.float32)
+    checkpoints = checkpoint.RunCheckpoints(tmp_path)
+    for task in range(2):
+        new = {"means": means[bounds[task] : bounds[task + 1]]}
+        new["chols"] = chols[bounds[task] : bounds[task + 1]]
+        state, new = sharding.replicate((_state(task), new), four)
+        checkpoints.save_task(task, state, {"task": task}, new_stats=new)
+    checkpoints.save_task(2, sharding.replicate(_state(2), four), {"task": 2})  # no statistics
+    checkpoints.close()
+    reopened = checkpoint.RunCheckpoints(tmp_path)
+    assert reopened.task_shapes(1) == {"means": (3, 3), "chols": (3, 3, 3)}
+    assert reopened.task_shapes(2) is None
+    rebuilt = checkpoint.restore_class_stats(reopened, 1, bounds, 3, one)
+    np.testing.assert_array_equal(rebuilt["means"], means)
+    np.testing.assert_array_equal(rebuilt["chols"], chols)
+    first = checkpoint.restore_class_stats(reopened, 0, bounds, 3, one)
+    np.testing.assert_array_equal(first["chols"], chols[:2])
+    with pytest.raises(checkpoint.TaskCheckpointError, match="task checkpoint 2 .* holds no class"):
+        checkpoint.restore_class_stats(reopened, 2, [0, 2, 5, 6], 3, one)
+    with pytest.raises(checkpoint.TaskCheckpointError, match=r"task checkpoint 0 .* \(2, 3\)"):
+        checkpoint.restore_class_stats(reopened, 1, [0, 3, 5], 3, one)  # another split
+    reopened.close()
+    shutil.rmtree(tmp_path / "tasks" / "1" / "stats" / "d")  # damaged after it was committed
+    with pytest.raises(checkpoint.TaskCheckpointError, match="task checkpoint 1 .* unreadable"):
+        checkpoint.restore_class_stats(checkpoint.RunCheckpoints(tmp_path), 1, bounds, 3, one)
 
 
 def _doc(config=None, **stream_args):

@@ -9,9 +9,14 @@ import jax
 import numpy as np
 import pytest
 
-from calfuse_jax import sharding, train
+from calfuse_jax import checkpoint, sharding, train
 from calfuse_jax.config import method_config
-from calfuse_jax.continual import ConfigMismatchError, NonFiniteLossError, run_continual
+from calfuse_jax.continual import (
+    ConfigMismatchError,
+    NonFiniteLossError,
+    TaskCheckpointError,
+    run_continual,
+)
 from calfuse_jax.data.stream import FeatureStream
 from calfuse_jax.data.synthetic import make_synthetic_stream
 
@@ -136,6 +141,50 @@ def test_resume_after_first_task_is_bit_identical(reference, tmp_path):
 
 def _boom(task, step):
     raise AssertionError("a finished run must not train again")
+
+
+def test_task_checkpoints_hold_only_their_own_classes_stats(reference, tmp_path):
+    stream, text, expected, _ = reference
+    shutil.copytree(expected.workdir, tmp_path / "run")
+    checkpoints = checkpoint.RunCheckpoints(tmp_path / "run" / "checkpoints")
+    for task in range(3):  # 5 new classes per task, 32-d; the state item holds no statistics
+        assert checkpoints.task_shapes(task) == {"means": (5, 32), "chols": (5, 32, 32)}
+        state = checkpoints.task_shapes(task, "state")
+        assert {"accuracy", "curves", "key"} <= set(state)
+        assert not any(name.startswith("stats") for name in state)
+    bounds, placement = stream.split.bounds, sharding.replicated(sharding.make_mesh())
+    rebuilt = checkpoint.restore_class_stats(checkpoints, 2, bounds, 32, placement)
+    checkpoints.close()
+    np.testing.assert_array_equal(rebuilt["means"], expected.stats.means)  # bitwise
+    np.testing.assert_array_equal(rebuilt["chols"], expected.stats.chols)
+    # Rows in class-order positions: each is the NumPy mean of its class's training features.
+    for position in (0, 7, 14):
+        rows = stream.train_labels == stream.split.class_order[position]
+        np.testing.assert_allclose(
+            rebuilt["means"][position], stream.train_features[rows].mean(0), atol=1e-5
+        )
+    # Resuming after task 1 rebuilds the statistics from two checkpoints and replays task 2.
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "tasks" / "2")
+    _assert_same_run(run_continual(stream, text, tiny_config(), tmp_path / "run"), expected)
+
+
+def test_resume_names_a_missing_or_half_written_earlier_task(reference, tmp_path):
+    stream, text, expected, _ = reference
+    workdir = tmp_path / "run"
+    shutil.copytree(expected.workdir, workdir)
+    tasks = workdir / "checkpoints" / "tasks"
+    shutil.rmtree(tasks / "1")  # tasks 0 and 2 remain: task 2's restore needs task 1's stats
+    before = _snapshot(workdir)
+    with pytest.raises(
+        TaskCheckpointError,
+        match=r"task checkpoint 1 \(.*tasks/1\) is missing; resuming after task 2 .* to resume "
+        r"after task 0",
+    ):
+        run_continual(stream, text, tiny_config(), workdir, progress=False, step_callback=_boom)
+    assert _snapshot(workdir) == before  # nothing written or cleaned up
+    (tasks / "0").rename(tasks / "0.orbax-checkpoint-tmp-1234567")  # what a crash mid-write leaves
+    with pytest.raises(TaskCheckpointError, match=r"task checkpoint 0 .* half-written 0\.orbax"):
+        run_continual(stream, text, tiny_config(), workdir, progress=False, step_callback=_boom)
 
 
 def test_one_and_four_devices_agree(reference, tmp_path):
