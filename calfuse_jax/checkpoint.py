@@ -53,8 +53,9 @@ class ConfigMismatchError(ValueError):
     """The workdir holds a run of another configuration (or data)."""
 
 
-class TaskCheckpointError(RuntimeError):
-    """A task checkpoint that a restore needs is missing, half-written or unreadable."""
+class TaskCheckpointError(ValueError):
+    """A task checkpoint that a restore needs is missing, half-written or unreadable (a
+    ValueError, like ConfigMismatchError: a workdir problem the user fixes from the message)."""
 
 
 class RunCheckpoints:
@@ -230,7 +231,9 @@ def restore_class_stats(
         try:
             shapes = checkpoints.task_shapes(k, "stats")
             if shapes != expected:
-                problem = "holds no class statistics" if shapes is None else f"holds {shapes}"
+                problem = (
+                    f"holds {shapes}" if shapes else "holds no class statistics (older format?)"
+                )
                 raise _stats_error(checkpoints, k, task, f"{problem}, not {expected}")
             abstract = abstract_like(
                 {name: jax.ShapeDtypeStruct(shape, np.float32) for name, shape in expected.items()},
@@ -240,7 +243,9 @@ def restore_class_stats(
         except TaskCheckpointError:
             raise
         except Exception as error:  # Orbax/TensorStore report damaged files in many types
-            raise _stats_error(checkpoints, k, task, f"is unreadable ({error})") from error
+            raise _stats_error(
+                checkpoints, k, task, f"is unreadable ({str(error)[:300]})"
+            ) from error
         means.append(part["means"])
         chols.append(part["chols"])
     return {"means": np.concatenate(means), "chols": np.concatenate(chols)}
