@@ -100,8 +100,10 @@ def test_class_stats_are_rebuilt_from_each_tasks_own_classes(tmp_path):
         checkpoint.restore_class_stats(reopened, 1, [0, 3, 5], 3, one)  # another split
     reopened.close()
     shutil.rmtree(tmp_path / "tasks" / "1" / "stats" / "d")  # damaged after it was committed
+    damaged = checkpoint.RunCheckpoints(tmp_path)
     with pytest.raises(checkpoint.TaskCheckpointError, match="task checkpoint 1 .* unreadable"):
-        checkpoint.restore_class_stats(checkpoint.RunCheckpoints(tmp_path), 1, bounds, 3, one)
+        checkpoint.restore_class_stats(damaged, 1, bounds, 3, one)
+    damaged.close()
 
 
 def _doc(config=None, **stream_args):
