@@ -3,13 +3,10 @@
     feats, labels = image_features(ds, model, params, cache_dir=..., weights_id=..., image_size=224)
     text = text_features(names, model, params, tokenizer, cache_dir=..., weights_id=...)
 
-Cache layout (`cache_dir/images/<key>/`): finished `chunks/chunk-<start>-<end>.npy` written
-atomically (temporary file, fsync, rename) while extraction runs, so an interrupted run resumes
-from the finished chunks; at the end one `features.npy` [N, D] float32 and `labels.npy` [N] int64
-plus `manifest.json` holding their sha256 and shapes, checked on every load (a corrupted or
-truncated cache is reported and recomputed, never used). The key is the sha256 of the weights id,
-model architecture, image size, compute dtype, preprocessing version and `ds.identity`, so every
-method and seed shares one cache and anything that changes the numbers changes the key.
+The cache (resumable chunk files, sha256-verified manifest; `calfuse_jax.feature_cache`) lives
+under `cache_dir/images/<key>/` and `cache_dir/text/<key>/`. The key is the sha256 of the weights
+id, model architecture, image size, compute dtype, preprocessing version and `ds.identity`, so
+every method and seed shares one cache and anything that changes the numbers changes the key.
 
 Extraction: batches are decoded and preprocessed on host threads (PIL releases the GIL) a few
 batches ahead of the device, padded to one fixed batch shape (the encoder is traced once), split
@@ -23,11 +20,8 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
-import hashlib
-import json
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,138 +31,38 @@ import jax.numpy as jnp
 import numpy as np
 
 from calfuse_jax import sharding
+from calfuse_jax.feature_cache import (
+    WEIGHT_FILES,
+    WEIGHT_SUFFIXES,
+    atomic_save,
+    atomic_write_json,
+    cache_key,
+    chunk_path,
+    file_sha256,
+    load_chunk,
+    load_verified,
+    weights_id,
+    write_verified,
+)
+
+# The cache's public names stay importable from here, as before the split.
+__all__ = [
+    "PREPROCESS_VERSION",
+    "TEXT_VERSION",
+    "WEIGHT_FILES",
+    "WEIGHT_SUFFIXES",
+    "cache_key",
+    "default_compute_dtype",
+    "file_sha256",
+    "image_features",
+    "make_image_encoder",
+    "normalise",
+    "text_features",
+    "weights_id",
+]
 
 PREPROCESS_VERSION = "clip-bicubic-shortside-centercrop-meanstd-v1"
 TEXT_VERSION = "text-normalised-template-mean-v1"
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what from_pretrained reads, in order
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".npz", ".ckpt")
-_FILE_SHA_MEMO: dict[tuple, str] = {}
-
-
-# ----------------------------------------------------------------------------------------------
-# Hashing and atomic files
-
-
-def file_sha256(path) -> str:
-    """sha256 (hex) of a file, memoised on (path, size, mtime) within the process."""
-    stat = os.stat(path)
-    memo_key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
-    if memo_key not in _FILE_SHA_MEMO:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-        _FILE_SHA_MEMO[memo_key] = digest.hexdigest()
-    return _FILE_SHA_MEMO[memo_key]
-
-
-def weights_id(path_or_hub_id: str | os.PathLike) -> str:
-    """sha256 (hex) identifying a checkpoint's weights: a file, a folder, or a cached hub id.
-
-    For a folder (or a hub id, resolved to its local snapshot without network when cached) the
-    weight file `from_pretrained` reads is hashed: `model.safetensors`, else `pytorch_model.bin`,
-    else the shards named in `*.index.json`, else every weight-like file. One file -> its own
-    sha256 (comparable with the hub's LFS hash); several -> sha256 over `name:sha256` lines.
-    """
-    path = Path(os.fspath(path_or_hub_id))
-    if path.is_file():
-        return file_sha256(path)
-    if not path.is_dir():
-        from calfuse_jax.models.convert import resolve
-
-        path = resolve(path, ("config.json",), ("model.safetensors", "pytorch_model.bin"))
-    files = _weight_files(path)
-    if not files:
-        raise FileNotFoundError(
-            f"no weight file in {str(path)!r}: expected model.safetensors or pytorch_model.bin "
-            "(a Hugging Face CLIP folder); write a random one with clip.random_checkpoint(folder)"
-        )
-    if len(files) == 1:
-        return file_sha256(files[0])
-    lines = "".join(f"{f.name}:{file_sha256(f)}\n" for f in files)
-    return hashlib.sha256(lines.encode()).hexdigest()
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    for name in WEIGHT_FILES:
-        if (folder / name).is_file():
-            return [folder / name]
-    for index in sorted(folder.glob("*.index.json")):
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / shard for shard in shards]
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
-
-
-def cache_key(fields: dict) -> str:
-    """sha256 (hex, 24 chars) of the canonical JSON of `fields`."""
-    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
-
-
-def _atomic_save(path: Path, array: np.ndarray) -> None:
-    """Writes `array` as .npy so that `path` is either absent or complete (never partial)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            np.save(f, array)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _atomic_write_json(path: Path, payload: dict) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w") as f:
-        json.dump(payload, f, indent=1, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _verified(folder: Path, names: Sequence[str]) -> list[np.ndarray] | None:
-    """Loads `names` (.npy) from `folder` if `manifest.json` exists and sha256/shape/dtype match.
-
-    Returns None when there is no cache; warns and returns None for a corrupted one.
-    """
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.exists():
-        return None
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        arrays = []
-        for name in names:
-            entry = manifest["files"][name]
-            if file_sha256(folder / name) != entry["sha256"]:
-                raise ValueError(f"{name}: sha256 mismatch")
-            array = np.load(folder / name, allow_pickle=False)
-            if list(array.shape) != entry["shape"] or array.dtype.str != entry["dtype"]:
-                raise ValueError(f"{name}: shape/dtype {array.shape} {array.dtype} != manifest")
-            arrays.append(array)
-        return arrays
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as error:
-        warnings.warn(
-            f"feature cache {str(folder)!r} failed verification ({error}); recomputing it",
-            stacklevel=3,
-        )
-        manifest_path.unlink(missing_ok=True)
-        return None
-
-
-def _write_verified(folder: Path, arrays: dict[str, np.ndarray], fields: dict) -> None:
-    files = {}
-    for name, array in arrays.items():
-        _atomic_save(folder / name, array)
-        files[name] = {
-            "sha256": file_sha256(folder / name),
-            "shape": list(array.shape),
-            "dtype": array.dtype.str,
-        }
-    _atomic_write_json(folder / "manifest.json", {"fields": fields, "files": files})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,6 +125,17 @@ def _model_fields(model) -> dict:
     return {"model": type(model).__name__, "arch": repr(arch) if arch is not None else None}
 
 
+def _resolve_preprocess(preprocess: Callable | None) -> tuple[Callable, str]:
+    """(function, version for the cache key): `clip.preprocess` unless a custom one is given."""
+    if preprocess is None:
+        from calfuse_jax.preprocess import preprocess
+
+        return preprocess, PREPROCESS_VERSION
+    # A custom function changes the numbers: key on its name.
+    name = getattr(preprocess, "__qualname__", repr(preprocess))
+    return preprocess, f"custom:{getattr(preprocess, '__module__', '')}.{name}"
+
+
 def image_features(
     ds,
     model,
@@ -266,12 +171,7 @@ def image_features(
     Returns:
       features float32 [N, D] (not normalised) and labels int64 [N] (== `ds.labels`).
     """
-    preprocess_version = PREPROCESS_VERSION
-    if preprocess is None:
-        from calfuse_jax.preprocess import preprocess
-    else:  # a custom function changes the numbers: key on its name
-        name = getattr(preprocess, "__qualname__", repr(preprocess))
-        preprocess_version = f"custom:{getattr(preprocess, '__module__', '')}.{name}"
+    preprocess, preprocess_version = _resolve_preprocess(preprocess)
     image_size = int(image_size or model.image_size)
     mesh = mesh or sharding.make_mesh()
     compute_dtype = jnp.dtype(compute_dtype or default_compute_dtype())
@@ -288,7 +188,7 @@ def image_features(
     folder = Path(cache_dir) / "images" / cache_key(fields)
     if len(ds) == 0:
         raise ValueError(f"dataset {ds.identity!r} is empty: nothing to encode")
-    cached = _verified(folder, ("features.npy", "labels.npy"))
+    cached = load_verified(folder, ("features.npy", "labels.npy"))
     if cached is not None:
         if np.array_equal(cached[1], labels):
             return cached[0], cached[1]
@@ -298,22 +198,14 @@ def image_features(
     batch = min(sharding.padded_size(batch_size, mesh), sharding.padded_size(len(ds), mesh))
     chunk = max(1, (chunk_size or max(4096, batch)) // batch) * batch
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write_json(folder / "key.json", fields)  # for people browsing the cache
+    atomic_write_json(folder / "key.json", fields)  # for people browsing the cache
     plan = _Plan(preprocess, image_size, batch, chunk, num_workers or min(8, os.cpu_count() or 1))
     encoder = lambda: make_image_encoder(model, params, mesh, compute_dtype)  # noqa: E731
     features = _extract_chunks(ds, folder / "chunks", encoder, plan, progress)
     if jax.process_index() == 0:
-        _write_verified(folder, {"features.npy": features, "labels.npy": labels}, fields)
+        write_verified(folder, {"features.npy": features, "labels.npy": labels}, fields)
         shutil.rmtree(folder / "chunks", ignore_errors=True)
     return features, labels
-
-
-def _load_chunk(path: Path, rows: int) -> np.ndarray | None:
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError):
-        return None
-    return array if array.ndim == 2 and array.shape[0] == rows else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,8 +223,8 @@ def _extract_chunks(ds, chunk_dir: Path, make_encoder, plan: _Plan, progress: bo
 
     total, batch = len(ds), plan.batch
     bounds = [(s, min(s + plan.chunk, total)) for s in range(0, total, plan.chunk)]
-    paths = [chunk_dir / f"chunk-{s:09d}-{e:09d}.npy" for s, e in bounds]
-    done = {i: _load_chunk(paths[i], e - s) for i, (s, e) in enumerate(bounds)}
+    paths = [chunk_path(chunk_dir, s, e) for s, e in bounds]
+    done = {i: load_chunk(paths[i], e - s) for i, (s, e) in enumerate(bounds)}
     done = {i: a for i, a in done.items() if a is not None}
     todo = [i for i in range(len(bounds)) if i not in done]
     initial = sum(len(a) for a in done.values())
@@ -344,7 +236,7 @@ def _extract_chunks(ds, chunk_dir: Path, make_encoder, plan: _Plan, progress: bo
         for i, features in _encode_jobs(ds, jobs, bounds, make_encoder(), plan, bar):
             done[i] = features
             if jax.process_index() == 0:  # chunk finished: keep it on disk
-                _atomic_save(paths[i], features)
+                atomic_save(paths[i], features)
     bar.close()
     return np.concatenate([done[i] for i in range(len(bounds))]).astype(np.float32)
 
@@ -417,7 +309,7 @@ def text_features(
         "templates": templates,
     }
     folder = Path(cache_dir) / "text" / cache_key(fields)
-    cached = _verified(folder, ("text.npy",))
+    cached = load_verified(folder, ("text.npy",))
     if cached is not None:
         return cached[0]
     prompts = [t.format(name) for name in names for t in templates]
@@ -435,7 +327,7 @@ def text_features(
     text = normalise(embeddings.mean(axis=1)).astype(np.float32)  # [C, D]
     folder.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
-        _write_verified(folder, {"text.npy": text}, fields)
+        write_verified(folder, {"text.npy": text}, fields)
     return text
 
 
