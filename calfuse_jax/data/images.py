@@ -1,4 +1,4 @@
-"""Image datasets on disk: the common dataset interface and the plain-file readers.
+"""Image datasets on disk: the common dataset interface and the generic plain-file readers.
 
 Every reader returns an object with the same small interface (`ImageDataset`):
 
@@ -8,10 +8,12 @@ Every reader returns an object with the same small interface (`ImageDataset`):
                     sorted relative file list and labels), the same on every machine
     len(ds); ds.load(i) -> uint8 [H, W, 3]; ds.load_batch(indices) -> list of arrays
 
-Readers here take the layouts users already have: a class-per-folder tree (ImageNet-R tarball,
-ImageNet `train/` and `val/`), CUB-200-2011's `images/` plus its text files. ImageNet-R has no
-official split, so `imagenet_r` draws a seeded 80/20 split per class (documented in
-`seeded_class_split`) unless the user passes a split file.
+Readers here take a class-per-folder tree (`folder_dataset`, `folder_split`) or arrays in memory;
+the dataset-specific layouts build on them in `data.imagenet` (ImageNet-R tarball, ImageNet-100
+from ImageNet `train/` and `val/`) and `data.cub` (CUB-200-2011's `images/` plus its text files),
+and are importable from here too. ImageNet-R has no official split, so `imagenet_r` draws a
+seeded 80/20 split per class (documented in `seeded_class_split`) unless the user passes a split
+file.
 """
 
 from __future__ import annotations
@@ -22,8 +24,6 @@ from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
-
-from calfuse_jax.data import class_names as names_lib
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -137,6 +137,18 @@ def list_class_folders(root: str, extensions=IMAGE_EXTENSIONS) -> dict[str, list
     return classes
 
 
+def class_listing(
+    classes: dict[str, list[str]], order: Sequence[str]
+) -> tuple[list[str], list[int]]:
+    """Paths `<class>/<file>` and labels (index in `order`) of `classes` ({folder: file names}).
+
+    Classes in `order` without an entry in `classes` contribute no images.
+    """
+    files = [f"{c}/{f}" for c in order for f in classes.get(c, [])]
+    labels = [i for i, c in enumerate(order) for _ in classes.get(c, [])]
+    return files, labels
+
+
 def folder_dataset(
     root,
     *,
@@ -170,8 +182,7 @@ def folder_dataset(
         raise ValueError(f"class folders {stray[:5]} in {root!r} are not among the classes")
     if class_names is not None and len(class_names) != len(folders):
         raise ValueError(f"{len(class_names)} class names for {len(folders)} class folders")
-    files = [f"{c}/{f}" for c in folders for f in classes.get(c, [])]
-    labels = [i for i, c in enumerate(folders) for _ in classes.get(c, [])]
+    files, labels = class_listing(classes, folders)
     return FileDataset(
         root, files, labels, class_names or folders, description=f"{name}/{split}/files"
     )
@@ -194,7 +205,7 @@ def folder_split(
     root = os.fspath(root)
     if split == "all":
         return folder_dataset(root, class_names=class_names)
-    split = _train_or_test(split)
+    split = train_or_test(split)
     subdirs = {"train": ["train"], "test": ["test", "val", "validation"]}[split]
     found = [d for d in subdirs if os.path.isdir(os.path.join(root, d))]
     if found and os.path.isdir(os.path.join(root, "train")):
@@ -205,7 +216,7 @@ def folder_split(
     full = folder_dataset(root, class_names=class_names)
     train, test = seeded_class_split(full.labels, train_fraction=train_fraction, seed=seed)
     keep = train if split == "train" else test
-    return _subset(full, keep, f"folder/{split}/files/seed={seed},frac={train_fraction}")
+    return subset(full, keep, f"folder/{split}/files/seed={seed},frac={train_fraction}")
 
 
 def seeded_class_split(labels: np.ndarray, *, train_fraction: float = 0.8, seed: int = 0):
@@ -239,7 +250,8 @@ def read_split_file(path) -> set[str]:
     return entries
 
 
-def _subset(dataset: FileDataset, keep: np.ndarray, description: str) -> FileDataset:
+def subset(dataset: FileDataset, keep: np.ndarray, description: str) -> FileDataset:
+    """The items `keep` (int indices) of `dataset`, under a new identity `description`."""
     return FileDataset(
         dataset.root,
         [dataset.files[i] for i in keep],
@@ -249,181 +261,45 @@ def _subset(dataset: FileDataset, keep: np.ndarray, description: str) -> FileDat
     )
 
 
-def _apply_split_file(dataset: FileDataset, split_file, description: str) -> FileDataset:
-    wanted = read_split_file(split_file)
-    # Accept entries with or without a leading "imagenet-r/" folder.
-    index = {f: i for i, f in enumerate(dataset.files)}
-    keep = []
-    for entry in sorted(wanted):
-        key = entry if entry in index else entry.split("/", 1)[-1]
-        if key not in index:
-            raise ValueError(f"split file {split_file!r} names {entry!r}, not found under the root")
-        keep.append(index[key])
-    return _subset(dataset, np.sort(np.asarray(keep, dtype=np.int64)), description)
-
-
-IMAGENET_R_HELP = """Download https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar, unpack:
-    tar -xf imagenet-r.tar -C DATA_ROOT      # gives DATA_ROOT/imagenet-r/<wnid>/*.jpg (200 folders)
-then pass root=DATA_ROOT (or DATA_ROOT/imagenet-r). Or prepare the TFDS dataset `imagenet_r`."""
-
-
-def imagenet_r(
-    root, split: str, *, train_fraction: float = 0.8, seed: int = 0, split_file=None
-) -> FileDataset:
-    """ImageNet-R from its tarball layout (`imagenet-r/<wnid>/*.jpg`, 200 wnid folders).
-
-    Labels: index of the wnid in `class_names.IMAGENET_R` (sorted wnids). Split: `split_file`
-    (a text file whose lines start with `<wnid>/<file>`; those images form this split) or the
-    seeded per-class 80/20 split of `seeded_class_split(train_fraction, seed)`.
-    """
-    root = os.fspath(root)
-    if os.path.isdir(os.path.join(root, "imagenet-r")):
-        root = os.path.join(root, "imagenet-r")
-    if not os.path.isdir(root):
-        raise missing_data_error("imagenet_r", f"folder {root!r} does not exist", IMAGENET_R_HELP)
-    table_wnids = names_lib.wnids(names_lib.IMAGENET_R)
-    folders = list_class_folders(root)
-    missing = [w for w in table_wnids if w not in folders]
-    if missing:
-        raise missing_data_error(
-            "imagenet_r",
-            f"{len(missing)} of the 200 class folders are missing or empty under {root!r} "
-            f"(first: {missing[:5]}); the download may be partial",
-            IMAGENET_R_HELP,
-        )
-    files = [f"{w}/{f}" for w in table_wnids for f in folders[w]]
-    labels = [i for i, w in enumerate(table_wnids) for _ in folders[w]]
-    names = names_lib.names(names_lib.IMAGENET_R)
-    full = FileDataset(root, files, labels, names, description="imagenet_r/all/files")
-    if split_file is not None:
-        return _apply_split_file(full, split_file, f"imagenet_r/{split}/files/split_file")
-    train, test = seeded_class_split(full.labels, train_fraction=train_fraction, seed=seed)
-    keep = {"train": train, "test": test}[_train_or_test(split)]
-    return _subset(
-        full, keep, f"imagenet_r/{_train_or_test(split)}/files/seed={seed},frac={train_fraction}"
-    )
-
-
-def _train_or_test(split: str) -> str:
+def train_or_test(split: str) -> str:
+    """'train', or 'test' for 'test'/'val'/'validation'; another name is an error."""
     aliases = {"train": "train", "test": "test", "val": "test", "validation": "test"}
     if split not in aliases:
         raise ValueError(f"unknown split {split!r}; use 'train' or 'test'")
     return aliases[split]
 
 
-IMAGENET_HELP = """Put ImageNet-2012 (ILSVRC2012) under DATA_ROOT as
-    DATA_ROOT/train/<wnid>/*.JPEG          (1000 or just the selected class folders)
-    DATA_ROOT/val/<wnid>/*.JPEG            (validation sorted into class folders), or
-    DATA_ROOT/val/ILSVRC2012_val_*.JPEG    (flat; labels come from TFDS's validation_labels.txt)
-and pass root=DATA_ROOT. Optional: DATA_ROOT/LOC_synset_mapping.txt for class names. Or prepare
-the TFDS dataset `imagenet2012` (manual download of the two ILSVRC2012 tars)."""
+# The dataset-specific layouts build on the classes above, so they are imported last: the
+# package `__init__` imports this module first, and these names stay importable from here.
+from calfuse_jax.data.cub import CUB_HELP, cub200  # noqa: E402
+from calfuse_jax.data.imagenet import (  # noqa: E402
+    IMAGENET_HELP,
+    IMAGENET_R_HELP,
+    imagenet_r,
+    imagenet_subset,
+)
 
-
-def _imagenet_val_labels() -> list[str]:
-    """wnid of ILSVRC2012_val_00000001..50000 from the file TFDS ships with its builder."""
-    import tensorflow_datasets as tfds  # noqa: PLC0415  (only needed for flat val folders)
-
-    path = os.path.join(
-        os.path.dirname(tfds.__file__), "datasets", "imagenet2012", "validation_labels.txt"
-    )
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
-
-
-def imagenet_subset(
-    root, split: str, *, wnids: Sequence[str] | None = None, class_file=None, name="imagenet100"
-) -> FileDataset:
-    """An ImageNet-2012 class subset (default: ImageNet-100 = the first 100 sorted wnids).
-
-    Labels follow the order of `wnids` (default `class_names.IMAGENET100`). `class_file`: a
-    text file with one wnid per line (first token) choosing another subset.
-    """
-    if class_file is not None:
-        with open(class_file, encoding="utf-8") as f:
-            wnids = [line.split()[0] for line in f if line.strip()]
-    wnids = list(wnids or names_lib.wnids(names_lib.IMAGENET100))
-    split = _train_or_test(split)
-    split_dir = os.path.join(os.fspath(root), "train" if split == "train" else "val")
-    if not os.path.isdir(split_dir):
-        raise missing_data_error(name, f"folder {split_dir!r} does not exist", IMAGENET_HELP)
-    files, labels = _imagenet_listing(split_dir, wnids, name)
-    table = dict(names_lib.IMAGENET100)
-    mapping_file = os.path.join(os.fspath(root), "LOC_synset_mapping.txt")
-    if os.path.exists(mapping_file):
-        table.update(names_lib.synset_names(mapping_file))
-    names = [table.get(w, w) for w in wnids]
-    return FileDataset(
-        split_dir, files, labels, names, description=f"{name}/{split}/files/{content_hash(*wnids)}"
-    )
-
-
-def _imagenet_listing(split_dir: str, wnids: list[str], name: str):
-    folders = list_class_folders(split_dir)
-    if not folders:  # flat validation folder
-        flat = sorted(f for f in os.listdir(split_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
-        truth = _imagenet_val_labels()
-        position = {w: i for i, w in enumerate(wnids)}
-        chosen = [
-            (f, position[truth[int(f.rsplit("_", 1)[-1].split(".")[0]) - 1]])
-            for f in flat
-            if truth[int(f.rsplit("_", 1)[-1].split(".")[0]) - 1] in position
-        ]
-        if not chosen:
-            raise missing_data_error(
-                name, f"no images of the classes in {split_dir!r}", IMAGENET_HELP
-            )
-        return [f for f, _ in chosen], [y for _, y in chosen]
-    missing = [w for w in wnids if w not in folders]
-    if missing:
-        raise missing_data_error(
-            name,
-            f"{len(missing)} of {len(wnids)} class folders missing or empty in {split_dir!r} "
-            f"(first: {missing[:5]})",
-            IMAGENET_HELP,
-        )
-    files = [f"{w}/{f}" for w in wnids for f in folders[w]]
-    labels = [i for i, w in enumerate(wnids) for _ in folders[w]]
-    return files, labels
-
-
-CUB_HELP = """Download CUB_200_2011.tgz (https://data.caltech.edu/records/65de6-vp158), unpack:
-    tar -xzf CUB_200_2011.tgz -C DATA_ROOT
-giving DATA_ROOT/CUB_200_2011/{images/, images.txt, image_class_labels.txt,
-train_test_split.txt, classes.txt}; pass root=DATA_ROOT (or DATA_ROOT/CUB_200_2011).
-Or prepare the TFDS dataset `caltech_birds2011`."""
-
-
-def _read_id_table(path) -> dict[int, str]:
-    with open(path, encoding="utf-8") as f:
-        return {int(a): b for a, b in (line.split(maxsplit=1) for line in f if line.strip())}
-
-
-def cub200(root, split: str) -> FileDataset:
-    """CUB-200-2011 from its own files; official train/test split (`train_test_split.txt`).
-
-    Labels = class id - 1; names from `classes.txt` without the `001.` prefix.
-    """
-    root = os.fspath(root)
-    if os.path.isdir(os.path.join(root, "CUB_200_2011")):
-        root = os.path.join(root, "CUB_200_2011")
-    needed = ["images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt"]
-    absent = [f for f in needed + ["images"] if not os.path.exists(os.path.join(root, f))]
-    if absent:
-        raise missing_data_error("cub200", f"missing {absent} under {root!r}", CUB_HELP)
-    images = _read_id_table(os.path.join(root, "images.txt"))
-    classes = _read_id_table(os.path.join(root, "image_class_labels.txt"))
-    is_train = _read_id_table(os.path.join(root, "train_test_split.txt"))
-    class_table = _read_id_table(os.path.join(root, "classes.txt"))
-    names = [class_table[i].strip().split(".", 1)[-1] for i in sorted(class_table)]
-    want = 1 if _train_or_test(split) == "train" else 0
-    ids = [i for i in sorted(images) if int(is_train[i].strip()) == want]
-    files = [f"images/{images[i].strip()}" for i in ids]
-    lost = [
-        f for f in files[:: max(1, len(files) // 50)] if not os.path.exists(os.path.join(root, f))
-    ]
-    if lost:
-        raise missing_data_error("cub200", f"image files missing, e.g. {lost[:3]}", CUB_HELP)
-    labels = [int(classes[i].strip()) - 1 for i in ids]
-    return FileDataset(
-        root, files, labels, names, description=f"cub200/{_train_or_test(split)}/files"
-    )
+__all__ = [
+    "CUB_HELP",
+    "IMAGE_EXTENSIONS",
+    "IMAGENET_HELP",
+    "IMAGENET_R_HELP",
+    "ArrayDataset",
+    "FileDataset",
+    "ImageDataset",
+    "class_listing",
+    "content_hash",
+    "cub200",
+    "decode_image",
+    "folder_dataset",
+    "folder_split",
+    "imagenet_r",
+    "imagenet_subset",
+    "list_class_folders",
+    "missing_data_error",
+    "read_split_file",
+    "seeded_class_split",
+    "subset",
+    "to_rgb",
+    "train_or_test",
+]

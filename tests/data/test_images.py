@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from calfuse_jax.data import class_names as names_lib
-from calfuse_jax.data import images
+from calfuse_jax.data import imagenet, images
 
 
 def _png(path, array):
@@ -137,7 +137,7 @@ def test_imagenet100_folders_flat_val_and_names(tmp_path):
     assert len(train) == 100 and train.labels.tolist() == list(range(100))
     assert train.class_names[:2] == ("tench fish", "goldfish")
     # Flat validation folder: labels from TFDS's validation_labels.txt (image k -> line k).
-    truth = images._imagenet_val_labels()
+    truth = imagenet._imagenet_val_labels()
     chosen = [k for k, w in enumerate(truth) if w in wnids][:3] + [truth.index("n15075141")]
     for k in chosen:
         _touch(str(tmp_path / "val" / f"ILSVRC2012_val_{k + 1:08d}.JPEG"))

@@ -1,0 +1,49 @@
+"""CUB-200-2011 from its own files: `images/` plus the id tables, with the official split."""
+
+from __future__ import annotations
+
+import os
+
+from calfuse_jax.data.images import FileDataset, missing_data_error, train_or_test
+
+CUB_HELP = """Download CUB_200_2011.tgz (https://data.caltech.edu/records/65de6-vp158), unpack:
+    tar -xzf CUB_200_2011.tgz -C DATA_ROOT
+giving DATA_ROOT/CUB_200_2011/{images/, images.txt, image_class_labels.txt,
+train_test_split.txt, classes.txt}; pass root=DATA_ROOT (or DATA_ROOT/CUB_200_2011).
+Or prepare the TFDS dataset `caltech_birds2011`."""
+
+
+def _read_id_table(path) -> dict[int, str]:
+    with open(path, encoding="utf-8") as f:
+        return {int(a): b for a, b in (line.split(maxsplit=1) for line in f if line.strip())}
+
+
+def cub200(root, split: str) -> FileDataset:
+    """CUB-200-2011 from its own files; official train/test split (`train_test_split.txt`).
+
+    Labels = class id - 1; names from `classes.txt` without the `001.` prefix.
+    """
+    root = os.fspath(root)
+    if os.path.isdir(os.path.join(root, "CUB_200_2011")):
+        root = os.path.join(root, "CUB_200_2011")
+    needed = ["images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt"]
+    absent = [f for f in needed + ["images"] if not os.path.exists(os.path.join(root, f))]
+    if absent:
+        raise missing_data_error("cub200", f"missing {absent} under {root!r}", CUB_HELP)
+    images = _read_id_table(os.path.join(root, "images.txt"))
+    classes = _read_id_table(os.path.join(root, "image_class_labels.txt"))
+    is_train = _read_id_table(os.path.join(root, "train_test_split.txt"))
+    class_table = _read_id_table(os.path.join(root, "classes.txt"))
+    names = [class_table[i].strip().split(".", 1)[-1] for i in sorted(class_table)]
+    want = 1 if train_or_test(split) == "train" else 0
+    ids = [i for i in sorted(images) if int(is_train[i].strip()) == want]
+    files = [f"images/{images[i].strip()}" for i in ids]
+    lost = [
+        f for f in files[:: max(1, len(files) // 50)] if not os.path.exists(os.path.join(root, f))
+    ]
+    if lost:
+        raise missing_data_error("cub200", f"image files missing, e.g. {lost[:3]}", CUB_HELP)
+    labels = [int(classes[i].strip()) - 1 for i in ids]
+    return FileDataset(
+        root, files, labels, names, description=f"cub200/{train_or_test(split)}/files"
+    )

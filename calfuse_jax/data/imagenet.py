@@ -1,0 +1,152 @@
+"""ImageNet layouts: ImageNet-R from its tarball and ImageNet-2012 class subsets (ImageNet-100).
+
+Both are class-per-folder trees keyed by WordNet ids (`n01443537`); labels follow the wnid order
+of `class_names.IMAGENET_R` / `class_names.IMAGENET100` (or the user's own wnid list).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from calfuse_jax.data import class_names as names_lib
+from calfuse_jax.data.images import (
+    IMAGE_EXTENSIONS,
+    FileDataset,
+    class_listing,
+    content_hash,
+    list_class_folders,
+    missing_data_error,
+    read_split_file,
+    seeded_class_split,
+    subset,
+    train_or_test,
+)
+
+IMAGENET_R_HELP = """Download https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar, unpack:
+    tar -xf imagenet-r.tar -C DATA_ROOT      # gives DATA_ROOT/imagenet-r/<wnid>/*.jpg (200 folders)
+then pass root=DATA_ROOT (or DATA_ROOT/imagenet-r). Or prepare the TFDS dataset `imagenet_r`."""
+
+
+def imagenet_r(
+    root, split: str, *, train_fraction: float = 0.8, seed: int = 0, split_file=None
+) -> FileDataset:
+    """ImageNet-R from its tarball layout (`imagenet-r/<wnid>/*.jpg`, 200 wnid folders).
+
+    Labels: index of the wnid in `class_names.IMAGENET_R` (sorted wnids). Split: `split_file`
+    (a text file whose lines start with `<wnid>/<file>`; those images form this split) or the
+    seeded per-class 80/20 split of `seeded_class_split(train_fraction, seed)`.
+    """
+    root = os.fspath(root)
+    if os.path.isdir(os.path.join(root, "imagenet-r")):
+        root = os.path.join(root, "imagenet-r")
+    if not os.path.isdir(root):
+        raise missing_data_error("imagenet_r", f"folder {root!r} does not exist", IMAGENET_R_HELP)
+    table_wnids = names_lib.wnids(names_lib.IMAGENET_R)
+    folders = list_class_folders(root)
+    missing = [w for w in table_wnids if w not in folders]
+    if missing:
+        raise missing_data_error(
+            "imagenet_r",
+            f"{len(missing)} of the 200 class folders are missing or empty under {root!r} "
+            f"(first: {missing[:5]}); the download may be partial",
+            IMAGENET_R_HELP,
+        )
+    files, labels = class_listing(folders, table_wnids)
+    names = names_lib.names(names_lib.IMAGENET_R)
+    full = FileDataset(root, files, labels, names, description="imagenet_r/all/files")
+    if split_file is not None:
+        return _apply_split_file(full, split_file, f"imagenet_r/{split}/files/split_file")
+    train, test = seeded_class_split(full.labels, train_fraction=train_fraction, seed=seed)
+    keep = {"train": train, "test": test}[train_or_test(split)]
+    return subset(
+        full, keep, f"imagenet_r/{train_or_test(split)}/files/seed={seed},frac={train_fraction}"
+    )
+
+
+def _apply_split_file(dataset: FileDataset, split_file, description: str) -> FileDataset:
+    wanted = read_split_file(split_file)
+    # Accept entries with or without a leading "imagenet-r/" folder.
+    index = {f: i for i, f in enumerate(dataset.files)}
+    keep = []
+    for entry in sorted(wanted):
+        key = entry if entry in index else entry.split("/", 1)[-1]
+        if key not in index:
+            raise ValueError(f"split file {split_file!r} names {entry!r}, not found under the root")
+        keep.append(index[key])
+    return subset(dataset, np.sort(np.asarray(keep, dtype=np.int64)), description)
+
+
+IMAGENET_HELP = """Put ImageNet-2012 (ILSVRC2012) under DATA_ROOT as
+    DATA_ROOT/train/<wnid>/*.JPEG          (1000 or just the selected class folders)
+    DATA_ROOT/val/<wnid>/*.JPEG            (validation sorted into class folders), or
+    DATA_ROOT/val/ILSVRC2012_val_*.JPEG    (flat; labels come from TFDS's validation_labels.txt)
+and pass root=DATA_ROOT. Optional: DATA_ROOT/LOC_synset_mapping.txt for class names. Or prepare
+the TFDS dataset `imagenet2012` (manual download of the two ILSVRC2012 tars)."""
+
+
+def _imagenet_val_labels() -> list[str]:
+    """wnid of ILSVRC2012_val_00000001..50000 from the file TFDS ships with its builder."""
+    import tensorflow_datasets as tfds  # noqa: PLC0415  (only needed for flat val folders)
+
+    path = os.path.join(
+        os.path.dirname(tfds.__file__), "datasets", "imagenet2012", "validation_labels.txt"
+    )
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def imagenet_subset(
+    root, split: str, *, wnids: Sequence[str] | None = None, class_file=None, name="imagenet100"
+) -> FileDataset:
+    """An ImageNet-2012 class subset (default: ImageNet-100 = the first 100 sorted wnids).
+
+    Labels follow the order of `wnids` (default `class_names.IMAGENET100`). `class_file`: a
+    text file with one wnid per line (first token) choosing another subset.
+    """
+    if class_file is not None:
+        with open(class_file, encoding="utf-8") as f:
+            wnids = [line.split()[0] for line in f if line.strip()]
+    wnids = list(wnids or names_lib.wnids(names_lib.IMAGENET100))
+    split = train_or_test(split)
+    split_dir = os.path.join(os.fspath(root), "train" if split == "train" else "val")
+    if not os.path.isdir(split_dir):
+        raise missing_data_error(name, f"folder {split_dir!r} does not exist", IMAGENET_HELP)
+    files, labels = _imagenet_listing(split_dir, wnids, name)
+    table = dict(names_lib.IMAGENET100)
+    mapping_file = os.path.join(os.fspath(root), "LOC_synset_mapping.txt")
+    if os.path.exists(mapping_file):
+        table.update(names_lib.synset_names(mapping_file))
+    names = [table.get(w, w) for w in wnids]
+    return FileDataset(
+        split_dir, files, labels, names, description=f"{name}/{split}/files/{content_hash(*wnids)}"
+    )
+
+
+def _imagenet_listing(split_dir: str, wnids: list[str], name: str):
+    folders = list_class_folders(split_dir)
+    if not folders:  # flat validation folder
+        flat = sorted(f for f in os.listdir(split_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
+        truth = _imagenet_val_labels()
+        position = {w: i for i, w in enumerate(wnids)}
+        chosen = [
+            (f, position[truth[int(f.rsplit("_", 1)[-1].split(".")[0]) - 1]])
+            for f in flat
+            if truth[int(f.rsplit("_", 1)[-1].split(".")[0]) - 1] in position
+        ]
+        if not chosen:
+            raise missing_data_error(
+                name, f"no images of the classes in {split_dir!r}", IMAGENET_HELP
+            )
+        return [f for f, _ in chosen], [y for _, y in chosen]
+    missing = [w for w in wnids if w not in folders]
+    if missing:
+        raise missing_data_error(
+            name,
+            f"{len(missing)} of {len(wnids)} class folders missing or empty in {split_dir!r} "
+            f"(first: {missing[:5]})",
+            IMAGENET_HELP,
+        )
+    return class_listing(folders, wnids)
