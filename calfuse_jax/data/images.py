@@ -269,32 +269,16 @@ def train_or_test(split: str) -> str:
     return aliases[split]
 
 
-# The dataset-specific layouts build on the classes above, so they are imported last: the
-# package `__init__` imports this module first, and these names stay importable from here.
-from calfuse_jax.data.cub import CUB_HELP, cub200  # noqa: E402
-from calfuse_jax.data.imagenet import (  # noqa: E402
-    IMAGENET_HELP,
-    IMAGENET_R_HELP,
-    imagenet_r,
-    imagenet_subset,
-)
-
 __all__ = [
-    "CUB_HELP",
     "IMAGE_EXTENSIONS",
-    "IMAGENET_HELP",
-    "IMAGENET_R_HELP",
     "ArrayDataset",
     "FileDataset",
     "ImageDataset",
     "class_listing",
     "content_hash",
-    "cub200",
     "decode_image",
     "folder_dataset",
     "folder_split",
-    "imagenet_r",
-    "imagenet_subset",
     "list_class_folders",
     "missing_data_error",
     "read_split_file",

@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable
 
 from calfuse_jax.data import animal_mnist as animal_lib
-from calfuse_jax.data import cifar, images, tfds_source
+from calfuse_jax.data import cifar, cub, imagenet, images, tfds_source
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,16 +41,16 @@ DATASETS: dict[str, DatasetEntry] = {
     "imagenet_r": DatasetEntry(
         "ImageNet-R, 200 classes, 30,000 renditions; seeded 80/20 per-class split or a split file",
         ("files", "tfds"), ("train", "test"), (*_SPLIT_OPTIONS, "split_file", "label_cache"),
-        images.IMAGENET_R_HELP,
+        imagenet.IMAGENET_R_HELP,
     ),
     "imagenet100": DatasetEntry(
         "ImageNet-100 (first 100 ImageNet-1k classes by wnid), train / val",
         ("files", "tfds"), ("train", "test"), ("class_file", "wnids", "label_cache"),
-        images.IMAGENET_HELP,
+        imagenet.IMAGENET_HELP,
     ),
     "cub200": DatasetEntry(
         "CUB-200-2011 birds, 200 classes, official train/test split",
-        ("files", "tfds"), ("train", "test"), ("label_cache",), images.CUB_HELP,
+        ("files", "tfds"), ("train", "test"), ("label_cache",), cub.CUB_HELP,
     ),
     "animal_mnist": DatasetEntry(
         "Animal-MNIST, 10 animal silhouettes, 28x28 grayscale, from the animal-mnist wheel",
@@ -74,11 +74,11 @@ def _files_reader(name: str) -> Callable:
     if name == "cifar100":
         return lambda root, split, **o: cifar.cifar100(root, split)
     if name == "imagenet_r":
-        return images.imagenet_r
+        return imagenet.imagenet_r
     if name == "imagenet100":
-        return images.imagenet_subset
+        return imagenet.imagenet_subset
     if name == "cub200":
-        return lambda root, split, **o: images.cub200(root, split)
+        return lambda root, split, **o: cub.cub200(root, split)
     return images.folder_split
 
 

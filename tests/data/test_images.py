@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from calfuse_jax.data import class_names as names_lib
-from calfuse_jax.data import imagenet, images
+from calfuse_jax.data import cub, imagenet, images
 
 
 def _png(path, array):
@@ -93,13 +93,13 @@ def imagenet_r_root(tmp_path):
 
 
 def test_imagenet_r_seeded_split(imagenet_r_root):
-    train = images.imagenet_r(imagenet_r_root, "train", seed=3)
-    test = images.imagenet_r(imagenet_r_root, "test", seed=3)
+    train = imagenet.imagenet_r(imagenet_r_root, "train", seed=3)
+    test = imagenet.imagenet_r(imagenet_r_root, "test", seed=3)
     assert len(train) + len(test) == 1002 and not set(train.files) & set(test.files)
     assert train.class_names[:2] == ("goldfish", "great_white_shark")
     assert np.bincount(train.labels).tolist() == [4, 4, 4, 6] + [4] * 196
-    half_train = images.imagenet_r(imagenet_r_root, "train", seed=3, train_fraction=0.5)
-    half_test = images.imagenet_r(imagenet_r_root, "test", seed=3, train_fraction=0.5)
+    half_train = imagenet.imagenet_r(imagenet_r_root, "train", seed=3, train_fraction=0.5)
+    half_test = imagenet.imagenet_r(imagenet_r_root, "test", seed=3, train_fraction=0.5)
     assert len(set(half_train.files) | set(half_test.files)) == 1002
     # Compare with the rule written out here (files in sorted wnid / file order).
     listing = [
@@ -112,20 +112,20 @@ def test_imagenet_r_seeded_split(imagenet_r_root):
     )
     expected = [listing[i] for i in _reference_split(labels, 0.8, 3)]
     assert sorted(train.files) == sorted(expected)
-    assert images.imagenet_r(imagenet_r_root, "train", seed=4).files != train.files
-    assert images.imagenet_r(imagenet_r_root, "train", seed=3).identity == train.identity
+    assert imagenet.imagenet_r(imagenet_r_root, "train", seed=4).files != train.files
+    assert imagenet.imagenet_r(imagenet_r_root, "train", seed=3).identity == train.identity
 
 
 def test_imagenet_r_split_file_and_partial_download(imagenet_r_root, tmp_path):
     wnid = names_lib.IMAGENET_R[5][0]
     split_file = tmp_path / "test.txt"
     split_file.write_text(f"imagenet-r/{wnid}/img_1.jpg 5\n{wnid}/img_0.jpg 5\n")
-    ds = images.imagenet_r(imagenet_r_root, "test", split_file=split_file)
+    ds = imagenet.imagenet_r(imagenet_r_root, "test", split_file=split_file)
     assert ds.files == (f"{wnid}/img_0.jpg", f"{wnid}/img_1.jpg")
     np.testing.assert_array_equal(ds.labels, [5, 5])
     shutil.rmtree(imagenet_r_root / "imagenet-r" / wnid)
     with pytest.raises(FileNotFoundError, match="(?s)partial.*imagenet-r.tar"):
-        images.imagenet_r(imagenet_r_root, "train")
+        imagenet.imagenet_r(imagenet_r_root, "train")
 
 
 def test_imagenet100_folders_flat_val_and_names(tmp_path):
@@ -133,7 +133,7 @@ def test_imagenet100_folders_flat_val_and_names(tmp_path):
     for w in wnids + ("n15075141",):  # one class outside the subset must be ignored
         _touch(str(tmp_path / "train" / w / f"{w}_1.JPEG"))
     (tmp_path / "LOC_synset_mapping.txt").write_text(f"{wnids[0]} tench fish, Tinca tinca\n")
-    train = images.imagenet_subset(tmp_path, "train")
+    train = imagenet.imagenet_subset(tmp_path, "train")
     assert len(train) == 100 and train.labels.tolist() == list(range(100))
     assert train.class_names[:2] == ("tench fish", "goldfish")
     # Flat validation folder: labels from TFDS's validation_labels.txt (image k -> line k).
@@ -141,7 +141,7 @@ def test_imagenet100_folders_flat_val_and_names(tmp_path):
     chosen = [k for k, w in enumerate(truth) if w in wnids][:3] + [truth.index("n15075141")]
     for k in chosen:
         _touch(str(tmp_path / "val" / f"ILSVRC2012_val_{k + 1:08d}.JPEG"))
-    val = images.imagenet_subset(tmp_path, "val")
+    val = imagenet.imagenet_subset(tmp_path, "val")
     assert len(val) == 3
     assert val.labels.tolist() == [wnids.index(truth[k]) for k in chosen[:3]]
 
@@ -163,7 +163,7 @@ def test_cub200_official_split(tmp_path):
     (root / "train_test_split.txt").write_text("".join(f"{i} {t}\n" for i, _, _, t in rows))
     for _, path, _, _ in rows:
         _png(str(root / "images" / path), np.full((2, 2, 3), 7, np.uint8))
-    train, test = images.cub200(tmp_path, "train"), images.cub200(root, "test")
+    train, test = cub.cub200(tmp_path, "train"), cub.cub200(root, "test")
     assert train.files == (
         "images/001.Black_footed_Albatross/a.jpg",
         "images/002.Laysan_Albatross/d.jpg",
@@ -173,4 +173,4 @@ def test_cub200_official_split(tmp_path):
     assert train.load(1).shape == (2, 2, 3)
     (root / "train_test_split.txt").unlink()
     with pytest.raises(FileNotFoundError, match="(?s)train_test_split.txt.*CUB_200_2011.tgz"):
-        images.cub200(root, "train")
+        cub.cub200(root, "train")
