@@ -18,7 +18,10 @@ writes, in `<workdir>`:
     accuracy_curve.png  accuracy after each task, every cell on one chart
     grid.json         the base config name, overrides, axes and cells (what produced the table)
 
-From Python: `ablate(load_config("synthetic"), preset("method"), "runs/x", seeds="0,1")`.
+`--distributed [--coordinator HOST:PORT --num-processes N --process-id I]` runs the grid as one
+multi-process JAX run, like `experiments.run`: every process computes every cell, process 0
+alone writes. From Python: `ablate(load_config("synthetic"), preset("method"), "runs/x",
+seeds="0,1")`.
 """
 
 from __future__ import annotations
@@ -41,7 +44,15 @@ from experiments import report, results
 from experiments.configs import ConfigError, apply_overrides, load_config
 from experiments.grids import Axis, Cell, GridError, combine, expand, parse_grid, preset, short_key
 from experiments.pipeline import UserError, cache_dir_of, prepare
-from experiments.run import NOT_COMPARED, parse_with_overrides, run_experiment
+from experiments.run import (
+    NOT_COMPARED,
+    add_distributed_flags,
+    barrier,
+    is_primary,
+    parse_with_overrides,
+    run_experiment,
+    start_distributed,
+)
 
 log = logging.getLogger("experiments.ablate")
 
@@ -306,13 +317,15 @@ def ablate(
         "axes": [[key, list(values)] for key, values in axes],
         "cells": [cell.name for cell in cells],
     }
-    results.write_json(workdir / "grid.json", record)
+    if is_primary():  # multi-process runs: process 0 writes, every process computes
+        results.write_json(workdir / "grid.json", record)
     done = run_cells(config, cells, workdir, seeds, overwrite, cell_outputs=cell_outputs)
     lines = [f"Config `{config.name}`; fixed in every cell: {', '.join(fixed)}."] if fixed else []
     if not lines:
         lines = [f"Config `{config.name}`."]
-    path = write_outputs(done, workdir, title or f"Ablation on {config.name}", [*lines, *notes])
-    log.info("table: %s", path)
+    if is_primary():
+        title = title or f"Ablation on {config.name}"
+        log.info("table: %s", write_outputs(done, workdir, title, [*lines, *notes]))
     return done
 
 
@@ -380,6 +393,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     )
     parser.add_argument("--traceback", action="store_true", help="show tracebacks of user errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress")
+    add_distributed_flags(parser)
     args, overrides = parse_with_overrides(parser, argv)
     if not args.preset and not args.grid:
         parser.error("give --preset method|calfuse_ablation or --grid KEY=V1,V2 ...")
@@ -398,6 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for chatty in ("absl", "orbax", "jax._src", "matplotlib"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
+        start_distributed(args)
         config = apply_overrides(load_config(args.config), overrides)
         if args.quiet:
             config.progress = False
@@ -411,13 +426,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         notes = [f"Base-config overrides: {', '.join(shown)}."] if shown else []
         done = ablate(config, axes, workdir, args.seeds, args.overwrite, title, notes,
                       cell_outputs=args.cell_outputs)  # fmt: skip
+        barrier("calfuse_grid_finished")  # no process exits while process 0 still writes
     except (ConfigError, GridError, UserError, FileNotFoundError, FileExistsError) as err:
         if args.traceback:
             raise
         print(f"error: {err}\n(run with --traceback for the full trace)", file=sys.stderr)
         return 2
-    print(markdown_table(done), end="")
-    print(f"table: {pathlib.Path(workdir) / 'ablation.md'}")
+    if is_primary():
+        print(markdown_table(done), end="")
+        print(f"table: {pathlib.Path(workdir) / 'ablation.md'}")
     return 0
 
 

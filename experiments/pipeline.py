@@ -3,6 +3,10 @@
 `prepare(config)` returns a `Prepared` (stream, text features, logit scale, provenance) that every
 seed and method of a comparison can share. Images are encoded at most once per (weights, dataset,
 split, preprocessing): the feature cache skips the encoder on every later run.
+
+In a multi-process run every process calls `prepare`: the image encoder runs on the global mesh
+(each process encodes its share of every batch) and `calfuse_jax.features` writes the cache from
+process 0 only; a random-weight checkpoint is written by process 0 while the others wait.
 """
 
 from __future__ import annotations
@@ -138,6 +142,8 @@ def model_path(config: ml_collections.ConfigDict) -> str:
     name = config.model.name
     if not name.startswith("random:"):
         return name
+    import jax
+
     from calfuse_jax import clip
 
     variant = name.split(":", 1)[1]
@@ -146,7 +152,8 @@ def model_path(config: ml_collections.ConfigDict) -> str:
             f"model {name!r}: unknown variant {variant!r}; choose one of {', '.join(clip.VARIANTS)}"
         )
     folder = cache_dir_of(config) / "models" / f"random-{variant}-seed{config.model.seed}"
-    if not (folder / "config.json").exists():
+    # Multi-process runs: process 0 writes the checkpoint, the others wait, then all read it.
+    if jax.process_index() == 0 and not (folder / "config.json").exists():
         # Written next to the target and renamed, so an interrupted write never looks finished.
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = pathlib.Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
@@ -157,7 +164,18 @@ def model_path(config: ml_collections.ConfigDict) -> str:
         except OSError:  # another process finished the same folder first
             shutil.rmtree(tmp, ignore_errors=True)
         log.info("wrote a random-weight %s CLIP checkpoint to %s", variant, folder)
+    _barrier("calfuse_random_checkpoint")
     return str(folder)
+
+
+def _barrier(name: str) -> None:
+    """Every process of a multi-process run waits here (no-op in one process)."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 class FirstPerClass:

@@ -4,12 +4,23 @@
     python -m experiments.run --config cifar100:inc5 --config.method=rapf --workdir runs/c5-rapf
     python -m experiments.run --config demo                      # offline, under a minute on CPU
     python -m experiments.run --config synthetic --config.seeds=0,1,2
+    python -m experiments.run --config cifar100 --distributed    # on each host: TPU pod, SLURM
+    python -m experiments.run --config synthetic:smoke --distributed \
+        --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0   # a manual cluster, per host
 
 Running the same command again resumes an interrupted run (finished tasks come from checkpoints,
 features from the cache); a workdir that holds a different config is refused unless `--overwrite`
 (more seeds are not a different config: only the new ones run). Exit codes: 2 for a user error,
 3 for a NaN/Inf loss (the last good checkpoint is kept).
 From Python: `run_experiment(load_config("synthetic"), "runs/x")` returns the summary dict.
+
+`--distributed` starts one process per host (or GPU) of a multi-process JAX run: it calls
+`jax.distributed.initialize()` before anything touches a device (no arguments needed on TPU pods
+and under SLURM; a manual cluster passes `--coordinator HOST:PORT --num-processes N --process-id I`
+to every process, same command otherwise). Every process computes the same run over one global
+mesh; process 0 alone writes the results folder (and moves an --overwritten run aside) while the
+others wait for it at a barrier. The workdir and the cache must be on a filesystem all processes
+see. On CPU the processes exchange gradients through gloo collectives.
 """
 
 from __future__ import annotations
@@ -83,6 +94,72 @@ def default_workdir(config_name: str, config: ml_collections.ConfigDict, overrid
     return str(pathlib.Path("runs") / name)
 
 
+def is_primary() -> bool:
+    """Whether this process writes results: always in a single-process run, process 0 otherwise."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Waits until every process of a multi-process run reaches `name` (same mechanism as the
+    checkpoints' workdir barrier); nothing in a single-process run."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
+    """--distributed [--coordinator HOST:PORT --num-processes N --process-id I]."""
+    group = parser.add_argument_group(
+        "multi-process runs (one process per host or GPU; process 0 writes the results)"
+    )
+    group.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() first; on TPU pods and SLURM no other flag is "
+        "needed, a manual cluster also gives the three below to every process",
+    )
+    group.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address and port")
+    group.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
+    group.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1")
+
+
+def start_distributed(args: argparse.Namespace) -> None:
+    """Joins the multi-process JAX runtime when `args.distributed` (before any device is used)."""
+    manual = {
+        "--coordinator": ("coordinator_address", args.coordinator),
+        "--num-processes": ("num_processes", args.num_processes),
+        "--process-id": ("process_id", args.process_id),
+    }
+    given = [flag for flag, (_, value) in manual.items() if value is not None]
+    if not args.distributed:
+        if given:
+            raise UserError(f"{', '.join(given)} only apply with --distributed: add it")
+        return
+    count, index = args.num_processes, args.process_id
+    if count is not None and count < 1 or index is not None and not 0 <= index < (count or 1 << 30):
+        raise UserError(
+            f"--process-id {index} with --num-processes {count}: the id must be in 0..N-1"
+        )
+    import jax
+
+    # CPU processes need a cross-process collective implementation; GPU and TPU ignore this flag.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(**{name: v for name, v in manual.values() if v is not None})
+    except (RuntimeError, ValueError) as err:
+        raise UserError(
+            f"jax.distributed.initialize failed: {err}. Outside TPU pods and SLURM, pass "
+            "--coordinator HOST:PORT --num-processes N --process-id I to every process"
+        ) from err
+    log.info("process %d of %d, %d devices in all", jax.process_index(), jax.process_count(),
+             jax.device_count())  # fmt: skip
+
+
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in d.items():
@@ -131,12 +208,15 @@ def claim_workdir(workdir: str | os.PathLike, config: dict, overwrite: bool) -> 
             f"workdir {workdir} holds a run of a different config ({shown}{more}). "
             "Pass --overwrite to replace it, or choose another --workdir; nothing was changed."
         )
-    aside = workdir / time.strftime("overwritten-%Y%m%d-%H%M%S")
-    aside.mkdir()
-    for path in workdir.iterdir():
-        if not _aside(path):
-            os.replace(path, aside / path.name)
-    log.warning("--overwrite: moved the earlier run in %s aside to %s", workdir, aside)
+    barrier("calfuse_claim_inspected")  # every process decided on the untouched folder
+    if is_primary():
+        aside = workdir / time.strftime("overwritten-%Y%m%d-%H%M%S")
+        aside.mkdir()
+        for path in workdir.iterdir():
+            if not _aside(path):
+                os.replace(path, aside / path.name)
+        log.warning("--overwrite: moved the earlier run in %s aside to %s", workdir, aside)
+    barrier("calfuse_claim_moved")
     return False
 
 
@@ -213,12 +293,10 @@ def wants_output(config: ml_collections.ConfigDict, name: str) -> bool:
 def run_seed(config: ml_collections.ConfigDict, prepared: Prepared, workdir) -> dict:
     """One seed of one method into `workdir` (checked with `claim_workdir` first); returns its
     summary (also summary.json)."""
-    import jax
-
     from calfuse_jax.continual import run_continual
 
     workdir = pathlib.Path(workdir)
-    primary = jax.process_index() == 0  # multi-process runs: process 0 writes, all compute
+    primary = is_primary()  # multi-process runs: process 0 writes, all compute
     with _log_file(workdir) if primary else contextlib.nullcontext():
         finished = len(results.read_metrics(workdir))
         if finished:
@@ -286,6 +364,7 @@ def run_experiment(
     if len(seeds) == 1:
         config.seed = seeds[0]
         claim_workdir(workdir, config.to_dict(), overwrite)  # before any work: fail fast
+        barrier("calfuse_workdir_claimed")  # no process reads the folder while process 0 writes
         return run_seed(config, prepared or prepare(config), workdir)
     runs = []
     for seed in seeds:
@@ -298,7 +377,9 @@ def run_experiment(
         if claim_workdir(seed_dir, seed_config.to_dict(), overwrite and not resumed):
             if (seed_dir / "summary.json").exists():
                 finished[seed_dir] = results.read_json(seed_dir / "summary.json")
-    results.write_json(workdir / "config.json", config.to_dict())  # marks the folder as ours
+    barrier("calfuse_workdir_claimed")  # no process reads the folders while process 0 writes
+    if is_primary():
+        results.write_json(workdir / "config.json", config.to_dict())  # marks the folder as ours
     if len(finished) < len(runs):
         prepared = prepared or prepare(config)
     summaries = []
@@ -310,10 +391,11 @@ def run_experiment(
             summaries.append(run_seed(seed_config, prepared, seed_dir))
     summary = results.aggregate(summaries)
     summary.update(method=config.method, config=config.name)
-    results.write_json(workdir / "summary.json", summary)
-    if wants_output(config, "plots"):
-        title = f"{config.name} {config.method} ({len(seeds)} seeds)"
-        results.write_plots(workdir, summary, title)
+    if is_primary():
+        results.write_json(workdir / "summary.json", summary)
+        if wants_output(config, "plots"):
+            title = f"{config.name} {config.method} ({len(seeds)} seeds)"
+            results.write_plots(workdir, summary, title)
     return summary
 
 
@@ -331,6 +413,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     )
     parser.add_argument("--traceback", action="store_true", help="show tracebacks of user errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress")
+    add_distributed_flags(parser)
     return parse_with_overrides(parser, argv)
 
 
@@ -376,6 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for chatty in ("absl", "orbax", "jax._src", "matplotlib"):  # per-save INFO lines drown ours
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
+        start_distributed(args)
         config = apply_overrides(load_config(args.config), overrides)
         if args.quiet:
             config.progress = False
@@ -384,6 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         workdir = args.workdir or default_workdir(args.config, config, overrides)
         summary = run_experiment(config, workdir, overwrite=args.overwrite)
+        barrier("calfuse_run_finished")  # no process exits while process 0 still writes
     except NonFiniteLossError as err:
         if args.traceback:
             raise
@@ -399,8 +484,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return 130
-    print(results.markdown_table([(f"{config.name} {config.method}", summary)]), end="")
-    print(f"results: {workdir}")
+    if is_primary():  # the other processes of a --distributed run computed the same numbers
+        print(results.markdown_table([(f"{config.name} {config.method}", summary)]), end="")
+        print(f"results: {workdir}")
     return 0
 
 
