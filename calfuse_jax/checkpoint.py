@@ -337,8 +337,8 @@ def prepare_workdir(workdir: Path, doc: dict, overwrite: bool) -> None:
         return
     # Every process has inspected the same untouched folder (so all took this branch) before
     # process 0 alone writes.
-    _barrier("calfuse_workdir_inspected")
-    if jax.process_index() == 0:
+    sharding.barrier("calfuse_workdir_inspected")
+    if sharding.is_primary():
         workdir.mkdir(parents=True, exist_ok=True)
         if present:
             aside = workdir / time.strftime("overwritten-%Y%m%d-%H%M%S")
@@ -347,14 +347,7 @@ def prepare_workdir(workdir: Path, doc: dict, overwrite: bool) -> None:
                 shutil.move(str(workdir / name), str(aside / name))
             logger.warning("overwrite: moved the old run's %s to %s", ", ".join(present), aside)
         stamp_path.write_text(json.dumps(doc, indent=2, sort_keys=True))
-    _barrier("calfuse_prepare_workdir")
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # noqa: PLC0415
-
-        multihost_utils.sync_global_devices(name)
+    sharding.barrier("calfuse_prepare_workdir")
 
 
 def json_safe(value):

@@ -81,7 +81,7 @@ class _Run:
 
     @property
     def writer(self) -> bool:
-        return jax.process_index() == 0
+        return sharding.is_primary()
 
 
 def _gate(run: _Run, task: int) -> float:

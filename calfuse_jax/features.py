@@ -202,7 +202,7 @@ def image_features(
     plan = _Plan(preprocess, image_size, batch, chunk, num_workers or min(8, os.cpu_count() or 1))
     encoder = lambda: make_image_encoder(model, params, mesh, compute_dtype)  # noqa: E731
     features = _extract_chunks(ds, folder / "chunks", encoder, plan, progress)
-    if jax.process_index() == 0:
+    if sharding.is_primary():
         write_verified(folder, {"features.npy": features, "labels.npy": labels}, fields)
         shutil.rmtree(folder / "chunks", ignore_errors=True)
     return features, labels
@@ -235,7 +235,7 @@ def _extract_chunks(ds, chunk_dir: Path, make_encoder, plan: _Plan, progress: bo
         jobs = [(i, s) for i in todo for s in range(bounds[i][0], bounds[i][1], batch)]
         for i, features in _encode_jobs(ds, jobs, bounds, make_encoder(), plan, bar):
             done[i] = features
-            if jax.process_index() == 0:  # chunk finished: keep it on disk
+            if sharding.is_primary():  # chunk finished: keep it on disk
                 atomic_save(paths[i], features)
     bar.close()
     return np.concatenate([done[i] for i in range(len(bounds))]).astype(np.float32)
@@ -326,7 +326,7 @@ def text_features(
     embeddings = normalise(np.concatenate(outputs).reshape(len(names), len(templates), -1))
     text = normalise(embeddings.mean(axis=1)).astype(np.float32)  # [C, D]
     folder.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
+    if sharding.is_primary():
         write_verified(folder, {"text.npy": text}, fields)
     return text
 

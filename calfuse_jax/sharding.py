@@ -111,3 +111,16 @@ def to_host(tree):
         return np.asarray(x)
 
     return jax.tree.map(fetch, tree)
+
+
+def is_primary() -> bool:
+    """Whether this process writes files: always in one process, process 0 of several."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Every process of a multi-process run waits here until all reach `name`; no-op in one."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -40,19 +40,18 @@ import ml_collections
 import numpy as np
 
 from calfuse_jax.config import method_config, resolve_method
+from calfuse_jax.sharding import barrier, is_primary
 from experiments import report, results
+from experiments.cli import (
+    add_distributed_flags,
+    parse_with_overrides,
+    setup_console,
+    start_distributed,
+)
 from experiments.configs import ConfigError, apply_overrides, load_config
 from experiments.grids import Axis, Cell, GridError, combine, expand, parse_grid, preset, short_key
 from experiments.pipeline import UserError, cache_dir_of, prepare
-from experiments.run import (
-    NOT_COMPARED,
-    add_distributed_flags,
-    barrier,
-    is_primary,
-    parse_with_overrides,
-    run_experiment,
-    start_distributed,
-)
+from experiments.run import NOT_COMPARED, run_experiment
 
 log = logging.getLogger("experiments.ablate")
 
@@ -403,14 +402,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status (2 for a user error, with its fix printed)."""
     args, overrides = parse_args(argv)
-    console = logging.StreamHandler(sys.stderr)
-    console.setLevel(logging.WARNING if args.quiet else logging.INFO)  # each run.log keeps INFO
-    console.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    )
-    logging.basicConfig(level=logging.INFO, handlers=[console])
-    for chatty in ("absl", "orbax", "jax._src", "matplotlib"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
+    setup_console(args.quiet)  # each run.log keeps INFO
     try:
         start_distributed(args)
         config = apply_overrides(load_config(args.config), overrides)

@@ -142,9 +142,8 @@ def model_path(config: ml_collections.ConfigDict) -> str:
     name = config.model.name
     if not name.startswith("random:"):
         return name
-    import jax
-
     from calfuse_jax import clip
+    from calfuse_jax.sharding import barrier, is_primary
 
     variant = name.split(":", 1)[1]
     if variant not in clip.VARIANTS:
@@ -153,7 +152,7 @@ def model_path(config: ml_collections.ConfigDict) -> str:
         )
     folder = cache_dir_of(config) / "models" / f"random-{variant}-seed{config.model.seed}"
     # Multi-process runs: process 0 writes the checkpoint, the others wait, then all read it.
-    if jax.process_index() == 0 and not (folder / "config.json").exists():
+    if is_primary() and not (folder / "config.json").exists():
         # Written next to the target and renamed, so an interrupted write never looks finished.
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = pathlib.Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
@@ -164,18 +163,8 @@ def model_path(config: ml_collections.ConfigDict) -> str:
         except OSError:  # another process finished the same folder first
             shutil.rmtree(tmp, ignore_errors=True)
         log.info("wrote a random-weight %s CLIP checkpoint to %s", variant, folder)
-    _barrier("calfuse_random_checkpoint")
+    barrier("calfuse_random_checkpoint")
     return str(folder)
-
-
-def _barrier(name: str) -> None:
-    """Every process of a multi-process run waits here (no-op in one process)."""
-    import jax
-
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 class FirstPerClass:

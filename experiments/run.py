@@ -41,7 +41,14 @@ from importlib import metadata
 import ml_collections
 
 from calfuse_jax.config import resolve_method
+from calfuse_jax.sharding import barrier, is_primary
 from experiments import results
+from experiments.cli import (
+    add_distributed_flags,
+    parse_with_overrides,
+    setup_console,
+    start_distributed,
+)
 from experiments.configs import (
     ConfigError,
     apply_overrides,
@@ -92,72 +99,6 @@ def default_workdir(config_name: str, config: ml_collections.ConfigDict, overrid
     if relevant:
         name += "-" + hashlib.sha1("\n".join(relevant).encode()).hexdigest()[:8]
     return str(pathlib.Path("runs") / name)
-
-
-def is_primary() -> bool:
-    """Whether this process writes results: always in a single-process run, process 0 otherwise."""
-    import jax
-
-    return jax.process_index() == 0
-
-
-def barrier(name: str) -> None:
-    """Waits until every process of a multi-process run reaches `name` (same mechanism as the
-    checkpoints' workdir barrier); nothing in a single-process run."""
-    import jax
-
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
-    """--distributed [--coordinator HOST:PORT --num-processes N --process-id I]."""
-    group = parser.add_argument_group(
-        "multi-process runs (one process per host or GPU; process 0 writes the results)"
-    )
-    group.add_argument(
-        "--distributed",
-        action="store_true",
-        help="call jax.distributed.initialize() first; on TPU pods and SLURM no other flag is "
-        "needed, a manual cluster also gives the three below to every process",
-    )
-    group.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address and port")
-    group.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
-    group.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1")
-
-
-def start_distributed(args: argparse.Namespace) -> None:
-    """Joins the multi-process JAX runtime when `args.distributed` (before any device is used)."""
-    manual = {
-        "--coordinator": ("coordinator_address", args.coordinator),
-        "--num-processes": ("num_processes", args.num_processes),
-        "--process-id": ("process_id", args.process_id),
-    }
-    given = [flag for flag, (_, value) in manual.items() if value is not None]
-    if not args.distributed:
-        if given:
-            raise UserError(f"{', '.join(given)} only apply with --distributed: add it")
-        return
-    count, index = args.num_processes, args.process_id
-    if count is not None and count < 1 or index is not None and not 0 <= index < (count or 1 << 30):
-        raise UserError(
-            f"--process-id {index} with --num-processes {count}: the id must be in 0..N-1"
-        )
-    import jax
-
-    # CPU processes need a cross-process collective implementation; GPU and TPU ignore this flag.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    try:
-        jax.distributed.initialize(**{name: v for name, v in manual.values() if v is not None})
-    except (RuntimeError, ValueError) as err:
-        raise UserError(
-            f"jax.distributed.initialize failed: {err}. Outside TPU pods and SLURM, pass "
-            "--coordinator HOST:PORT --num-processes N --process-id I to every process"
-        ) from err
-    log.info("process %d of %d, %d devices in all", jax.process_index(), jax.process_count(),
-             jax.device_count())  # fmt: skip
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -417,19 +358,6 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     return parse_with_overrides(parser, argv)
 
 
-def parse_with_overrides(
-    parser: argparse.ArgumentParser, argv: Sequence[str] | None
-) -> tuple[argparse.Namespace, list[str]]:
-    """Parses `argv`; every `--config.KEY=VALUE` left over becomes the override `KEY=VALUE`."""
-    args, rest = parser.parse_known_args(argv)
-    overrides = []
-    for item in rest:
-        if not item.startswith("--config."):
-            parser.error(f"unrecognised argument {item!r}; overrides look like --config.KEY=VALUE")
-        overrides.append(item[len("--config.") :])
-    return args, overrides
-
-
 def non_finite_message(error: FloatingPointError, workdir: str | os.PathLike | None) -> str:
     """One paragraph for a NaN/Inf training loss (`calfuse_jax.train.NonFiniteLossError`)."""
     task, step = getattr(error, "task", "?"), getattr(error, "step", "?")
@@ -451,13 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args, overrides = parse_args(argv)
     workdir = None
-    console = logging.StreamHandler(sys.stderr)
-    console.setLevel(logging.WARNING if args.quiet else logging.INFO)  # run.log keeps INFO
-    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
-                                           datefmt="%H:%M:%S"))  # fmt: skip
-    logging.basicConfig(level=logging.INFO, handlers=[console])
-    for chatty in ("absl", "orbax", "jax._src", "matplotlib"):  # per-save INFO lines drown ours
-        logging.getLogger(chatty).setLevel(logging.WARNING)
+    setup_console(args.quiet)  # run.log keeps INFO
     try:
         start_distributed(args)
         config = apply_overrides(load_config(args.config), overrides)

@@ -1,0 +1,105 @@
+"""Command-line plumbing shared by `experiments.run` and `experiments.ablate`.
+
+`--config.KEY=VALUE` overrides, the multi-process flags (`--distributed` calls
+`jax.distributed.initialize()` before anything touches a device; process 0 writes, every process
+computes), and the console logging both commands set up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from experiments.pipeline import UserError
+
+log = logging.getLogger("experiments.cli")
+
+CHATTY_LOGGERS = ("absl", "orbax", "jax._src", "matplotlib")  # per-save INFO lines drown ours
+
+
+def parse_with_overrides(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> tuple[argparse.Namespace, list[str]]:
+    """Parses `argv`; every `--config.KEY=VALUE` left over becomes the override `KEY=VALUE`."""
+    args, rest = parser.parse_known_args(argv)
+    overrides = []
+    for item in rest:
+        if not item.startswith("--config."):
+            parser.error(f"unrecognised argument {item!r}; overrides look like --config.KEY=VALUE")
+        overrides.append(item[len("--config.") :])
+    return args, overrides
+
+
+def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
+    """--distributed [--coordinator HOST:PORT --num-processes N --process-id I]."""
+    group = parser.add_argument_group(
+        "multi-process runs (one process per host or GPU; process 0 writes the results)"
+    )
+    group.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() first; on TPU pods and SLURM no other flag is "
+        "needed, a manual cluster also gives the three below to every process",
+    )
+    group.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address and port")
+    group.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
+    group.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1")
+
+
+def start_distributed(args: argparse.Namespace) -> None:
+    """Joins the multi-process JAX runtime when `args.distributed` (before any device is used)."""
+    manual = {
+        "--coordinator": ("coordinator_address", args.coordinator),
+        "--num-processes": ("num_processes", args.num_processes),
+        "--process-id": ("process_id", args.process_id),
+    }
+    given = [flag for flag, (_, value) in manual.items() if value is not None]
+    if not args.distributed:
+        if given:
+            raise UserError(f"{', '.join(given)} only apply with --distributed: add it")
+        return
+    count, index = args.num_processes, args.process_id
+    if count is not None and count < 1 or index is not None and not 0 <= index < (count or 1 << 30):
+        raise UserError(
+            f"--process-id {index} with --num-processes {count}: the id must be in 0..N-1"
+        )
+    import jax
+
+    # CPU processes need a cross-process collective implementation; GPU and TPU ignore this flag.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(**{name: v for name, v in manual.values() if v is not None})
+    except (RuntimeError, ValueError) as err:
+        raise UserError(
+            f"jax.distributed.initialize failed: {err}. Outside TPU pods and SLURM, pass "
+            "--coordinator HOST:PORT --num-processes N --process-id I to every process"
+        ) from err
+    log.info("process %d of %d, %d devices in all", jax.process_index(), jax.process_count(),
+             jax.device_count())  # fmt: skip
+
+
+def setup_console(quiet: bool) -> None:
+    """INFO (WARNING with `quiet`) to stderr with timestamps; run.log files keep INFO anyway.
+
+    absl (imported by orbax) may already have put a plain stderr handler on the root logger, which
+    would make `logging.basicConfig` a no-op and print every line in absl's format regardless of
+    `quiet`; that handler is replaced. Other handlers (pytest's capture, a notebook's) stay.
+    """
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        stream = getattr(handler, "stream", None)
+        plain = type(handler) is logging.StreamHandler and stream in (sys.stderr, sys.stdout)
+        if plain or getattr(handler, "calfuse_console", False):  # absl's, or ours from a last call
+            root.removeHandler(handler)
+    console = logging.StreamHandler(sys.stderr)
+    console.calfuse_console = True
+    console.setLevel(logging.WARNING if quiet else logging.INFO)
+    console.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    )
+    root.addHandler(console)
+    root.setLevel(logging.INFO)
+    for chatty in CHATTY_LOGGERS:
+        logging.getLogger(chatty).setLevel(logging.WARNING)
