@@ -1,22 +1,17 @@
 """Data-parallel placement on the mesh, and a real 2-process run (JAX's multi-process runtime
 over loopback with gloo CPU collectives) that must match the single-process result."""
 
-import os
-import socket
-import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from processes import REPO, run_processes
 
 from calfuse_jax import sharding
 from calfuse_jax.config import method_config
 from calfuse_jax.continual import run_continual
 from calfuse_jax.data.synthetic import make_synthetic_stream
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def shared_stream():
@@ -54,44 +49,11 @@ def test_shard_batch_splits_rows_over_devices():
     np.testing.assert_array_equal(sharding.to_host(replicated), x)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # 1 CPU device per process
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    port, out = _free_port(), tmp_path / "out.npz"
-    workers = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(REPO / "tests" / "distributed_worker.py"),
-                str(pid),
-                "2",
-                str(port),
-                str(tmp_path / "multi"),
-                str(out),
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for pid in range(2)
-    ]
-    logs = []
-    try:
-        for worker in workers:
-            logs.append(worker.communicate(timeout=240)[0])
-    finally:
-        for worker in workers:
-            worker.kill()
-    for worker, log in zip(workers, logs, strict=True):
-        assert worker.returncode == 0, log[-3000:]
+    out = tmp_path / "out.npz"
+    worker = [sys.executable, str(REPO / "tests" / "distributed_worker.py")]
+    run_processes(lambda pid, port: [*worker, str(pid), "2", str(port), str(tmp_path / "multi"),
+                                     str(out)])  # fmt: skip
     multi = np.load(out)
     assert int(multi["devices"]) == 2  # one global mesh over both processes
     # Both processes wrote into one workdir: one set of task checkpoints, one metrics file.

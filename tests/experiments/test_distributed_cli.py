@@ -2,18 +2,15 @@
 the same numbers as one process, one results folder written once by process 0, and an
 --overwrite that moves the earlier run aside exactly once."""
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from processes import run_processes
 
 from experiments import results, run
 
-REPO = Path(__file__).resolve().parents[2]
 TOP_LEVEL = {
     "accuracy_curve.png",
     "accuracy_matrix.csv",
@@ -29,53 +26,18 @@ TOP_LEVEL = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def smoke_args(workdir: Path, *extra: str) -> list[str]:
     return ["--config", "synthetic:smoke", "--workdir", str(workdir), "-q", *extra]
 
 
 def run_two_processes(workdir: Path, *extra: str) -> list[str]:
     """Runs the CLI as processes 0 and 1 of one JAX run; returns their logs (both must exit 0)."""
-    # One CPU device per process (no 4-device XLA_FLAGS of conftest): a 2-device global mesh.
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    port = _free_port()
     command = [sys.executable, "-m", "experiments.run", *smoke_args(workdir, *extra)]
-    workers = [
-        subprocess.Popen(
-            [
-                *command,
-                "--distributed",
-                "--coordinator",
-                f"127.0.0.1:{port}",
-                "--num-processes",
-                "2",
-                "--process-id",
-                str(pid),
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for pid in range(2)
-    ]
-    logs = []
-    try:
-        for worker in workers:
-            logs.append(worker.communicate(timeout=120)[0])
-    finally:
-        for worker in workers:
-            worker.kill()
-    for pid, (worker, log) in enumerate(zip(workers, logs, strict=True)):
-        assert worker.returncode == 0, f"process {pid}:\n{log[-3000:]}"
-    return logs
+    return run_processes(
+        lambda pid, port: [*command, "--distributed", "--coordinator", f"127.0.0.1:{port}",
+                           "--num-processes", "2", "--process-id", str(pid)],
+        timeout=120,
+    )  # fmt: skip
 
 
 def check_written_once(workdir: Path) -> None:
