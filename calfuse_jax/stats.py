@@ -18,9 +18,11 @@ from flax import struct
 
 
 def shrink(cov: jax.Array) -> jax.Array:
-    """Covariance shrinkage (RAPF): `Sigma + mean(diag) * I + mean(offdiag) * (11^T - I)`.
+    """Covariance shrinkage (RAPF's `shrink_cov`): `Sigma + mean(diag) * I + m_off * (11^T - I)`.
 
-    `mean(offdiag)` is the mean of the D(D-1) off-diagonal entries.
+    `m_off` is the mean of the *nonzero* off-diagonal entries, as RAPF computes it (its mask is
+    `offdiag != 0`); it equals the mean of all D(D-1) entries unless some are exactly zero. With
+    no nonzero off-diagonal entry (a diagonal covariance) `m_off = 0`, where RAPF's 0 / 0 gives NaN.
 
     Args:
       cov: [..., D, D] covariances.
@@ -30,10 +32,10 @@ def shrink(cov: jax.Array) -> jax.Array:
     """
     dim = cov.shape[-1]
     eye = jnp.eye(dim, dtype=cov.dtype)
-    diag = jnp.diagonal(cov, axis1=-2, axis2=-1)  # [..., D]
-    diag_mean = jnp.mean(diag, axis=-1)[..., None, None]
-    off_sum = jnp.sum(cov, axis=(-2, -1)) - jnp.sum(diag, axis=-1)
-    off_mean = (off_sum / max(dim * (dim - 1), 1))[..., None, None]
+    diag_mean = jnp.mean(jnp.diagonal(cov, axis1=-2, axis2=-1), axis=-1)[..., None, None]
+    off = cov * (1.0 - eye)
+    nonzero = jnp.sum(off != 0, axis=(-2, -1)).astype(cov.dtype)
+    off_mean = (jnp.sum(off, axis=(-2, -1)) / jnp.maximum(nonzero, 1.0))[..., None, None]
     return cov + diag_mean * eye + off_mean * (1.0 - eye)
 
 

@@ -62,10 +62,12 @@ def test_fast_path_equals_scan_and_numpy_on_unsorted_interleaved_labels():
 
 
 def np_shrink(cov):
-    # Written entry by entry, independently of the vectorised version.
+    # RAPF's shrink_cov written entry by entry, independently of the vectorised version: the
+    # off-diagonal mean runs over the nonzero off-diagonal entries only (its `off_diag != 0` mask).
     dim = cov.shape[0]
     diag_mean = np.mean([cov[i, i] for i in range(dim)])
-    off_mean = np.mean([cov[i, j] for i in range(dim) for j in range(dim) if i != j])
+    off = [cov[i, j] for i in range(dim) for j in range(dim) if i != j and cov[i, j] != 0]
+    off_mean = np.mean(off) if off else 0.0
     out = cov.copy()
     for i in range(dim):
         for j in range(dim):
@@ -80,6 +82,20 @@ def test_shrink_formula_batched():
     got = np.asarray(stats.shrink(jnp.asarray(covs, jnp.float32)))
     for k in range(3):
         np.testing.assert_allclose(got[k], np_shrink(covs[k]), rtol=1e-5, atol=1e-5)
+
+
+def test_shrink_off_diagonal_mean_skips_exact_zeros_as_rapf_does():
+    # Two uncorrelated blocks: 8 of the 12 off-diagonal entries are exactly 0. RAPF averages the
+    # 4 nonzero ones (mean 0.5); the mean of all 12 would be 1/6.
+    cov = np.zeros((4, 4))
+    cov[:2, :2] = [[2.0, 0.3], [0.3, 1.0]]
+    cov[2:, 2:] = [[3.0, 0.7], [0.7, 2.0]]
+    got = np.asarray(stats.shrink(jnp.asarray(cov, jnp.float32)))
+    np.testing.assert_allclose(got, np_shrink(cov), rtol=1e-6)
+    assert got[0, 2] == pytest.approx(0.5) and got[0, 0] == pytest.approx(2.0 + 2.0)
+    # A diagonal covariance has no nonzero off-diagonal entry: nothing is added there (RAPF: NaN).
+    diagonal = np.asarray(stats.shrink(jnp.diag(jnp.array([1.0, 3.0]))))
+    np.testing.assert_array_equal(diagonal, [[3.0, 0.0], [0.0, 5.0]])
 
 
 def test_class_with_one_sample_is_rejected():
