@@ -92,4 +92,21 @@ def resolve_method(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
         c.fusion.method = "none"
         c.calibration.mode = "fixed"
         c.calibration.value = 1.0
+    check_switches(c)
     return c
+
+
+def check_switches(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError on switches that cannot work together (on the resolved config).
+
+    Distillation runs on the pseudo-features of the K old classes of each batch; with K = 0 there
+    are none, so `loss.kd_weight > 0` would distil nothing (and replaying some class only to feed
+    it would change the cross-entropy as well).
+    """
+    if float(config.loss.kd_weight) > 0 and int(config.pseudo.classes_per_batch) <= 0:
+        raise ValueError(
+            f"loss.kd_weight={config.loss.kd_weight} needs pseudo.classes_per_batch >= 1: "
+            "distillation runs on the pseudo-features of old classes, and "
+            "pseudo.classes_per_batch=0 draws none; set pseudo.classes_per_batch (e.g. 2) or "
+            "loss.kd_weight=0"
+        )

@@ -30,6 +30,7 @@ import optax
 from jax.sharding import Mesh
 
 from calfuse_jax import calibration, losses, sharding, stats
+from calfuse_jax.config import check_switches
 
 logger = logging.getLogger("calfuse_jax")
 
@@ -123,7 +124,11 @@ def optimizer() -> optax.GradientTransformation:
 
 
 def step_settings(config: ml_collections.ConfigDict, logit_scale: float, host_gate: bool):
-    """The static settings of a run (task 0 switches the old-class terms off through masks)."""
+    """The static settings of a run (task 0 switches the old-class terms off through masks).
+
+    Raises ValueError for distillation without pseudo-features (`config.check_switches`).
+    """
+    check_switches(config)
     beta = float(config.pseudo.beta)
     use_pseudo = int(config.pseudo.classes_per_batch) > 0
     use_kd = float(config.loss.kd_weight) > 0
@@ -131,7 +136,7 @@ def step_settings(config: ml_collections.ConfigDict, logit_scale: float, host_ga
     return StepSettings(
         logit_scale=float(logit_scale),
         host_gate=host_gate,
-        pseudo_per_class=int(np.floor(10 * beta)) if (use_pseudo or use_kd) else 0,
+        pseudo_per_class=int(np.floor(10 * beta)) if use_pseudo else 0,
         hard_per_class=int(np.floor(20 * beta)) if use_hard else 0,
         hard_margin=float(config.pseudo.hard_margin),
         hard_weight=float(config.pseudo.hard_weight),

@@ -3,6 +3,7 @@ preset cannot drift silently; the preset is the single place a method's switches
 
 import pytest
 
+from calfuse_jax import train
 from calfuse_jax.config import METHODS, method_config, resolve_method
 
 # (calibration.mode, calibration.value, fusion.method, train.epochs, pseudo.classes_per_batch,
@@ -47,3 +48,27 @@ def test_unknown_method_is_refused_with_the_choices():
     config.method = "clip"
     with pytest.raises(ValueError, match=r"unknown method 'clip'; choose one of calfuse, rapf"):
         resolve_method(config)
+
+
+def test_distillation_without_pseudo_features_is_refused():
+    # KD distils on the pseudo-features of the K old classes of each batch; with K = 0 the step
+    # used to replay class position 0 in every batch just to feed it. Now the combination stops
+    # with the fix, in the preset resolution and in the step settings alike.
+    config = method_config()
+    config.loss.kd_weight = 0.5
+    config.pseudo.classes_per_batch = 0
+    message = r"loss.kd_weight=0.5 needs pseudo.classes_per_batch >= 1.*or loss.kd_weight=0"
+    with pytest.raises(ValueError, match=message):
+        resolve_method(config)
+    with pytest.raises(ValueError, match=message):
+        train.step_settings(config, logit_scale=100.0, host_gate=True)
+    # finetune clears both switches, so asking it for KD is not an error; K = 0 without KD draws
+    # no pseudo-features at all.
+    config.method = "finetune"
+    assert resolve_method(config).loss.kd_weight == 0.0
+    config.method, config.loss.kd_weight = "calfuse", 0.0
+    settings = train.step_settings(resolve_method(config), logit_scale=100.0, host_gate=True)
+    assert (settings.pseudo_per_class, settings.kd_weight) == (0, 0.0)
+    config.pseudo.classes_per_batch, config.loss.kd_weight = 2, 0.5
+    settings = train.step_settings(resolve_method(config), logit_scale=100.0, host_gate=True)
+    assert (settings.pseudo_per_class, settings.kd_weight) == (20, 0.5)  # floor(10 * beta 2)

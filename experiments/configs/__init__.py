@@ -18,7 +18,7 @@ from typing import Any
 
 import ml_collections
 
-from calfuse_jax.config import METHODS
+from calfuse_jax.config import METHODS, resolve_method
 from experiments.configs.defaults import ORDERS, SOURCES
 
 CONFIGS = ("cifar100", "imagenet_r", "imagenet100", "cub200", "synthetic", "demo")
@@ -186,6 +186,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     if config.train.epochs < 0 or config.train.batch_size < 1 or config.features.batch_size < 1:
         raise ConfigError("train.epochs must be >= 0 and batch sizes >= 1")
+    try:
+        resolve_method(config)  # the preset's switches must work together (check_switches)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _has(config: ml_collections.ConfigDict, key: str) -> bool:

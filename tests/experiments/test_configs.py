@@ -163,3 +163,10 @@ def test_unknown_config_name_and_path(tmp_path):
     )
     config = load_config(f"{path}:inc20")
     assert config.name == "mine:inc20" and config.continual.increment == 20
+
+
+def test_distillation_without_pseudo_features_is_a_config_error():
+    config = load_config("cifar100")
+    with pytest.raises(ConfigError, match=r"loss.kd_weight=0.5 needs pseudo.classes_per_batch"):
+        apply_overrides(config, ["loss.kd_weight=0.5", "pseudo.classes_per_batch=0"])
+    apply_overrides(config, ["loss.kd_weight=0.5", "method=finetune"])  # finetune clears both
