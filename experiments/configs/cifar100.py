@@ -7,7 +7,8 @@
         --config.dataset.root=/data/cifar-100-python             # the python archive, unpacked
 
 Data: TFDS `cifar100` (prepared once with `--config.dataset.download=True`) or the CIFAR-100 python
-archive. Values from DESIGN.md §3: fusion bias 0.6, hard-pair threshold 0.55, beta 2.
+archive. Values from DESIGN.md §3: fusion bias 0.6, hard-pair threshold 0.55, beta 2; training batch
+100 and K from RAPF (`RAPF_SPLITS`, DESIGN.md §4).
 """
 
 from __future__ import annotations
@@ -27,6 +28,15 @@ CLASS_ORDER = (
 )
 # fmt: on
 
+# RAPF's configs/class/cifar100_<initial>-<increment>.yaml. Its other splits (B0 Inc5, B0 Inc20,
+# ...) have no config: they take the B0 Inc10 row. At batch 128 the last task of B0 Inc10 has 40
+# batches x K 2 = 80 pseudo-class slots for 90 old classes; at 100, 50 x 2 = 100 cover them all.
+RAPF_SPLITS = {  # (initial, increment): (batch size, beta, mix_bias, threshold, shrinkage)
+    (10, 10): defaults.RapfSplit(100, 2, 0.6, 0.55, False),
+    (50, 10): defaults.RapfSplit(100, 2, 0.6, 0.55, False),
+    (50, 5): defaults.RapfSplit(50, 2, 0.6, 0.55, False),
+}
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Variants: see `defaults.apply_arg` (inc<k>, b<n>, seeded, rapf, smoke, ...)."""
@@ -35,12 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dataset.name = "cifar100"
     c.dataset.num_classes = 100
     c.class_order = CLASS_ORDER
-    c.fusion.mix_bias = 0.6
-    c.pseudo.hard_threshold = 0.55
-    c.pseudo.beta = 2.0
-    c.pseudo.classes_per_batch = 2
     defaults.b0(c, 10)
     c = defaults.apply_arg(c, arg)
-    if c.continual.increment == 5:
-        c.pseudo.classes_per_batch = 4  # RAPF's K for CIFAR-100 Inc5
-    return c
+    k = 4 if c.continual.increment == 5 else 2  # RAPF's main.py: K = 4 for CIFAR-100 Inc5
+    return defaults.use_rapf_split(c, RAPF_SPLITS, default=(10, 10), classes_per_batch=k)

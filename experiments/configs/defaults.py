@@ -9,6 +9,8 @@ except the CIFAR-100 method values `method_config()` already carries. Fields who
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -85,6 +87,43 @@ def b_half(c: ml_collections.ConfigDict, increment: int) -> ml_collections.Confi
     """B-half Inc-k: the first task holds half of the classes, then `increment` per task."""
     c.continual.initial = c.dataset.num_classes // 2
     c.continual.increment = increment
+    return c
+
+
+class RapfSplit(NamedTuple):
+    """RAPF's settings of one split, from its `configs/class/<dataset>_<initial>-<increment>.yaml`.
+
+    Every RAPF config also has 15 epochs, lr 1e-3, milestones (4, 10) and lr x 0.1, and its code
+    fixes the covariance ridge 1e-4 and the hinge margin 0.1: `method_config()`'s defaults.
+    """
+
+    batch_size: int  # `train_batch_size` (its `batch_size` is the evaluation loader's)
+    beta: float  # pseudo.beta
+    mix_bias: float  # fusion.mix_bias
+    threshold: float  # pseudo.hard_threshold
+    shrinkage: bool  # stats.shrinkage
+
+
+def use_rapf_split(
+    c: ml_collections.ConfigDict,
+    table: dict[tuple[int, int], RapfSplit],
+    default: tuple[int, int],
+    classes_per_batch: int,
+) -> ml_collections.ConfigDict:
+    """Sets RAPF's values of the split `(continual.initial, continual.increment)` from `table`.
+
+    A split RAPF publishes no config for takes the values of `default` (the dataset's main
+    split). `classes_per_batch` is K, which RAPF's main.py picks from the dataset and increment.
+    Call it after `apply_arg`, so that a variant such as `b50,inc10` picks its own row; a later
+    `--config.continual.*` override does not re-pick (use the variant).
+    """
+    split = table.get((c.continual.initial, c.continual.increment), table[default])
+    c.train.batch_size = split.batch_size
+    c.pseudo.beta = float(split.beta)
+    c.fusion.mix_bias = float(split.mix_bias)
+    c.pseudo.hard_threshold = float(split.threshold)
+    c.stats.shrinkage = bool(split.shrinkage)
+    c.pseudo.classes_per_batch = int(classes_per_batch)
     return c
 
 

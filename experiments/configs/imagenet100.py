@@ -5,7 +5,7 @@
 
 Data: an ImageNet-2012 train/val tree (or TFDS `imagenet2012`, prepared by hand because of its
 licence) restricted to the 100-class list. Values from DESIGN.md §3: fusion bias 0.5, threshold
-0.65, beta 1.
+0.65, beta 1; RAPF's per-split values in `RAPF_SPLITS` (DESIGN.md §4).
 """
 
 from __future__ import annotations
@@ -26,6 +26,16 @@ CLASS_ORDER = (
 )
 # fmt: on
 
+# RAPF's configs/class/imagenet100_<initial>-<increment>.yaml (variants :inc5, :inc20, :b50,inc10,
+# :b50,inc5); other splits take the B0 Inc10 row.
+RAPF_SPLITS = {  # (initial, increment): (batch size, beta, mix_bias, threshold, shrinkage)
+    (10, 10): defaults.RapfSplit(128, 1, 0.5, 0.65, False),
+    (5, 5): defaults.RapfSplit(128, 1, 0.5, 0.65, False),
+    (20, 20): defaults.RapfSplit(128, 0.5, 0.5, 0.65, False),
+    (50, 10): defaults.RapfSplit(128, 1, 0.5, 0.65, False),
+    (50, 5): defaults.RapfSplit(128, 1, 0.5, 0.65, False),
+}
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Variants: see `defaults.apply_arg` (inc<k>, b<n>, seeded, rapf, smoke, ...)."""
@@ -36,8 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dataset.test_split = "validation"
     c.dataset.options.class_file = config_dict.placeholder(str)  # default: the built-in 100 wnids
     c.class_order = CLASS_ORDER
-    c.fusion.mix_bias = 0.5
-    c.pseudo.hard_threshold = 0.65
-    c.pseudo.beta = 1.0
     defaults.b0(c, 10)
-    return defaults.apply_arg(c, arg)
+    c = defaults.apply_arg(c, arg)
+    # RAPF's main.py: K = 2 (its default branch) for ImageNet-100, whatever the split.
+    return defaults.use_rapf_split(c, RAPF_SPLITS, default=(10, 10), classes_per_batch=2)
