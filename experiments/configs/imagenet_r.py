@@ -35,8 +35,8 @@ CLASS_ORDER = (
 
 # RAPF's configs/class/imagenet_r_<initial>-<increment>.yaml (variants :inc10, :inc40, :b100,inc10,
 # :b100,inc20); other splits take the B0 Inc20 row. Covariance shrinkage is on in all of them.
-# Kept as published although in 10-10 and 100-10 the last task's ~21 batches x K 5 slots visit
-# only 110 / 100 of the 190 old classes per epoch (DESIGN.md §4).
+# Kept as published although in 10-10 and 100-10 the last task (1,271 images of RAPF's split) has 22
+# batches of 60 / 20 of 64, x K 5: only 110 / 100 of its 190 old classes per epoch (DESIGN.md §4).
 RAPF_SPLITS = {  # (initial, increment): (batch size, beta, mix_bias, threshold, shrinkage)
     (20, 20): defaults.RapfSplit(64, 1, 0.7, 0.65, True),
     (10, 10): defaults.RapfSplit(60, 2, 0.7, 0.6, True),
