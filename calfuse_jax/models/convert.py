@@ -12,11 +12,13 @@ Names map by a short table on the HF module name (`q_proj.weight` -> `q_proj/ker
 
 A hub id is read from the local cache when it is there; otherwise `resolve` downloads it, and a hub
 that does not answer fails within HF_HUB_ETAG_TIMEOUT (10 s) with the fixes in the message.
+transformers is imported through `import_transformers`, without its no-torch notice.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -61,6 +63,19 @@ TOP_LEVEL = ("logit_scale", "class_embedding")  # bare parameters, same name on 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded exactly; the message lists every offending name."""
+
+
+def import_transformers():
+    """`transformers`, imported without its "PyTorch was not found" notice (printed on every import
+    without torch, which this project never needs); its other warnings are untouched."""
+    logging.getLogger("transformers").addFilter(_not_the_torch_notice)  # a no-op the second time
+    import transformers
+
+    return transformers
+
+
+def _not_the_torch_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("PyTorch was not found.")
 
 
 def _hf_key_to_flax(key: str) -> tuple[tuple[str, ...], Callable] | None:
@@ -159,7 +174,7 @@ def arch_from_config(config: dict) -> CLIPArch:
             "both towers). Point from_pretrained at a CLIP checkpoint such as "
             "openai/clip-vit-base-patch16."
         )
-    from transformers import CLIPConfig  # config classes need no torch
+    CLIPConfig = import_transformers().CLIPConfig  # config classes need no torch
 
     try:
         hf = CLIPConfig.from_dict(config)
@@ -208,7 +223,7 @@ def arch_from_config(config: dict) -> CLIPArch:
 
 def config_from_arch(arch: CLIPArch, bos_token_id: int | None = None):
     """CLIPArch -> transformers.CLIPConfig (to write config.json for random checkpoints)."""
-    from transformers import CLIPConfig
+    CLIPConfig = import_transformers().CLIPConfig
 
     text = dict(
         vocab_size=arch.vocab_size,
