@@ -328,9 +328,10 @@ def _check_hub_answers(name: str, filename: str) -> None:
     """One HEAD request for `filename`, no retries, bounded by HF_HUB_ETAG_TIMEOUT (default 10 s).
 
     hf_hub_download, once its first HEAD times out and nothing is cached, retries 5 more times with
-    a fixed 60 s timeout: over six minutes of silence before any error. This probe is the bound: an
-    endpoint that stays silent or cannot be reached raises HubUnreachableError at once. Any HTTP
-    answer (even 404 or 503) is left to hf_hub_download, which reports or retries it.
+    a fixed 60 s timeout: over six minutes of silence before any error. This probe, sent right
+    before each download, is the bound: an endpoint that stays silent or cannot be reached raises
+    HubUnreachableError at once. Any HTTP answer (even 404 or 503) is left to hf_hub_download,
+    which reports or retries it. The cost: one extra round trip per file not yet cached.
     """
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
     from huggingface_hub.errors import HfHubHTTPError
@@ -386,18 +387,14 @@ def resolve(
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     offline = _hub_offline()
-    probed = False
 
     def fetch(filename: str) -> str:
-        nonlocal probed
         try:  # cache first: no network round trip for files we already have
             return hf_hub_download(name, filename, cache_dir=cache_dir, local_files_only=True)
         except LocalEntryNotFoundError:
             if offline:
                 raise
-        if not probed:  # a silent endpoint fails here, within seconds, not in hf_hub_download
-            _check_hub_answers(name, filename)
-            probed = True
+        _check_hub_answers(name, filename)  # a silent hub fails here, not in hf_hub_download
         return hf_hub_download(name, filename, cache_dir=cache_dir)
 
     try:
