@@ -23,6 +23,7 @@ import numpy as np
 from calfuse_jax.models.clip import CLIP, VARIANTS, CLIPArch, init_params, pool_index
 from calfuse_jax.models.convert import (
     CheckpointError,
+    HubUnreachableError,
     arch_from_config,
     config_from_arch,
     from_state_dict,
@@ -40,6 +41,7 @@ __all__ = [
     "CLIP_STD",
     "CheckpointError",
     "ClipTokenizer",
+    "HubUnreachableError",
     "VARIANTS",
     "arch_from_config",
     "from_pretrained",
@@ -79,8 +81,8 @@ def load_tokenizer(
     """CLIP tokenizer from a checkpoint folder or hub id: `tokenizer(texts) -> int32 [B, 77]`."""
     try:
         folder = resolve(path_or_hub_id, TOKENIZER_FILES, (), cache_dir)
-    except CheckpointError as err:
-        raise CheckpointError(str(err).replace("Needed files", "Tokenizer files")) from err
+    except CheckpointError as err:  # same type (HubUnreachableError stays one), tokenizer wording
+        raise type(err)(str(err).replace("Needed files", "Tokenizer files")) from err
     return tokenizer_from_folder(folder, context_length)
 
 

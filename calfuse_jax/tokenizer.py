@@ -106,7 +106,9 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
 
 def tokenizer_from_folder(folder: str | os.PathLike, context_length: int = 77) -> ClipTokenizer:
     """ClipTokenizer from a folder with vocab.json + merges.txt, checked against those files."""
-    from transformers import CLIPTokenizer
+    from calfuse_jax.models.convert import import_transformers
+
+    CLIPTokenizer = import_transformers().CLIPTokenizer
 
     folder = Path(folder)
     absent = [name for name in TOKENIZER_FILES if not (folder / name).is_file()]

@@ -86,7 +86,15 @@ def setup_console(quiet: bool) -> None:
     absl (imported by orbax) may already have put a plain stderr handler on the root logger, which
     would make `logging.basicConfig` a no-op and print every line in absl's format regardless of
     `quiet`; that handler is replaced. Other handlers (pytest's capture, a notebook's) stay.
+    huggingface_hub's own stderr handler is removed too: its records (download retry warnings)
+    also reach ours, so each would show twice.
     """
+    from huggingface_hub.utils import logging as hub_logging  # its import adds that handler
+
+    hub = hub_logging.get_logger()  # "huggingface_hub"
+    for handler in list(hub.handlers):
+        if type(handler) is logging.StreamHandler:
+            hub.removeHandler(handler)
     root = logging.getLogger()
     for handler in list(root.handlers):
         stream = getattr(handler, "stream", None)

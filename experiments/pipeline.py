@@ -252,6 +252,8 @@ def _prepare_images(config: ml_collections.ConfigDict) -> Prepared:
         weights = features.weights_id(path)
         model, params = clip.from_pretrained(path)
         tokenizer = clip.load_tokenizer(path)
+    except clip.HubUnreachableError as err:  # complete on its own, command-line fix included
+        raise UserError(str(err)) from err
     except (clip.CheckpointError, FileNotFoundError) as err:
         raise UserError(f"{err}\n\n{WEIGHTS_FLAGS}") from err
     _check_variant(config, model.arch)

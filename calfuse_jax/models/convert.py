@@ -9,11 +9,16 @@ an explicit rule skips.
 
 Names map by a short table on the HF module name (`q_proj.weight` -> `q_proj/kernel`, transposed);
 `to_state_dict` is the exact inverse, used to write random test checkpoints without torch.
+
+A hub id is read from the local cache when it is there; otherwise `resolve` downloads it, and a hub
+that does not answer fails within HF_HUB_ETAG_TIMEOUT (10 s) with the fixes in the message.
+transformers is imported through `import_transformers`, without its no-torch notice.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -25,6 +30,8 @@ import numpy as np
 from calfuse_jax.models.clip import ACTIVATIONS, CLIPArch, param_shapes
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+# What from_pretrained + load_tokenizer read from a hub id: the files to download beforehand.
+HUB_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")
 # Non-persistent buffers that older transformers versions wrote into checkpoints. Skipped by name;
 # nothing else is ever skipped.
 SKIPPED_BUFFERS = re.compile(r"(text|vision)_model\.embeddings\.position_ids")
@@ -56,6 +63,19 @@ TOP_LEVEL = ("logit_scale", "class_embedding")  # bare parameters, same name on 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded exactly; the message lists every offending name."""
+
+
+def import_transformers():
+    """`transformers`, imported without its "PyTorch was not found" notice (printed on every import
+    without torch, which this project never needs); its other warnings are untouched."""
+    logging.getLogger("transformers").addFilter(_not_the_torch_notice)  # a no-op the second time
+    import transformers
+
+    return transformers
+
+
+def _not_the_torch_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("PyTorch was not found.")
 
 
 def _hf_key_to_flax(key: str) -> tuple[tuple[str, ...], Callable] | None:
@@ -154,7 +174,7 @@ def arch_from_config(config: dict) -> CLIPArch:
             "both towers). Point from_pretrained at a CLIP checkpoint such as "
             "openai/clip-vit-base-patch16."
         )
-    from transformers import CLIPConfig  # config classes need no torch
+    CLIPConfig = import_transformers().CLIPConfig  # config classes need no torch
 
     try:
         hf = CLIPConfig.from_dict(config)
@@ -203,7 +223,7 @@ def arch_from_config(config: dict) -> CLIPArch:
 
 def config_from_arch(arch: CLIPArch, bos_token_id: int | None = None):
     """CLIPArch -> transformers.CLIPConfig (to write config.json for random checkpoints)."""
-    from transformers import CLIPConfig
+    CLIPConfig = import_transformers().CLIPConfig
 
     text = dict(
         vocab_size=arch.vocab_size,
@@ -300,6 +320,50 @@ def looks_like_hub_id(name: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None
 
 
+class HubUnreachableError(CheckpointError):
+    """The hub endpoint did not answer; the message is complete (what, where, how long, fixes)."""
+
+
+def _check_hub_answers(name: str, filename: str) -> None:
+    """One HEAD request for `filename`, no retries, bounded by HF_HUB_ETAG_TIMEOUT (default 10 s).
+
+    hf_hub_download, once its first HEAD times out and nothing is cached, retries 5 more times with
+    a fixed 60 s timeout: over six minutes of silence before any error. This probe, sent right
+    before each download, is the bound: an endpoint that stays silent or cannot be reached raises
+    HubUnreachableError at once. Any HTTP answer (even 404 or 503) is left to hf_hub_download,
+    which reports or retries it. The cost: one extra round trip per file not yet cached.
+    """
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        import httpx2 as httpx  # huggingface_hub >= 2.0
+    except ImportError:  # huggingface_hub 1.x
+        import httpx
+
+    timeout = constants.HF_HUB_ETAG_TIMEOUT  # the library's knob, read from the env at its import
+    try:
+        get_hf_file_metadata(hf_hub_url(name, filename), timeout=timeout)
+    except HfHubHTTPError:
+        return
+    except httpx.TransportError as err:
+        failure = (
+            f"timed out after {timeout} s without an answer (HF_HUB_ETAG_TIMEOUT={timeout}; raise "
+            "it for a slow network)"
+            if isinstance(err, httpx.TimeoutException)
+            else f"failed ({type(err).__name__}: {err})"
+        )
+        raise HubUnreachableError(
+            f"Could not download {name!r} from the Hugging Face hub at {constants.ENDPOINT}: the "
+            f"request for {filename} {failure}. Fix: download the files once where the hub is "
+            f"reachable, `hf download {name} {' '.join(HUB_FILES)}` (or in Python "
+            f"`huggingface_hub.snapshot_download({name!r}, allow_patterns={list(HUB_FILES)})`), "
+            "then run with HF_HUB_OFFLINE=1 to read them from the cache without any network; or "
+            "pass a local CLIP folder instead of the hub id (on the command line "
+            "--config.model.name=/path/to/folder)."
+        ) from err
+
+
 def resolve(
     path_or_hub_id: str | os.PathLike,
     required: tuple[str, ...],
@@ -308,7 +372,9 @@ def resolve(
 ) -> Path:
     """Local folder for a folder path or a hub id: `required` files plus the first of
     `alternatives` that exists. Tries the local cache first, so cached ids never touch the network;
-    offline (HF_HUB_OFFLINE=1) never tries the network at all and fails at once."""
+    offline (HF_HUB_OFFLINE=1) never tries the network at all and fails at once. Online, a hub that
+    does not answer within HF_HUB_ETAG_TIMEOUT (10 s) raises HubUnreachableError naming the fixes;
+    every other failure raises CheckpointError naming the files and where they are cached."""
     name = str(path_or_hub_id)
     if Path(name).is_dir():
         return Path(name)
@@ -328,6 +394,7 @@ def resolve(
         except LocalEntryNotFoundError:
             if offline:
                 raise
+        _check_hub_answers(name, filename)  # a silent hub fails here, not in hf_hub_download
         return hf_hub_download(name, filename, cache_dir=cache_dir)
 
     try:
@@ -342,6 +409,8 @@ def resolve(
                 if filename == alternatives[-1]:
                     raise
         return folder
+    except HubUnreachableError:
+        raise
     except (OSError, ValueError, RuntimeError) as err:  # hub errors derive from these
         wanted = ", ".join(required) + (
             f" and one of {', '.join(alternatives)}" if alternatives else ""
