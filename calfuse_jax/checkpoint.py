@@ -37,14 +37,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from calfuse_jax import sharding
-from calfuse_jax.config import method_config
+from calfuse_jax.config import NEUTRAL_FIELDS, method_config
 
 STEP_STRIDE = 10_000_000  # step checkpoint id = task * STEP_STRIDE + step
 STATE_FIELDS = ("params", "accuracy", "curves", "key")  # carry fields in a task's `state`
 FINGERPRINT_FILE = "run_fingerprint.json"
 RESULT_FILES = ("checkpoints", "metrics.jsonl", "accuracy_matrix.csv", FINGERPRINT_FILE)
-# Fields that change neither the maths nor the data order, so a run may resume with new values.
-NEUTRAL_FIELDS = ("train.checkpoint_every_steps", "train.eval_batch_size")
 
 logger = logging.getLogger("calfuse_jax")
 

@@ -74,6 +74,7 @@ class _Run:
     workdir: Path
     progress: bool
     step_callback: Callable[[int, int], None] | None
+    loss_callback: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None] | None
 
     @property
     def num_tasks(self) -> int:
@@ -255,6 +256,16 @@ def _train(run: _Run, task: int, carry: dict, inputs: train.TaskInputs) -> tuple
         meta["epoch_losses"] = epoch_losses
         run.checkpoints.save_step(task, step, state._asdict(), meta)
 
+    report = None
+    if run.loss_callback is not None:
+        # Steps counted across tasks, so every task's curve continues the previous one.
+        epochs, batch_size = int(run.config.train.epochs), int(run.config.train.batch_size)
+        sizes = [len(run.stream.task(t, "train")[1]) for t in range(task)]
+        offset = sum(epochs * train.steps_per_epoch(n, batch_size) for n in sizes)
+
+        def report(task, steps, losses, lrs):
+            run.loss_callback(task, offset + np.asarray(steps), losses, lrs)
+
     state, info = train.train_task(
         run.head,
         run.config,
@@ -265,6 +276,7 @@ def _train(run: _Run, task: int, carry: dict, inputs: train.TaskInputs) -> tuple
         save_step=save_step,
         epoch_losses=losses,
         step_callback=run.step_callback,
+        loss_callback=report,
         progress=run.progress,
     )
     return state.params, info
@@ -346,6 +358,7 @@ def run_continual(
     progress: bool = True,
     logit_scale: float | None = None,
     step_callback: Callable[[int, int], None] | None = None,
+    loss_callback: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None] | None = None,
 ) -> ContinualResult:
     """Runs (or resumes) the whole class-incremental sequence of `stream`.
 
@@ -359,6 +372,10 @@ def run_continual(
       progress: tqdm progress bars.
       logit_scale: CLIP's logit scale; None takes `config.logit_scale`.
       step_callback: `fn(task, completed_steps)` after every training step (tests, monitoring).
+      loss_callback: `fn(task, steps, losses, lrs)` as the training losses reach the host (each
+        epoch and step checkpoint); `steps` count across tasks (1 + the steps of earlier tasks
+        for task t's first), `lrs` are the learning rates those steps used. A resumed run
+        reports from the step it restarts at.
 
     Raises:
       ValueError on bad inputs, ConfigMismatchError for a foreign workdir, TaskCheckpointError
@@ -387,6 +404,7 @@ def run_continual(
         workdir=workdir,
         progress=progress,
         step_callback=step_callback,
+        loss_callback=loss_callback,
     )
     try:
         carry, start = _resume(run)

@@ -14,13 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
 
 import numpy as np
+
+from calfuse_jax.files import atomic_write
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what from_pretrained reads, in order
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".npz", ".ckpt")
@@ -83,30 +83,14 @@ def cache_key(fields: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def _atomic_write(path: Path, mode: str, write: Callable[[IO], None]) -> None:
-    """Runs `write(file)` on a temporary file and renames it to `path`: never a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def atomic_save(path: Path, array: np.ndarray) -> None:
     """Writes `array` as .npy so that `path` is either absent or complete (never partial)."""
-    _atomic_write(path, "wb", lambda f: np.save(f, array))
+    atomic_write(path, "wb", lambda f: np.save(f, array))
 
 
 def atomic_write_json(path: Path, payload: dict) -> None:
     """Writes `payload` as indented JSON, atomically like `atomic_save`."""
-    _atomic_write(path, "w", lambda f: json.dump(payload, f, indent=1, sort_keys=True, default=str))
+    atomic_write(path, "w", lambda f: json.dump(payload, f, indent=1, sort_keys=True, default=str))
 
 
 def load_verified(folder: Path, names: Sequence[str]) -> list[np.ndarray] | None:

@@ -282,8 +282,14 @@ class TaskRun:
     key: jax.Array  # the task's key, replicated
 
 
-def check_losses(pending: list[tuple[int, jax.Array]], task: int, done: list[float]) -> None:
-    """Fetches the losses of `pending` (step, loss) pairs into `done`, empties `pending`.
+def check_losses(
+    pending: list[tuple[int, jax.Array]],
+    task: int,
+    done: list[float],
+    report: Callable[[list[int], np.ndarray], None] | None = None,
+) -> None:
+    """Fetches the losses of `pending` (step, loss) pairs into `done`, empties `pending`, and
+    passes (steps, losses) to `report` when given.
 
     Raises NonFiniteLossError on the first NaN/Inf one.
     """
@@ -296,6 +302,8 @@ def check_losses(pending: list[tuple[int, jax.Array]], task: int, done: list[flo
     if bad.size:
         raise NonFiniteLossError(task, steps[bad[0]], float(values[bad[0]]))
     done.extend(float(v) for v in values)
+    if report is not None:
+        report(steps, values)
 
 
 def train_task(
@@ -309,6 +317,7 @@ def train_task(
     save_step: Callable[[int, TrainState, list[float]], None] | None = None,
     epoch_losses: list[float] | None = None,
     step_callback: Callable[[int, int], None] | None = None,
+    loss_callback: Callable[[int, list[int], np.ndarray, np.ndarray], None] | None = None,
     progress: bool = True,
 ) -> tuple[TrainState, dict]:
     """Trains the head on one task from `start_step` (0, or a step checkpoint's step).
@@ -321,6 +330,9 @@ def train_task(
       epoch_losses: those losses when resuming from a step checkpoint.
       step_callback: `step_callback(task, completed_steps)` after every step (tests use it to
         interrupt a run).
+      loss_callback: `loss_callback(task, steps, losses, lrs)` whenever losses reach the host
+        (every epoch and step checkpoint: no extra device sync); `steps` are completed-step
+        counts 1..total, `lrs` the learning rate each of those steps used.
 
     Returns:
       (final state, info dict with `loss` (mean of the last epoch) and `steps`).
@@ -341,6 +353,13 @@ def train_task(
     last_loss, step = None, start_step
     losses_so_far = list(epoch_losses or [])
     bar = tqdm(total=total, initial=start_step, desc=f"task {run.task}", disable=not progress)
+    report = None
+    if loss_callback is not None:
+
+        def report(steps: list[int], values: np.ndarray) -> None:
+            lrs = np.array([learning_rate(config, s - 1, epoch_steps) for s in steps])
+            loss_callback(run.task, steps, values, lrs)
+
     try:
         for epoch in range(start_step // epoch_steps, epochs):
             order = epoch_permutation(seed, run.task, epoch, len(run.labels))
@@ -359,28 +378,28 @@ def train_task(
                 pending.append((step, loss))
                 bar.update(1)
                 if save_step is not None and every and step % every == 0 and step < total:
-                    check_losses(pending, run.task, losses_so_far)
+                    check_losses(pending, run.task, losses_so_far, report)
                     save_step(step, state, losses_so_far)
                 if step_callback is not None:
                     step_callback(run.task, step)
-            check_losses(pending, run.task, losses_so_far)
+            check_losses(pending, run.task, losses_so_far, report)
             last_loss, losses_so_far = float(np.mean(losses_so_far)), []
             bar.set_postfix(loss=f"{last_loss:.4f}")
     except KeyboardInterrupt:
-        _save_on_interrupt(pending, run.task, step, total, state, save_step, losses_so_far)
+        _save_on_interrupt(pending, run.task, step, total, state, save_step, losses_so_far, report)
         raise
     finally:
         bar.close()
     return state, {"loss": last_loss, "steps": total}
 
 
-def _save_on_interrupt(pending, task, step, total, state, save_step, losses) -> None:
+def _save_on_interrupt(pending, task, step, total, state, save_step, losses, report) -> None:
     """Ctrl-C: keep the work done so far as a step checkpoint (unless it is unusable)."""
     if save_step is None or not 0 < step < total:
         return
     if any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(state)):
         logger.warning("interrupted inside a step; no step checkpoint written for task %d", task)
         return
-    check_losses(pending, task, losses)
+    check_losses(pending, task, losses, report)
     logger.warning("interrupted at task %d step %d; saving a step checkpoint", task, step)
     save_step(step, state, losses)

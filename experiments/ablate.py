@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import hashlib
 import json
 import logging
 import pathlib
@@ -41,16 +40,16 @@ import numpy as np
 
 from calfuse_jax.config import method_config, resolve_method
 from calfuse_jax.sharding import barrier, is_primary
-from experiments import report, results
+from experiments import cli, report, results
 from experiments.cli import (
     add_distributed_flags,
     parse_with_overrides,
     setup_console,
     start_distributed,
 )
-from experiments.configs import ConfigError, apply_overrides, load_config
+from experiments.configs import ConfigError, apply_overrides, catalog, load_config
 from experiments.grids import Axis, Cell, GridError, combine, expand, parse_grid, preset, short_key
-from experiments.pipeline import UserError, cache_dir_of, prepare
+from experiments.pipeline import UserError, cache_dir_of, prepare, with_data_fields
 from experiments.run import NOT_COMPARED, run_experiment
 
 log = logging.getLogger("experiments.ablate")
@@ -159,7 +158,7 @@ def run_cells(
     workdir = pathlib.Path(workdir)
     done, prepared = [], {}
     for index, cell in enumerate(cells):
-        config = cell_config(base, cell, seeds, cell_outputs)
+        config = with_data_fields(cell_config(base, cell, seeds, cell_outputs))
         folder = workdir / cell.name
         summary = None if overwrite else finished_summary(folder, config)
         skipped = summary is not None
@@ -329,16 +328,12 @@ def ablate(
 
 
 def default_workdir(config_name: str, preset_name: str | None, specs: Sequence[str],
-                    overrides: Sequence[str]) -> pathlib.Path:  # fmt: skip
+                    overrides: Sequence[str], config=None) -> pathlib.Path:  # fmt: skip
     """runs/ablate-<config>-<preset or grid>[-<hash of grid and overrides>]: stable, so the same
-    command resumes."""
-    stem = pathlib.Path(config_name.partition(":")[0]).stem
-    variant = config_name.partition(":")[2].replace(",", "-")
-    name = "-".join(p for p in ("ablate", stem, variant, preset_name or "grid") if p)
-    extra = sorted(specs) + sorted(overrides)
-    if extra:
-        name += "-" + hashlib.sha1("\n".join(extra).encode()).hexdigest()[:8]
-    return pathlib.Path("runs") / name
+    command resumes (`cli.default_workdir` says which overrides are left out of the hash)."""
+    stem, variant = cli.name_parts(config_name, config)
+    parts = ("ablate", stem, variant, preset_name or "grid")
+    return cli.default_workdir(parts, overrides, extra=sorted(specs))
 
 
 def enable_compile_cache(config: ml_collections.ConfigDict) -> pathlib.Path | None:
@@ -366,6 +361,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
         description="Run every combination of a grid (x seeds) on one benchmark and write one "
         "table (ablation.md, ablation.csv) and one comparison plot. Base-config overrides: "
         "--config.KEY=VALUE.",
+        epilog=catalog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", required=True, help="name[:variant] or path/to/config.py")
     parser.add_argument("--preset", help="a preset grid: method | calfuse_ablation")
@@ -412,7 +409,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_axes(config, axes)  # a bad grid fails before anything (the cache too) is set up
         if not args.no_compile_cache:
             enable_compile_cache(config)
-        workdir = args.workdir or default_workdir(args.config, args.preset, args.grid, overrides)
+        config = with_data_fields(config)  # a folder config counts its classes
+        workdir = args.workdir or default_workdir(args.config, args.preset, args.grid, overrides,
+                                                  config)  # fmt: skip
         title = args.title or f"{config.name}: {args.preset or 'grid'}"
         shown = [f"`{o}`" for o in overrides if not o.startswith(("progress", "cache_dir"))]
         notes = [f"Base-config overrides: {', '.join(shown)}."] if shown else []

@@ -1,20 +1,40 @@
 """Command-line plumbing shared by `experiments.run` and `experiments.ablate`.
 
-`--config.KEY=VALUE` overrides, the multi-process flags (`--distributed` calls
-`jax.distributed.initialize()` before anything touches a device; process 0 writes, every process
-computes), and the console logging both commands set up.
+`--config.KEY=VALUE` overrides, the default results folder of a command (`default_workdir`), the
+multi-process flags (`--distributed` calls `jax.distributed.initialize()` before anything touches
+a device; process 0 writes, every process computes), and the console logging both commands set up.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
+import pathlib
 import sys
 from collections.abc import Sequence
 
+from calfuse_jax.config import NEUTRAL_FIELDS
 from experiments.pipeline import UserError
 
 log = logging.getLogger("experiments.cli")
+
+# Fields that change where things are or how they are shown, not what a run computes: a resume
+# may change them freely (calfuse_jax.config.NEUTRAL_FIELDS are the training loop's own).
+NOT_COMPARED = (
+    "progress",
+    "cache_dir",
+    "features.batch_size",
+    "dataset.root",
+    "dataset.data_dir",
+    "dataset.download",
+    "outputs.plots",
+    "outputs.tensorboard",
+    *NEUTRAL_FIELDS,
+)
+# ... nor do the seeds name another run: each seed runs in its own seed_<k> folder of the run's
+# folder, so adding seeds to a command reuses the finished ones.
+NOT_NAMING = (*NOT_COMPARED, "seeds", "seed")
 
 CHATTY_LOGGERS = ("absl", "orbax", "jax._src", "matplotlib")  # per-save INFO lines drown ours
 
@@ -30,6 +50,36 @@ def parse_with_overrides(
             parser.error(f"unrecognised argument {item!r}; overrides look like --config.KEY=VALUE")
         overrides.append(item[len("--config.") :])
     return args, overrides
+
+
+def name_parts(config_name: str, config) -> tuple[str, str]:
+    """(stem, variant) of `--config NAME[:a,b]` for folder names: the file's stem, or the
+    config's own name where it extends the stem (`folder` names itself `folder-<its root>`)."""
+    stem = pathlib.Path(config_name.partition(":")[0]).stem
+    own = str(config.get("name", "") if config is not None else "").partition(":")[0]
+    variant = config_name.partition(":")[2].replace(",", "-")
+    return (own if own.startswith(stem + "-") else stem), variant
+
+
+def default_workdir(
+    parts: Sequence[str], overrides: Sequence[str], extra: Sequence[str] = ()
+) -> pathlib.Path:
+    """runs/<non-empty parts joined by '-'>[-<hash>]: the default results folder of a command.
+
+    The hash (8 hex digits of sha1) covers `extra` (e.g. a grid's axes) and the `key=value`
+    overrides that change what a run computes; those in `NOT_NAMING` do not count, so the same
+    command with another cache, more seeds or progress bars off finds (and resumes) the same
+    folder.
+    """
+    name = "-".join(p for p in parts if p)
+    keys = [
+        o.partition("=")[0].strip().removeprefix("--").removeprefix("config.") for o in overrides
+    ]
+    relevant = sorted(o for o, k in zip(overrides, keys, strict=True) if k not in NOT_NAMING)
+    hashed = [*extra, *relevant]
+    if hashed:
+        name += "-" + hashlib.sha1("\n".join(hashed).encode()).hexdigest()[:8]
+    return pathlib.Path("runs") / name
 
 
 def add_distributed_flags(parser: argparse.ArgumentParser) -> None:

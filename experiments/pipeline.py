@@ -11,6 +11,7 @@ process 0 only; a random-weight checkpoint is written by process 0 while the oth
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -18,7 +19,6 @@ import logging
 import os
 import pathlib
 import shutil
-import tempfile
 from typing import Any
 
 import ml_collections
@@ -26,6 +26,8 @@ import numpy as np
 
 from calfuse_jax.data.protocol import TaskSplit, make_split, seeded_order
 from calfuse_jax.data.stream import FeatureStream
+from calfuse_jax.files import make_temp_dir, share_like_open
+from experiments.configs import validate
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +100,37 @@ def split_hash(split: TaskSplit, *identities: Any) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def with_data_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` (a copy when anything changes) with the fields it leaves to the data filled in:
+    `{root}` in `name` becomes the name of the `dataset.root` folder, `dataset.num_classes=0`
+    the number of classes of the train split, `continual.increment=0` ceil(classes / 5) (about
+    five tasks) and `continual.initial=0` the increment (B0). Idempotent."""
+    d, c = config.dataset, config.continual
+    if "{root}" not in config.name and d.num_classes and c.initial and c.increment:
+        return config
+    if d.root is None and ("{root}" in config.name or d.name == "folder"):
+        raise UserError(
+            f"config {config.name.replace('-{root}', '')!r} needs your image folder: pass "
+            "--config.dataset.root=DIR, where DIR holds one sub-folder of images per class "
+            "(or DIR/train/<class>/ and DIR/test/<class>/)"
+        )
+    config = copy.deepcopy(config)
+    if "{root}" in config.name:
+        config.name = config.name.replace("{root}", pathlib.Path(d.root).expanduser().name)
+    if not d.num_classes:
+        config.dataset.num_classes = len(load_split(config, d.train_split).class_names)
+        log.info("%s: %d classes", d.root or d.name, config.dataset.num_classes)
+    if not c.increment:
+        config.continual.increment = max(1, -(-config.dataset.num_classes // 5))
+    if not c.initial:
+        config.continual.initial = config.continual.increment
+    validate(config)  # e.g. an explicit initial larger than the classes found
+    return config
+
+
 def prepare(config: ml_collections.ConfigDict) -> Prepared:
     """Builds the feature stream of `config` (synthetic, or images through the feature cache)."""
+    config = with_data_fields(config)
     if config.dataset.name == "synthetic":
         return _prepare_synthetic(config)
     return _prepare_images(config)
@@ -154,9 +185,9 @@ def model_path(config: ml_collections.ConfigDict) -> str:
     # Multi-process runs: process 0 writes the checkpoint, the others wait, then all read it.
     if is_primary() and not (folder / "config.json").exists():
         # Written next to the target and renamed, so an interrupted write never looks finished.
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = pathlib.Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+        tmp = make_temp_dir(folder.parent, prefix=".tmp-")
         clip.random_checkpoint(tmp, variant=variant, seed=config.model.seed)
+        share_like_open(tmp)  # safetensors writes its file 0600
         shutil.rmtree(folder, ignore_errors=True)  # ours, and without config.json: unfinished
         try:
             os.replace(tmp, folder)
@@ -196,10 +227,19 @@ class FirstPerClass:
 
 def load_split(config: ml_collections.ConfigDict, split: str) -> Any:
     """One split of the configured dataset (optionally the first n images per class)."""
-    from calfuse_jax.data.registry import load_dataset
+    from calfuse_jax.data.registry import DATASETS, load_dataset
 
     d = config.dataset
     options = {k: v for k, v in d.options.to_dict().items() if v is not None}
+    known = DATASETS[d.name].options if d.name in DATASETS else options
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise UserError(
+            f"dataset {d.name!r} does not take the option(s) {', '.join(unknown)} that this "
+            f"config sets (dataset.options.*, meant for another dataset); it takes "
+            f"{', '.join(known) or 'none'}. For your own class-per-folder images use "
+            "`--config folder --config.dataset.root=DIR`, or a config of your own without them."
+        )
     try:
         dataset = load_dataset(
             d.name,

@@ -6,7 +6,8 @@
       metrics.jsonl        one row per task            (written by continual.run_continual)
       accuracy_matrix.csv  A[i, j] in %                (written by continual.run_continual)
       summary.json         Avg, Last, forgetting, BWT, old/new, the matrix and the curve
-      tensorboard/         event files rebuilt from metrics.jsonl at the end of every run
+      tensorboard/         train/loss and train/lr per step (written while training), and the
+                           per-task scalars rebuilt from metrics.jsonl at the end of every run
       accuracy_curve.png, accuracy_matrix.png
       run.log
 
@@ -21,12 +22,12 @@ import json
 import math
 import os
 import pathlib
-import shutil
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from calfuse_jax.files import atomic_write
 
 METRICS = ("avg", "last", "forgetting", "bwt", "old", "new", "harmonic")
 METRIC_TITLES = {
@@ -62,12 +63,7 @@ _jsonable = jsonable
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Writes `obj` as indented JSON atomically (temp file + rename: never a half file)."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        json.dump(_jsonable(obj), f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(f.name, path)
+    atomic_write(path, "w", lambda f: f.write(json.dumps(_jsonable(obj), indent=2) + "\n"))
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -137,12 +133,47 @@ def markdown_table(rows: Sequence[tuple[str, dict]], keys: Sequence[str] = METRI
     return "\n".join(lines) + "\n"
 
 
+TRAIN_EVENTS = ".train"  # file-name suffix of the per-step event files (kept by rebuilds)
+
+
+class TrainingCurves:
+    """`run_continual(loss_callback=...)` that writes train/loss and train/lr per step into
+    workdir/tensorboard while the run trains (flushed every 30 s and on `close`).
+
+    Its event file starts with TensorBoard's purge marker at the first step it is given, so the
+    steps a resumed run trains again replace those of the interrupted attempt instead of
+    doubling the curve.
+    """
+
+    def __init__(self, workdir: str | os.PathLike):
+        self.logdir = pathlib.Path(workdir) / "tensorboard"
+        self.writer = None
+
+    def __call__(self, task: int, steps, losses, lrs) -> None:
+        from tensorboardX import SummaryWriter
+
+        if self.writer is None:
+            self.writer = SummaryWriter(logdir=str(self.logdir), purge_step=int(steps[0]),
+                                        flush_secs=30, filename_suffix=TRAIN_EVENTS)  # fmt: skip
+        for step, loss, lr in zip(steps, losses, lrs, strict=True):
+            self.writer.add_scalar("train/loss", float(loss), int(step))
+            self.writer.add_scalar("train/lr", float(lr), int(step))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
 def write_tensorboard(workdir: str | os.PathLike, rows: Sequence[dict], summary: dict) -> None:
-    """Rebuilds workdir/tensorboard from the metrics rows (idempotent across resumes)."""
+    """Rebuilds the per-task scalars in workdir/tensorboard from the metrics rows (idempotent
+    across resumes); the per-step files of `TrainingCurves` stay."""
     from tensorboardX import SummaryWriter
 
     logdir = pathlib.Path(workdir) / "tensorboard"
-    shutil.rmtree(logdir, ignore_errors=True)  # ours alone; rebuilding avoids duplicate steps
+    for old in logdir.glob("events.out.tfevents.*"):  # ours alone; rebuilt, so no duplicate steps
+        if not old.name.endswith(TRAIN_EVENTS):
+            old.unlink()
     with SummaryWriter(logdir=str(logdir)) as writer:
         for row in rows:
             step = int(row["task"])

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import logging
 import os
 import pathlib
@@ -42,8 +41,9 @@ import ml_collections
 
 from calfuse_jax.config import resolve_method
 from calfuse_jax.sharding import barrier, is_primary
-from experiments import results
+from experiments import cli, results
 from experiments.cli import (
+    NOT_COMPARED,
     add_distributed_flags,
     parse_with_overrides,
     setup_console,
@@ -52,12 +52,13 @@ from experiments.cli import (
 from experiments.configs import (
     ConfigError,
     apply_overrides,
+    catalog,
     format_config,
     load_config,
     seeds_of,
     validate,
 )
-from experiments.pipeline import Prepared, UserError, prepare
+from experiments.pipeline import Prepared, UserError, prepare, with_data_fields
 
 log = logging.getLogger("experiments.run")
 
@@ -68,37 +69,18 @@ log = logging.getLogger("experiments.run")
 EXPECTED_ERRORS = (ConfigError, UserError, FileNotFoundError, FileExistsError, ValueError)
 EXIT_USER_ERROR, EXIT_NON_FINITE = 2, 3
 
-# Fields that change where things are or how they are shown, not what a run computes: a resume
-# may change them freely.
-NOT_COMPARED = (
-    "progress",
-    "cache_dir",
-    "features.batch_size",
-    "train.eval_batch_size",
-    "dataset.root",
-    "dataset.data_dir",
-    "dataset.download",
-    "outputs.plots",
-    "outputs.tensorboard",
-)
 RESULT_MARKERS = ("config.json", "metrics.jsonl", "checkpoints", "summary.json")
 PACKAGES = ("calfuse-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
             "transformers", "ml_collections", "tensorflow-datasets")  # fmt: skip
 
 
 def default_workdir(config_name: str, config: ml_collections.ConfigDict, overrides=()) -> str:
-    """runs/<config>-<method>[-<hash of the overrides>]: stable, so re-running resumes."""
-    stem = pathlib.Path(config_name.partition(":")[0]).stem
-    variant = config_name.partition(":")[2].replace(",", "-")
+    """runs/<config>-<method>[-<hash of the overrides>]: stable, so re-running resumes (see
+    `cli.default_workdir` for the overrides left out of the hash: seeds, cache, progress...)."""
+    stem, variant = cli.name_parts(config_name, config)
     method = "" if config.method in variant.split("-") else config.method  # no "rapf-rapf"
-    name = "-".join(p for p in (stem, variant, method) if p)
-    keys = [o.partition("=")[0].strip() for o in overrides]
-    relevant = sorted(
-        o for o, k in zip(overrides, keys, strict=True) if k != "method" and k not in NOT_COMPARED
-    )
-    if relevant:
-        name += "-" + hashlib.sha1("\n".join(relevant).encode()).hexdigest()[:8]
-    return str(pathlib.Path("runs") / name)
+    keep = [o for o in overrides if o.partition("=")[0].strip() != "method"]  # named already
+    return str(cli.default_workdir((stem, variant, method), keep))
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -111,10 +93,12 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def claim_workdir(workdir: str | os.PathLike, config: dict, overwrite: bool) -> bool:
-    """Checks that `workdir` is new, a resume of the same config, or explicitly overwritten
-    (then moves its content aside into overwritten-<time>/: nothing is deleted). Returns True
-    when an existing run is resumed."""
+def claim_workdir(
+    workdir: str | os.PathLike, config: dict, overwrite: bool, ignore: Sequence[str] = ()
+) -> bool:
+    """Checks that `workdir` is new, a resume of the same config (fields in `ignore` and
+    `NOT_COMPARED` may differ), or explicitly overwritten (then moves its content aside into
+    overwritten-<time>/: nothing is deleted). Returns True when an existing run is resumed."""
     workdir = pathlib.Path(workdir)
     if not workdir.exists() or not any(p for p in workdir.iterdir() if not _aside(p)):
         return False
@@ -128,12 +112,7 @@ def claim_workdir(workdir: str | os.PathLike, config: dict, overwrite: bool) -> 
     old = _flat(results.read_json(old_path)) if old_path.exists() else {}
     new = _flat(results.jsonable(config))
     differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    differ = [k for k in differ if k not in NOT_COMPARED]
-    layout = _several(old.get("seeds")), _several(new.get("seeds"))
-    if "seeds" in differ and layout[0] is not None and layout[0] == layout[1]:
-        # More (or fewer) seeds: each seed_<k> folder is its own run (its `seed` is compared),
-        # so the finished ones are reused. Only one seed vs several changes the folder layout.
-        differ.remove("seeds")
+    differ = [k for k in differ if k not in NOT_COMPARED and k not in ignore]
     if not differ and old:
         return True
     if not overwrite and not old:
@@ -152,22 +131,33 @@ def claim_workdir(workdir: str | os.PathLike, config: dict, overwrite: bool) -> 
     barrier("calfuse_claim_inspected")  # every process decided on the untouched folder
     if is_primary():
         aside = workdir / time.strftime("overwritten-%Y%m%d-%H%M%S")
-        aside.mkdir()
-        for path in workdir.iterdir():
-            if not _aside(path):
-                os.replace(path, aside / path.name)
+        _move_content(workdir, aside, keep_seeds=False)
         log.warning("--overwrite: moved the earlier run in %s aside to %s", workdir, aside)
     barrier("calfuse_claim_moved")
     return False
 
 
-def _several(seeds: object) -> bool | None:
-    """Whether a config's `seeds` text names more than one seed (the seed_<k> folder layout);
-    None when it is missing or unreadable (then `seeds` is compared as it is)."""
-    try:
-        return len(seeds_of(ml_collections.ConfigDict({"seeds": str(seeds)}))) > 1
-    except ConfigError:
+def _move_content(workdir: pathlib.Path, target: pathlib.Path, keep_seeds: bool) -> None:
+    """Moves everything in `workdir` into `target` (created) but earlier overwritten-* folders
+    and, with `keep_seeds`, the seed_<k> folders."""
+    target.mkdir()
+    for path in workdir.iterdir():
+        if path != target and not _aside(path) and not (keep_seeds and _seed_folder(path)):
+            os.replace(path, target / path.name)
+
+
+def _seed_folder(path: pathlib.Path) -> bool:
+    return path.is_dir() and path.name.startswith("seed_") and (path / "config.json").exists()
+
+
+def single_seed_run(workdir: pathlib.Path) -> int | None:
+    """The seed of the one-seed run that `workdir` holds in itself (not in seed_<k> folders),
+    or None when it holds none."""
+    config_path = workdir / "config.json"
+    own = any((workdir / m).exists() for m in ("metrics.jsonl", "checkpoints"))
+    if not (own and config_path.exists()):
         return None
+    return results.read_json(config_path).get("seed")
 
 
 def _aside(path: pathlib.Path) -> bool:
@@ -247,15 +237,23 @@ def run_seed(config: ml_collections.ConfigDict, prepared: Prepared, workdir) -> 
             results.write_json(workdir / "config.json", config.to_dict())
             _write_provenance(workdir, dict(prepared.provenance, seed=config.seed,
                                             method=config.method))  # fmt: skip
-        result = run_continual(
-            prepared.stream,
-            prepared.text_features,
-            config,
-            str(workdir),
-            overwrite=False,  # an --overwrite already moved the old run aside
-            progress=config.progress,
-            logit_scale=prepared.logit_scale,
-        )
+        curves = None
+        if primary and wants_output(config, "tensorboard"):
+            curves = results.TrainingCurves(workdir)
+        try:
+            result = run_continual(
+                prepared.stream,
+                prepared.text_features,
+                config,
+                str(workdir),
+                overwrite=False,  # an --overwrite already moved the old run aside
+                progress=config.progress,
+                logit_scale=prepared.logit_scale,
+                loss_callback=curves,
+            )
+        finally:
+            if curves is not None:
+                curves.close()
         seen = prepared.stream.split.bounds[1:]
         summary = results.make_summary(
             dict(result.summary), result.accuracy_matrix, result.seen_accuracy, seen
@@ -294,17 +292,22 @@ def run_experiment(
     """Runs every seed of `config` (method preset resolved) into `workdir`; returns the summary.
 
     One seed writes its results into `workdir`; several write `workdir/seed_<k>` each plus a
-    mean ± std `summary.json` and plots in `workdir`. The features are prepared once and shared;
+    mean ± std `summary.json` and plots in `workdir`. The seeds do not name the run: other seeds
+    of the same config in `workdir` are reused (finished seed folders are not rerun, a one-seed
+    run there first moves into its `seed_<k>`), and `summary.json` covers the seeds asked for
+    now. The features are prepared once and shared;
     a grid over method fields may pass `prepared=pipeline.prepare(config)` to share them across
     runs too (it must come from a config with the same dataset, model, prompt and split fields).
     """
     validate(config)
-    config = resolve_method(config)
+    config = resolve_method(with_data_fields(config))
     workdir = pathlib.Path(workdir)
     seeds = seeds_of(config)
-    if len(seeds) == 1:
+    alone = single_seed_run(workdir)
+    seed_folders = workdir.is_dir() and any(_seed_folder(p) for p in workdir.iterdir())
+    if len(seeds) == 1 and not seed_folders and alone in (None, seeds[0]):
         config.seed = seeds[0]
-        claim_workdir(workdir, config.to_dict(), overwrite)  # before any work: fail fast
+        claim_workdir(workdir, config.to_dict(), overwrite, ignore=("seeds",))  # fail fast
         barrier("calfuse_workdir_claimed")  # no process reads the folder while process 0 writes
         return run_seed(config, prepared or prepare(config), workdir)
     runs = []
@@ -312,10 +315,19 @@ def run_experiment(
         seed_config = ml_collections.ConfigDict(config.to_dict())
         seed_config.seed = seed
         runs.append((seed_config, workdir / f"seed_{seed}"))
-    resumed = claim_workdir(workdir, config.to_dict(), overwrite)
+    # The seeds do not name the run (each has its own folder), so a folder of other seeds of
+    # this config is resumed; a one-seed run in the folder itself moves into its seed_<k>.
+    resumed = claim_workdir(workdir, config.to_dict(), overwrite, ignore=("seeds", "seed"))
+    if resumed and alone is not None:
+        barrier("calfuse_single_seed_inspected")
+        if is_primary():
+            _move_content(workdir, workdir / f"seed_{alone}", keep_seeds=True)
+            log.info("moved the one-seed run in %s into seed_%d/ to add seeds", workdir, alone)
+        barrier("calfuse_single_seed_moved")
     finished = {}  # seed folders of this config that already hold a summary: reused, not rerun
     for seed_config, seed_dir in runs:
-        if claim_workdir(seed_dir, seed_config.to_dict(), overwrite and not resumed):
+        # A seed folder is the run of its `seed`; its `seeds` (the whole list) may differ.
+        if claim_workdir(seed_dir, seed_config.to_dict(), overwrite and not resumed, ("seeds",)):
             if (seed_dir / "summary.json").exists():
                 finished[seed_dir] = results.read_json(seed_dir / "summary.json")
     barrier("calfuse_workdir_claimed")  # no process reads the folders while process 0 writes
@@ -345,6 +357,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
         prog="python -m experiments.run",
         description="Run a class-incremental CLIP benchmark; override any field with "
         "--config.KEY=VALUE (e.g. --config.train.epochs=5).",
+        epilog=catalog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", required=True, help="name[:variant] or path/to/config.py")
     parser.add_argument("--workdir", help="results folder (default: runs/<config>-<method>)")
@@ -388,6 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.show_config:
             print(format_config(resolve_method(config)))
             return 0
+        config = with_data_fields(config)  # a folder config counts its classes
         workdir = args.workdir or default_workdir(args.config, config, overrides)
         summary = run_experiment(config, workdir, overwrite=args.overwrite)
         barrier("calfuse_run_finished")  # no process exits while process 0 still writes

@@ -19,9 +19,9 @@ from typing import Any
 import ml_collections
 
 from calfuse_jax.config import METHODS, resolve_method
-from experiments.configs.defaults import ORDERS, SOURCES
+from experiments.configs.defaults import ORDERS, SOURCES, VARIANTS
 
-CONFIGS = ("cifar100", "imagenet_r", "imagenet100", "cub200", "synthetic", "demo")
+CONFIGS = ("cifar100", "imagenet_r", "imagenet100", "cub200", "synthetic", "demo", "folder")
 
 # Enumerated fields: a typo here would otherwise only surface deep inside a run.
 CHOICES = {
@@ -67,6 +67,18 @@ def load_config(name_or_path: str) -> ml_collections.ConfigDict:
     if arg and "name" in config:
         config.name = f"{config.name}:{arg}"  # labels and reports tell variants apart
     return config
+
+
+def catalog() -> str:
+    """The configs and variants, as `--help` lists them: one line each."""
+    lines = ["configs (--config NAME[:VARIANT,...], or path/to/config.py):"]
+    for name in CONFIGS:
+        doc = importlib.import_module(f"experiments.configs.{name}").__doc__ or ""
+        lines.append(f"  {name:<12} {doc.strip().splitlines()[0] if doc.strip() else ''}")
+    lines.append("variants (any config, comma-separated, e.g. cifar100:b50,inc10,rapf):")
+    for token, meaning in VARIANTS:
+        lines.append(f"  {token:<12} {meaning}" if len(token) < 13 else f"  {token}: {meaning}")
+    return "\n".join(lines)
 
 
 def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -171,15 +183,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 f"config key {key!r} is {node[leaf]!r}; choose one of {', '.join(choices)}"
             )
     seeds_of(config)
-    if config.continual.initial < 1 or config.continual.increment < 1:
-        raise ConfigError("continual.initial and continual.increment must be >= 1")
+    # 0 in these three means "decided from the data" (pipeline.with_data_fields).
+    if config.continual.initial < 0 or config.continual.increment < 0:
+        raise ConfigError(
+            "continual.initial and continual.increment must be >= 1 (or 0: increment "
+            "ceil(classes / 5), initial equal to the increment)"
+        )
     num_classes = config.dataset.num_classes
-    if config.continual.initial > num_classes:
+    if num_classes < 0 or num_classes == 0 and config.dataset.name == "synthetic":
+        raise ConfigError(
+            f"dataset.num_classes={num_classes}: give the number of classes (0, 'count the "
+            "class folders', only works for image datasets)"
+        )
+    if num_classes and config.continual.initial > num_classes:
         raise ConfigError(
             f"continual.initial={config.continual.initial} exceeds dataset.num_classes="
             f"{num_classes}"
         )
-    if config.order == "fixed" and sorted(config.class_order) != list(range(num_classes)):
+    fixed = config.order == "fixed" and num_classes
+    if fixed and sorted(config.class_order) != list(range(num_classes)):
         raise ConfigError(
             f"class_order must list each of the {num_classes} labels 0..{num_classes - 1} once "
             f"(got {len(config.class_order)} entries); or set --config.order=seeded"

@@ -20,6 +20,15 @@ from calfuse_jax.config import method_config
 DEFAULT_TEMPLATES = ("a good photo of a {}.",)
 
 ORDERS = ("fixed", "seeded", "identity")
+# The `--config NAME:variant,variant` tokens every config takes (see `apply_arg`).
+VARIANTS = (
+    ("inc<k>", "k classes per task (B0 stays B0)"),
+    ("b0", "the first task as large as the others"),
+    ("b<n>", "a first task of n classes"),
+    ("seeded", "the PyCIL class order, seed 1993"),
+    ("calfuse, rapf, finetune, zeroshot", "the method"),
+    ("smoke", "1 epoch, 5 images per class: checks the plumbing in seconds"),
+)
 SOURCES = ("auto", "tfds", "files", "package", "procedural")
 
 
@@ -154,9 +163,10 @@ def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.C
             c.train.epochs = 1
             c.dataset.max_per_class = 5
         else:
+            known = ", ".join(name for name, _ in VARIANTS)
             raise ValueError(
-                f"unknown config variant {token!r}; known variants: inc<k>, b0, b<n>, seeded, "
-                "calfuse, rapf, finetune, zeroshot, smoke (comma-separated, e.g. 'b50,inc10')"
+                f"unknown config variant {token!r}; known variants: {known} "
+                "(comma-separated, e.g. 'b50,inc10')"
             )
     return c
 

@@ -16,7 +16,7 @@ from experiments.configs import (
     validate,
 )
 
-IMAGE_CONFIGS = ("cifar100", "imagenet_r", "imagenet100", "cub200", "demo")
+IMAGE_CONFIGS = ("cifar100", "imagenet_r", "imagenet100", "cub200", "demo", "folder")
 
 # DESIGN.md §3, typed in by hand: (increment, fusion bias, threshold, beta, K).
 PAPER_VALUES = {
@@ -31,7 +31,7 @@ PAPER_VALUES = {
 def test_every_config_loads_and_validates(name):
     config = load_config(name)
     validate(config)
-    assert config.name == name
+    assert config.name.replace("-{root}", "") == name  # folder-{root}: named after its data
     assert seeds_of(config) == [0]
     if config.order == "fixed":
         assert sorted(config.class_order) == list(range(config.dataset.num_classes))
