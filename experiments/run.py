@@ -78,6 +78,7 @@ NOT_COMPARED = (
     "dataset.root",
     "dataset.data_dir",
     "dataset.download",
+    "dataset.mirror",
     "outputs.plots",
     "outputs.tensorboard",
 )
