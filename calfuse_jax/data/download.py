@@ -35,7 +35,9 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20  # bytes per read, while streaming and while hashing
+CHUNK = 1 << 20  # bytes per read while hashing
+# Bytes per network read: a broken connection loses the read in progress, so keep it small.
+STREAM_CHUNK = 1 << 16
 TIMEOUT = (15, 60)  # seconds: connect, and between two reads
 MAX_ATTEMPTS = 5  # a broken connection is resumed while each attempt brings new bytes
 # tarfile's "data" filter where this Python has it (3.10.12+, 3.11.4+, 3.12); our own member
@@ -242,7 +244,7 @@ def _stream(url: str, part: Path, start: int, progress: bool) -> None:
             desc=part.name.removesuffix(".part"), disable=not progress,
         )  # fmt: skip
         with bar, open(part, "ab" if start else "wb") as f:
-            for block in response.iter_content(CHUNK):
+            for block in response.iter_content(STREAM_CHUNK):
                 f.write(block)
                 bar.update(len(block))
 
