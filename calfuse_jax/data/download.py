@@ -170,9 +170,16 @@ def file_checksum(path, algorithm: str) -> str:
 
 def _job(resource, folder, mirror, download, progress) -> _Job:
     folder = Path(folder).expanduser()
-    folder.mkdir(parents=True, exist_ok=True)
     mirror = mirror or os.environ.get("CALFUSE_MIRROR") or None
-    return _Job(resource, folder, mirror, download, progress)
+    job = _Job(resource, folder, mirror, download, progress)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise job.error(
+            f"cannot create the data folder {folder} ({err.strerror or err}); point $CALFUSE_DATA "
+            "at a writable folder"
+        ) from err
+    return job
 
 
 @contextlib.contextmanager
@@ -222,11 +229,13 @@ def _download(job: _Job, part: Path) -> None:
         try:
             _stream(job.url, part, start, job.progress)
             return
-        except requests.RequestException as err:
+        except requests.RequestException as err:  # (an OSError too: caught first)
             got = part.stat().st_size if part.exists() else 0
             if got <= start or attempt == MAX_ATTEMPTS - 1:
                 raise job.error(f"could not download {job.url} ({_reason(err)})") from err
             log.warning("the download of %s broke after %d bytes; resuming", job.url, got)
+        except OSError as err:  # a full disk, a folder we may not write
+            raise job.error(f"could not write {part} ({err.strerror or err})") from err
 
 
 def _stream(url: str, part: Path, start: int, progress: bool) -> None:

@@ -183,8 +183,8 @@ def _tfds_options(options: dict) -> dict:
         extra.append(f"split_protocol={options['split_protocol']!r}")
     if extra:
         raise ValueError(
-            f"{extra} only work with source='files' (TFDS gives ImageNet-R's seeded split only: "
-            "split_protocol='seeded')"
+            f"{extra} only work with source='files'; TFDS gives ImageNet-R's seeded split only "
+            "(split_protocol='seeded', --config.dataset.options.split_protocol=seeded)"
         )
     return {k: v for k, v in options.items() if k != "split_protocol"}
 

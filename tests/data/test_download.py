@@ -133,3 +133,11 @@ def test_imagenet_r_reads_rapfs_fetched_split(tmp_path, monkeypatch):
     assert train.load(0).shape == (8, 8, 3)
     assert sorted(name for name, _ in server.requests) == sorted(files)  # each fetched once
     assert (tmp_path / "imgr_train_test_split.txt").read_bytes() == split_list
+
+
+def test_a_data_folder_that_cannot_be_made_is_reported(tmp_path):
+    (tmp_path / "data").write_text("a file where the folder should be")
+    with pytest.raises(
+        download.DownloadError, match="cannot create the data folder .*CALFUSE_DATA"
+    ):
+        fetch(tmp_path / "data")
