@@ -142,12 +142,7 @@ def load_dataset(
     folder = download_dir or paths.data_root()
     files_options = {k: v for k, v in options.items() if k not in ("label_cache", "split_protocol")}
     if name == "imagenet_r" and files_options.get("split_file") is None:
-        protocol = _protocol(name, options)
-        if protocol == "rapf":  # RAPF's published list, fetched and checked like an archive
-            resource = downloads.RESOURCES["imagenet_r_split"]
-            files_options["split_file"] = downloads.fetch(resource, folder, **fetching)
-        elif protocol != "seeded":
-            raise ValueError(f"imagenet_r split_protocol is 'rapf' or 'seeded', not {protocol!r}")
+        files_options["split_file"] = _imagenet_r_split_file(options, folder, fetching)
     if root is None:
         root = _default_root(name, entry, folder, fetching)
     return _files_reader(name)(os.path.expanduser(os.fspath(root)), split, **files_options)
@@ -156,6 +151,16 @@ def load_dataset(
 def _protocol(name: str, options: dict) -> str:
     """ImageNet-R's split: RAPF's published list unless told `split_protocol="seeded"`."""
     return options.get("split_protocol", "rapf" if name == "imagenet_r" else "seeded")
+
+
+def _imagenet_r_split_file(options: dict, folder, fetching: dict):
+    """RAPF's published list (fetched and checked like an archive), or None for the seeded split."""
+    protocol = _protocol("imagenet_r", options)
+    if protocol not in ("rapf", "seeded"):
+        raise ValueError(f"imagenet_r split_protocol is 'rapf' or 'seeded', not {protocol!r}")
+    if protocol == "seeded":
+        return None
+    return downloads.fetch(downloads.RESOURCES["imagenet_r_split"], folder, **fetching)
 
 
 def _default_root(name: str, entry: DatasetEntry, folder, fetching: dict):
