@@ -28,6 +28,7 @@ NOT_COMPARED = (
     "dataset.root",
     "dataset.data_dir",
     "dataset.download",
+    "dataset.mirror",
     "outputs.plots",
     "outputs.tensorboard",
     *NEUTRAL_FIELDS,

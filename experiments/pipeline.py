@@ -24,6 +24,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from calfuse_jax import paths
 from calfuse_jax.data.protocol import TaskSplit, make_split, seeded_order
 from calfuse_jax.data.stream import FeatureStream
 from calfuse_jax.files import make_temp_dir, share_like_open
@@ -66,9 +67,8 @@ class Prepared:
 
 
 def cache_dir_of(config: ml_collections.ConfigDict) -> pathlib.Path:
-    """config.cache_dir, else $CALFUSE_CACHE, else ~/.cache/calfuse_jax."""
-    root = config.cache_dir or os.environ.get("CALFUSE_CACHE") or "~/.cache/calfuse_jax"
-    return pathlib.Path(root).expanduser()
+    """config.cache_dir, else $CALFUSE_CACHE, else ~/.cache/calfuse_jax (`paths.cache_root`)."""
+    return paths.cache_root(config.cache_dir)
 
 
 def class_order_of(config: ml_collections.ConfigDict, num_classes: int) -> np.ndarray:
@@ -227,6 +227,7 @@ class FirstPerClass:
 
 def load_split(config: ml_collections.ConfigDict, split: str) -> Any:
     """One split of the configured dataset (optionally the first n images per class)."""
+    from calfuse_jax.data.download import DownloadError
     from calfuse_jax.data.registry import DATASETS, load_dataset
 
     d = config.dataset
@@ -248,8 +249,13 @@ def load_split(config: ml_collections.ConfigDict, split: str) -> Any:
             source=d.source,
             data_dir=d.data_dir,
             download=d.download,
+            mirror=d.mirror,
+            download_dir=paths.data_root(config.cache_dir),
+            progress=config.progress,
             **options,
         )
+    except DownloadError as err:  # its one paragraph already names the URL, file and fix
+        raise UserError(str(err)) from err
     except FileNotFoundError as err:
         raise UserError(f"{err}\n\n{DATA_FLAGS}") from err
     if d.max_per_class > 0:

@@ -13,3 +13,6 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Datasets fetched in tests come from a fixture's server on 127.0.0.1 (tests/data/test_download.py);
+# any other fetch meets a closed local port and fails at once instead of reaching the internet.
+os.environ.setdefault("CALFUSE_MIRROR", "http://127.0.0.1:9")

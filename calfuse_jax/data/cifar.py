@@ -20,7 +20,8 @@ from calfuse_jax.data.images import ArrayDataset, missing_data_error
 
 CIFAR100_HELP = """Download https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz (161 MB); pass
 root=<the .tar.gz file>, or a folder holding it, or the folder it unpacks to (`tar -xzf` gives
-cifar-100-python/{train,test,meta}). Or prepare the TFDS dataset `cifar100`."""
+cifar-100-python/{train,test,meta}). Without root= it is fetched into the data folder
+(calfuse_jax.paths.data_root). Or prepare the TFDS dataset `cifar100`."""
 
 _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),

@@ -9,8 +9,9 @@ from calfuse_jax.data.images import FileDataset, missing_data_error, train_or_te
 CUB_HELP = """Download CUB_200_2011.tgz (https://data.caltech.edu/records/65de6-vp158), unpack:
     tar -xzf CUB_200_2011.tgz -C DATA_ROOT
 giving DATA_ROOT/CUB_200_2011/{images/, images.txt, image_class_labels.txt,
-train_test_split.txt, classes.txt}; pass root=DATA_ROOT (or DATA_ROOT/CUB_200_2011).
-Or prepare the TFDS dataset `caltech_birds2011`."""
+train_test_split.txt, classes.txt}; pass root=DATA_ROOT (or DATA_ROOT/CUB_200_2011). Without
+root= it is fetched into the data folder (calfuse_jax.paths.data_root). Or prepare the TFDS
+dataset `caltech_birds2011`."""
 
 
 def _read_id_table(path) -> dict[int, str]:

@@ -27,7 +27,8 @@ from calfuse_jax.data.images import (
 
 IMAGENET_R_HELP = """Download https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar, unpack:
     tar -xf imagenet-r.tar -C DATA_ROOT      # gives DATA_ROOT/imagenet-r/<wnid>/*.jpg (200 folders)
-then pass root=DATA_ROOT (or DATA_ROOT/imagenet-r). Or prepare the TFDS dataset `imagenet_r`."""
+then pass root=DATA_ROOT (or DATA_ROOT/imagenet-r); without root= the archive is fetched into the
+data folder (calfuse_jax.paths.data_root). Or prepare the TFDS dataset `imagenet_r`."""
 
 
 def imagenet_r(
@@ -36,8 +37,10 @@ def imagenet_r(
     """ImageNet-R from its tarball layout (`imagenet-r/<wnid>/*.jpg`, 200 wnid folders).
 
     Labels: index of the wnid in `class_names.IMAGENET_R` (sorted wnids). Split: `split_file`
-    (a text file whose lines start with `<wnid>/<file>`; those images form this split) or the
-    seeded per-class 80/20 split of `seeded_class_split(train_fraction, seed)`.
+    (lines starting with `<wnid>/<file>`: this split's images, or, in RAPF's format, a `train`
+    line, the training images, a `test` line, the test images; see `images.read_split_file`) or
+    the seeded per-class 80/20 split of `seeded_class_split(train_fraction, seed)`.
+    `load_dataset("imagenet_r", ...)` passes RAPF's published list unless told otherwise.
     """
     root = os.fspath(root)
     if os.path.isdir(os.path.join(root, "imagenet-r")):
@@ -58,7 +61,8 @@ def imagenet_r(
     names = names_lib.names(names_lib.IMAGENET_R)
     full = FileDataset(root, files, labels, names, description="imagenet_r/all/files")
     if split_file is not None:
-        return _apply_split_file(full, split_file, f"imagenet_r/{split}/files/split_file")
+        split = train_or_test(split)
+        return _apply_split_file(full, split_file, split, f"imagenet_r/{split}/files/split_file")
     train, test = seeded_class_split(full.labels, train_fraction=train_fraction, seed=seed)
     keep = {"train": train, "test": test}[train_or_test(split)]
     return subset(
@@ -66,8 +70,8 @@ def imagenet_r(
     )
 
 
-def _apply_split_file(dataset: FileDataset, split_file, description: str) -> FileDataset:
-    wanted = read_split_file(split_file)
+def _apply_split_file(dataset: FileDataset, split_file, split: str, description: str):
+    wanted = read_split_file(split_file, split)
     # Accept entries with or without a leading "imagenet-r/" folder.
     index = {f: i for i, f in enumerate(dataset.files)}
     keep = []
@@ -85,6 +89,19 @@ IMAGENET_HELP = """Put ImageNet-2012 (ILSVRC2012) under DATA_ROOT as
     DATA_ROOT/val/ILSVRC2012_val_*.JPEG    (flat; labels come from TFDS's validation_labels.txt)
 and pass root=DATA_ROOT. Optional: DATA_ROOT/LOC_synset_mapping.txt for class names. Or prepare
 the TFDS dataset `imagenet2012` (manual download of the two ILSVRC2012 tars)."""
+
+
+def imagenet_manual_help(folder) -> str:
+    """What to download for ImageNet-100 and where it goes when no root= is given (`folder`)."""
+    return (
+        "ImageNet-2012 is never downloaded automatically: its licence allows downloads only from\n"
+        "image-net.org after signing up (https://image-net.org/download-images.php). Download\n"
+        "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar and unpack them as\n"
+        f"    {folder}/train/<wnid>/*.JPEG   (the train tar holds one tar per class: unpack each)\n"
+        f"    {folder}/val/<wnid>/*.JPEG     (or the 50,000 flat ILSVRC2012_val_*.JPEG files)\n"
+        "(the 100 classes of ImageNet-100 are enough), then run again; a copy elsewhere: pass\n"
+        "root=DIR (--config.dataset.root=DIR). Or prepare the TFDS dataset `imagenet2012`."
+    )
 
 
 def _imagenet_val_labels() -> list[str]:

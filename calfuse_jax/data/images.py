@@ -12,8 +12,8 @@ Readers here take a class-per-folder tree (`folder_dataset`, `folder_split`) or 
 the dataset-specific layouts build on them in `data.imagenet` (ImageNet-R tarball, ImageNet-100
 from ImageNet `train/` and `val/`) and `data.cub` (CUB-200-2011's `images/` plus its text files),
 and are importable from here too. ImageNet-R has no official split, so `imagenet_r` draws a
-seeded 80/20 split per class (documented in `seeded_class_split`) unless the user passes a split
-file.
+seeded 80/20 split per class (documented in `seeded_class_split`) unless given a split file
+(`read_split_file`; `load_dataset` fetches RAPF's list by default).
 """
 
 from __future__ import annotations
@@ -241,12 +241,33 @@ def seeded_class_split(labels: np.ndarray, *, train_fraction: float = 0.8, seed:
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def read_split_file(path) -> set[str]:
-    """Relative image paths listed in a split file: first whitespace token of each line."""
+def read_split_file(path, split: str | None = None) -> set[str]:
+    """Relative image paths listed in a split file: first whitespace token of each line.
+
+    A file with the section lines `train` and `test` (RAPF's ImageNet-R list) holds both splits:
+    the entries under `split`'s line are returned. A file without them lists one split's images.
+    """
+    sections: dict[str | None, set[str]] = {None: set()}
+    current = None
     with open(path, encoding="utf-8") as f:
-        entries = {line.split()[0].replace("\\", "/") for line in f if line.strip()}
+        for tokens in (line.split() for line in f):
+            if tokens in (["train"], ["test"]):
+                current = tokens[0]
+                sections.setdefault(current, set())
+            elif tokens:
+                sections[current].add(tokens[0].replace("\\", "/"))
+    if len(sections) > 1:
+        if sections[None]:
+            raise ValueError(f"split file {path!r} lists images before its first train/test line")
+        if split is None:
+            raise ValueError(f"split file {path!r} holds train and test sections; name the split")
+        entries = sections.get(train_or_test(split), set())
+    else:
+        entries = sections[None]
     if not entries:
-        raise ValueError(f"split file {path!r} lists no images")
+        raise ValueError(
+            f"split file {path!r} lists no images" + (f" for {split!r}" if split else "")
+        )
     return entries
 
 

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from calfuse_jax import paths
 from calfuse_jax.data import class_names as names_lib
 from calfuse_jax.data.images import (
     ImageDataset,
@@ -70,9 +71,8 @@ def default_data_dir() -> str:
 
 
 def default_label_cache() -> str:
-    """Where label scans are kept: $CALFUSE_CACHE/tfds_labels or ~/.cache/calfuse_jax/..."""
-    root = os.environ.get("CALFUSE_CACHE") or os.path.expanduser("~/.cache/calfuse_jax")
-    return os.path.join(root, "tfds_labels")
+    """Where label scans are kept: `paths.cache_root()/tfds_labels`."""
+    return os.fspath(paths.cache_root() / "tfds_labels")
 
 
 def prepare_instructions(tfds_name: str, data_dir: str, manual: str = "") -> str:

@@ -6,7 +6,7 @@
     python -m experiments.run --config cifar100 --config.dataset.source=files \
         --config.dataset.root=/data/cifar-100-python             # the python archive, unpacked
 
-Data: TFDS `cifar100` (prepared once with `--config.dataset.download=True`) or the CIFAR-100 python
+Data: the CIFAR-100 python archive fetched on first use, a prepared TFDS `cifar100`, or your own
 archive. Values from DESIGN.md §3: fusion bias 0.6, hard-pair threshold 0.55, beta 2; training batch
 100 and K from RAPF (`RAPF_SPLITS`, DESIGN.md §4).
 """

@@ -4,7 +4,8 @@
     python -m experiments.run --config cub200 --config.dataset.source=files \
         --config.dataset.root=/data/CUB_200_2011                # images/ + train_test_split.txt
 
-Data: TFDS `caltech_birds2011` or the CUB_200_2011 folder with its official train/test split.
+Data: CUB_200_2011.tgz fetched on first use (or your folder, or TFDS `caltech_birds2011`), with its
+official train/test split.
 Values from DESIGN.md §3: fusion bias 0.8, threshold 0.65, beta 1, K = 10; from RAPF (DESIGN.md §4):
 training batch 32 and covariance shrinkage on. RAPF's YAML also says `margin: 0.2`, but no line
 of its code reads it (the hinge's 0.1 is written into main.py), so the margin stays 0.1.

@@ -40,9 +40,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset = ml_collections.ConfigDict()
     c.dataset.name = "cifar100"  # a name known to calfuse_jax.data.registry, or "synthetic"
     c.dataset.source = "auto"  # auto | tfds | files
-    c.dataset.root = config_dict.placeholder(str)  # folder of plain files (source=files)
+    c.dataset.root = config_dict.placeholder(str)  # your copy of the files (else the data folder)
     c.dataset.data_dir = config_dict.placeholder(str)  # TFDS data_dir (source=tfds)
-    c.dataset.download = False  # let TFDS download and prepare (needs network)
+    # Files (source auto/files, no root): fetch the public archive into $CALFUSE_DATA (default
+    # <cache root>/data) when it is not there; False makes missing data an error. With
+    # source=tfds: let TFDS download and prepare (needs TensorFlow). ImageNet-2012 is never fetched.
+    c.dataset.download = True
+    # Base URL serving the archives instead of their public location (<mirror>/<file name>),
+    # e.g. a local copy behind a proxy; None: $CALFUSE_MIRROR, else the public URLs.
+    c.dataset.mirror = config_dict.placeholder(str)
     c.dataset.train_split = "train"
     c.dataset.test_split = "test"
     c.dataset.num_classes = 100

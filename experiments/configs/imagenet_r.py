@@ -5,7 +5,7 @@
     python -m experiments.run --config imagenet_r --config.dataset.source=files \
         --config.dataset.root=/data/imagenet-r                   # the unpacked imagenet-r.tar
 
-ImageNet-R has no official split: the reader makes a seeded 80/20 split per class (or reads a split
+ImageNet-R has no official split: RAPF's train/test list, fetched (or split_protocol=seeded, a split
 file). Values from DESIGN.md §3: fusion bias 0.7, threshold 0.65, beta 1, K = 5 (RAPF).
 """
 
@@ -52,9 +52,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.name = "imagenet_r"
     c.dataset.name = "imagenet_r"
     c.dataset.num_classes = 200
-    c.dataset.options.seed = 0  # the seeded per-class split (no official one exists)
+    c.dataset.options.split_protocol = "rapf"  # RAPF's train/test list | "seeded" (no official one)
+    c.dataset.options.seed = 0  # split_protocol=seeded: the seeded per-class split
     c.dataset.options.train_fraction = 0.8
-    c.dataset.options.split_file = config_dict.placeholder(str)  # or your own train-file list
+    c.dataset.options.split_file = config_dict.placeholder(str)  # your own list (wins over both)
     c.class_order = CLASS_ORDER
     defaults.b0(c, 20)
     c = defaults.apply_arg(c, arg)

@@ -174,3 +174,20 @@ def test_cub200_official_split(tmp_path):
     (root / "train_test_split.txt").unlink()
     with pytest.raises(FileNotFoundError, match="(?s)train_test_split.txt.*CUB_200_2011.tgz"):
         cub.cub200(root, "train")
+
+
+def test_split_file_with_train_and_test_sections(imagenet_r_root, tmp_path):
+    # RAPF's format: a `train` line, training images, a `test` line, test images.
+    wnid = names_lib.IMAGENET_R[5][0]
+    split_file = tmp_path / "rapf.txt"
+    split_file.write_text(f"train\n{wnid}/img_0.jpg\n{wnid}/img_1.jpg\ntest\n{wnid}/img_4.jpg\n")
+    train = imagenet.imagenet_r(imagenet_r_root, "train", split_file=split_file)
+    test = imagenet.imagenet_r(imagenet_r_root, "val", split_file=split_file)
+    assert train.files == (f"{wnid}/img_0.jpg", f"{wnid}/img_1.jpg")
+    assert test.files == (f"{wnid}/img_4.jpg",) and train.identity != test.identity
+    split_file.write_text(f"{wnid}/img_2.jpg\ntrain\n{wnid}/img_0.jpg\ntest\n{wnid}/img_4.jpg\n")
+    with pytest.raises(ValueError, match="before its first train/test line"):
+        imagenet.imagenet_r(imagenet_r_root, "train", split_file=split_file)
+    split_file.write_text(f"train\n{wnid}/img_0.jpg\n")
+    with pytest.raises(ValueError, match="lists no images for 'test'"):
+        imagenet.imagenet_r(imagenet_r_root, "test", split_file=split_file)

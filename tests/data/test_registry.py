@@ -84,12 +84,14 @@ def test_bad_names_splits_options_and_sources():
         load_dataset("imagenet_r", "train", source="tfds", split_file="x.txt")
 
 
-def test_auto_without_data_explains_both_ways(tmp_path):
-    with pytest.raises(FileNotFoundError) as info:
-        load_dataset("cifar100", "train", data_dir=tmp_path)
+def test_auto_without_data_and_download_off_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:  # no TFDS dataset prepared, nothing fetched
+        load_dataset("cifar100", "train", data_dir=tmp_path, download=False, download_dir=tmp_path)
     message = str(info.value)
-    assert "cifar-100-python.tar.gz" in message  # (a) plain files
-    assert f"tfds build cifar100 --data_dir={tmp_path} --file_format=array_record" in message
+    assert "downloading is off" in message
+    assert "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz" in message
+    assert f"save it as {tmp_path / 'cifar-100-python.tar.gz'}" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cifar-100-python.tar.gz.lock"]
 
 
 def test_auto_prefers_root_then_prepared_tfds(monkeypatch, tmp_path):
@@ -98,10 +100,13 @@ def test_auto_prefers_root_then_prepared_tfds(monkeypatch, tmp_path):
     monkeypatch.setattr(
         tfds_source, "tfds_dataset", lambda name, split, **kw: calls.append((name, split, kw))
     )
-    load_dataset("imagenet_r", "test", data_dir=tmp_path, seed=5)
-    assert calls == [("imagenet_r", "test", dict(data_dir=tmp_path, download=False, seed=5))]
+    load_dataset("imagenet_r", "test", data_dir=tmp_path, split_protocol="seeded", seed=5)
+    assert calls == [("imagenet_r", "test", dict(data_dir=tmp_path, download=True, seed=5))]
     with pytest.raises(FileNotFoundError, match="imagenet-r.tar"):  # root given -> files
-        load_dataset("imagenet_r", "test", root=tmp_path / "none")
-    assert (
-        registry._pick_source("cub200", DATASETS["cub200"], "auto", None, tmp_path, False) == "tfds"
-    )
+        load_dataset("imagenet_r", "test", root=tmp_path / "none", split_protocol="seeded")
+    pick = registry._pick_source
+    assert pick("cub200", DATASETS["cub200"], "auto", None, tmp_path, {}) == "tfds"
+    # ImageNet-R's default split is RAPF's list, which only the files give: TFDS is passed over.
+    assert pick("imagenet_r", DATASETS["imagenet_r"], "auto", None, tmp_path, {}) == "files"
+    with pytest.raises(ValueError, match="split_protocol='rapf'.*only work with source='files'"):
+        load_dataset("imagenet_r", "test", source="tfds", split_protocol="rapf")

@@ -110,7 +110,8 @@ def test_overrides_parse_to_the_field_type():
             "fusion.mix_bias=1",  # an int literal for a float field
             "train.milestones=2,5",
             "dataset.root=/data/cifar",
-            "dataset.download=true",
+            "dataset.download=false",
+            "dataset.mirror=http://127.0.0.1:8000/files",
             "prompt.templates=a photo of a {}.",
             "method=rapf",
             "seeds=0,1,2",
@@ -121,7 +122,8 @@ def test_overrides_parse_to_the_field_type():
     assert config.fusion.mix_bias == 1.0 and isinstance(config.fusion.mix_bias, float)
     assert config.train.milestones == (2, 5)
     assert config.dataset.root == "/data/cifar"
-    assert config.dataset.download is True
+    assert config.dataset.download is False  # the default fetches missing archives
+    assert config.dataset.mirror == "http://127.0.0.1:8000/files"
     assert config.prompt.templates == ("a photo of a {}.",)
     assert seeds_of(config) == [0, 1, 2]
     # The original is untouched: overrides work on a copy.
