@@ -13,13 +13,15 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from calfuse_jax.data.images import pil_to_rgb
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _to_pil(image) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
+    if isinstance(image, Image.Image):  # 16-bit modes scaled to 8 bits, not clipped
+        return Image.fromarray(pil_to_rgb(image))
     array = np.asarray(image)
     if array.dtype != np.uint8:
         raise TypeError(

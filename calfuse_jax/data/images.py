@@ -62,10 +62,42 @@ def to_rgb(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def decode_image(path_or_file) -> np.ndarray:
-    """Decodes one image file (any PIL format, grayscale/palette/CMYK/alpha) to uint8 [H, W, 3]."""
-    with Image.open(path_or_file) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+class ImageDecodeError(ValueError):
+    """An image file that cannot be decoded (truncated, empty, not an image, too large, a
+    symlink loop); the message names the file and the fix."""
+
+
+def decode_image(path_or_file, name: str | None = None) -> np.ndarray:
+    """Decodes one image file (any PIL format, grayscale/palette/CMYK/alpha, 8 or 16 bits per
+    channel) to uint8 [H, W, 3]; `name` labels a file object in errors (default: its path).
+
+    Raises ImageDecodeError naming the file for anything PIL cannot decode.
+    """
+    if name is None:
+        name = os.fspath(path_or_file) if isinstance(path_or_file, str | os.PathLike) else None
+    try:
+        with Image.open(path_or_file) as image:
+            return pil_to_rgb(image)
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, zlib.error...
+        raise ImageDecodeError(
+            f"cannot decode the image {name or '<in-memory image>'!r}: "
+            f"{type(error).__name__}: {error}. Replace that file with a readable image or move it "
+            "out of the dataset folder, then run the same command again."
+        ) from error
+
+
+def pil_to_rgb(image: Image.Image) -> np.ndarray:
+    """A PIL image -> uint8 [H, W, 3]; 16-bit integer images are scaled to 8 bits, not clipped.
+
+    PIL's `convert("RGB")` clips the integer modes (I;16, I;16B, I) at 255, so a 16-bit PNG
+    would come out almost white. They keep their high byte instead (`x >> 8`, the values taken
+    as 16-bit and clipped to 0..65535 first): the reduction PIL itself applies to 16-bit RGB(A)
+    PNGs, so a 16-bit picture decodes to the same pixels whether it is stored grey or colour.
+    """
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        wide = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+        return to_rgb((wide >> 8).astype(np.uint8))
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
 def content_hash(*parts) -> str:
@@ -295,6 +327,7 @@ __all__ = [
     "ArrayDataset",
     "FileDataset",
     "ImageDataset",
+    "ImageDecodeError",
     "class_listing",
     "content_hash",
     "decode_image",
@@ -302,6 +335,7 @@ __all__ = [
     "folder_split",
     "list_class_folders",
     "missing_data_error",
+    "pil_to_rgb",
     "read_split_file",
     "seeded_class_split",
     "subset",
