@@ -1,23 +1,32 @@
 """The on-disk side of the feature cache: keys, weight hashes, atomic files, verified manifests.
 
 Cache layout (`cache_dir/images/<key>/`, `cache_dir/text/<key>/`): finished
-`chunks/chunk-<start>-<end>.npy` written atomically (temporary file, fsync, rename) while
-extraction runs, so an interrupted run resumes from the finished chunks; at the end the arrays
-(`features.npy` [N, D] float32 and `labels.npy` [N] int64, or `text.npy` [C, D]) plus
-`manifest.json` holding their sha256, shapes and dtypes, checked on every load (a corrupted or
-truncated cache is reported and recomputed, never used). Keys are `cache_key(fields)`: the
-sha256 of everything that changes the numbers (see `calfuse_jax.features`).
+`chunks/chunk-<start>-<end>-<sha256>.npy` written atomically (temporary file, fsync, rename)
+while extraction runs, so an interrupted run resumes from the finished chunks; at the end the
+arrays (`features.npy` [N, D] float32 and `labels.npy` [N] int64, or `text.npy` [C, D]) plus
+`manifest.json` holding their sha256, shapes and dtypes. Every file is checked on every load: a
+chunk against the sha256 in its name, the arrays against the manifest, all of them for NaN/Inf.
+A damaged file is reported and recomputed, never used; a sha256 is always taken of the bytes in
+memory before they are written, so nothing read back from the disk is ever certified. Keys are
+`cache_key(fields)`: the sha256 of everything that changes the numbers (see
+`calfuse_jax.features`). Concurrent runs share the cache: `entry_lock` lets one process at a
+time check, fill and publish an entry, and the others then read it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
+import logging
 import os
+import shutil
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import filelock
 import numpy as np
 
 from calfuse_jax.files import atomic_write
@@ -25,6 +34,12 @@ from calfuse_jax.files import atomic_write
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what from_pretrained reads, in order
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".npz", ".ckpt")
 _FILE_SHA_MEMO: dict[tuple, str] = {}
+log = logging.getLogger(__name__)
+
+
+class FeatureCacheError(ValueError):
+    """A cache problem that recomputing cannot solve (a damaged entry that cannot be removed,
+    an encoder returning NaN/Inf); the message names the folder or the cause and the fix."""
 
 
 def file_sha256(path) -> str:
@@ -83,21 +98,60 @@ def cache_key(fields: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def atomic_save(path: Path, array: np.ndarray) -> None:
-    """Writes `array` as .npy so that `path` is either absent or complete (never partial)."""
-    atomic_write(path, "wb", lambda f: np.save(f, array))
-
-
 def atomic_write_json(path: Path, payload: dict) -> None:
-    """Writes `payload` as indented JSON, atomically like `atomic_save`."""
+    """Writes `payload` as indented JSON so that `path` is either absent or complete."""
     atomic_write(path, "w", lambda f: json.dump(payload, f, indent=1, sort_keys=True, default=str))
 
 
+def _npy(array: np.ndarray) -> tuple[bytes, str]:
+    """(.npy bytes of `array`, their sha256 in hex)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    data = buffer.getvalue()
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def save_checked(path: Path, array: np.ndarray) -> str:
+    """Writes `array` as .npy atomically; returns the sha256 (hex) of the bytes it wrote."""
+    data, sha256 = _npy(array)
+    atomic_write(path, "wb", lambda f: f.write(data))
+    return sha256
+
+
+def _load_checked(path: Path, sha256: str) -> np.ndarray:
+    """The array in `path` if its bytes have `sha256` and it holds no NaN/Inf; else ValueError."""
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(f"{path.name}: sha256 mismatch")
+    array = np.load(io.BytesIO(data), allow_pickle=False)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise ValueError(f"{path.name}: NaN/Inf values")
+    return array
+
+
+def discard(folder: Path, names: Sequence[str]) -> None:
+    """Removes `names` (files or folders) of the damaged cache entry `folder`, so that they are
+    rewritten; FeatureCacheError naming the folder to delete when that fails."""
+    for name in names:
+        path = folder / name
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as error:
+            raise FeatureCacheError(
+                f"the feature cache entry {str(folder)!r} is damaged ({name}) and could not be "
+                f"removed ({error}); delete that folder and run the same command again"
+            ) from error
+
+
 def load_verified(folder: Path, names: Sequence[str]) -> list[np.ndarray] | None:
-    """Loads `names` (.npy) from `folder` if `manifest.json` exists and sha256/shape/dtype match.
+    """Loads `names` (.npy) from `folder` if `manifest.json` exists and sha256/shape/dtype match
+    and the arrays hold no NaN/Inf.
 
     Returns None when there is no cache; warns (at the caller of the feature function) and
-    returns None for a corrupted one, removing its manifest so it is rewritten.
+    returns None for a damaged one, removing its manifest and arrays so they are rewritten.
     """
     manifest_path = folder / "manifest.json"
     if not manifest_path.exists():
@@ -107,19 +161,17 @@ def load_verified(folder: Path, names: Sequence[str]) -> list[np.ndarray] | None
         arrays = []
         for name in names:
             entry = manifest["files"][name]
-            if file_sha256(folder / name) != entry["sha256"]:
-                raise ValueError(f"{name}: sha256 mismatch")
-            array = np.load(folder / name, allow_pickle=False)
+            array = _load_checked(folder / name, entry["sha256"])
             if list(array.shape) != entry["shape"] or array.dtype.str != entry["dtype"]:
                 raise ValueError(f"{name}: shape/dtype {array.shape} {array.dtype} != manifest")
             arrays.append(array)
         return arrays
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as error:
+    except (OSError, ValueError, KeyError, TypeError) as error:  # JSONDecodeError: ValueError
         warnings.warn(
             f"feature cache {str(folder)!r} failed verification ({error}); recomputing it",
             stacklevel=3,
         )
-        manifest_path.unlink(missing_ok=True)
+        discard(folder, ("manifest.json", *names))
         return None
 
 
@@ -127,24 +179,54 @@ def write_verified(folder: Path, arrays: dict[str, np.ndarray], fields: dict) ->
     """Saves `arrays` ({file name: array}) and then the manifest that `load_verified` checks."""
     files = {}
     for name, array in arrays.items():
-        atomic_save(folder / name, array)
         files[name] = {
-            "sha256": file_sha256(folder / name),
+            "sha256": save_checked(folder / name, array),
             "shape": list(array.shape),
             "dtype": array.dtype.str,
         }
     atomic_write_json(folder / "manifest.json", {"fields": fields, "files": files})
 
 
-def chunk_path(chunk_dir: Path, start: int, end: int) -> Path:
-    """File of the finished chunk holding rows start..end-1."""
-    return chunk_dir / f"chunk-{start:09d}-{end:09d}.npy"
+def save_chunk(chunk_dir: Path, start: int, end: int, array: np.ndarray) -> None:
+    """Keeps the finished chunk of rows start..end-1, its sha256 in the file name (so that the
+    data and its checksum appear together, in one rename)."""
+    data, sha256 = _npy(array)
+    atomic_write(
+        chunk_dir / f"chunk-{start:09d}-{end:09d}-{sha256}.npy", "wb", lambda f: f.write(data)
+    )
 
 
-def load_chunk(path: Path, rows: int) -> np.ndarray | None:
-    """A finished chunk [rows, D], or None when it is absent, unreadable or the wrong size."""
+def load_chunk(chunk_dir: Path, start: int, end: int) -> np.ndarray | None:
+    """The finished chunk of rows start..end-1 [end - start, D], or None when there is none;
+    a damaged one (sha256, shape, NaN/Inf) is reported and removed, to be recomputed."""
+    for path in sorted(chunk_dir.glob(f"chunk-{start:09d}-{end:09d}-*.npy")):
+        try:
+            array = _load_checked(path, path.stem.rsplit("-", 1)[1])
+            if array.ndim != 2 or array.shape[0] != end - start:
+                raise ValueError(f"{path.name}: shape {array.shape}, expected {end - start} rows")
+            return array
+        except (OSError, ValueError, EOFError) as error:
+            warnings.warn(
+                f"feature cache chunk {str(path)!r} failed verification ({error}); recomputing it",
+                stacklevel=2,
+            )
+            discard(chunk_dir, (path.name,))
+    return None
+
+
+@contextlib.contextmanager
+def entry_lock(folder: Path) -> Iterator[None]:
+    """Holds the lock of the cache entry `folder` (created if needed): a second process
+    extracting the same entry waits here, then finds it finished. The lock is an OS file lock,
+    released when its process ends, even by kill -9."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(folder / ".lock")
     try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError):
-        return None
-    return array if array.ndim == 2 and array.shape[0] == rows else None
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        log.info("waiting for another process that is filling the feature cache %s", folder)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import os
@@ -34,13 +35,14 @@ from calfuse_jax import sharding
 from calfuse_jax.feature_cache import (
     WEIGHT_FILES,
     WEIGHT_SUFFIXES,
-    atomic_save,
+    FeatureCacheError,
     atomic_write_json,
     cache_key,
-    chunk_path,
+    entry_lock,
     file_sha256,
     load_chunk,
     load_verified,
+    save_chunk,
     weights_id,
     write_verified,
 )
@@ -48,6 +50,7 @@ from calfuse_jax.feature_cache import (
 # The cache's public names stay importable from here, as before the split.
 __all__ = [
     "PREPROCESS_VERSION",
+    "FeatureCacheError",
     "TEXT_VERSION",
     "WEIGHT_FILES",
     "WEIGHT_SUFFIXES",
@@ -188,24 +191,33 @@ def image_features(
     folder = Path(cache_dir) / "images" / cache_key(fields)
     if len(ds) == 0:
         raise ValueError(f"dataset {ds.identity!r} is empty: nothing to encode")
-    cached = load_verified(folder, ("features.npy", "labels.npy"))
-    if cached is not None:
-        if np.array_equal(cached[1], labels):
-            return cached[0], cached[1]
-        warnings.warn(
-            f"feature cache {str(folder)!r} holds other labels; recomputing", stacklevel=2
-        )
     batch = min(sharding.padded_size(batch_size, mesh), sharding.padded_size(len(ds), mesh))
     chunk = max(1, (chunk_size or max(4096, batch)) // batch) * batch
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(folder / "key.json", fields)  # for people browsing the cache
     plan = _Plan(preprocess, image_size, batch, chunk, num_workers or min(8, os.cpu_count() or 1))
-    encoder = lambda: make_image_encoder(model, params, mesh, compute_dtype)  # noqa: E731
-    features = _extract_chunks(ds, folder / "chunks", encoder, plan, progress)
-    if sharding.is_primary():
-        write_verified(folder, {"features.npy": features, "labels.npy": labels}, fields)
-        shutil.rmtree(folder / "chunks", ignore_errors=True)
+    with _locked(folder):
+        cached = load_verified(folder, ("features.npy", "labels.npy"))
+        if cached is not None:
+            if np.array_equal(cached[1], labels):
+                return cached[0], cached[1]
+            warnings.warn(
+                f"feature cache {str(folder)!r} holds other labels; recomputing", stacklevel=2
+            )
+        atomic_write_json(folder / "key.json", fields)  # for people browsing the cache
+        encoder = lambda: make_image_encoder(model, params, mesh, compute_dtype)  # noqa: E731
+        features = _extract_chunks(ds, folder / "chunks", encoder, plan, progress)
+        if sharding.is_primary():
+            write_verified(folder, {"features.npy": features, "labels.npy": labels}, fields)
+            shutil.rmtree(folder / "chunks", ignore_errors=True)
     return features, labels
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """One process at a time checks and fills the cache entry `folder` (`entry_lock`). In a
+    multi-process run process 0 holds the lock for all: the others start once it has it."""
+    with entry_lock(folder) if sharding.is_primary() else contextlib.nullcontext():
+        sharding.barrier("calfuse_feature_cache_locked")
+        yield
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,8 +235,7 @@ def _extract_chunks(ds, chunk_dir: Path, make_encoder, plan: _Plan, progress: bo
 
     total, batch = len(ds), plan.batch
     bounds = [(s, min(s + plan.chunk, total)) for s in range(0, total, plan.chunk)]
-    paths = [chunk_path(chunk_dir, s, e) for s, e in bounds]
-    done = {i: load_chunk(paths[i], e - s) for i, (s, e) in enumerate(bounds)}
+    done = {i: load_chunk(chunk_dir, s, e) for i, (s, e) in enumerate(bounds)}
     done = {i: a for i, a in done.items() if a is not None}
     todo = [i for i in range(len(bounds)) if i not in done]
     initial = sum(len(a) for a in done.values())
@@ -234,11 +245,24 @@ def _extract_chunks(ds, chunk_dir: Path, make_encoder, plan: _Plan, progress: bo
     if todo:
         jobs = [(i, s) for i in todo for s in range(bounds[i][0], bounds[i][1], batch)]
         for i, features in _encode_jobs(ds, jobs, bounds, make_encoder(), plan, bar):
+            _check_finite(features, bounds[i][0], ds)
             done[i] = features
             if sharding.is_primary():  # chunk finished: keep it on disk
-                atomic_save(paths[i], features)
+                save_chunk(chunk_dir, *bounds[i], features)
     bar.close()
     return np.concatenate([done[i] for i in range(len(bounds))]).astype(np.float32)
+
+
+def _check_finite(features: np.ndarray, start: int, ds) -> None:
+    """FeatureCacheError when a chunk [rows, D] starting at row `start` holds NaN/Inf: such
+    features are never cached (nor certified), and training on them could only diverge."""
+    bad = start + np.flatnonzero(~np.isfinite(features).all(axis=1))
+    if bad.size:
+        raise FeatureCacheError(
+            f"the image encoder returned NaN/Inf features for {bad.size} images of "
+            f"{ds.identity!r} (first rows {bad[:5].tolist()}); nothing was cached for them. "
+            "Check the weights (a damaged or diverged checkpoint gives NaN) and the images."
+        )
 
 
 def _encode_jobs(ds, jobs, bounds, encoder, plan: _Plan, bar):
@@ -309,9 +333,18 @@ def text_features(
         "templates": templates,
     }
     folder = Path(cache_dir) / "text" / cache_key(fields)
-    cached = load_verified(folder, ("text.npy",))
-    if cached is not None:
-        return cached[0]
+    with _locked(folder):
+        cached = load_verified(folder, ("text.npy",))
+        if cached is not None:
+            return cached[0]
+        text = _encode_text(names, templates, model, params, tokenizer, batch_size)
+        if sharding.is_primary():
+            write_verified(folder, {"text.npy": text}, fields)
+    return text
+
+
+def _encode_text(names, templates, model, params, tokenizer, batch_size: int) -> np.ndarray:
+    """Normalised prompt-ensemble embeddings float32 [C, D] (see `text_features`)."""
     prompts = [t.format(name) for name in names for t in templates]
     tokens = np.asarray(tokenizer(prompts), dtype=np.int32)  # [C * T, L]
     encode = jax.jit(
@@ -325,9 +358,11 @@ def text_features(
         outputs.append(np.asarray(encode(params, padded))[: len(part)])
     embeddings = normalise(np.concatenate(outputs).reshape(len(names), len(templates), -1))
     text = normalise(embeddings.mean(axis=1)).astype(np.float32)  # [C, D]
-    folder.mkdir(parents=True, exist_ok=True)
-    if sharding.is_primary():
-        write_verified(folder, {"text.npy": text}, fields)
+    if not np.isfinite(text).all():
+        raise FeatureCacheError(
+            "the text encoder returned NaN/Inf embeddings; nothing was cached. Check the "
+            "weights (a damaged or diverged checkpoint gives NaN)."
+        )
     return text
 
 
