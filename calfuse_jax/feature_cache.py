@@ -214,6 +214,21 @@ def load_chunk(chunk_dir: Path, start: int, end: int) -> np.ndarray | None:
     return None
 
 
+def write_checksums(folder: Path) -> None:
+    """Records the sha256 of every file in `folder` in its `checksums.json` (last written)."""
+    files = {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
+    atomic_write_json(folder / "checksums.json", files)
+
+
+def checksums_match(folder: Path) -> bool:
+    """Whether `folder` holds `checksums.json` and every file it lists, unchanged."""
+    try:
+        files = json.loads((folder / "checksums.json").read_text())
+        return all(file_sha256(folder / name) == sha256 for name, sha256 in files.items())
+    except (OSError, ValueError, AttributeError):  # absent, unreadable, not a JSON object
+        return False
+
+
 @contextlib.contextmanager
 def entry_lock(folder: Path) -> Iterator[None]:
     """Holds the lock of the cache entry `folder` (created if needed): a second process

@@ -11,6 +11,7 @@ process 0 only; a random-weight checkpoint is written by process 0 while the oth
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -21,12 +22,14 @@ import pathlib
 import shutil
 from typing import Any
 
+import filelock
 import ml_collections
 import numpy as np
 
 from calfuse_jax import paths
 from calfuse_jax.data.protocol import TaskSplit, make_split, seeded_order
 from calfuse_jax.data.stream import FeatureStream
+from calfuse_jax.feature_cache import checksums_match, write_checksums
 from calfuse_jax.files import make_temp_dir, share_like_open
 from experiments.configs import validate
 
@@ -183,17 +186,17 @@ def model_path(config: ml_collections.ConfigDict) -> str:
         )
     folder = cache_dir_of(config) / "models" / f"random-{variant}-seed{config.model.seed}"
     # Multi-process runs: process 0 writes the checkpoint, the others wait, then all read it.
-    if is_primary() and not (folder / "config.json").exists():
-        # Written next to the target and renamed, so an interrupted write never looks finished.
-        tmp = make_temp_dir(folder.parent, prefix=".tmp-")
-        clip.random_checkpoint(tmp, variant=variant, seed=config.model.seed)
-        share_like_open(tmp)  # safetensors writes its file 0600
-        shutil.rmtree(folder, ignore_errors=True)  # ours, and without config.json: unfinished
-        try:
+    # Concurrent runs: one at a time checks (and rewrites) it, under the file lock.
+    with filelock.FileLock(f"{folder}.lock") if is_primary() else contextlib.nullcontext():
+        if is_primary() and not checksums_match(folder):  # unfinished, damaged or old
+            # Written next to the target and renamed, so an interrupted write never looks finished.
+            tmp = make_temp_dir(folder.parent, prefix=".tmp-")
+            clip.random_checkpoint(tmp, variant=variant, seed=config.model.seed)
+            share_like_open(tmp)  # safetensors writes its file 0600
+            write_checksums(tmp)
+            shutil.rmtree(folder, ignore_errors=True)  # ours, regenerated identically
             os.replace(tmp, folder)
-        except OSError:  # another process finished the same folder first
-            shutil.rmtree(tmp, ignore_errors=True)
-        log.info("wrote a random-weight %s CLIP checkpoint to %s", variant, folder)
+            log.info("wrote a random-weight %s CLIP checkpoint to %s", variant, folder)
     barrier("calfuse_random_checkpoint")
     return str(folder)
 
