@@ -3,10 +3,12 @@
     feats, labels = image_features(ds, model, params, cache_dir=..., weights_id=..., image_size=224)
     text = text_features(names, model, params, tokenizer, cache_dir=..., weights_id=...)
 
-The cache (resumable chunk files, sha256-verified manifest; `calfuse_jax.feature_cache`) lives
-under `cache_dir/images/<key>/` and `cache_dir/text/<key>/`. The key is the sha256 of the weights
-id, model architecture, image size, compute dtype, preprocessing version and `ds.identity`, so
-every method and seed shares one cache and anything that changes the numbers changes the key.
+The cache (resumable chunk files and arrays, all sha256-verified, NaN/Inf never kept; one
+process at a time per entry; `calfuse_jax.feature_cache`) lives under `cache_dir/images/<key>/`
+and `cache_dir/text/<key>/`. The key is the sha256 of the weights id, model architecture, image
+size, compute dtype, preprocessing version and `ds.identity`, so every method and seed shares one
+cache and anything that changes the numbers changes the key. An image that cannot be decoded
+stops the extraction with `ImageDecodeError` naming the file.
 
 Extraction: batches are decoded and preprocessed on host threads (PIL releases the GIL) a few
 batches ahead of the device, padded to one fixed batch shape (the encoder is traced once), split
@@ -64,7 +66,9 @@ __all__ = [
     "weights_id",
 ]
 
-PREPROCESS_VERSION = "clip-bicubic-shortside-centercrop-meanstd-v1"
+# v2: 16-bit images are scaled to 8 bits instead of clipped at 255 (`data.images.pil_to_rgb`);
+# the version is in the cache key, so an entry extracted from saturated pixels is never reused.
+PREPROCESS_VERSION = "clip-bicubic-shortside-centercrop-meanstd-v2"
 TEXT_VERSION = "text-normalised-template-mean-v1"
 
 
