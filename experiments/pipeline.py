@@ -250,7 +250,7 @@ def load_split(config: ml_collections.ConfigDict, split: str) -> Any:
             data_dir=d.data_dir,
             download=d.download,
             mirror=d.mirror,
-            download_dir=paths.data_root(config.cache_dir),
+            cache_dir=config.cache_dir,
             progress=config.progress,
             **options,
         )

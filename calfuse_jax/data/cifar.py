@@ -2,50 +2,32 @@
 
 Layout read: `cifar-100-python/{train,test,meta}`, pickles with `data` uint8 [N, 3072] (channel-
 planar 3x32x32 rows), `fine_labels`, `filenames`; `meta` holds `fine_label_names`. The pickles are
-read with a restricted unpickler that only rebuilds NumPy arrays and plain containers, so a
-tampered archive cannot run code.
+read with `images.load_data_pickle`, which only rebuilds NumPy arrays and plain containers.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import pickle
 import tarfile
 
 import numpy as np
 
 from calfuse_jax.data import class_names as names_lib
-from calfuse_jax.data.images import ArrayDataset, missing_data_error
+from calfuse_jax.data.download import Resource
+from calfuse_jax.data.images import (
+    ArrayDataset,
+    DatasetEntry,
+    load_data_pickle,
+    missing_data_error,
+    train_or_test,
+)
+from calfuse_jax.data.tfds_source import TfdsSpec
 
 CIFAR100_HELP = """Download https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz (161 MB); pass
 root=<the .tar.gz file>, or a folder holding it, or the folder it unpacks to (`tar -xzf` gives
 cifar-100-python/{train,test,meta}). Without root= it is fetched into the data folder
 (calfuse_jax.paths.data_root). Or prepare the TFDS dataset `cifar100`."""
-
-_ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("_codecs", "encode"),
-}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that only rebuilds NumPy arrays, dicts, lists, strings and numbers."""
-
-    def find_class(self, module, name):
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data pickle")
-
-
-def load_data_pickle(file, *, encoding: str = "bytes"):
-    """Loads a data pickle (binary file object) allowing only arrays and plain containers."""
-    return _RestrictedUnpickler(file, encoding=encoding).load()
 
 
 def _text_keys(record: dict) -> dict:
@@ -85,9 +67,7 @@ def _open_members(root: str) -> dict[str, bytes]:
 
 def cifar100(root, split: str) -> ArrayDataset:
     """CIFAR-100 `train` (50,000) or `test` (10,000), fine labels; images uint8 [N, 32, 32, 3]."""
-    split = {"train": "train", "test": "test", "val": "test", "validation": "test"}.get(split)
-    if split is None:
-        raise ValueError("cifar100 splits are 'train' and 'test'")
+    split = train_or_test(split, name="cifar100")
     members = _open_members(root)
     record = _text_keys(load_data_pickle(io.BytesIO(members[split])))
     meta = _text_keys(load_data_pickle(io.BytesIO(members["meta"])))
@@ -104,3 +84,21 @@ def cifar100(root, split: str) -> ArrayDataset:
     return ArrayDataset(
         np.ascontiguousarray(images), labels, names, description=f"cifar100/{split}/files"
     )
+
+
+ENTRY = DatasetEntry(
+    "cifar100",
+    "CIFAR-100, 100 classes, 50,000 train / 10,000 test 32x32 images",
+    cifar100,
+    names=names_lib.CIFAR100,
+    tfds=TfdsSpec("cifar100", {"train": "train", "test": "test"}),
+    # md5 from torchvision's datasets/cifar.py (`CIFAR100.tgz_md5`), the value Avalanche and
+    # Mammoth use through torchvision.
+    archive=Resource(
+        "cifar-100-python.tar.gz",
+        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        "eb9058c3a382ffc7106e4002c42a8d85",
+        "md5",
+        "cifar-100-python",
+    ),
+)
