@@ -26,7 +26,7 @@ from calfuse_jax.data import animal_mnist, cifar, cub, imagenet, images, shapes,
 from calfuse_jax.data import download as downloads
 from calfuse_jax.data.images import DatasetEntry
 
-SOURCES = ("auto", "files", "tfds", "package", "procedural")
+SOURCES = ("auto", "tfds", "files", "package", "procedural")
 DATASETS: dict[str, DatasetEntry] = {
     e.name: e
     for e in (
