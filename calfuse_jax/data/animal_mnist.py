@@ -17,7 +17,6 @@ import os
 
 import numpy as np
 
-from calfuse_jax.data import class_names as names_lib
 from calfuse_jax.data.images import (
     ArrayDataset,
     DatasetEntry,
@@ -27,6 +26,7 @@ from calfuse_jax.data.images import (
 )
 
 INSTALL_LINE = "pip install --no-deps animal-mnist"
+NAMES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
 _DATA_FILE = "animal_data_version_3.gz"
 _LABEL_FILE = "animal_label_version_3.gz"
 
@@ -68,7 +68,7 @@ def animal_mnist(split: str, *, train_fraction: float = 0.8, seed: int = 0) -> A
         keep = train if split == "train" else test
         images, labels = images[keep], labels[keep]
     description = f"animal_mnist/{split}/package/seed={seed},frac={train_fraction}"
-    return ArrayDataset(images, labels, names_lib.ANIMAL_MNIST, description=description)
+    return ArrayDataset(images, labels, NAMES, description=description)
 
 
 ENTRY = DatasetEntry(
@@ -78,5 +78,5 @@ ENTRY = DatasetEntry(
     source="package",
     splits=("train", "test", "all"),
     options=("seed", "train_fraction"),
-    names=names_lib.ANIMAL_MNIST,
+    names=NAMES,
 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import pathlib
 import tarfile
 
 import numpy as np
@@ -34,17 +35,15 @@ def _text_keys(record: dict) -> dict:
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in record.items()}
 
 
+_MEMBERS = ("train", "test", "meta")
+
+
 def _open_members(root: str) -> dict[str, bytes]:
     """{'train'|'test'|'meta': pickle bytes} from a .tar.gz, a folder holding it, or the folder."""
     root = os.fspath(root)
-    candidates = [root, os.path.join(root, "cifar-100-python")]
-    for folder in candidates:
-        if all(os.path.isfile(os.path.join(folder, m)) for m in ("train", "test", "meta")):
-            out = {}
-            for member in ("train", "test", "meta"):
-                with open(os.path.join(folder, member), "rb") as f:
-                    out[member] = f.read()
-            return out
+    for folder in (pathlib.Path(root), pathlib.Path(root, "cifar-100-python")):
+        if all((folder / m).is_file() for m in _MEMBERS):
+            return {m: (folder / m).read_bytes() for m in _MEMBERS}
     archive = root if os.path.isfile(root) else os.path.join(root, "cifar-100-python.tar.gz")
     if not os.path.isfile(archive):
         raise missing_data_error(
@@ -54,11 +53,7 @@ def _open_members(root: str) -> dict[str, bytes]:
         )
     try:
         with tarfile.open(archive, "r:*") as tar:
-            out = {}
-            for member in ("train", "test", "meta"):
-                handle = tar.extractfile(f"cifar-100-python/{member}")
-                out[member] = handle.read()
-            return out
+            return {m: tar.extractfile(f"cifar-100-python/{m}").read() for m in _MEMBERS}
     except (tarfile.TarError, KeyError, EOFError, OSError) as error:
         raise missing_data_error(
             "cifar100", f"archive {archive!r} is unreadable or incomplete ({error})", CIFAR100_HELP

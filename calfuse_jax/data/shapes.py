@@ -10,9 +10,10 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from calfuse_jax.data import class_names as names_lib
 from calfuse_jax.data.images import DatasetEntry, ImageDataset, train_or_test
 
+NAMES = ("circle", "square", "triangle", "diamond", "cross", "ring", "star", "hexagon", "crescent",
+         "stripes")  # fmt: skip
 SHAPES_VERSION = 1  # bump when the drawing changes, so cached features are recomputed
 
 
@@ -26,9 +27,9 @@ class ShapesDataset(ImageDataset):
     def __init__(self, split: str, *, num_per_class: int = 50, image_size: int = 64, seed: int = 0):
         split = train_or_test(split, name="shapes")
         self.split_id, self.image_size, self.seed = ("train", "test").index(split), image_size, seed
-        num_classes = len(names_lib.SHAPES)
+        num_classes = len(NAMES)
         self.labels = np.arange(num_per_class * num_classes, dtype=np.int64) % num_classes
-        self.class_names = names_lib.SHAPES
+        self.class_names = NAMES
         self.identity = (
             f"shapes/{split}/procedural/v{SHAPES_VERSION}/n={len(self.labels)},"
             f"size={image_size},seed={seed}"
@@ -50,7 +51,7 @@ def _polygon(cx, cy, radius, sides, angle, star=False):
 
 
 def draw_shape(label: int, rng: np.random.Generator, size: int) -> np.ndarray:
-    """Draws shape `label` (index into `class_names.SHAPES`) -> uint8 [size, size, 3]."""
+    """Draws shape `label` (index into `NAMES`) -> uint8 [size, size, 3]."""
     background = tuple(int(v) for v in rng.integers(0, 90, 3))
     colour = tuple(int(v) for v in rng.integers(120, 256, 3))
     image = Image.new("RGB", (size, size), background)
@@ -59,7 +60,7 @@ def draw_shape(label: int, rng: np.random.Generator, size: int) -> np.ndarray:
     cx, cy = (size / 2 + rng.uniform(-0.12, 0.12, 2) * size).tolist()
     angle = rng.uniform(0, 2 * math.pi)
     box = (cx - radius, cy - radius, cx + radius, cy + radius)
-    name = names_lib.SHAPES[label]
+    name = NAMES[label]
     if name == "circle":
         draw.ellipse(box, fill=colour)
     elif name == "ring":
@@ -97,5 +98,5 @@ ENTRY = DatasetEntry(
     ShapesDataset,
     source="procedural",
     options=("seed", "num_per_class", "image_size"),
-    names=names_lib.SHAPES,
+    names=NAMES,
 )

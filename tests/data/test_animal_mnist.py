@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from calfuse_jax.data import animal_mnist as animal_lib
-from calfuse_jax.data import class_names as names_lib
+from calfuse_jax.data import shapes
 from calfuse_jax.data.shapes import ShapesDataset
 
 
@@ -84,7 +84,7 @@ def test_real_wheel_has_ten_balanced_classes():
 
 def test_shapes_are_deterministic_and_labelled():
     train = ShapesDataset("train", num_per_class=3, image_size=40, seed=0)
-    assert len(train) == 30 and train.class_names == names_lib.SHAPES
+    assert len(train) == 30 and train.class_names == shapes.NAMES
     assert train.labels.tolist() == list(range(10)) * 3
     again = ShapesDataset("train", num_per_class=3, image_size=40, seed=0)
     np.testing.assert_array_equal(train.load(17), again.load_batch([5, 17])[1])
