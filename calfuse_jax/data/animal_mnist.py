@@ -25,7 +25,6 @@ from calfuse_jax.data.images import (
     train_or_test,
 )
 
-INSTALL_LINE = "pip install --no-deps animal-mnist"
 NAMES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
 _DATA_FILE = "animal_data_version_3.gz"
 _LABEL_FILE = "animal_label_version_3.gz"
@@ -37,8 +36,9 @@ def animal_mnist_files() -> tuple[str, str]:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "animal_mnist: the `animal-mnist` package is not installed.\n\nHow to fix:\n"
-            f"    {INSTALL_LINE}\n(--no-deps matters: the wheel declares TensorFlow, which is not "
-            "needed to read its files.) Or use the dataset 'shapes', which needs no files."
+            "    pip install --no-deps animal-mnist\n(--no-deps matters: the wheel declares "
+            "TensorFlow, which is not needed to read its files.) Or use the dataset 'shapes', "
+            "which needs no files."
         )
     folder = os.path.join(list(spec.submodule_search_locations)[0], "data", "Animal_MNIST")
     paths = (os.path.join(folder, _DATA_FILE), os.path.join(folder, _LABEL_FILE))

@@ -61,8 +61,7 @@ def imagenet_r(
             IMAGENET_R_HELP,
         )
     files, labels = class_listing(folders, table_wnids)
-    names = names_lib.names(names_lib.IMAGENET_R)
-    full = FileDataset(root, files, labels, names, description="imagenet_r/all/files")
+    full = FileDataset(root, files, labels, IMAGENET_R.names, description="imagenet_r/all/files")
     if split_file is not None:
         return _apply_split_file(full, split_file, split, f"imagenet_r/{split}/files/split_file")
     train, test = seeded_class_split(full.labels, train_fraction=train_fraction, seed=seed)
@@ -141,13 +140,9 @@ def _imagenet_listing(split_dir: str, wnids: list[str], name: str):
     folders = list_class_folders(split_dir)
     if not folders:  # flat validation folder
         flat = sorted(f for f in os.listdir(split_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
-        truth = _imagenet_val_labels()
-        position = {w: i for i, w in enumerate(wnids)}
-        chosen = [
-            (f, position[truth[int(f.rsplit("_", 1)[-1].split(".")[0]) - 1]])
-            for f in flat
-            if truth[int(f.rsplit("_", 1)[-1].split(".")[0]) - 1] in position
-        ]
+        truth, position = _imagenet_val_labels(), {w: i for i, w in enumerate(wnids)}
+        wnid_of = {f: truth[int(f.rsplit("_", 1)[-1].split(".")[0]) - 1] for f in flat}
+        chosen = [(f, position[w]) for f, w in wnid_of.items() if w in position]
         if not chosen:
             raise missing_data_error(
                 name, f"no images of the classes in {split_dir!r}", imagenet_help(root)

@@ -9,9 +9,8 @@ Every reader returns an object with the same small interface (`ImageDataset`):
     len(ds); ds.load(i) -> uint8 [H, W, 3]; ds.load_batch(indices) -> list of arrays
 
 Each reader module declares a `DatasetEntry` (what `registry.load_dataset` needs to know). Readers
-here take a class-per-folder tree (`folder_dataset`, `folder_split`, the `folder` dataset) or
-arrays in memory; `load_data_pickle` reads the NumPy pickles of CIFAR and Animal-MNIST safely.
-Splits without an official list use `seeded_class_split`, a seeded 80/20 split per class.
+here take a class-per-folder tree (`folder_split`, the `folder` dataset) or arrays in memory;
+`load_data_pickle` reads NumPy pickles safely; `seeded_class_split` splits 80/20 per class.
 """
 
 from __future__ import annotations
@@ -60,12 +59,11 @@ class ImageDataset:
 class DatasetEntry:
     """What `registry.load_dataset` knows about one dataset; each reader module declares its own.
 
-    `reader(root, split, **options)` reads files (`source="files"`: the user's `root=`, else the
-    `archive` fetched into the data folder, else the folder's `data_folder`); a dataset that needs
-    no files has `source` "package" or "procedural" and `reader(split, **options)`. `tfds` makes a
-    prepared TFDS dataset a second source. `split_lists` maps a `split_protocol` option value to a
-    published split list, fetched and passed as `split_file=` (the first is the default; "seeded",
-    no list, is always one).
+    `reader(root, split, **options)` reads files (the user's `root=`, else the `archive` fetched
+    into the data folder, else its `data_folder`); with `source` "package" or "procedural" it is
+    `reader(split, **options)`. `tfds` adds a prepared TFDS dataset as a source. `split_lists`:
+    option `split_protocol` -> a published list, fetched and passed as `split_file=` (the first is
+    the default; "seeded", no list, always exists).
     """
 
     name: str

@@ -27,18 +27,10 @@ from calfuse_jax.data import download as downloads
 from calfuse_jax.data.images import DatasetEntry
 
 SOURCES = ("auto", "tfds", "files", "package", "procedural")
-DATASETS: dict[str, DatasetEntry] = {
-    e.name: e
-    for e in (
-        cifar.ENTRY,
-        imagenet.IMAGENET_R,
-        imagenet.IMAGENET100,
-        cub.ENTRY,
-        animal_mnist.ENTRY,
-        shapes.ENTRY,
-        images.FOLDER,
-    )
-}
+DATASETS: dict[str, DatasetEntry] = {e.name: e for e in (
+    cifar.ENTRY, imagenet.IMAGENET_R, imagenet.IMAGENET100, cub.ENTRY, animal_mnist.ENTRY,
+    shapes.ENTRY, images.FOLDER,
+)}  # fmt: skip
 # Options a TFDS source takes; with split lists, only the "seeded" split_protocol.
 _TFDS_OPTIONS = ("seed", "train_fraction", "split_protocol")
 
@@ -71,8 +63,7 @@ def load_dataset(
     """Opens dataset `name`'s `split` (see `DATASETS` for names, splits, sources and options).
 
     Args:
-      name: a key of `DATASETS` (cifar100 | imagenet_r | imagenet100 | cub200 | animal_mnist |
-        shapes | folder, or one you `register`).
+      name: a key of `DATASETS` (the built-in ones, or one you `register`).
       split: "train" or "test" ("val"/"validation" mean "test"); some take "all".
       root: the user's files (archive, folder tree); implies source="files".
       source: one of `SOURCES`.
@@ -82,9 +73,8 @@ def load_dataset(
         let TFDS download and prepare (needs TensorFlow for these builders).
       mirror: base URL serving the files instead of their public location (`<mirror>/<file>`);
         default $CALFUSE_MIRROR.
-      cache_dir: the cache root (config.cache_dir; default `paths.cache_root()`): TFDS label
-        scans go to its `tfds_labels/`, and fetched data to `paths.data_root(cache_dir)`.
-      download_dir: where fetched data lives instead (default `paths.data_root(cache_dir)`).
+      cache_dir: the cache root (`paths.cache_root`): TFDS label scans go to its `tfds_labels/`.
+      download_dir: where fetched data lives (default `paths.data_root(cache_dir)`).
       progress: show download progress bars.
       **options: dataset options, e.g. split_protocol / seed / train_fraction / split_file for
         imagenet_r.

@@ -11,9 +11,8 @@ catalog builders of `cifar100`, `imagenet_r`, `caltech_birds2011` and `imagenet2
 `tf.io.gfile` / `tf.image` while *preparing*, so preparing needs TensorFlow once (any machine;
 the prepared folder can be copied). The errors below say exactly that and give the command.
 
-Each dataset's entry states its TFDS view (`TfdsSpec`): the TFDS name, which TFDS split serves our
-train and test, and for an ImageNet-1k label space the wnids kept (in label order). ImageNet-R's
-TFDS copy has only a `test` split, so both of ours come from it by the seeded 80/20 per-class split.
+Each dataset's entry states its TFDS view (`TfdsSpec`): the TFDS name, the TFDS splits serving our
+train and test, the wnids kept from an ImageNet-1k label space, or a seeded split (ImageNet-R).
 """
 
 from __future__ import annotations

@@ -92,6 +92,18 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def benchmark(
+    name: str, num_classes: int, class_order, increment: int
+) -> ml_collections.ConfigDict:
+    """`base_config()` for the benchmark `name` (config and dataset): its classes in the published
+    `class_order`, B0 Inc-`increment`."""
+    c = base_config()
+    c.name = c.dataset.name = name
+    c.dataset.num_classes = num_classes
+    c.class_order = tuple(class_order)
+    return b0(c, increment)
+
+
 def b0(c: ml_collections.ConfigDict, increment: int) -> ml_collections.ConfigDict:
     """B0 Inc-k: every task, the first included, brings `increment` classes."""
     c.continual.initial = increment
@@ -140,10 +152,10 @@ def use_rapf_split(
 class Variant:
     """The shared variants of `--config NAME:variant,...`, parsed by `parse_arg` (see VARIANTS)."""
 
-    inc: int | None = None  # inc<k>
-    b: int | None = None  # b<n>; b0 (0): the first task as large as the others
+    inc: int | None = None
+    b: int | None = None  # b0: the first task as large as the others
     seeded: bool = False
-    method: str | None = None  # a calfuse_jax.config.METHODS name
+    method: str | None = None
     smoke: bool = False
 
     def apply(self, c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
