@@ -1,12 +1,13 @@
 """Ablation grids: named presets and `key=v1,v2` axes, expanded into one cell per combination.
 
-    method             calfuse, rapf, finetune, zeroshot (each method's own preset settings)
+    method             every method of `config.METHODS`, each with its own preset settings
     calfuse_ablation   CalFuse with gate mode x fusion method x distillation on/off (30 cells)
 
 A grid is a tuple of axes `(key, values)`: `key` is a dotted config field (`calibration.mode`) and
 `values` are the texts `--config.key=value` would take. An axis with one value is a fixed setting
 of every cell (the presets pin `method=calfuse` this way, so `calibration.*` is not overridden by
-another method's preset). Pure Python, no JAX: `experiments.ablate` runs the cells.
+another method's preset). The value lists come from the library (`config.METHODS`,
+`calibration.GATE_MODES`); `experiments.ablate` runs the cells.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import itertools
 import re
 from collections.abc import Sequence
 
+from calfuse_jax.calibration import GATE_MODES
+from calfuse_jax.config import METHODS
+
 Axis = tuple[str, tuple[str, ...]]
 
 # Distillation "on" weight of the `calfuse_ablation` grid: DESIGN.md §2 names the KL term but not
@@ -23,10 +27,10 @@ Axis = tuple[str, tuple[str, ...]]
 KD_ON = "1.0"
 
 PRESETS: dict[str, tuple[Axis, ...]] = {
-    "method": (("method", ("calfuse", "rapf", "finetune", "zeroshot")),),
+    "method": (("method", METHODS),),
     "calfuse_ablation": (
         ("method", ("calfuse",)),
-        ("calibration.mode", ("none", "fixed", "schedule", "learned", "dynamic")),
+        ("calibration.mode", GATE_MODES),
         ("fusion.method", ("qr", "svd", "none")),
         ("loss.kd_weight", ("0.0", KD_ON)),
     ),

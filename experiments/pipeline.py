@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from calfuse_jax import paths
+from calfuse_jax.data.images import ImageDataset
 from calfuse_jax.data.protocol import TaskSplit, make_split, seeded_order
 from calfuse_jax.data.stream import FeatureStream
 from calfuse_jax.feature_cache import checksums_match, write_checksums
@@ -201,13 +202,10 @@ def model_path(config: ml_collections.ConfigDict) -> str:
     return str(folder)
 
 
-class FirstPerClass:
-    """The first `n` images of every class of a dataset (smoke runs); its own cache identity.
+class FirstPerClass(ImageDataset):
+    """The first `n` images of every class of `dataset` (smoke runs); its own cache identity."""
 
-    Same interface as `calfuse_jax.data.images.ImageDataset`.
-    """
-
-    def __init__(self, dataset: Any, n: int):
+    def __init__(self, dataset: ImageDataset, n: int):
         labels = np.asarray(dataset.labels)
         keep = [np.flatnonzero(labels == c)[:n] for c in np.unique(labels)]
         self._dataset, self._index = dataset, np.sort(np.concatenate(keep))
@@ -215,17 +213,11 @@ class FirstPerClass:
         self.class_names = dataset.class_names
         self.identity = f"{dataset.identity}|first{n}perclass"
 
-    def __len__(self) -> int:
-        return len(self._index)
-
     def load(self, i: int) -> Any:
         return self._dataset.load(int(self._index[i]))
 
     def load_batch(self, indices) -> list:
         return self._dataset.load_batch([int(self._index[i]) for i in indices])
-
-    def __getattr__(self, name: str) -> Any:  # anything else the feature cache may read
-        return getattr(self._dataset, name)
 
 
 def load_split(config: ml_collections.ConfigDict, split: str) -> Any:
@@ -253,7 +245,7 @@ def load_split(config: ml_collections.ConfigDict, split: str) -> Any:
             data_dir=d.data_dir,
             download=d.download,
             mirror=d.mirror,
-            download_dir=paths.data_root(config.cache_dir),
+            cache_dir=config.cache_dir,
             progress=config.progress,
             **options,
         )

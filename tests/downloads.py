@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from calfuse_jax.data import class_names as names_lib
-from calfuse_jax.data import download
+from calfuse_jax.data import registry
 
 
 class FileServer:
@@ -94,11 +94,20 @@ def sha256(data: bytes) -> str:
 
 
 def publish(monkeypatch, name: str, data: bytes) -> None:
-    """Makes the checksum table expect `data` for `name` (the real files cannot be served here)."""
-    resource = dataclasses.replace(
-        download.RESOURCES[name], checksum=sha256(data), algorithm="sha256"
-    )
-    monkeypatch.setitem(download.RESOURCES, name, resource)
+    """Makes dataset `name`'s archive (`<dataset>_split`: its published split list) expect `data`
+    (the real files cannot be served here)."""
+    dataset, split_list, _ = name.partition("_split")
+    entry = registry.DATASETS[dataset]
+
+    def expecting(resource):
+        return dataclasses.replace(resource, checksum=sha256(data), algorithm="sha256")
+
+    if split_list:
+        lists = {protocol: expecting(r) for protocol, r in entry.split_lists.items()}
+        entry = dataclasses.replace(entry, split_lists=lists)
+    else:
+        entry = dataclasses.replace(entry, archive=expecting(entry.archive))
+    monkeypatch.setitem(registry.DATASETS, dataset, entry)
 
 
 def tar_bytes(members: dict[str, bytes], mode: str = "w:gz", links=()) -> bytes:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from calfuse_jax import features
-from calfuse_jax.data.animal_mnist import shapes
+from calfuse_jax.data.shapes import ShapesDataset
 from calfuse_jax.preprocess import preprocess
 from tests.test_features import SIZE, StandIn
 
@@ -30,7 +30,7 @@ def slow_preprocess(images, image_size):
 
 
 def dataset():
-    return shapes("train", num_per_class=2, image_size=12)  # 20 images: 5 chunks of 4
+    return ShapesDataset("train", num_per_class=2, image_size=12)  # 20 images: 5 chunks of 4
 
 
 def model_and_params():

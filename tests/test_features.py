@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from calfuse_jax import clip, features
-from calfuse_jax.data.animal_mnist import shapes
+from calfuse_jax.data.shapes import ShapesDataset
 from calfuse_jax.preprocess import preprocess
 
 TRACES = []
@@ -75,7 +75,7 @@ def _direct(model, params, ds, size):
 
 def test_tiny_clip_features_equal_direct_encoder(tiny_clip, tmp_path):
     folder, model, params = tiny_clip
-    ds = shapes("train", num_per_class=1, image_size=20)
+    ds = ShapesDataset("train", num_per_class=1, image_size=20)
     wid = features.weights_id(folder)
     feats, labels = features.image_features(
         ds, model, params, cache_dir=tmp_path, weights_id=wid, batch_size=4, progress=False
@@ -101,7 +101,9 @@ def test_tiny_clip_features_equal_direct_encoder(tiny_clip, tmp_path):
 
 def test_cache_hit_trace_once_and_ragged_batch(stand_in, counted, tmp_path):
     model, params = stand_in
-    ds = shapes("train", num_per_class=1, image_size=12)  # 10 images -> batches 4, 4, 2 (+2 pad)
+    ds = ShapesDataset(
+        "train", num_per_class=1, image_size=12
+    )  # 10 images -> batches 4, 4, 2 (+2 pad)
     TRACES.clear()
     features._jitted_encoder.cache_clear()  # count this test's traces from a cold start
     kwargs = dict(cache_dir=tmp_path, weights_id="w", image_size=SIZE, batch_size=4, progress=False)
@@ -119,7 +121,7 @@ def test_cache_hit_trace_once_and_ragged_batch(stand_in, counted, tmp_path):
 
 def test_interrupted_run_resumes_from_finished_chunks(stand_in, counted, tmp_path):
     model, params = stand_in
-    ds = shapes("train", num_per_class=1, image_size=12)
+    ds = ShapesDataset("train", num_per_class=1, image_size=12)
     kwargs = dict(
         cache_dir=tmp_path,
         weights_id="w",
@@ -142,7 +144,7 @@ def test_interrupted_run_resumes_from_finished_chunks(stand_in, counted, tmp_pat
 
 def test_corrupted_cache_is_detected_and_recomputed(stand_in, counted, tmp_path):
     model, params = stand_in
-    ds = shapes("test", num_per_class=1, image_size=12)
+    ds = ShapesDataset("test", num_per_class=1, image_size=12)
     kwargs = dict(cache_dir=tmp_path, weights_id="w", image_size=SIZE, batch_size=8, progress=False)
     feats, _ = features.image_features(ds, model, params, **kwargs)
     (path,) = tmp_path.glob("images/*/features.npy")

@@ -2,67 +2,48 @@
 
 Layout read: `cifar-100-python/{train,test,meta}`, pickles with `data` uint8 [N, 3072] (channel-
 planar 3x32x32 rows), `fine_labels`, `filenames`; `meta` holds `fine_label_names`. The pickles are
-read with a restricted unpickler that only rebuilds NumPy arrays and plain containers, so a
-tampered archive cannot run code.
+read with `images.load_data_pickle`, which only rebuilds NumPy arrays and plain containers.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import pickle
+import pathlib
 import tarfile
 
 import numpy as np
 
 from calfuse_jax.data import class_names as names_lib
-from calfuse_jax.data.images import ArrayDataset, missing_data_error
+from calfuse_jax.data.download import Resource
+from calfuse_jax.data.images import (
+    ArrayDataset,
+    DatasetEntry,
+    load_data_pickle,
+    missing_data_error,
+    train_or_test,
+)
+from calfuse_jax.data.tfds_source import TfdsSpec
 
 CIFAR100_HELP = """Download https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz (161 MB); pass
 root=<the .tar.gz file>, or a folder holding it, or the folder it unpacks to (`tar -xzf` gives
 cifar-100-python/{train,test,meta}). Without root= it is fetched into the data folder
 (calfuse_jax.paths.data_root). Or prepare the TFDS dataset `cifar100`."""
 
-_ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("_codecs", "encode"),
-}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that only rebuilds NumPy arrays, dicts, lists, strings and numbers."""
-
-    def find_class(self, module, name):
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data pickle")
-
-
-def load_data_pickle(file, *, encoding: str = "bytes"):
-    """Loads a data pickle (binary file object) allowing only arrays and plain containers."""
-    return _RestrictedUnpickler(file, encoding=encoding).load()
-
 
 def _text_keys(record: dict) -> dict:
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in record.items()}
 
 
+_MEMBERS = ("train", "test", "meta")
+
+
 def _open_members(root: str) -> dict[str, bytes]:
     """{'train'|'test'|'meta': pickle bytes} from a .tar.gz, a folder holding it, or the folder."""
     root = os.fspath(root)
-    candidates = [root, os.path.join(root, "cifar-100-python")]
-    for folder in candidates:
-        if all(os.path.isfile(os.path.join(folder, m)) for m in ("train", "test", "meta")):
-            out = {}
-            for member in ("train", "test", "meta"):
-                with open(os.path.join(folder, member), "rb") as f:
-                    out[member] = f.read()
-            return out
+    for folder in (pathlib.Path(root), pathlib.Path(root, "cifar-100-python")):
+        if all((folder / m).is_file() for m in _MEMBERS):
+            return {m: (folder / m).read_bytes() for m in _MEMBERS}
     archive = root if os.path.isfile(root) else os.path.join(root, "cifar-100-python.tar.gz")
     if not os.path.isfile(archive):
         raise missing_data_error(
@@ -72,11 +53,7 @@ def _open_members(root: str) -> dict[str, bytes]:
         )
     try:
         with tarfile.open(archive, "r:*") as tar:
-            out = {}
-            for member in ("train", "test", "meta"):
-                handle = tar.extractfile(f"cifar-100-python/{member}")
-                out[member] = handle.read()
-            return out
+            return {m: tar.extractfile(f"cifar-100-python/{m}").read() for m in _MEMBERS}
     except (tarfile.TarError, KeyError, EOFError, OSError) as error:
         raise missing_data_error(
             "cifar100", f"archive {archive!r} is unreadable or incomplete ({error})", CIFAR100_HELP
@@ -85,9 +62,7 @@ def _open_members(root: str) -> dict[str, bytes]:
 
 def cifar100(root, split: str) -> ArrayDataset:
     """CIFAR-100 `train` (50,000) or `test` (10,000), fine labels; images uint8 [N, 32, 32, 3]."""
-    split = {"train": "train", "test": "test", "val": "test", "validation": "test"}.get(split)
-    if split is None:
-        raise ValueError("cifar100 splits are 'train' and 'test'")
+    split = train_or_test(split, name="cifar100")
     members = _open_members(root)
     record = _text_keys(load_data_pickle(io.BytesIO(members[split])))
     meta = _text_keys(load_data_pickle(io.BytesIO(members["meta"])))
@@ -96,11 +71,27 @@ def cifar100(root, split: str) -> ArrayDataset:
         raise ValueError(f"cifar100 {split}: data has shape {data.shape}, expected [N, 3072]")
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # planar CHW -> HWC
     names = [n.decode() if isinstance(n, bytes) else n for n in meta["fine_label_names"]]
-    if len(names) != 100:
-        raise ValueError(f"cifar100 meta lists {len(names)} fine labels, expected 100")
     if tuple(names) != names_lib.CIFAR100:
-        raise ValueError("cifar100 meta's fine_label_names differ from the CIFAR-100 list")
+        raise ValueError(f"cifar100 meta's {len(names)} fine_label_names are not CIFAR-100's 100")
     labels = np.asarray(record["fine_labels"], dtype=np.int64)
     return ArrayDataset(
         np.ascontiguousarray(images), labels, names, description=f"cifar100/{split}/files"
     )
+
+
+ENTRY = DatasetEntry(
+    "cifar100",
+    "CIFAR-100, 100 classes, 50,000 train / 10,000 test 32x32 images",
+    cifar100,
+    names=names_lib.CIFAR100,
+    tfds=TfdsSpec("cifar100", {"train": "train", "test": "test"}),
+    # md5 from torchvision's datasets/cifar.py (`CIFAR100.tgz_md5`), the value Avalanche and
+    # Mammoth use through torchvision.
+    archive=Resource(
+        "cifar-100-python.tar.gz",
+        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        "eb9058c3a382ffc7106e4002c42a8d85",
+        "md5",
+        "cifar-100-python",
+    ),
+)

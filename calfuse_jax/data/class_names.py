@@ -189,32 +189,6 @@ CUB200 = (
 )
 # fmt: on
 
-ANIMAL_MNIST = (
-    "bear",
-    "bird",
-    "cat",
-    "cow",
-    "dog",
-    "elephant",
-    "giraffe",
-    "horse",
-    "sheep",
-    "zebra",
-)
-
-SHAPES = (
-    "circle",
-    "square",
-    "triangle",
-    "diamond",
-    "cross",
-    "ring",
-    "star",
-    "hexagon",
-    "crescent",
-    "stripes",
-)
-
 
 def prompt_names(names: Sequence[str], *, underscores_to_spaces: bool = True) -> tuple[str, ...]:
     """Names as they go into a prompt: `_` -> space (`"maple_tree"` -> `"maple tree"`), trimmed."""

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 
-from calfuse_jax.data.images import FileDataset, missing_data_error, train_or_test
+from calfuse_jax.data import class_names as names_lib
+from calfuse_jax.data.download import Resource
+from calfuse_jax.data.images import DatasetEntry, FileDataset, missing_data_error, train_or_test
+from calfuse_jax.data.tfds_source import TfdsSpec
 
 CUB_HELP = """Download CUB_200_2011.tgz (https://data.caltech.edu/records/65de6-vp158), unpack:
     tar -xzf CUB_200_2011.tgz -C DATA_ROOT
@@ -24,7 +27,7 @@ def cub200(root, split: str) -> FileDataset:
 
     Labels = class id - 1; names from `classes.txt` without the `001.` prefix.
     """
-    root = os.fspath(root)
+    root, split = os.fspath(root), train_or_test(split, name="cub200")
     if os.path.isdir(os.path.join(root, "CUB_200_2011")):
         root = os.path.join(root, "CUB_200_2011")
     needed = ["images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt"]
@@ -36,7 +39,7 @@ def cub200(root, split: str) -> FileDataset:
     is_train = _read_id_table(os.path.join(root, "train_test_split.txt"))
     class_table = _read_id_table(os.path.join(root, "classes.txt"))
     names = [class_table[i].strip().split(".", 1)[-1] for i in sorted(class_table)]
-    want = 1 if train_or_test(split) == "train" else 0
+    want = 1 if split == "train" else 0
     ids = [i for i in sorted(images) if int(is_train[i].strip()) == want]
     files = [f"images/{images[i].strip()}" for i in ids]
     lost = [
@@ -45,6 +48,22 @@ def cub200(root, split: str) -> FileDataset:
     if lost:
         raise missing_data_error("cub200", f"image files missing, e.g. {lost[:3]}", CUB_HELP)
     labels = [int(classes[i].strip()) - 1 for i in ids]
-    return FileDataset(
-        root, files, labels, names, description=f"cub200/{train_or_test(split)}/files"
-    )
+    return FileDataset(root, files, labels, names, description=f"cub200/{split}/files")
+
+
+ENTRY = DatasetEntry(
+    "cub200",
+    "CUB-200-2011 birds, 200 classes, official train/test split",
+    cub200,
+    names=names_lib.CUB200,
+    tfds=TfdsSpec("caltech_birds2011", {"train": "train", "test": "test"}),
+    # sha256 (1,150,585,339 bytes) from tensorflow_datasets' url_checksums/caltech_birds2011.txt,
+    # for the CaltechDATA record the dataset page links to (data.caltech.edu/records/65de6-vp158).
+    archive=Resource(
+        "CUB_200_2011.tgz",
+        "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?download=1",
+        "0c685df5597a8b24909f6a7c9db6d11e008733779a671760afef78feb49bf081",
+        "sha256",
+        "CUB_200_2011",
+    ),
+)

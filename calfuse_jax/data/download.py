@@ -1,7 +1,9 @@
-"""Datasets that fetch themselves: one table of public files, `fetch` and `ensure_extracted`.
+"""Datasets that fetch themselves: a public file (`Resource`), `fetch` and `ensure_extracted`.
 
-    archive = fetch(RESOURCES["cifar100"], folder)           # folder/cifar-100-python.tar.gz
-    root = ensure_extracted(RESOURCES["cub200"], folder)     # folder/CUB_200_2011/
+    archive = fetch(cifar.ENTRY.archive, folder)            # folder/cifar-100-python.tar.gz
+    root = ensure_extracted(cub.ENTRY.archive, folder)      # folder/CUB_200_2011/
+
+Each dataset's entry (`images.DatasetEntry`) names its own resources, checksums included.
 
 A file is streamed into `<file>.part` (tqdm progress bar), resumed after an interruption with an
 HTTP Range request (a server answering 200 instead restarts it from byte 0), checked against its
@@ -58,46 +60,6 @@ class Resource:
     checksum: str  # hex digest as published
     algorithm: str  # its hashlib name: "md5" or "sha256"
     unpacks_to: str | None = None  # the folder the archive holds; None: a file used as it is
-
-
-RESOURCES = {
-    # md5 from torchvision's datasets/cifar.py (`CIFAR100.tgz_md5`), the value Avalanche and
-    # Mammoth use through torchvision.
-    "cifar100": Resource(
-        "cifar-100-python.tar.gz",
-        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-        "eb9058c3a382ffc7106e4002c42a8d85",
-        "md5",
-        "cifar-100-python",
-    ),
-    # sha256 (2,191,079,936 bytes) from tensorflow_datasets' datasets/imagenet_r/checksums.tsv,
-    # for the URL the dataset page (github.com/hendrycks/imagenet-r) links to.
-    "imagenet_r": Resource(
-        "imagenet-r.tar",
-        "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar",
-        "18c6bf493b39a0d975d48e587437f562caab9c52ae6327dcfa9dd8eb54aa1b52",
-        "sha256",
-        "imagenet-r",
-    ),
-    # sha256 (1,150,585,339 bytes) from tensorflow_datasets' url_checksums/caltech_birds2011.txt,
-    # for the CaltechDATA record the dataset page links to (data.caltech.edu/records/65de6-vp158).
-    "cub200": Resource(
-        "CUB_200_2011.tgz",
-        "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?download=1",
-        "0c685df5597a8b24909f6a7c9db6d11e008733779a671760afef78feb49bf081",
-        "sha256",
-        "CUB_200_2011",
-    ),
-    # RAPF's ImageNet-R train/test list at commit 81d41df: a `train` line, the training images
-    # (`wnid/file.jpg`), a `test` line, the test images. sha256 of that commit's file.
-    "imagenet_r_split": Resource(
-        "imgr_train_test_split.txt",
-        "https://raw.githubusercontent.com/linlany/RAPF/81d41dfb2e6f0c856c8ca520c1b35bd6ef0ba883/"
-        "imgr_split/imgr_train_test_split.txt",
-        "ecf0b2e74696f38d0180ab60cf632a9cb417b5522df20d57bc587911e3b59f81",
-        "sha256",
-    ),
-}
 
 
 @dataclasses.dataclass(frozen=True)

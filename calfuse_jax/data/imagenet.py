@@ -12,8 +12,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from calfuse_jax.data import class_names as names_lib
+from calfuse_jax.data.download import Resource
 from calfuse_jax.data.images import (
     IMAGE_EXTENSIONS,
+    DatasetEntry,
     FileDataset,
     class_listing,
     content_hash,
@@ -24,6 +26,7 @@ from calfuse_jax.data.images import (
     subset,
     train_or_test,
 )
+from calfuse_jax.data.tfds_source import TfdsSpec
 
 IMAGENET_R_HELP = """Download https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar, unpack:
     tar -xf imagenet-r.tar -C DATA_ROOT      # gives DATA_ROOT/imagenet-r/<wnid>/*.jpg (200 folders)
@@ -42,7 +45,7 @@ def imagenet_r(
     the seeded per-class 80/20 split of `seeded_class_split(train_fraction, seed)`.
     `load_dataset("imagenet_r", ...)` passes RAPF's published list unless told otherwise.
     """
-    root = os.fspath(root)
+    root, split = os.fspath(root), train_or_test(split, name="imagenet_r")
     if os.path.isdir(os.path.join(root, "imagenet-r")):
         root = os.path.join(root, "imagenet-r")
     if not os.path.isdir(root):
@@ -58,16 +61,12 @@ def imagenet_r(
             IMAGENET_R_HELP,
         )
     files, labels = class_listing(folders, table_wnids)
-    names = names_lib.names(names_lib.IMAGENET_R)
-    full = FileDataset(root, files, labels, names, description="imagenet_r/all/files")
+    full = FileDataset(root, files, labels, IMAGENET_R.names, description="imagenet_r/all/files")
     if split_file is not None:
-        split = train_or_test(split)
         return _apply_split_file(full, split_file, split, f"imagenet_r/{split}/files/split_file")
     train, test = seeded_class_split(full.labels, train_fraction=train_fraction, seed=seed)
-    keep = {"train": train, "test": test}[train_or_test(split)]
-    return subset(
-        full, keep, f"imagenet_r/{train_or_test(split)}/files/seed={seed},frac={train_fraction}"
-    )
+    keep = train if split == "train" else test
+    return subset(full, keep, f"imagenet_r/{split}/files/seed={seed},frac={train_fraction}")
 
 
 def _apply_split_file(dataset: FileDataset, split_file, split: str, description: str):
@@ -83,24 +82,18 @@ def _apply_split_file(dataset: FileDataset, split_file, split: str, description:
     return subset(dataset, np.sort(np.asarray(keep, dtype=np.int64)), description)
 
 
-IMAGENET_HELP = """Put ImageNet-2012 (ILSVRC2012) under DATA_ROOT as
-    DATA_ROOT/train/<wnid>/*.JPEG          (1000 or just the selected class folders)
-    DATA_ROOT/val/<wnid>/*.JPEG            (validation sorted into class folders), or
-    DATA_ROOT/val/ILSVRC2012_val_*.JPEG    (flat; labels come from TFDS's validation_labels.txt)
-and pass root=DATA_ROOT. Optional: DATA_ROOT/LOC_synset_mapping.txt for class names. Or prepare
-the TFDS dataset `imagenet2012` (manual download of the two ILSVRC2012 tars)."""
-
-
-def imagenet_manual_help(folder) -> str:
-    """What to download for ImageNet-100 and where it goes when no root= is given (`folder`)."""
+def imagenet_help(root) -> str:
+    """What to download for ImageNet-100 and where it goes (`root`: given, or the data folder's)."""
     return (
         "ImageNet-2012 is never downloaded automatically: its licence allows downloads only from\n"
         "image-net.org after signing up (https://image-net.org/download-images.php). Download\n"
         "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar and unpack them as\n"
-        f"    {folder}/train/<wnid>/*.JPEG   (the train tar holds one tar per class: unpack each)\n"
-        f"    {folder}/val/<wnid>/*.JPEG     (or the 50,000 flat ILSVRC2012_val_*.JPEG files)\n"
-        "(the 100 classes of ImageNet-100 are enough), then run again; a copy elsewhere: pass\n"
-        "root=DIR (--config.dataset.root=DIR). Or prepare the TFDS dataset `imagenet2012`."
+        f"    {root}/train/<wnid>/*.JPEG   (the train tar holds one tar per class: unpack each)\n"
+        f"    {root}/val/<wnid>/*.JPEG     (or the 50,000 flat ILSVRC2012_val_*.JPEG files,\n"
+        "labelled by TFDS's validation_labels.txt)\n"
+        "(the 100 classes of ImageNet-100 are enough; an optional LOC_synset_mapping.txt beside\n"
+        "train/ names the classes), then run again; a copy elsewhere: pass root=DIR\n"
+        "(--config.dataset.root=DIR). Or prepare the TFDS dataset `imagenet2012`."
     )
 
 
@@ -127,10 +120,10 @@ def imagenet_subset(
         with open(class_file, encoding="utf-8") as f:
             wnids = [line.split()[0] for line in f if line.strip()]
     wnids = list(wnids or names_lib.wnids(names_lib.IMAGENET100))
-    split = train_or_test(split)
+    split = train_or_test(split, name=name)
     split_dir = os.path.join(os.fspath(root), "train" if split == "train" else "val")
     if not os.path.isdir(split_dir):
-        raise missing_data_error(name, f"folder {split_dir!r} does not exist", IMAGENET_HELP)
+        raise missing_data_error(name, f"folder {split_dir!r} does not exist", imagenet_help(root))
     files, labels = _imagenet_listing(split_dir, wnids, name)
     table = dict(names_lib.IMAGENET100)
     mapping_file = os.path.join(os.fspath(root), "LOC_synset_mapping.txt")
@@ -143,19 +136,16 @@ def imagenet_subset(
 
 
 def _imagenet_listing(split_dir: str, wnids: list[str], name: str):
+    root = os.path.dirname(split_dir)
     folders = list_class_folders(split_dir)
     if not folders:  # flat validation folder
         flat = sorted(f for f in os.listdir(split_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
-        truth = _imagenet_val_labels()
-        position = {w: i for i, w in enumerate(wnids)}
-        chosen = [
-            (f, position[truth[int(f.rsplit("_", 1)[-1].split(".")[0]) - 1]])
-            for f in flat
-            if truth[int(f.rsplit("_", 1)[-1].split(".")[0]) - 1] in position
-        ]
+        truth, position = _imagenet_val_labels(), {w: i for i, w in enumerate(wnids)}
+        wnid_of = {f: truth[int(f.rsplit("_", 1)[-1].split(".")[0]) - 1] for f in flat}
+        chosen = [(f, position[w]) for f, w in wnid_of.items() if w in position]
         if not chosen:
             raise missing_data_error(
-                name, f"no images of the classes in {split_dir!r}", IMAGENET_HELP
+                name, f"no images of the classes in {split_dir!r}", imagenet_help(root)
             )
         return [f for f, _ in chosen], [y for _, y in chosen]
     missing = [w for w in wnids if w not in folders]
@@ -164,6 +154,56 @@ def _imagenet_listing(split_dir: str, wnids: list[str], name: str):
             name,
             f"{len(missing)} of {len(wnids)} class folders missing or empty in {split_dir!r} "
             f"(first: {missing[:5]})",
-            IMAGENET_HELP,
+            imagenet_help(root),
         )
     return class_listing(folders, wnids)
+
+
+IMAGENET_R = DatasetEntry(
+    "imagenet_r",
+    "ImageNet-R, 200 classes, 30,000 renditions; RAPF's train/test list (split_protocol='rapf'), "
+    "a seeded 80/20 per-class split ('seeded') or your split_file",
+    imagenet_r,
+    options=("split_protocol", "seed", "train_fraction", "split_file"),
+    names=names_lib.names(names_lib.IMAGENET_R),
+    # TFDS's imagenet_r has one `test` split in ImageNet-1k labels: kept by wnid, split seeded.
+    tfds=TfdsSpec(
+        "imagenet_r", {"train": "test", "test": "test"}, names_lib.wnids(names_lib.IMAGENET_R),
+        seeded_split=True,
+    ),
+    # sha256 (2,191,079,936 bytes) from tensorflow_datasets' datasets/imagenet_r/checksums.tsv,
+    # for the URL the dataset page (github.com/hendrycks/imagenet-r) links to.
+    archive=Resource(
+        "imagenet-r.tar",
+        "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar",
+        "18c6bf493b39a0d975d48e587437f562caab9c52ae6327dcfa9dd8eb54aa1b52",
+        "sha256",
+        "imagenet-r",
+    ),
+    # RAPF's ImageNet-R train/test list at commit 81d41df: a `train` line, the training images
+    # (`wnid/file.jpg`), a `test` line, the test images. sha256 of that commit's file.
+    split_lists={
+        "rapf": Resource(
+            "imgr_train_test_split.txt",
+            "https://raw.githubusercontent.com/linlany/RAPF/81d41dfb2e6f0c856c8ca520c1b35bd6ef0ba883/"
+            "imgr_split/imgr_train_test_split.txt",
+            "ecf0b2e74696f38d0180ab60cf632a9cb417b5522df20d57bc587911e3b59f81",
+            "sha256",
+        )
+    },
+)  # fmt: skip
+
+IMAGENET100 = DatasetEntry(
+    "imagenet100",
+    "ImageNet-100 (first 100 ImageNet-1k classes by wnid), train / val",
+    imagenet_subset,
+    options=("class_file", "wnids"),
+    names=names_lib.names(names_lib.IMAGENET100),
+    tfds=TfdsSpec(
+        "imagenet2012", {"train": "train", "test": "validation"},
+        names_lib.wnids(names_lib.IMAGENET100),
+        manual="ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in MANUAL_DIR, and add "
+        "--manual_dir=MANUAL_DIR",
+    ),
+    data_folder="imagenet",  # never fetched (licence): the user unpacks it there, or passes root=
+)  # fmt: skip

@@ -1,4 +1,4 @@
-"""Image datasets on disk: the common dataset interface and the generic plain-file readers.
+"""Image datasets on disk: the common dataset interface, the registry's entry, the generic readers.
 
 Every reader returns an object with the same small interface (`ImageDataset`):
 
@@ -8,22 +8,27 @@ Every reader returns an object with the same small interface (`ImageDataset`):
                     sorted relative file list and labels), the same on every machine
     len(ds); ds.load(i) -> uint8 [H, W, 3]; ds.load_batch(indices) -> list of arrays
 
-Readers here take a class-per-folder tree (`folder_dataset`, `folder_split`) or arrays in memory;
-the dataset-specific layouts build on them in `data.imagenet` (ImageNet-R tarball, ImageNet-100
-from ImageNet `train/` and `val/`) and `data.cub` (CUB-200-2011's `images/` plus its text files),
-and are importable from here too. ImageNet-R has no official split, so `imagenet_r` draws a
-seeded 80/20 split per class (documented in `seeded_class_split`) unless given a split file
-(`read_split_file`; `load_dataset` fetches RAPF's list by default).
+Each reader module declares a `DatasetEntry` (what `registry.load_dataset` needs to know). Readers
+here take a class-per-folder tree (`folder_split`, the `folder` dataset) or arrays in memory;
+`load_data_pickle` reads NumPy pickles safely; `seeded_class_split` splits 80/20 per class.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
-from collections.abc import Sequence
+import pickle
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+
+from calfuse_jax.data.download import Resource
+
+if TYPE_CHECKING:
+    from calfuse_jax.data.tfds_source import TfdsSpec
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -48,6 +53,35 @@ class ImageDataset:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.identity}, classes={len(self.class_names)})"
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetEntry:
+    """What `registry.load_dataset` knows about one dataset; each reader module declares its own.
+
+    `reader(root, split, **options)` reads files (the user's `root=`, else the `archive` fetched
+    into the data folder, else its `data_folder`); with `source` "package" or "procedural" it is
+    `reader(split, **options)`. `tfds` adds a prepared TFDS dataset as a source. `split_lists`:
+    option `split_protocol` -> a published list, fetched and passed as `split_file=` (the first is
+    the default; "seeded", no list, always exists).
+    """
+
+    name: str
+    description: str
+    reader: Callable[..., ImageDataset]
+    source: str = "files"  # files | package | procedural: what `reader` reads
+    splits: tuple[str, ...] = ("train", "test")
+    options: tuple[str, ...] = ()  # keyword options passed on to `reader` (**options)
+    names: tuple[str, ...] = ()  # class names by label, where fixed (TFDS labels are named by it)
+    tfds: TfdsSpec | None = None
+    archive: Resource | None = None
+    split_lists: dict[str, Resource] = dataclasses.field(default_factory=dict)
+    data_folder: str = ""  # without an archive: the copy in the data folder read when no root=
+    files_help: str = ""  # what root= must hold, when there is no default copy
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return (self.source, "tfds") if self.tfds else (self.source,)
 
 
 def to_rgb(array: np.ndarray) -> np.ndarray:
@@ -113,6 +147,32 @@ def content_hash(*parts) -> str:
             digest.update(str(part).encode())
         digest.update(b"\0")
     return digest.hexdigest()[:16]
+
+
+_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("_codecs", "encode"),
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that only rebuilds NumPy arrays, dicts, lists, strings and numbers."""
+
+    def find_class(self, module, name):
+        if (module, name) in _PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data pickle")
+
+
+def load_data_pickle(file, *, encoding: str = "bytes"):
+    """Loads a data pickle (binary file object) allowing only arrays and plain containers, so a
+    tampered archive cannot run code."""
+    return _RestrictedUnpickler(file, encoding=encoding).load()
 
 
 class FileDataset(ImageDataset):
@@ -235,9 +295,9 @@ def folder_split(
     the seeded per-class split of `root/<class>/` (`seeded_class_split(train_fraction, seed)`).
     """
     root = os.fspath(root)
+    split = train_or_test(split, FOLDER.splits, "folder")
     if split == "all":
         return folder_dataset(root, class_names=class_names)
-    split = train_or_test(split)
     subdirs = {"train": ["train"], "test": ["test", "val", "validation"]}[split]
     found = [d for d in subdirs if os.path.isdir(os.path.join(root, d))]
     if found and os.path.isdir(os.path.join(root, "train")):
@@ -249,6 +309,17 @@ def folder_split(
     train, test = seeded_class_split(full.labels, train_fraction=train_fraction, seed=seed)
     keep = train if split == "train" else test
     return subset(full, keep, f"folder/{split}/files/seed={seed},frac={train_fraction}")
+
+
+FOLDER = DatasetEntry(
+    "folder",
+    "any class-per-folder tree ROOT/<class>/<image> (or ROOT/{train,test}/<class>/<image>)",
+    folder_split,
+    splits=("train", "test", "all"),
+    options=("class_names", "seed", "train_fraction"),
+    files_help="pass root=DIR holding one sub-folder of images per class (split by a seeded "
+    "80/20 per class), or DIR/train/<class>/ and DIR/test/<class>/",
+)
 
 
 def seeded_class_split(labels: np.ndarray, *, train_fraction: float = 0.8, seed: int = 0):
@@ -314,31 +385,13 @@ def subset(dataset: FileDataset, keep: np.ndarray, description: str) -> FileData
     )
 
 
-def train_or_test(split: str) -> str:
-    """'train', or 'test' for 'test'/'val'/'validation'; another name is an error."""
-    aliases = {"train": "train", "test": "test", "val": "test", "validation": "test"}
-    if split not in aliases:
-        raise ValueError(f"unknown split {split!r}; use 'train' or 'test'")
-    return aliases[split]
+_SPLIT_NAMES = {"train": "train", "test": "test", "val": "test", "validation": "test", "all": "all"}
 
 
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "ArrayDataset",
-    "FileDataset",
-    "ImageDataset",
-    "ImageDecodeError",
-    "class_listing",
-    "content_hash",
-    "decode_image",
-    "folder_dataset",
-    "folder_split",
-    "list_class_folders",
-    "missing_data_error",
-    "pil_to_rgb",
-    "read_split_file",
-    "seeded_class_split",
-    "subset",
-    "to_rgb",
-    "train_or_test",
-]
+def train_or_test(split: str, splits: Sequence[str] = ("train", "test"), name: str = "") -> str:
+    """'train', or 'test' for 'test'/'val'/'validation' (or 'all' where `splits` has it); another
+    name is an error naming dataset `name`'s `splits`."""
+    canonical = _SPLIT_NAMES.get(split)
+    if canonical not in splits:
+        raise ValueError(f"{name or 'the dataset'} has splits {tuple(splits)}; got {split!r}")
+    return canonical

@@ -11,12 +11,8 @@ catalog builders of `cifar100`, `imagenet_r`, `caltech_birds2011` and `imagenet2
 `tf.io.gfile` / `tf.image` while *preparing*, so preparing needs TensorFlow once (any machine;
 the prepared folder can be copied). The errors below say exactly that and give the command.
 
-Benchmark view of each TFDS dataset (`TFDS_SPECS`):
-  cifar100     `cifar100` train/test, fine `label`.
-  cub200       `caltech_birds2011` train/test (official split), `label` 0-199.
-  imagenet_r   `imagenet_r` (only a `test` split, ImageNet-1k labels): mapped to the 200
-               ImageNet-R classes by wnid, then the seeded 80/20 per-class split.
-  imagenet100  `imagenet2012` train/validation, kept: the 100 classes of `IMAGENET100`.
+Each dataset's entry states its TFDS view (`TfdsSpec`): the TFDS name, the TFDS splits serving our
+train and test, the wnids kept from an ImageNet-1k label space, or a seeded split (ImageNet-R).
 """
 
 from __future__ import annotations
@@ -30,49 +26,31 @@ from collections.abc import Sequence
 import numpy as np
 
 from calfuse_jax import paths
-from calfuse_jax.data import class_names as names_lib
 from calfuse_jax.data.images import (
+    DatasetEntry,
     ImageDataset,
     content_hash,
     decode_image,
     missing_data_error,
     seeded_class_split,
+    train_or_test,
 )
 
 
 @dataclasses.dataclass(frozen=True)
 class TfdsSpec:
+    """How a prepared TFDS dataset serves one of ours (see the module docstring)."""
+
     tfds_name: str
-    splits: dict  # our split -> TFDS split
-    names: tuple = ()  # class names by label (when labels are used as they are)
-    wnid_table: tuple = ()  # (wnid, name) rows: keep/map TFDS labels by wnid (ImageNet label space)
+    splits: dict = dataclasses.field(default_factory=lambda: {"train": "train", "test": "test"})
+    wnids: tuple = ()  # keep/map TFDS labels by wnid (ImageNet-1k label space), in label order
     seeded_split: bool = False  # no train/test in TFDS: seeded per-class split of one TFDS split
     manual: str = ""  # manual-download note for the prepare command
-
-
-TFDS_SPECS = {
-    "cifar100": TfdsSpec("cifar100", {"train": "train", "test": "test"}, names_lib.CIFAR100),
-    "cub200": TfdsSpec("caltech_birds2011", {"train": "train", "test": "test"}, names_lib.CUB200),
-    "imagenet_r": TfdsSpec(
-        "imagenet_r", {"train": "test", "test": "test"}, wnid_table=names_lib.IMAGENET_R,
-        seeded_split=True,
-    ),
-    "imagenet100": TfdsSpec(
-        "imagenet2012", {"train": "train", "test": "validation"}, wnid_table=names_lib.IMAGENET100,
-        manual="ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in MANUAL_DIR, and add "
-        "--manual_dir=MANUAL_DIR",
-    ),
-}  # fmt: skip
 
 
 def default_data_dir() -> str:
     """TFDS's data dir: $TFDS_DATA_DIR or ~/tensorflow_datasets."""
     return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
-
-
-def default_label_cache() -> str:
-    """Where label scans are kept: `paths.cache_root()/tfds_labels`."""
-    return os.fspath(paths.cache_root() / "tfds_labels")
 
 
 def prepare_instructions(tfds_name: str, data_dir: str, manual: str = "") -> str:
@@ -166,10 +144,11 @@ def scan_labels(source, label_key: str = "label", batch: int = 1024) -> np.ndarr
     return labels
 
 
-def cached_labels(builder, tfds_split: str, source, label_cache: str | None) -> np.ndarray:
+def cached_labels(builder, tfds_split: str, source, label_cache) -> np.ndarray:
+    """`scan_labels` of `source`, kept in `label_cache` (a folder) as a .npy for the next open."""
     info = builder.info
     key = content_hash(info.name, str(info.version), tfds_split, len(source), info.config_name)
-    path = os.path.join(label_cache or default_label_cache(), f"{info.name}-{tfds_split}-{key}.npy")
+    path = os.path.join(label_cache, f"{info.name}-{tfds_split}-{key}.npy")
     if os.path.exists(path):
         labels = np.load(path, allow_pickle=False)
         if labels.shape == (len(source),):
@@ -215,21 +194,20 @@ def _decode_record(record) -> np.ndarray:
 
 
 def tfds_dataset(
-    name: str,
+    entry: DatasetEntry,
     split: str,
     *,
     data_dir: str | None = None,
     download: bool = False,
     seed: int = 0,
     train_fraction: float = 0.8,
-    label_cache: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> TfdsDataset:
-    """Benchmark `name` (a key of `TFDS_SPECS`) from its prepared TFDS dataset."""
+    """Dataset `entry` (one with a `tfds` spec) from its prepared TFDS dataset; label scans are
+    kept under `paths.cache_root(cache_dir)/tfds_labels`."""
     import tensorflow_datasets as tfds
 
-    spec = TFDS_SPECS[name]
-    if split not in spec.splits:
-        raise ValueError(f"{name} splits are {sorted(spec.splits)}; got {split!r}")
+    spec, split = entry.tfds, train_or_test(split, name=entry.name)
     builder = open_builder(spec.tfds_name, data_dir, download, spec.manual)
     tfds_split = spec.splits[split]
     if tfds_split not in builder.info.splits:
@@ -239,23 +217,23 @@ def tfds_dataset(
     source = builder.as_data_source(
         split=tfds_split, decoders={"image": tfds.decode.SkipDecoding()}
     )
+    label_cache = paths.cache_root(cache_dir) / "tfds_labels"
     labels = cached_labels(builder, tfds_split, source, label_cache)
     indices = np.arange(len(labels))
-    names = spec.names
-    if spec.wnid_table:  # ImageNet-1k label space -> the benchmark's classes, by wnid
+    if spec.wnids:  # ImageNet-1k label space -> the benchmark's classes, by wnid
         tfds_names = builder.info.features["label"].names
-        position = {w: i for i, w in enumerate(names_lib.wnids(spec.wnid_table))}
+        position = {w: i for i, w in enumerate(spec.wnids)}
         mapping = np.asarray([position.get(w, -1) for w in tfds_names], dtype=np.int64)
         labels = mapping[labels]
         indices = indices[labels >= 0]
         labels = labels[labels >= 0]
-        names = names_lib.names(spec.wnid_table)
-    description = f"{name}/{split}/tfds/{spec.tfds_name}:{builder.info.version}"
+    description = f"{entry.name}/{split}/tfds/{spec.tfds_name}:{builder.info.version}"
     if spec.seeded_split:
         train, test = seeded_class_split(labels, train_fraction=train_fraction, seed=seed)
         keep = train if split == "train" else test
         indices, labels = indices[keep], labels[keep]
         description += f"/seed={seed},frac={train_fraction}"
+    names = entry.names
     if len(names) and labels.size and labels.max() >= len(names):
         raise ValueError(f"{spec.tfds_name}: label {labels.max()} beyond {len(names)} class names")
     return TfdsDataset(source, indices, labels, names, description=description)

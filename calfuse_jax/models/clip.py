@@ -19,10 +19,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# The byte-level vocabulary written by `tokenizer.write_byte_vocab` for random test checkpoints:
-# 256 byte chars, the same with "</w>", `TINY_MERGE_COUNT` merges, <|startoftext|>, <|endoftext|>.
-TINY_MERGE_COUNT = 8
-TINY_VOCAB_SIZE = 256 + 256 + TINY_MERGE_COUNT + 2
+from calfuse_jax.tokenizer import TINY_MERGES
+
+# The byte-level vocabulary written by `tokenizer.write_vocab_files` for random test checkpoints:
+# 256 byte chars, the same with "</w>", one token per merge, <|startoftext|>, <|endoftext|>.
+TINY_VOCAB_SIZE = 256 + 256 + len(TINY_MERGES) + 2
 
 
 @dataclasses.dataclass(frozen=True)

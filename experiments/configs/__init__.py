@@ -18,20 +18,24 @@ from typing import Any
 
 import ml_collections
 
+from calfuse_jax.calibration import GATE_MODES, HEAD_INITS, SCHEDULES
 from calfuse_jax.config import METHODS, resolve_method
-from experiments.configs.defaults import ORDERS, SOURCES, VARIANTS
+from calfuse_jax.data.registry import SOURCES
+from experiments.configs.defaults import ORDERS, VARIANTS
 
-CONFIGS = ("cifar100", "imagenet_r", "imagenet100", "cub200", "synthetic", "demo", "folder")
+_FOLDER = pathlib.Path(__file__).parent
+# Every config file here but the shared defaults: a new file is listed by --help by itself.
+CONFIGS = tuple(sorted(p.stem for p in _FOLDER.glob("[!_]*.py") if p.stem != "defaults"))
 
 # Enumerated fields: a typo here would otherwise only surface deep inside a run.
 CHOICES = {
     "method": METHODS,
     "order": ORDERS,
     "dataset.source": SOURCES,
-    "calibration.mode": ("none", "fixed", "schedule", "learned", "dynamic"),
-    "calibration.schedule": ("linear", "old_fraction"),
+    "calibration.mode": GATE_MODES,
+    "calibration.schedule": SCHEDULES,
     "fusion.method": ("qr", "svd", "none"),
-    "head.init": ("pytorch", "identity"),
+    "head.init": HEAD_INITS,
 }
 
 
@@ -50,7 +54,7 @@ def load_config(name_or_path: str) -> ml_collections.ConfigDict:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     else:
-        if name not in CONFIGS and not (pathlib.Path(__file__).parent / f"{name}.py").is_file():
+        if name not in CONFIGS and not (_FOLDER / f"{name}.py").is_file():
             close = difflib.get_close_matches(name, CONFIGS, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ConfigError(

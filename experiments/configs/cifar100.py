@@ -39,13 +39,8 @@ RAPF_SPLITS = {  # (initial, increment): (batch size, beta, mix_bias, threshold,
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """Variants: see `defaults.apply_arg` (inc<k>, b<n>, seeded, rapf, smoke, ...)."""
-    c = defaults.base_config()
-    c.name = "cifar100"
-    c.dataset.name = "cifar100"
-    c.dataset.num_classes = 100
-    c.class_order = CLASS_ORDER
-    defaults.b0(c, 10)
-    c = defaults.apply_arg(c, arg)
+    """Variants: see `defaults.VARIANTS` (inc<k>, b<n>, seeded, rapf, smoke, ...)."""
+    c = defaults.benchmark("cifar100", 100, CLASS_ORDER, 10)
+    defaults.parse_arg(arg).apply(c)
     k = 4 if c.continual.increment == 5 else 2  # RAPF's main.py: K = 4 for CIFAR-100 Inc5
     return defaults.use_rapf_split(c, RAPF_SPLITS, default=(10, 10), classes_per_batch=k)

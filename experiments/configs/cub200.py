@@ -41,13 +41,8 @@ RAPF_SPLITS = {  # (initial, increment): (batch size, beta, mix_bias, threshold,
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """Variants: see `defaults.apply_arg` (inc<k>, b<n>, seeded, rapf, smoke, ...)."""
-    c = defaults.base_config()
-    c.name = "cub200"
-    c.dataset.name = "cub200"
-    c.dataset.num_classes = 200
-    c.class_order = CLASS_ORDER
-    defaults.b0(c, 20)
-    c = defaults.apply_arg(c, arg)
+    """Variants: see `defaults.VARIANTS` (inc<k>, b<n>, seeded, rapf, smoke, ...)."""
+    c = defaults.benchmark("cub200", 200, CLASS_ORDER, 20)
+    defaults.parse_arg(arg).apply(c)
     # RAPF's main.py: K = 10 old classes per batch for CUB-200, whatever the split.
     return defaults.use_rapf_split(c, RAPF_SPLITS, default=(20, 20), classes_per_batch=10)

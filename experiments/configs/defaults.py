@@ -9,27 +9,28 @@ except the CIFAR-100 method values `method_config()` already carries. Fields who
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from typing import NamedTuple
 
 import ml_collections
 from ml_collections import config_dict
 
-from calfuse_jax.config import method_config
+from calfuse_jax.config import METHODS, method_config
 
 # Continual-CLIP prompt (DESIGN.md §2); an ensemble averages the normalised embeddings.
 DEFAULT_TEMPLATES = ("a good photo of a {}.",)
 
 ORDERS = ("fixed", "seeded", "identity")
-# The `--config NAME:variant,variant` tokens every config takes (see `apply_arg`).
+# The `--config NAME:variant,variant` tokens every config takes (see `parse_arg`).
 VARIANTS = (
     ("inc<k>", "k classes per task (B0 stays B0)"),
     ("b0", "the first task as large as the others"),
     ("b<n>", "a first task of n classes"),
     ("seeded", "the PyCIL class order, seed 1993"),
-    ("calfuse, rapf, finetune, zeroshot", "the method"),
+    (", ".join(METHODS), "the method"),
     ("smoke", "1 epoch, 5 images per class: checks the plumbing in seconds"),
 )
-SOURCES = ("auto", "tfds", "files", "package", "procedural")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -39,7 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.dataset = ml_collections.ConfigDict()
     c.dataset.name = "cifar100"  # a name known to calfuse_jax.data.registry, or "synthetic"
-    c.dataset.source = "auto"  # auto | tfds | files
+    c.dataset.source = "auto"  # a calfuse_jax.data.registry.SOURCES name
     c.dataset.root = config_dict.placeholder(str)  # your copy of the files (else the data folder)
     c.dataset.data_dir = config_dict.placeholder(str)  # TFDS data_dir (source=tfds)
     # Files (source auto/files, no root): fetch the public archive into $CALFUSE_DATA (default
@@ -91,16 +92,21 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def benchmark(
+    name: str, num_classes: int, class_order, increment: int
+) -> ml_collections.ConfigDict:
+    """`base_config()` for the benchmark `name` (config and dataset): its classes in the published
+    `class_order`, B0 Inc-`increment`."""
+    c = base_config()
+    c.name = c.dataset.name = name
+    c.dataset.num_classes = num_classes
+    c.class_order = tuple(class_order)
+    return b0(c, increment)
+
+
 def b0(c: ml_collections.ConfigDict, increment: int) -> ml_collections.ConfigDict:
     """B0 Inc-k: every task, the first included, brings `increment` classes."""
     c.continual.initial = increment
-    c.continual.increment = increment
-    return c
-
-
-def b_half(c: ml_collections.ConfigDict, increment: int) -> ml_collections.ConfigDict:
-    """B-half Inc-k: the first task holds half of the classes, then `increment` per task."""
-    c.continual.initial = c.dataset.num_classes // 2
     c.continual.increment = increment
     return c
 
@@ -129,8 +135,8 @@ def use_rapf_split(
 
     A split RAPF publishes no config for takes the values of `default` (the dataset's main
     split). `classes_per_batch` is K, which RAPF's main.py picks from the dataset and increment.
-    Call it after `apply_arg`, so that a variant such as `b50,inc10` picks its own row; a later
-    `--config.continual.*` override does not re-pick (use the variant).
+    Call it after `parse_arg(arg).apply(c)`, so that a variant such as `b50,inc10` picks its own
+    row; a later `--config.continual.*` override does not re-pick (use the variant).
     """
     split = table.get((c.continual.initial, c.continual.increment), table[default])
     c.train.batch_size = split.batch_size
@@ -142,41 +148,60 @@ def use_rapf_split(
     return c
 
 
-def apply_arg(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-    """Shared variants, comma-separated: `inc<k>`, `b0`, `b<n>` (first task of n classes),
-    `seeded` (PyCIL order, seed 1993), `rapf` / `finetune` / `zeroshot` (method), `smoke`
-    (1 epoch, 5 images per class: checks the plumbing, not the numbers).
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """The shared variants of `--config NAME:variant,...`, parsed by `parse_arg` (see VARIANTS)."""
+
+    inc: int | None = None
+    b: int | None = None  # b0: the first task as large as the others
+    seeded: bool = False
+    method: str | None = None
+    smoke: bool = False
+
+    def apply(self, c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+        """Sets the fields of `c` the variant names (the step first, then the first task)."""
+        if self.inc is not None:
+            if c.continual.initial == c.continual.increment:  # keep B0 while changing the step
+                c.continual.initial = self.inc
+            c.continual.increment = self.inc
+        if self.b is not None:
+            c.continual.initial = self.b or c.continual.increment
+        if self.seeded:
+            c.order = "seeded"
+        if self.method:
+            c.method = self.method
+        if self.smoke:
+            c.train.epochs = 1
+            c.dataset.max_per_class = 5
+        return c
+
+
+def parse_arg(arg: str | None) -> Variant:
+    """`"b50,inc10,rapf"` -> `Variant(inc=10, b=50, method="rapf")`; each token at most once.
 
     Example: `--config imagenet_r:b100,inc20,rapf`.
     """
-    if not arg:
-        return c
-    for token in (t.strip() for t in arg.split(",") if t.strip()):
-        if token.startswith("inc") and token[3:].isdigit():
-            increment = int(token[3:])
-            if c.continual.initial == c.continual.increment:  # keep B0 while changing the step
-                c.continual.initial = increment
-            c.continual.increment = increment
-        elif token == "b0":
-            c.continual.initial = c.continual.increment
-        elif token.startswith("b") and token[1:].isdigit():
-            c.continual.initial = int(token[1:])
-        elif token == "seeded":
-            c.order = "seeded"
-        elif token in ("calfuse", "rapf", "finetune", "zeroshot"):
-            c.method = token
-        elif token == "smoke":
-            c.train.epochs = 1
-            c.dataset.max_per_class = 5
+    fields = {}
+    for token in (t.strip() for t in (arg or "").split(",") if t.strip()):
+        number = re.fullmatch(r"(inc|b)(\d+)", token)
+        if number:
+            key, value = number[1], int(number[2])
+        elif token in METHODS:
+            key, value = "method", token
+        elif token in ("seeded", "smoke"):
+            key, value = token, True
         else:
             known = ", ".join(name for name, _ in VARIANTS)
             raise ValueError(
                 f"unknown config variant {token!r}; known variants: {known} "
                 "(comma-separated, e.g. 'b50,inc10')"
             )
-    return c
+        if key in fields:
+            raise ValueError(f"config variant {token!r} repeats {key!r}; give it once")
+        fields[key] = value
+    return Variant(**fields)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The defaults alone (CIFAR-100 B0 Inc10 shape); prefer a dataset config."""
-    return apply_arg(base_config(), arg)
+    return parse_arg(arg).apply(base_config())

@@ -38,8 +38,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.pseudo.beta = 1.0
     c.pseudo.hard_threshold = 0.5
     defaults.b0(c, 2)
-    c = defaults.apply_arg(c, arg)
-    if arg and "smoke" in arg.split(","):
+    variant = defaults.parse_arg(arg)
+    variant.apply(c)
+    if variant.smoke:
         c.dataset.max_per_class = 20
         c.train.epochs = 2
     return c

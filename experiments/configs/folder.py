@@ -36,4 +36,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.order = "identity"  # classes in sorted folder order; --config.order=seeded shuffles
     c.class_order = ()
     defaults.b0(c, 0)  # increment 0: ceil(C / 5) classes per task; initial 0: the same (B0)
-    return defaults.apply_arg(c, arg)
+    return defaults.parse_arg(arg).apply(c)

@@ -38,15 +38,10 @@ RAPF_SPLITS = {  # (initial, increment): (batch size, beta, mix_bias, threshold,
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """Variants: see `defaults.apply_arg` (inc<k>, b<n>, seeded, rapf, smoke, ...)."""
-    c = defaults.base_config()
-    c.name = "imagenet100"
-    c.dataset.name = "imagenet100"
-    c.dataset.num_classes = 100
+    """Variants: see `defaults.VARIANTS` (inc<k>, b<n>, seeded, rapf, smoke, ...)."""
+    c = defaults.benchmark("imagenet100", 100, CLASS_ORDER, 10)
     c.dataset.test_split = "validation"
     c.dataset.options.class_file = config_dict.placeholder(str)  # default: the built-in 100 wnids
-    c.class_order = CLASS_ORDER
-    defaults.b0(c, 10)
-    c = defaults.apply_arg(c, arg)
+    defaults.parse_arg(arg).apply(c)
     # RAPF's main.py: K = 2 (its default branch) for ImageNet-100, whatever the split.
     return defaults.use_rapf_split(c, RAPF_SPLITS, default=(10, 10), classes_per_batch=2)

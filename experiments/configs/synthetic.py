@@ -16,7 +16,7 @@ from experiments.configs import defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """Variants: see `defaults.apply_arg`; `smoke` also shrinks the stream."""
+    """Variants: see `defaults.VARIANTS`; `smoke` also shrinks the stream."""
     c = defaults.base_config()
     c.name = "synthetic"
     c.dataset.name = "synthetic"
@@ -45,8 +45,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.epochs = 15
     c.train.milestones = (4, 10)
     defaults.b0(c, 10)
-    c = defaults.apply_arg(c, arg)
-    if arg and "smoke" in arg.split(","):
+    variant = defaults.parse_arg(arg)
+    variant.apply(c)
+    if variant.smoke:
         c.dataset.num_classes = 20
         c.synthetic.dim = 32
         c.synthetic.train_per_class = 30

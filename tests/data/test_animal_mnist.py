@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from calfuse_jax.data import animal_mnist as animal_lib
-from calfuse_jax.data import class_names as names_lib
+from calfuse_jax.data import shapes
+from calfuse_jax.data.shapes import ShapesDataset
 
 
 @pytest.fixture
@@ -82,14 +83,14 @@ def test_real_wheel_has_ten_balanced_classes():
 
 
 def test_shapes_are_deterministic_and_labelled():
-    train = animal_lib.shapes("train", num_per_class=3, image_size=40, seed=0)
-    assert len(train) == 30 and train.class_names == names_lib.SHAPES
+    train = ShapesDataset("train", num_per_class=3, image_size=40, seed=0)
+    assert len(train) == 30 and train.class_names == shapes.NAMES
     assert train.labels.tolist() == list(range(10)) * 3
-    again = animal_lib.shapes("train", num_per_class=3, image_size=40, seed=0)
+    again = ShapesDataset("train", num_per_class=3, image_size=40, seed=0)
     np.testing.assert_array_equal(train.load(17), again.load_batch([5, 17])[1])
     image = train.load(0)
     assert image.shape == (40, 40, 3) and image.dtype == np.uint8
-    test = animal_lib.shapes("test", num_per_class=3, image_size=40, seed=0)
+    test = ShapesDataset("test", num_per_class=3, image_size=40, seed=0)
     assert not np.array_equal(train.load(0), test.load(0))
     assert train.identity != test.identity
     # A circle (label 0) is filled at the centre of its bounding box; a ring (label 5) is not.

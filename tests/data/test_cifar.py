@@ -8,7 +8,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from calfuse_jax.data import cifar
+from calfuse_jax.data import cifar, images
 from calfuse_jax.data import class_names as names_lib
 
 
@@ -96,4 +96,4 @@ def test_missing_truncated_and_malicious(archive, tmp_path):
             return (os.system, ("echo pwned",))
 
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
-        cifar.load_data_pickle(io.BytesIO(pickle.dumps({"data": Evil()})))
+        images.load_data_pickle(io.BytesIO(pickle.dumps({"data": Evil()})))

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from downloads import FileServer, imagenet_r_archive, publish, rapf_split, sha256
 
+from calfuse_jax.data import DATASETS, download, load_dataset
 from calfuse_jax.data import class_names as names_lib
-from calfuse_jax.data import download, load_dataset
 
 NAME = "cifar-100-python.tar.gz"
 DATA = bytes(np.random.default_rng(0).integers(0, 256, 300_000, dtype=np.uint8))
@@ -24,7 +24,7 @@ def server(monkeypatch):
 
 
 def fetch(folder):
-    return download.fetch(download.RESOURCES["cifar100"], folder, progress=False)
+    return download.fetch(DATASETS["cifar100"].archive, folder, progress=False)
 
 
 def test_a_broken_connection_resumes_with_range(server, tmp_path):

@@ -98,15 +98,16 @@ def test_auto_prefers_root_then_prepared_tfds(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(tfds_source, "find_prepared", lambda name, data_dir: f"{data_dir}/{name}")
     monkeypatch.setattr(
-        tfds_source, "tfds_dataset", lambda name, split, **kw: calls.append((name, split, kw))
+        tfds_source, "tfds_dataset", lambda e, split, **kw: calls.append((e.name, split, kw))
     )
     load_dataset("imagenet_r", "test", data_dir=tmp_path, split_protocol="seeded", seed=5)
-    assert calls == [("imagenet_r", "test", dict(data_dir=tmp_path, download=True, seed=5))]
+    kept = dict(data_dir=tmp_path, download=True, cache_dir=None, seed=5)
+    assert calls == [("imagenet_r", "test", kept)]
     with pytest.raises(FileNotFoundError, match="imagenet-r.tar"):  # root given -> files
         load_dataset("imagenet_r", "test", root=tmp_path / "none", split_protocol="seeded")
     pick = registry._pick_source
-    assert pick("cub200", DATASETS["cub200"], "auto", None, tmp_path, {}) == "tfds"
+    assert pick(DATASETS["cub200"], "auto", None, tmp_path, {}) == "tfds"
     # ImageNet-R's default split is RAPF's list, which only the files give: TFDS is passed over.
-    assert pick("imagenet_r", DATASETS["imagenet_r"], "auto", None, tmp_path, {}) == "files"
+    assert pick(DATASETS["imagenet_r"], "auto", None, tmp_path, {}) == "files"
     with pytest.raises(ValueError, match="split_protocol='rapf'.*only work with source='files'"):
         load_dataset("imagenet_r", "test", source="tfds", split_protocol="rapf")

@@ -18,8 +18,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from calfuse_jax.data import DATASETS, load_dataset, tfds_source
 from calfuse_jax.data import class_names as names_lib
-from calfuse_jax.data import tfds_source
 
 
 def _png(array) -> io.BytesIO:
@@ -100,25 +100,26 @@ def data_dir(tmp_path_factory):
 
 
 def test_cifar_from_prepared_array_record(data_dir, tmp_path):
-    ds = tfds_source.tfds_dataset("cifar100", "train", data_dir=data_dir, label_cache=tmp_path)
+    # load_dataset's auto source finds the prepared copy; cache_dir holds the label scans.
+    ds = load_dataset("cifar100", "train", data_dir=data_dir, cache_dir=tmp_path)
     assert len(ds) == 12 and ds.class_names == names_lib.CIFAR100
     assert sorted(ds.labels.tolist()) == sorted((7 * k) % 100 for k in range(12))
     # The item's pixels identify it: the label stored with it must be the one we report.
     for i, image in enumerate(ds.load_batch(range(12))):
         assert image.shape == (5, 6, 3)
         assert ds.labels[i] == (7 * int(image[0, 0, 0])) % 100
-    test = tfds_source.tfds_dataset("cifar100", "test", data_dir=data_dir, label_cache=tmp_path)
+    test = load_dataset("cifar100", "test", source="tfds", data_dir=data_dir, cache_dir=tmp_path)
     assert sorted(int(img[0, 0, 0]) for img in test.load_batch(range(4))) == [100, 101, 102, 103]
     # Labels were scanned once and cached; a reopen reads the cache.
-    assert len(list(tmp_path.glob("*.npy"))) == 2
-    again = tfds_source.tfds_dataset("cifar100", "train", data_dir=data_dir, label_cache=tmp_path)
+    assert len(list((tmp_path / "tfds_labels").glob("*.npy"))) == 2
+    again = load_dataset("cifar100", "train", source="tfds", data_dir=data_dir, cache_dir=tmp_path)
     assert again.identity == ds.identity
 
 
 def test_imagenet_r_maps_wnids_and_splits(data_dir, tmp_path):
-    kwargs = dict(data_dir=data_dir, label_cache=tmp_path, seed=0)
-    train = tfds_source.tfds_dataset("imagenet_r", "train", **kwargs)
-    test = tfds_source.tfds_dataset("imagenet_r", "test", **kwargs)
+    kwargs = dict(source="tfds", data_dir=data_dir, cache_dir=tmp_path, split_protocol="seeded")
+    train = load_dataset("imagenet_r", "train", **kwargs)
+    test = load_dataset("imagenet_r", "test", **kwargs)
     assert len(train.class_names) == 200 and train.class_names[0] == "goldfish"
     assert np.bincount(train.labels, minlength=3).tolist() == [4, 4, 4]
     assert np.bincount(test.labels, minlength=3).tolist() == [1, 1, 1]
@@ -131,21 +132,21 @@ def test_imagenet_r_maps_wnids_and_splits(data_dir, tmp_path):
 
 def test_missing_dataset_names_the_prepare_command(tmp_path):
     with pytest.raises(FileNotFoundError, match="(?s)TensorFlow.*tfds build caltech_birds2011"):
-        tfds_source.tfds_dataset("cub200", "train", data_dir=tmp_path)
+        tfds_source.tfds_dataset(DATASETS["cub200"], "train", data_dir=tmp_path)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorflow") is not None, reason="TF installed")
 def test_download_without_tensorflow_fails_before_downloading(tmp_path):
     with pytest.raises(FileNotFoundError, match="(?s)needs TensorFlow.*tfds build cifar100"):
-        tfds_source.tfds_dataset("cifar100", "train", data_dir=tmp_path, download=True)
+        tfds_source.tfds_dataset(DATASETS["cifar100"], "train", data_dir=tmp_path, download=True)
     assert not any(tmp_path.iterdir())  # nothing fetched
 
 
 def test_reading_never_imports_tensorflow(data_dir, tmp_path):
     code = (
-        "import sys; from calfuse_jax.data import tfds_source as t; "
-        f"ds = t.tfds_dataset('cifar100', 'train', data_dir={str(data_dir)!r}, "
-        f"label_cache={str(tmp_path)!r}); ds.load(0); "
+        "import sys; from calfuse_jax.data import load_dataset; "
+        f"ds = load_dataset('cifar100', 'train', source='tfds', data_dir={str(data_dir)!r}, "
+        f"cache_dir={str(tmp_path)!r}); ds.load(0); "
         "assert 'tensorflow' not in sys.modules, 'tensorflow imported'"
     )
     env = dict(os.environ, JAX_PLATFORMS="cpu")

@@ -11,6 +11,7 @@ from experiments.configs import (
     CONFIGS,
     ConfigError,
     apply_overrides,
+    defaults,
     load_config,
     seeds_of,
     validate,
@@ -99,6 +100,19 @@ def test_variants():
     assert load_config("synthetic:smoke").train.epochs == 1
     with pytest.raises(ConfigError, match="unknown config variant 'inc'"):
         load_config("cifar100:inc")
+
+
+def test_variant_tokens_parse_to_typed_fields_in_any_order():
+    assert defaults.parse_arg("b50,inc10,rapf") == defaults.Variant(inc=10, b=50, method="rapf")
+    assert defaults.parse_arg(None) == defaults.Variant()
+    # b<n> names the first task whatever comes after it (the token chain let inc20 undo b10).
+    for arg in ("b10,inc20", "inc20,b10"):
+        config = load_config(f"cifar100:{arg}")
+        assert (config.continual.initial, config.continual.increment) == (10, 20), arg
+    b0 = load_config("cifar100:b0,inc5")
+    assert (b0.continual.initial, b0.continual.increment) == (5, 5)
+    with pytest.raises(ConfigError, match="'inc10' repeats 'inc'"):
+        load_config("cifar100:inc5,inc10")
 
 
 def test_overrides_parse_to_the_field_type():

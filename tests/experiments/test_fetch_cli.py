@@ -21,7 +21,7 @@ from downloads import (
 )
 
 from calfuse_jax import clip
-from calfuse_jax.data import download
+from calfuse_jax.data import DATASETS, download
 from experiments import results, run
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -102,7 +102,7 @@ def test_each_benchmark_fetches_its_data_and_runs(
     assert len(summary["accuracy_matrix"]) == 10 and 0 <= summary["last"] <= 100
     images = results.read_json(tmp_path / "run" / "provenance.json")["dataset"]
     assert (images["train"]["images"], images["test"]["images"]) == IMAGES[config]
-    unpacked = download.RESOURCES[config].unpacks_to
+    unpacked = DATASETS[config].archive.unpacks_to
     assert sha256((env / file).read_bytes()) == sha256(data)  # the archive stays, verified
     expected = sorted(
         [file, unpacked] + (["imgr_train_test_split.txt"] if config == "imagenet_r" else [])
@@ -165,7 +165,7 @@ def test_offline_exits_2_naming_url_file_checksum_and_place(env, tmp_path, monke
     monkeypatch.setenv("CALFUSE_MIRROR", url)
     code, error = cli("cifar100", tmp_path / "run", capsys)
     assert code == 2 and "\n\n" not in error
-    resource = download.RESOURCES["cifar100"]
+    resource = DATASETS["cifar100"].archive
     for part in (f"{url}/cifar-100-python.tar.gz", resource.url, resource.checksum):
         assert part in error
     assert f"save it as {env / 'cifar-100-python.tar.gz'}" in error and "CALFUSE_MIRROR" in error
