@@ -46,10 +46,8 @@ from experiments import cli, results
 from experiments.cli import (
     add_distributed_flags,
     parse_with_overrides,
-    setup_console,
-    start_distributed,
 )
-from experiments.configs import apply_overrides, catalog, load_config
+from experiments.configs import apply_overrides, catalog
 from experiments.grids import Axis, Cell, GridError, combine, expand, parse_grid, preset, short_key
 from experiments.pipeline import prepare, with_data_fields
 from experiments.run import run_experiment
@@ -368,15 +366,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status, as `experiments.run`'s (`cli.main_guard`)."""
     args, overrides = parse_args(argv)
-    setup_console(args.quiet)  # each run.log keeps INFO
-    return cli.main_guard(args, lambda: _main(args, overrides))
+    return cli.main_guard(args, overrides, lambda config: _main(args, config, overrides))
 
 
-def _main(args: argparse.Namespace, overrides: list[str]) -> int:
-    start_distributed(args)
-    config = apply_overrides(load_config(args.config), overrides)
-    if args.quiet:
-        config.progress = False
+def _main(args: argparse.Namespace, config: ml_collections.ConfigDict, overrides) -> int:
     axes = combine(preset(args.preset) if args.preset else (), parse_grid(args.grid))
     check_axes(config, axes)  # a bad grid fails before anything (the cache too) is set up
     if not args.no_compile_cache:

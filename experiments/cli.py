@@ -15,11 +15,13 @@ import os
 import pathlib
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import ml_collections
 
 from calfuse_jax.rundir import RESUME_SAFE
 from experiments import pipeline
+from experiments.configs import apply_overrides, load_config
 from experiments.pipeline import UserError
 
 log = logging.getLogger("experiments.cli")
@@ -176,14 +178,22 @@ def setup_console(quiet: bool) -> None:
         logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
-def main_guard(args: argparse.Namespace, body: Callable[[], int]) -> int:
-    """Runs a command's `body` and returns its exit status; a user error (2), a NaN/Inf loss (3)
-    or Ctrl-C (130) prints one paragraph instead of a traceback (unless `args.traceback`).
-    `args.workdir`, once `body` has set it, names where the last good checkpoint is kept."""
+def main_guard(
+    args: argparse.Namespace, overrides: Sequence[str], body: Callable[[Any], int]
+) -> int:
+    """Sets up the console (and `--distributed`), loads `--config` with its overrides, runs
+    `body(config)` and returns its exit status; a user error (2), a NaN/Inf loss (3) or Ctrl-C
+    (130) prints one paragraph instead of a traceback (unless `args.traceback`). `args.workdir`,
+    once `body` has set it, names where the last good checkpoint is kept."""
     from calfuse_jax.train import NonFiniteLossError  # imports jax: after the flags are parsed
 
+    setup_console(args.quiet)  # each run.log keeps INFO
     try:
-        return body()
+        start_distributed(args)
+        config = apply_overrides(load_config(args.config), overrides)
+        if args.quiet:
+            config.progress = False
+        return body(config)
     except (NonFiniteLossError, *USER_ERRORS, KeyboardInterrupt) as error:
         if args.traceback:
             raise

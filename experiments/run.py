@@ -46,14 +46,10 @@ from experiments import cli, results
 from experiments.cli import (
     add_distributed_flags,
     parse_with_overrides,
-    setup_console,
-    start_distributed,
 )
 from experiments.configs import (
-    apply_overrides,
     catalog,
     format_config,
-    load_config,
     seeds_of,
     validate,
 )
@@ -318,15 +314,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status: 0 done, 2 a user error (bad config, missing
     files, a workdir of another run or in use), 3 a NaN/Inf loss, 130 interrupted."""
     args, overrides = parse_args(argv)
-    setup_console(args.quiet)  # run.log keeps INFO
-    return cli.main_guard(args, lambda: _main(args, overrides))
+    return cli.main_guard(args, overrides, lambda config: _main(args, config, overrides))
 
 
-def _main(args: argparse.Namespace, overrides: list[str]) -> int:
-    start_distributed(args)
-    config = apply_overrides(load_config(args.config), overrides)
-    if args.quiet:
-        config.progress = False
+def _main(args: argparse.Namespace, config: ml_collections.ConfigDict, overrides) -> int:
     if args.show_config:
         print(format_config(resolve_method(config)))
         return 0

@@ -9,6 +9,7 @@ from PIL import Image
 
 from calfuse_jax import rundir
 from experiments import run
+from experiments.configs import apply_overrides, load_config
 
 CLASSES = ("daisy", "red_rose", "tulip", "iris", "lily", "orchid")
 
@@ -80,8 +81,8 @@ def test_a_private_umask_keeps_results_and_cache_private(folder_run):
 
 
 def test_the_increment_can_still_be_chosen(flowers, tmp_path):
-    config = run.apply_overrides(
-        run.load_config("folder"), [f"dataset.root={flowers}", "continual.increment=3"]
+    config = apply_overrides(
+        load_config("folder"), [f"dataset.root={flowers}", "continual.increment=3"]
     )
     resolved = run.with_data_fields(config)
     assert (resolved.continual.initial, resolved.continual.increment) == (3, 3)

@@ -17,6 +17,7 @@ import calfuse_jax.continual
 import calfuse_jax.features
 from calfuse_jax import rundir
 from experiments import run
+from experiments.configs import apply_overrides, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 RESULT_FILES = (
@@ -199,9 +200,7 @@ def fake_run_continual(stream, text_features, config, workdir, **kwargs):
 
 def test_several_seeds_write_one_folder_each_and_mean_std(tmp_path, monkeypatch):
     monkeypatch.setattr(calfuse_jax.continual, "run_continual", fake_run_continual)
-    config = run.apply_overrides(
-        run.load_config("synthetic:smoke"), ["seeds=0,1,2", "progress=false"]
-    )
+    config = apply_overrides(load_config("synthetic:smoke"), ["seeds=0,1,2", "progress=false"])
     summary = run.run_experiment(config, tmp_path / "multi")
     for seed in (0, 1, 2):
         seed_summary = rundir.read_json(tmp_path / "multi" / f"seed_{seed}" / "summary.json")
@@ -231,10 +230,10 @@ def test_the_demo_command_runs(tmp_path):
 
 def test_overwrite_moves_the_old_run_aside(tmp_path, monkeypatch):
     monkeypatch.setattr(calfuse_jax.continual, "run_continual", fake_run_continual)
-    base = run.load_config("synthetic:smoke")
+    base = load_config("synthetic:smoke")
     workdir = tmp_path / "w"
     run.run_experiment(base, workdir)
-    other = run.apply_overrides(base, ["train.epochs=2"])
+    other = apply_overrides(base, ["train.epochs=2"])
     with pytest.raises(rundir.ConfigMismatchError, match=r"train.epochs: 1 -> 2"):
         run.run_experiment(other, workdir)
     run.run_experiment(other, workdir, overwrite=True)
@@ -245,9 +244,9 @@ def test_overwrite_moves_the_old_run_aside(tmp_path, monkeypatch):
 
 
 def test_default_workdir_is_stable_and_names_the_run():
-    config = run.load_config("cifar100:inc5")
+    config = load_config("cifar100:inc5")
     assert run.default_workdir("cifar100:inc5", config) == "runs/cifar100-inc5-calfuse"
-    assert run.default_workdir("demo:rapf", run.load_config("demo:rapf")) == "runs/demo-rapf"
+    assert run.default_workdir("demo:rapf", load_config("demo:rapf")) == "runs/demo-rapf"
     a = run.default_workdir("cifar100", config, ["train.epochs=3", "cache_dir=/x"])
     b = run.default_workdir("cifar100", config, ["train.epochs=3"])
     assert a == b != run.default_workdir("cifar100", config, ["train.epochs=4"])
@@ -294,26 +293,26 @@ def test_more_seeds_run_only_the_new_ones(tmp_path, monkeypatch):
         return fake_run_continual(stream, text_features, config, workdir, **kwargs)
 
     monkeypatch.setattr(calfuse_jax.continual, "run_continual", counting_run)
-    base = run.apply_overrides(run.load_config("synthetic:smoke"), ["progress=false"])
+    base = apply_overrides(load_config("synthetic:smoke"), ["progress=false"])
     workdir = tmp_path / "multi"
-    run.run_experiment(run.apply_overrides(base, ["seeds=0,1"]), workdir)
+    run.run_experiment(apply_overrides(base, ["seeds=0,1"]), workdir)
     seed_0 = (workdir / "seed_0" / "summary.json").read_bytes()
-    summary = run.run_experiment(run.apply_overrides(base, ["seeds=0,1,2"]), workdir)
+    summary = run.run_experiment(apply_overrides(base, ["seeds=0,1,2"]), workdir)
     assert ran == [0, 1, 2]  # seeds 0 and 1 were reused, not rerun
     assert (workdir / "seed_0" / "summary.json").read_bytes() == seed_0
     # Per seed Avg = 75 - seed: mean over 0, 1, 2 is 74 with sample std 1 (over 0, 1: 74.5).
     assert summary["avg"] == pytest.approx(74.0) and summary["avg_std"] == pytest.approx(1.0)
     assert rundir.read_json(workdir / "summary.json")["seeds"] == [0, 1, 2]
     # Fewer seeds (one too) reuse the seed folders; summary.json covers the seeds asked for now.
-    summary = run.run_experiment(run.apply_overrides(base, ["seeds=0"]), workdir)
+    summary = run.run_experiment(apply_overrides(base, ["seeds=0"]), workdir)
     assert ran == [0, 1, 2] and summary["seeds"] == [0]
     assert summary["avg"] == pytest.approx(75.0) and not (workdir / "metrics.jsonl").exists()
 
 
 def test_outputs_switch_skips_plots_and_tensorboard_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(calfuse_jax.continual, "run_continual", fake_run_continual)
-    base = run.apply_overrides(run.load_config("synthetic:smoke"), ["progress=false"])
-    quiet = run.apply_overrides(base, ["outputs.plots=false", "outputs.tensorboard=false"])
+    base = apply_overrides(load_config("synthetic:smoke"), ["progress=false"])
+    quiet = apply_overrides(base, ["outputs.plots=false", "outputs.tensorboard=false"])
     workdir = tmp_path / "w"
     run.run_experiment(quiet, workdir)
     assert (workdir / "summary.json").is_file()
