@@ -240,7 +240,7 @@ def claim(
     sharding.barrier("calfuse_claim_inspected")  # every process decided on the untouched folder
     if sharding.is_primary():
         aside = move_aside(workdir, keep)
-        logger.warning("overwrite: moved the earlier run in %s aside to %s", workdir, aside)
+        logger.warning("overwrite: moved the old run's content in %s to %s", workdir, aside)
     sharding.barrier("calfuse_claim_moved")
     return False
 
