@@ -15,19 +15,12 @@ Layout under `<workdir>/checkpoints/`:
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a
 half-written checkpoint is never listed. Saving is collective: under `jax.distributed` every
 process calls `save`; Orbax coordinates who writes what. Restores go through an abstract target
-(shapes, dtypes and shardings), so a run saved on 4 devices restores on 1.
-
-`run_fingerprint.json` ties a workdir to one configuration and data set: `prepare_workdir` refuses
-a different one unless asked to overwrite, which moves the old results into `overwritten-<time>/`.
+(shapes, dtypes and shardings), so a run saved on 4 devices restores on 1. Which run a workdir
+holds, and its other files, are `calfuse_jax.rundir`'s.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-import shutil
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,23 +30,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from calfuse_jax import sharding
-from calfuse_jax.config import NEUTRAL_FIELDS, method_config
+from calfuse_jax.rundir import jsonable as json_safe  # noqa: F401  evaluation.py's name, until it goes
 
 STEP_STRIDE = 10_000_000  # step checkpoint id = task * STEP_STRIDE + step
 STATE_FIELDS = ("params", "accuracy", "curves", "key")  # carry fields in a task's `state`
-FINGERPRINT_FILE = "run_fingerprint.json"
-RESULT_FILES = ("checkpoints", "metrics.jsonl", "accuracy_matrix.csv", FINGERPRINT_FILE)
-
-logger = logging.getLogger("calfuse_jax")
-
-
-class ConfigMismatchError(ValueError):
-    """The workdir holds a run of another configuration (or data)."""
 
 
 class TaskCheckpointError(ValueError):
     """A task checkpoint that a restore needs is missing, half-written or unreadable (a
-    ValueError, like ConfigMismatchError: a workdir problem the user fixes from the message)."""
+    ValueError, like rundir.ConfigMismatchError: a workdir problem the user fixes from the
+    message)."""
 
 
 class RunCheckpoints:
@@ -263,111 +249,3 @@ def _stats_error(checkpoints: RunCheckpoints, k: int, task: int, problem: str):
         f"task checkpoint {k} ({path}) {problem}; resuming after task {task} needs the class "
         f"statistics of tasks 0..{task}, each stored in its own task checkpoint: {fixes}"
     )
-
-
-# Run identity: the fingerprint that ties a workdir to one configuration and data set.
-def _neutral(path: str) -> bool:
-    return path in NEUTRAL_FIELDS
-
-
-def _method_fields(config) -> dict:
-    """The resolved config restricted to `method_config()`'s fields (extra fields are ignored)."""
-    reference = method_config().to_dict()
-    values = config.to_dict()
-
-    def pick(ref: dict, val: dict, prefix: str) -> dict:
-        out = {}
-        for key, default in ref.items():
-            path = f"{prefix}{key}"
-            if isinstance(default, dict):
-                out[key] = pick(default, val.get(key, {}), path + ".")
-            elif not _neutral(path):
-                item = val.get(key, default)
-                out[key] = list(item) if isinstance(item, tuple) else item
-        return out
-
-    return pick(reference, values, "")
-
-
-def config_fingerprint(config, stream, scale: float) -> dict:
-    """A JSON document identifying a run: method fields, logit scale and a digest of the data."""
-    digest = hashlib.sha256()
-    for array in (stream.split.class_order, stream.split.bounds, stream.train_labels):
-        digest.update(np.ascontiguousarray(array).tobytes())
-    for array in (stream.train_features, stream.test_features):
-        digest.update(np.ascontiguousarray(array[::97]).tobytes())  # a cheap, stable sample
-        digest.update(str(array.shape).encode())
-    doc = {"config": _method_fields(config), "logit_scale": scale, "data": digest.hexdigest()}
-    doc["fingerprint"] = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
-    return doc
-
-
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out
-
-
-def prepare_workdir(workdir: Path, doc: dict, overwrite: bool) -> None:
-    """Creates `workdir`, or checks that its run has this fingerprint (see module docstring)."""
-    stamp_path = workdir / FINGERPRINT_FILE
-    present = [name for name in RESULT_FILES if (workdir / name).exists()]
-    if present and not overwrite:
-        if not stamp_path.exists():
-            raise ConfigMismatchError(
-                f"{workdir} holds results ({', '.join(present)}) without a run fingerprint; "
-                "use another workdir or pass overwrite=True to move them aside"
-            )
-        old = json.loads(stamp_path.read_text())
-        if old.get("fingerprint") != doc["fingerprint"]:
-            diff = _differences(old, doc)
-            raise ConfigMismatchError(
-                f"{workdir} holds a run with a different configuration or data "
-                f"({'; '.join(d for d in diff if not d.startswith('fingerprint'))[:600]}); "
-                "use another workdir, or pass overwrite=True (--overwrite) to move the old run "
-                "aside and start again"
-            )
-        return
-    # Every process has inspected the same untouched folder (so all took this branch) before
-    # process 0 alone writes.
-    sharding.barrier("calfuse_workdir_inspected")
-    if sharding.is_primary():
-        workdir.mkdir(parents=True, exist_ok=True)
-        if present:
-            aside = workdir / time.strftime("overwritten-%Y%m%d-%H%M%S")
-            aside.mkdir()
-            for name in present:
-                shutil.move(str(workdir / name), str(aside / name))
-            logger.warning("overwrite: moved the old run's %s to %s", ", ".join(present), aside)
-        stamp_path.write_text(json.dumps(doc, indent=2, sort_keys=True))
-    sharding.barrier("calfuse_prepare_workdir")
-
-
-def json_safe(value):
-    """NaN/Inf -> None (JSON has no NaN), recursively through lists."""
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    if isinstance(value, list):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def write_results(workdir: Path, rows: list[dict], accuracy: np.ndarray) -> None:
-    """Rewrites `metrics.jsonl` (one row per finished task) and `accuracy_matrix.csv`.
-
-    Rewritten in full from the rows carried in the checkpoint, so a resumed run never holds a
-    duplicate or a row of an unfinished task. Call on process 0 only.
-    """
-    lines = [json.dumps({k: json_safe(v) for k, v in row.items()}) for row in rows]
-    (workdir / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
-    header = "after_task," + ",".join(f"task_{j}" for j in range(accuracy.shape[1]))
-    body = [
-        f"{i}," + ",".join("" if np.isnan(v) else f"{v:.4f}" for v in accuracy[i])
-        for i in range(len(rows))
-    ]
-    (workdir / "accuracy_matrix.csv").write_text("\n".join([header, *body]) + "\n")

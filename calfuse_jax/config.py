@@ -10,8 +10,6 @@ from __future__ import annotations
 import ml_collections
 
 METHODS = ("calfuse", "rapf", "finetune", "zeroshot")
-# Fields that change neither the maths nor the data order, so a run may resume with new values.
-NEUTRAL_FIELDS = ("train.checkpoint_every_steps", "train.eval_batch_size")
 
 
 def method_config() -> ml_collections.ConfigDict:

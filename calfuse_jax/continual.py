@@ -29,21 +29,23 @@ from jax.sharding import Mesh
 
 from calfuse_jax import calibration, evaluation, fusion, sharding, stats, train
 from calfuse_jax.checkpoint import (
-    ConfigMismatchError,
     RunCheckpoints,
     TaskCheckpointError,
     abstract_like,
     abstract_task_state,
-    config_fingerprint,
-    json_safe,
-    prepare_workdir,
     restore_class_stats,
     task_state,
-    write_results,
 )
 from calfuse_jax.config import resolve_method
 from calfuse_jax.data.stream import FeatureStream
 from calfuse_jax.evaluation import ContinualResult
+from calfuse_jax.rundir import (
+    ConfigMismatchError,
+    config_fingerprint,
+    prepare_workdir,
+    write_results,
+)
+from calfuse_jax.rundir import jsonable as json_safe
 from calfuse_jax.train import NonFiniteLossError, TrainState
 from calfuse_jax.validation import validate_inputs
 

@@ -38,19 +38,19 @@ from collections.abc import Callable, Sequence
 import ml_collections
 import numpy as np
 
+from calfuse_jax import rundir
 from calfuse_jax.config import method_config, resolve_method
+from calfuse_jax.files import atomic_write
 from calfuse_jax.sharding import barrier, is_primary
-from experiments import cli, report, results
+from experiments import cli, results
 from experiments.cli import (
     add_distributed_flags,
     parse_with_overrides,
-    setup_console,
-    start_distributed,
 )
-from experiments.configs import ConfigError, apply_overrides, catalog, load_config
+from experiments.configs import apply_overrides, catalog
 from experiments.grids import Axis, Cell, GridError, combine, expand, parse_grid, preset, short_key
-from experiments.pipeline import UserError, cache_dir_of, prepare, with_data_fields
-from experiments.run import NOT_COMPARED, run_experiment
+from experiments.pipeline import prepare, with_data_fields
+from experiments.run import run_experiment
 
 log = logging.getLogger("experiments.ablate")
 
@@ -100,42 +100,23 @@ def check_axes(base: ml_collections.ConfigDict, axes: Sequence[Axis]) -> list[Ce
     return cells
 
 
-def _comparable(config: dict) -> dict:
-    """The flattened config minus the fields a resume may change (run.NOT_COMPARED) and the
-    single `seed`, which run_experiment fills from `seeds`."""
-    flat = {}
-
-    def walk(node: dict, prefix: str) -> None:
-        for key, value in node.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            else:
-                flat[prefix + key] = value
-
-    walk(results.jsonable(config), "")
-    return {k: v for k, v in flat.items() if k not in NOT_COMPARED and k != "seed"}
-
-
 def finished_summary(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> dict | None:
-    """The summary of a finished run of `config` in `workdir`, or None (absent, unfinished, or a
-    run of another config: then run_experiment decides, and refuses without --overwrite)."""
-    summary_path, config_path = workdir / "summary.json", workdir / "config.json"
-    if not (summary_path.exists() and config_path.exists()):
+    """The summary of a finished run of `config` in `workdir`, or None (absent, unfinished,
+    damaged, or a run of another config: then run_experiment decides, resumes or refuses)."""
+    old = rundir.readable_json(workdir / rundir.CONFIG_FILE)
+    summary = rundir.readable_json(workdir / "summary.json")
+    if old is None or summary is None:
         return None
-    wanted = _comparable(resolve_method(config).to_dict())
-    if _comparable(results.read_json(config_path)) != wanted:
-        return None
-    return report.load_run(workdir)[1]
+    return None if rundir.differences(old, resolve_method(config).to_dict(), ("seed",)) else summary
 
 
 def data_key(config: ml_collections.ConfigDict) -> str:
     """What `pipeline.prepare` depends on: every field outside `method_config()` (dataset, model,
-    prompt, class order, synthetic data, cache), plus the task split (`continual.*`). Cells with
-    the same key share one prepared feature stream."""
-    method = _comparable(method_config().to_dict())
-    method_keys = {k for k in method if not k.startswith("continual.")}
-    flat = _comparable(config.to_dict())
-    ignore = {"seeds", "name", "progress"} | method_keys
+    prompt, class order, synthetic data, cache), plus the task split (`continual.*`), but
+    `rundir.RESUME_SAFE`. Cells with the same key share one prepared feature stream."""
+    method = {k for k in rundir.flat(method_config().to_dict()) if not k.startswith("continual.")}
+    ignore = {*rundir.RESUME_SAFE, "seed", "seeds", "name", *method}
+    flat = rundir.flat(rundir.jsonable(config.to_dict()))
     return json.dumps({k: v for k, v in sorted(flat.items()) if k not in ignore}, sort_keys=True)
 
 
@@ -211,10 +192,13 @@ def markdown_table(cells: Sequence[CellResult]) -> str:
 def write_csv(cells: Sequence[CellResult], path: pathlib.Path) -> None:
     """ablation.csv: the rows of `table_rows` (empty cells for metrics that do not exist)."""
     rows = table_rows(cells)
-    with open(path, "w", newline="") as f:
+
+    def write(f) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+    atomic_write(path, "w", write)
 
 
 def _metric(cells: Sequence[CellResult], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -276,7 +260,7 @@ def write_outputs(
     lines += ["", *notes, "", markdown_table(cells)]
     lines += ["![comparison](comparison.png)", "", "![accuracy curves](accuracy_curve.png)", ""]
     path = workdir / "ablation.md"
-    path.write_text("\n".join(lines))
+    atomic_write(path, "w", lambda f: f.write("\n".join(lines)))
     return path
 
 
@@ -315,15 +299,16 @@ def ablate(
         "axes": [[key, list(values)] for key, values in axes],
         "cells": [cell.name for cell in cells],
     }
-    if is_primary():  # multi-process runs: process 0 writes, every process computes
-        results.write_json(workdir / "grid.json", record)
-    done = run_cells(config, cells, workdir, seeds, overwrite, cell_outputs=cell_outputs)
     lines = [f"Config `{config.name}`; fixed in every cell: {', '.join(fixed)}."] if fixed else []
     if not lines:
         lines = [f"Config `{config.name}`."]
-    if is_primary():
-        title = title or f"Ablation on {config.name}"
-        log.info("table: %s", write_outputs(done, workdir, title, [*lines, *notes]))
+    with rundir.lock(workdir):  # one process per grid folder: a second one is refused at once
+        if is_primary():  # multi-process runs: process 0 writes, every process computes
+            rundir.write_json(workdir / "grid.json", record)
+        done = run_cells(config, cells, workdir, seeds, overwrite, cell_outputs=cell_outputs)
+        if is_primary():
+            title = title or f"Ablation on {config.name}"
+            log.info("table: %s", write_outputs(done, workdir, title, [*lines, *notes]))
     return done
 
 
@@ -334,24 +319,6 @@ def default_workdir(config_name: str, preset_name: str | None, specs: Sequence[s
     stem, variant = cli.name_parts(config_name, config)
     parts = ("ablate", stem, variant, preset_name or "grid")
     return cli.default_workdir(parts, overrides, extra=sorted(specs))
-
-
-def enable_compile_cache(config: ml_collections.ConfigDict) -> pathlib.Path | None:
-    """Turns on JAX's persistent compilation cache in `<cache_dir>/xla` (unless the environment
-    already names one), so every seed and cell after the first reuses the compiled steps of the
-    same shapes; on a CPU this about halves a small grid. Returns the folder used."""
-    import os
-
-    import jax
-
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return pathlib.Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
-    folder = cache_dir_of(config) / "xla"
-    jax.config.update("jax_compilation_cache_dir", str(folder))
-    # The head's programs compile in well under the 1 s default threshold, yet add up over a grid.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return folder
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -397,35 +364,28 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; returns the exit status (2 for a user error, with its fix printed)."""
+    """The command line; returns the exit status, as `experiments.run`'s (`cli.main_guard`)."""
     args, overrides = parse_args(argv)
-    setup_console(args.quiet)  # each run.log keeps INFO
-    try:
-        start_distributed(args)
-        config = apply_overrides(load_config(args.config), overrides)
-        if args.quiet:
-            config.progress = False
-        axes = combine(preset(args.preset) if args.preset else (), parse_grid(args.grid))
-        check_axes(config, axes)  # a bad grid fails before anything (the cache too) is set up
-        if not args.no_compile_cache:
-            enable_compile_cache(config)
-        config = with_data_fields(config)  # a folder config counts its classes
-        workdir = args.workdir or default_workdir(args.config, args.preset, args.grid, overrides,
-                                                  config)  # fmt: skip
-        title = args.title or f"{config.name}: {args.preset or 'grid'}"
-        shown = [f"`{o}`" for o in overrides if not o.startswith(("progress", "cache_dir"))]
-        notes = [f"Base-config overrides: {', '.join(shown)}."] if shown else []
-        done = ablate(config, axes, workdir, args.seeds, args.overwrite, title, notes,
-                      cell_outputs=args.cell_outputs)  # fmt: skip
-        barrier("calfuse_grid_finished")  # no process exits while process 0 still writes
-    except (ConfigError, GridError, UserError, FileNotFoundError, FileExistsError) as err:
-        if args.traceback:
-            raise
-        print(f"error: {err}\n(run with --traceback for the full trace)", file=sys.stderr)
-        return 2
+    return cli.main_guard(args, overrides, lambda config: _main(args, config, overrides))
+
+
+def _main(args: argparse.Namespace, config: ml_collections.ConfigDict, overrides) -> int:
+    axes = combine(preset(args.preset) if args.preset else (), parse_grid(args.grid))
+    check_axes(config, axes)  # a bad grid fails before anything (the cache too) is set up
+    if not args.no_compile_cache:
+        cli.enable_compile_cache(config)
+    config = with_data_fields(config)  # a folder config counts its classes
+    args.workdir = args.workdir or default_workdir(args.config, args.preset, args.grid, overrides,
+                                                   config)  # fmt: skip
+    title = args.title or f"{config.name}: {args.preset or 'grid'}"
+    shown = [f"`{o}`" for o in overrides if not o.startswith(("progress", "cache_dir"))]
+    notes = [f"Base-config overrides: {', '.join(shown)}."] if shown else []
+    done = ablate(config, axes, args.workdir, args.seeds, args.overwrite, title, notes,
+                  cell_outputs=args.cell_outputs)  # fmt: skip
+    barrier("calfuse_grid_finished")  # no process exits while process 0 still writes
     if is_primary():
         print(markdown_table(done), end="")
-        print(f"table: {pathlib.Path(workdir) / 'ablation.md'}")
+        print(f"table: {pathlib.Path(args.workdir) / 'ablation.md'}")
     return 0
 
 

@@ -1,8 +1,9 @@
 """Command-line plumbing shared by `experiments.run` and `experiments.ablate`.
 
-`--config.KEY=VALUE` overrides, the default results folder of a command (`default_workdir`), the
-multi-process flags (`--distributed` calls `jax.distributed.initialize()` before anything touches
-a device; process 0 writes, every process computes), and the console logging both commands set up.
+`--config.KEY=VALUE` overrides, the exit-code policy (`main_guard`), the default results folder
+of a command (`default_workdir`), the multi-process flags (`--distributed` calls
+`jax.distributed.initialize()` before anything touches a device; process 0 writes, every process
+computes), the console logging both commands set up, and the persistent XLA compile cache.
 """
 
 from __future__ import annotations
@@ -10,32 +11,29 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import os
 import pathlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from calfuse_jax.config import NEUTRAL_FIELDS
+import ml_collections
+
+from calfuse_jax.rundir import RESUME_SAFE
+from experiments import pipeline
+from experiments.configs import apply_overrides, load_config
 from experiments.pipeline import UserError
 
 log = logging.getLogger("experiments.cli")
 
-# Fields that change where things are or how they are shown, not what a run computes: a resume
-# may change them freely (calfuse_jax.config.NEUTRAL_FIELDS are the training loop's own).
-NOT_COMPARED = (
-    "progress",
-    "cache_dir",
-    "features.batch_size",
-    "dataset.root",
-    "dataset.data_dir",
-    "dataset.download",
-    "dataset.mirror",
-    "outputs.plots",
-    "outputs.tensorboard",
-    *NEUTRAL_FIELDS,
-)
-# ... nor do the seeds name another run: each seed runs in its own seed_<k> folder of the run's
+# The seeds do not name a run either: each seed runs in its own seed_<k> folder of the run's
 # folder, so adding seeds to a command reuses the finished ones.
-NOT_NAMING = (*NOT_COMPARED, "seeds", "seed")
+NOT_NAMING = (*RESUME_SAFE, "seeds", "seed")
+# Problems a user fixes from the message alone (a bad config or grid, missing files, a workdir of
+# another run or in use: the library's and the configs' errors are ValueErrors): one paragraph,
+# no traceback, exit 2. A NaN/Inf loss exits 3 (the config was valid, the run diverged).
+USER_ERRORS = (UserError, ValueError, FileNotFoundError, FileExistsError)
+EXIT_USER_ERROR, EXIT_NON_FINITE, EXIT_INTERRUPTED = 2, 3, 130
 
 CHATTY_LOGGERS = ("absl", "orbax", "jax._src", "matplotlib")  # per-save INFO lines drown ours
 
@@ -81,6 +79,22 @@ def default_workdir(
     if hashed:
         name += "-" + hashlib.sha1("\n".join(hashed).encode()).hexdigest()[:8]
     return pathlib.Path("runs") / name
+
+
+def enable_compile_cache(config: ml_collections.ConfigDict) -> pathlib.Path | None:
+    """Turns on JAX's persistent compilation cache in `<cache_dir>/xla` (unless the environment
+    already names one), so every seed and cell after the first reuses the compiled steps of the
+    same shapes; on a CPU this about halves a small grid. Returns the folder used."""
+    import jax
+
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return pathlib.Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
+    folder = pipeline.cache_dir_of(config) / "xla"
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    # The head's programs compile in well under the 1 s default threshold, yet add up over a grid.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return folder
 
 
 def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
@@ -162,3 +176,46 @@ def setup_console(quiet: bool) -> None:
     root.setLevel(logging.INFO)
     for chatty in CHATTY_LOGGERS:
         logging.getLogger(chatty).setLevel(logging.WARNING)
+
+
+def main_guard(
+    args: argparse.Namespace, overrides: Sequence[str], body: Callable[[Any], int]
+) -> int:
+    """Sets up the console (and `--distributed`), loads `--config` with its overrides, runs
+    `body(config)` and returns its exit status; a user error (2), a NaN/Inf loss (3) or Ctrl-C
+    (130) prints one paragraph instead of a traceback (unless `args.traceback`). `args.workdir`,
+    once `body` has set it, names where the last good checkpoint is kept."""
+    from calfuse_jax.train import NonFiniteLossError  # imports jax: after the flags are parsed
+
+    setup_console(args.quiet)  # each run.log keeps INFO
+    try:
+        start_distributed(args)
+        config = apply_overrides(load_config(args.config), overrides)
+        if args.quiet:
+            config.progress = False
+        return body(config)
+    except (NonFiniteLossError, *USER_ERRORS, KeyboardInterrupt) as error:
+        if args.traceback:
+            raise
+        if isinstance(error, KeyboardInterrupt):
+            print("interrupted: run the same command again to resume", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        if isinstance(error, NonFiniteLossError):
+            print(non_finite_message(error, args.workdir), file=sys.stderr)
+            return EXIT_NON_FINITE
+        print(f"error: {error}\n(run with --traceback for the full trace)", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def non_finite_message(error: FloatingPointError, workdir: str | None) -> str:
+    """One paragraph for a NaN/Inf training loss (`calfuse_jax.train.NonFiniteLossError`)."""
+    task, step = getattr(error, "task", "?"), getattr(error, "step", "?")
+    value = getattr(error, "value", "NaN/Inf")
+    where = f" in {workdir}" if workdir else ""
+    return (
+        f"error: the training loss became {value} at task {task}, step {step}, so the run "
+        f"stopped. The last good checkpoint{where} is kept: running the same command again "
+        "retries from it. If the loss diverges again, lower --config.train.lr or check the "
+        "features for NaN/Inf, with a new --workdir (or --overwrite to move this run aside). "
+        "(run with --traceback for the full trace)"
+    )

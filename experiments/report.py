@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from calfuse_jax import rundir
 from experiments import results
 
 
@@ -42,14 +43,14 @@ def load_run(workdir: str | pathlib.Path) -> tuple[str, dict]:
     """(label, summary) of a results folder; label = '<config> <method>'."""
     workdir = pathlib.Path(workdir)
     config_path = workdir / "config.json"
-    config = results.read_json(config_path) if config_path.exists() else {}
+    config = rundir.read_json(config_path) if config_path.exists() else {}
     label = " ".join(str(config[k]) for k in ("name", "method") if k in config) or workdir.name
     if (workdir / "summary.json").exists():
-        summary = results.read_json(workdir / "summary.json")
+        summary = rundir.read_json(workdir / "summary.json")
         if len(summary.get("seeds") or ()) > 1:
             label += f" ({len(summary['seeds'])} seeds)"
-    elif results.read_metrics(workdir):
-        summary = summary_from_metrics(results.read_metrics(workdir))
+    elif rundir.read_metrics(workdir):
+        summary = summary_from_metrics(rundir.read_metrics(workdir))
         label += " (partial)"
     else:
         raise ReportError(

@@ -1,15 +1,11 @@
-"""The results folder: JSON records, TensorBoard events and PNG plots.
+"""The results folder's summaries, TensorBoard events and PNG plots (calfuse_jax.rundir owns the
+folder and its JSON files).
 
     workdir/
-      config.json          resolved config (written before training; a resume compares it)
-      provenance.json      weights id + sha256, class order, split hash, prompts, versions, devices
-      metrics.jsonl        one row per task            (written by continual.run_continual)
-      accuracy_matrix.csv  A[i, j] in %                (written by continual.run_continual)
       summary.json         Avg, Last, forgetting, BWT, old/new, the matrix and the curve
       tensorboard/         train/loss and train/lr per step (written while training), and the
                            per-task scalars rebuilt from metrics.jsonl at the end of every run
       accuracy_curve.png, accuracy_matrix.png
-      run.log
 
 Multi-seed runs put one such folder per seed under workdir/seed_<k> and a `summary.json` with
 mean and std in workdir. Everything here is plain functions of plain data, so `report` can rebuild
@@ -18,7 +14,6 @@ the plots from the JSON alone.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import pathlib
@@ -27,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from calfuse_jax.files import atomic_write
+from calfuse_jax.rundir import jsonable
 
 METRICS = ("avg", "last", "forgetting", "bwt", "old", "new", "harmonic")
 METRIC_TITLES = {
@@ -41,45 +36,6 @@ METRIC_TITLES = {
 }
 
 
-def jsonable(value: Any) -> Any:
-    """`value` with tuples, arrays, NumPy scalars and paths turned into JSON types (NaN -> None)."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return _jsonable(value.item())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None  # JSON has no NaN; a metric that does not exist (one task: no forgetting)
-    if isinstance(value, pathlib.Path):
-        return str(value)
-    return value
-
-
-_jsonable = jsonable
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Writes `obj` as indented JSON atomically (temp file + rename: never a half file)."""
-    atomic_write(path, "w", lambda f: f.write(json.dumps(_jsonable(obj), indent=2) + "\n"))
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    with open(path) as f:
-        return json.load(f)
-
-
-def read_metrics(workdir: str | os.PathLike) -> list[dict]:
-    """Rows of workdir/metrics.jsonl (one per finished task); [] when absent."""
-    path = pathlib.Path(workdir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def make_summary(
     summary: dict, accuracy_matrix: np.ndarray, seen_accuracy: np.ndarray, seen_classes: Sequence
 ) -> dict:
@@ -90,7 +46,7 @@ def make_summary(
     out["seen_classes"] = [int(c) for c in seen_classes]
     out["seen_accuracy"] = np.asarray(seen_accuracy, dtype=float).tolist()
     out["accuracy_matrix"] = np.asarray(accuracy_matrix, dtype=float).tolist()
-    return _jsonable(out)
+    return jsonable(out)
 
 
 def aggregate(summaries: Sequence[dict]) -> dict:
@@ -109,7 +65,7 @@ def aggregate(summaries: Sequence[dict]) -> dict:
     out["seen_accuracy_std"] = spread.tolist()
     matrices = np.asarray([s["accuracy_matrix"] for s in summaries], dtype=float)  # [S, T, T]
     out["accuracy_matrix"] = matrices.mean(0).tolist()  # the upper triangle is never read
-    return _jsonable(out)
+    return jsonable(out)
 
 
 def format_metric(summary: dict, key: str) -> str:

@@ -10,8 +10,9 @@
 
 Running the same command again resumes an interrupted run (finished tasks come from checkpoints,
 features from the cache); a workdir that holds a different config is refused unless `--overwrite`
-(more seeds are not a different config: only the new ones run). Exit codes: 2 for a user error,
-3 for a NaN/Inf loss (the last good checkpoint is kept).
+(more seeds are not a different config: only the new ones run), and so is a second command on a
+workdir in use. Exit codes (`cli.main_guard`): 2 for a user error, 3 for a NaN/Inf loss (the last
+good checkpoint is kept), 130 for Ctrl-C.
 From Python: `run_experiment(load_config("synthetic"), "runs/x")` returns the summary dict.
 
 `--distributed` starts one process per host (or GPU) of a multi-process JAX run: it calls
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import pathlib
 import platform
 import subprocess
@@ -39,37 +39,24 @@ from importlib import metadata
 
 import ml_collections
 
+from calfuse_jax import rundir
 from calfuse_jax.config import resolve_method
 from calfuse_jax.sharding import barrier, is_primary
 from experiments import cli, results
 from experiments.cli import (
-    NOT_COMPARED,
     add_distributed_flags,
     parse_with_overrides,
-    setup_console,
-    start_distributed,
 )
 from experiments.configs import (
-    ConfigError,
-    apply_overrides,
     catalog,
     format_config,
-    load_config,
     seeds_of,
     validate,
 )
-from experiments.pipeline import Prepared, UserError, prepare, with_data_fields
+from experiments.pipeline import Prepared, prepare, with_data_fields
 
 log = logging.getLogger("experiments.run")
 
-# Problems a user can fix from the message alone (missing files, bad config, a workdir holding
-# another run: calfuse_jax's ConfigMismatchError is a ValueError): printed as one message, no
-# traceback, exit code 2. A NaN/Inf loss exits with 3 instead (the config was valid, the run
-# diverged), also as one message: see `non_finite_message`.
-EXPECTED_ERRORS = (ConfigError, UserError, FileNotFoundError, FileExistsError, ValueError)
-EXIT_USER_ERROR, EXIT_NON_FINITE = 2, 3
-
-RESULT_MARKERS = ("config.json", "metrics.jsonl", "checkpoints", "summary.json")
 PACKAGES = ("calfuse-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
             "transformers", "ml_collections", "tensorflow-datasets")  # fmt: skip
 
@@ -83,67 +70,12 @@ def default_workdir(config_name: str, config: ml_collections.ConfigDict, overrid
     return str(cli.default_workdir((stem, variant, method), keep))
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = list(value) if isinstance(value, tuple | list) else value
-    return out
-
-
-def claim_workdir(
-    workdir: str | os.PathLike, config: dict, overwrite: bool, ignore: Sequence[str] = ()
-) -> bool:
+def claim_workdir(workdir: pathlib.Path, config: dict, overwrite: bool, ignore=()) -> bool:
     """Checks that `workdir` is new, a resume of the same config (fields in `ignore` and
-    `NOT_COMPARED` may differ), or explicitly overwritten (then moves its content aside into
+    `rundir.RESUME_SAFE` may differ), or explicitly overwritten (then moves its content aside into
     overwritten-<time>/: nothing is deleted). Returns True when an existing run is resumed."""
-    workdir = pathlib.Path(workdir)
-    if not workdir.exists() or not any(p for p in workdir.iterdir() if not _aside(p)):
-        return False
-    is_results = any((workdir / m).exists() for m in RESULT_MARKERS)
-    if not is_results:
-        raise UserError(
-            f"workdir {workdir} is not empty and holds no calfuse results; pass an empty or new "
-            "--workdir (nothing was written)"
-        )
-    old_path = workdir / "config.json"
-    old = _flat(results.read_json(old_path)) if old_path.exists() else {}
-    new = _flat(results.jsonable(config))
-    differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    differ = [k for k in differ if k not in NOT_COMPARED and k not in ignore]
-    if not differ and old:
-        return True
-    if not overwrite and not old:
-        present = ", ".join(m for m in RESULT_MARKERS if (workdir / m).exists())
-        raise UserError(
-            f"workdir {workdir} holds results ({present}) but no config.json, so it cannot be "
-            "resumed safely. Pass --overwrite to move them aside, or choose another --workdir."
-        )
-    if not overwrite:
-        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:5])
-        more = f" (and {len(differ) - 5} more)" if len(differ) > 5 else ""
-        raise UserError(
-            f"workdir {workdir} holds a run of a different config ({shown}{more}). "
-            "Pass --overwrite to replace it, or choose another --workdir; nothing was changed."
-        )
-    barrier("calfuse_claim_inspected")  # every process decided on the untouched folder
-    if is_primary():
-        aside = workdir / time.strftime("overwritten-%Y%m%d-%H%M%S")
-        _move_content(workdir, aside, keep_seeds=False)
-        log.warning("--overwrite: moved the earlier run in %s aside to %s", workdir, aside)
-    barrier("calfuse_claim_moved")
-    return False
-
-
-def _move_content(workdir: pathlib.Path, target: pathlib.Path, keep_seeds: bool) -> None:
-    """Moves everything in `workdir` into `target` (created) but earlier overwritten-* folders
-    and, with `keep_seeds`, the seed_<k> folders."""
-    target.mkdir()
-    for path in workdir.iterdir():
-        if path != target and not _aside(path) and not (keep_seeds and _seed_folder(path)):
-            os.replace(path, target / path.name)
+    rundir.refuse_foreign(workdir)
+    return rundir.claim(workdir, rundir.CONFIG_FILE, config, overwrite, ignore, rundir.RESULT_FILES)
 
 
 def _seed_folder(path: pathlib.Path) -> bool:
@@ -153,15 +85,8 @@ def _seed_folder(path: pathlib.Path) -> bool:
 def single_seed_run(workdir: pathlib.Path) -> int | None:
     """The seed of the one-seed run that `workdir` holds in itself (not in seed_<k> folders),
     or None when it holds none."""
-    config_path = workdir / "config.json"
     own = any((workdir / m).exists() for m in ("metrics.jsonl", "checkpoints"))
-    if not (own and config_path.exists()):
-        return None
-    return results.read_json(config_path).get("seed")
-
-
-def _aside(path: pathlib.Path) -> bool:
-    return path.name.startswith("overwritten-")
+    return (rundir.readable_json(workdir / rundir.CONFIG_FILE) or {}).get("seed") if own else None
 
 
 @contextlib.contextmanager
@@ -229,12 +154,16 @@ def run_seed(config: ml_collections.ConfigDict, prepared: Prepared, workdir) -> 
     workdir = pathlib.Path(workdir)
     primary = is_primary()  # multi-process runs: process 0 writes, all compute
     with _log_file(workdir) if primary else contextlib.nullcontext():
-        finished = len(results.read_metrics(workdir))
+        try:
+            finished = len(rundir.read_metrics(workdir))
+        except rundir.RunFolderError as error:  # run_continual rewrites it from the checkpoints
+            log.warning("%s (rebuilding it now)", error)
+            finished = 0
         if finished:
             log.info("resuming the run in %s after %d finished tasks", workdir, finished)
         log.info("%s %s seed %d -> %s", config.name, config.method, config.seed, workdir)
         if primary:
-            results.write_json(workdir / "config.json", config.to_dict())
+            rundir.write_json(workdir / rundir.CONFIG_FILE, config.to_dict())
             _write_provenance(workdir, dict(prepared.provenance, seed=config.seed,
                                             method=config.method))  # fmt: skip
         curves = None
@@ -260,9 +189,9 @@ def run_seed(config: ml_collections.ConfigDict, prepared: Prepared, workdir) -> 
         )
         summary.update(method=config.method, seed=config.seed, config=config.name)
         if primary:
-            results.write_json(workdir / "summary.json", summary)
+            rundir.write_json(workdir / "summary.json", summary)
             if wants_output(config, "tensorboard"):
-                results.write_tensorboard(workdir, results.read_metrics(workdir), summary)
+                results.write_tensorboard(workdir, rundir.read_metrics(workdir), summary)
             if wants_output(config, "plots"):
                 title = f"{config.name} {config.method} (seed {config.seed})"
                 results.write_plots(workdir, summary, title)
@@ -275,12 +204,12 @@ def _write_provenance(workdir: pathlib.Path, provenance: dict) -> None:
     `resumed` (the code or machine may differ between the two)."""
     path = workdir / "provenance.json"
     env = dict(environment(), time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    if not path.exists():
-        results.write_json(path, {**provenance, **env})
+    old = rundir.readable_json(path)  # None: the first start (or a damaged file: started anew)
+    if old is None:
+        rundir.write_json(path, {**provenance, **env})
         return
-    old = results.read_json(path)
     old.setdefault("resumed", []).append(env)
-    results.write_json(path, old)
+    rundir.write_json(path, old)
 
 
 def run_experiment(
@@ -302,6 +231,13 @@ def run_experiment(
     validate(config)
     config = resolve_method(with_data_fields(config))
     workdir = pathlib.Path(workdir)
+    rundir.refuse_foreign(workdir)  # before the lock, which would write into it
+    with rundir.lock(workdir):  # one process per workdir: a second one is refused at once
+        return _run_seeds(config, workdir, overwrite, prepared)
+
+
+def _run_seeds(config, workdir: pathlib.Path, overwrite: bool, prepared: Prepared | None) -> dict:
+    """`run_experiment` once `workdir` is locked."""
     seeds = seeds_of(config)
     alone = single_seed_run(workdir)
     seed_folders = workdir.is_dir() and any(_seed_folder(p) for p in workdir.iterdir())
@@ -321,18 +257,20 @@ def run_experiment(
     if resumed and alone is not None:
         barrier("calfuse_single_seed_inspected")
         if is_primary():
-            _move_content(workdir, workdir / f"seed_{alone}", keep_seeds=True)
+            seed_folders = [p.name for p in workdir.iterdir() if _seed_folder(p)]
+            rundir.move_aside(workdir, keep=seed_folders, target=workdir / f"seed_{alone}")
             log.info("moved the one-seed run in %s into seed_%d/ to add seeds", workdir, alone)
         barrier("calfuse_single_seed_moved")
     finished = {}  # seed folders of this config that already hold a summary: reused, not rerun
     for seed_config, seed_dir in runs:
         # A seed folder is the run of its `seed`; its `seeds` (the whole list) may differ.
         if claim_workdir(seed_dir, seed_config.to_dict(), overwrite and not resumed, ("seeds",)):
-            if (seed_dir / "summary.json").exists():
-                finished[seed_dir] = results.read_json(seed_dir / "summary.json")
+            summary = rundir.readable_json(seed_dir / "summary.json")  # damaged: run it again
+            if summary is not None:
+                finished[seed_dir] = summary
     barrier("calfuse_workdir_claimed")  # no process reads the folders while process 0 writes
     if is_primary():
-        results.write_json(workdir / "config.json", config.to_dict())  # marks the folder as ours
+        rundir.write_json(workdir / rundir.CONFIG_FILE, config.to_dict())  # marks the folder ours
     if len(finished) < len(runs):
         prepared = prepared or prepare(config)
     summaries = []
@@ -345,7 +283,7 @@ def run_experiment(
     summary = results.aggregate(summaries)
     summary.update(method=config.method, config=config.name)
     if is_primary():
-        results.write_json(workdir / "summary.json", summary)
+        rundir.write_json(workdir / "summary.json", summary)
         if wants_output(config, "plots"):
             title = f"{config.name} {config.method} ({len(seeds)} seeds)"
             results.write_plots(workdir, summary, title)
@@ -372,58 +310,24 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     return parse_with_overrides(parser, argv)
 
 
-def non_finite_message(error: FloatingPointError, workdir: str | os.PathLike | None) -> str:
-    """One paragraph for a NaN/Inf training loss (`calfuse_jax.train.NonFiniteLossError`)."""
-    task, step = getattr(error, "task", "?"), getattr(error, "step", "?")
-    value = getattr(error, "value", "NaN/Inf")
-    where = f" in {workdir}" if workdir else ""
-    return (
-        f"error: the training loss became {value} at task {task}, step {step}, so the run "
-        f"stopped. The last good checkpoint{where} is kept: running the same command again "
-        "retries from it. If the loss diverges again, lower --config.train.lr or check the "
-        "features for NaN/Inf, with a new --workdir (or --overwrite to move this run aside). "
-        "(run with --traceback for the full trace)"
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status: 0 done, 2 a user error (bad config, missing
-    files, a workdir of another run), 3 a NaN/Inf loss, 130 interrupted."""
-    from calfuse_jax.continual import ConfigMismatchError, NonFiniteLossError  # imports jax
-
+    files, a workdir of another run or in use), 3 a NaN/Inf loss, 130 interrupted."""
     args, overrides = parse_args(argv)
-    workdir = None
-    setup_console(args.quiet)  # run.log keeps INFO
-    try:
-        start_distributed(args)
-        config = apply_overrides(load_config(args.config), overrides)
-        if args.quiet:
-            config.progress = False
-        if args.show_config:
-            print(format_config(resolve_method(config)))
-            return 0
-        config = with_data_fields(config)  # a folder config counts its classes
-        workdir = args.workdir or default_workdir(args.config, config, overrides)
-        summary = run_experiment(config, workdir, overwrite=args.overwrite)
-        barrier("calfuse_run_finished")  # no process exits while process 0 still writes
-    except NonFiniteLossError as err:
-        if args.traceback:
-            raise
-        print(non_finite_message(err, workdir), file=sys.stderr)
-        return EXIT_NON_FINITE
-    except (ConfigMismatchError, *EXPECTED_ERRORS) as err:
-        if args.traceback:
-            raise
-        print(f"error: {err}\n(run with --traceback for the full trace)", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        if args.traceback:
-            raise
-        print("interrupted: run the same command again to resume", file=sys.stderr)
-        return 130
+    return cli.main_guard(args, overrides, lambda config: _main(args, config, overrides))
+
+
+def _main(args: argparse.Namespace, config: ml_collections.ConfigDict, overrides) -> int:
+    if args.show_config:
+        print(format_config(resolve_method(config)))
+        return 0
+    config = with_data_fields(config)  # a folder config counts its classes
+    args.workdir = args.workdir or default_workdir(args.config, config, overrides)
+    summary = run_experiment(config, args.workdir, overwrite=args.overwrite)
+    barrier("calfuse_run_finished")  # no process exits while process 0 still writes
     if is_primary():  # the other processes of a --distributed run computed the same numbers
         print(results.markdown_table([(f"{config.name} {config.method}", summary)]), end="")
-        print(f"results: {workdir}")
+        print(f"results: {args.workdir}")
     return 0
 
 

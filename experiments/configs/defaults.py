@@ -85,7 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.progress = True
 
     # What a run writes besides its metrics, summary and checkpoints. Neither changes a result,
-    # so a resume may flip them (experiments.run.NOT_COMPARED); grids turn both off per cell.
+    # so a resume may flip them (calfuse_jax.rundir.RESUME_SAFE); grids turn both off per cell.
     c.outputs = ml_collections.ConfigDict()
     c.outputs.plots = True  # accuracy_curve.png, accuracy_matrix.png
     c.outputs.tensorboard = True  # tensorboard/ event files

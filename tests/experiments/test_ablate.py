@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from calfuse_jax import rundir
 from experiments import ablate, grids, results
 from experiments.configs import ConfigError, apply_overrides, load_config
-from experiments.pipeline import UserError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -197,7 +197,7 @@ def test_method_grid_writes_one_table_and_plot(method_grid):
         # Each cell is an ordinary run_experiment folder; the table's mean ± std must be those of
         # the per-seed summaries it holds.
         folder = workdir / row["folder"]
-        seeds = [results.read_json(folder / f"seed_{s}" / "summary.json") for s in (0, 1)]
+        seeds = [rundir.read_json(folder / f"seed_{s}" / "summary.json") for s in (0, 1)]
         for key in ("avg", "last", "forgetting", "bwt"):
             values = [s[key] for s in seeds]
             assert float(row[key]) == pytest.approx(np.mean(values), abs=1e-4)
@@ -229,7 +229,7 @@ def test_rerun_skips_finished_cells_and_resumes_the_rest(method_grid, monkeypatc
 
     def recording_run(cell_config, folder, overwrite=False, prepared=None):
         calls.append(Path(folder).name)
-        return results.read_json(workdir / "finetune-summary.bak")
+        return rundir.read_json(workdir / "finetune-summary.bak")
 
     monkeypatch.setattr(ablate, "run_experiment", recording_run)
     done = ablate.ablate(config, grids.preset("method"), workdir, seeds="0,1")
@@ -243,7 +243,7 @@ def test_a_changed_config_is_refused_not_mixed(method_grid):
     workdir, cache, _ = method_grid
     overrides = [a.removeprefix("--config.") for a in TINY] + [f"cache_dir={cache}"]
     config = apply_overrides(load_config("synthetic"), [*overrides, "train.lr=0.01"])
-    with pytest.raises(UserError, match="--overwrite"):
+    with pytest.raises(rundir.ConfigMismatchError, match="--overwrite"):
         ablate.ablate(config, grids.preset("method"), workdir, seeds="0,1")
 
 

@@ -15,7 +15,8 @@ import pytest
 
 import calfuse_jax.continual
 import calfuse_jax.features
-from experiments import results, run
+from calfuse_jax import rundir
+from experiments import run
 
 # demo:smoke: 10 procedural classes x 20 train images, a random tiny CLIP, batch 16, 2 epochs.
 # Two tasks of 5 classes; lr 1e-3 in epoch 0 and 1e-4 from epoch 1 on (milestone 1).
@@ -120,8 +121,8 @@ def test_more_seeds_reuse_the_finished_seed_in_the_default_folder(default_run, m
     for name, content in first.items():
         assert (seed_0 / name).read_bytes() == content, name
     assert not (workdir / "metrics.jsonl").exists()  # the one-seed run moved into seed_0/
-    avgs = [results.read_json(workdir / f"seed_{k}" / "summary.json")["avg"] for k in (0, 1)]
-    summary = results.read_json(workdir / "summary.json")
+    avgs = [rundir.read_json(workdir / f"seed_{k}" / "summary.json")["avg"] for k in (0, 1)]
+    summary = rundir.read_json(workdir / "summary.json")
     assert summary["seeds"] == [0, 1]
     assert summary["avg"] == pytest.approx(np.mean(avgs))
     assert summary["avg_std"] == pytest.approx(np.std(avgs, ddof=1))

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from processes import run_processes
 
-from experiments import results, run
+from calfuse_jax import rundir
+from experiments import cli, run
 
 TOP_LEVEL = {
+    ".lock",  # the run folder's lock (rundir.lock): process 0 held it, the file stays
     "accuracy_curve.png",
     "accuracy_matrix.csv",
     "accuracy_matrix.png",
@@ -44,8 +46,8 @@ def check_written_once(workdir: Path) -> None:
     """Every results file once, none half-written, nothing appended by a second writer."""
     assert {p.name for p in workdir.iterdir() if not p.name.startswith("overwritten-")} == TOP_LEVEL
     assert not [p for p in workdir.rglob("*") if p.name.endswith(".tmp") or ".tmp-" in p.name]
-    assert [r["task"] for r in results.read_metrics(workdir)] == [0, 1, 2, 3]
-    assert "resumed" not in results.read_json(workdir / "provenance.json")
+    assert [r["task"] for r in rundir.read_metrics(workdir)] == [0, 1, 2, 3]
+    assert "resumed" not in rundir.read_json(workdir / "provenance.json")
     assert (workdir / "run.log").read_text().count("synthetic:smoke calfuse seed 0 ->") == 1
     tasks = workdir / "checkpoints" / "tasks"
     assert sorted(p.name for p in tasks.iterdir()) == ["0", "1", "2", "3"]
@@ -60,23 +62,23 @@ def test_two_processes_write_one_folder_equal_to_one_process(tmp_path, capsys):
 
     assert run.main(smoke_args(tmp_path / "single")) == 0
     capsys.readouterr()
-    one = results.read_json(tmp_path / "single" / "summary.json")
-    two = results.read_json(multi / "summary.json")
+    one = rundir.read_json(tmp_path / "single" / "summary.json")
+    two = rundir.read_json(multi / "summary.json")
     np.testing.assert_allclose(
         np.array(two["accuracy_matrix"], float), np.array(one["accuracy_matrix"], float), atol=1e-6
     )
     assert two["avg"] == pytest.approx(one["avg"], abs=1e-6)
     assert two["last"] == pytest.approx(one["last"], abs=1e-6)
     # The provenance records the 2-device global mesh the run used.
-    assert len(results.read_json(multi / "provenance.json")["devices"]) == 2
+    assert len(rundir.read_json(multi / "provenance.json")["devices"]) == 2
 
     # Another config with --overwrite: process 0 moves the first run aside once, after both
     # processes inspected the folder, and both then write (through process 0) the new run.
     run_two_processes(multi, "--overwrite", "--config.synthetic.data_seed=1")
     check_written_once(multi)
     (aside,) = multi.glob("overwritten-*")
-    assert results.read_json(aside / "summary.json") == two
-    assert results.read_json(multi / "config.json")["synthetic"]["data_seed"] == 1
+    assert rundir.read_json(aside / "summary.json") == two
+    assert rundir.read_json(multi / "config.json")["synthetic"]["data_seed"] == 1
 
 
 @pytest.mark.parametrize(
@@ -90,7 +92,7 @@ def test_two_processes_write_one_folder_equal_to_one_process(tmp_path, capsys):
     ],
 )
 def test_bad_distributed_flags_are_user_errors(tmp_path, capsys, flags, message):
-    assert run.main(smoke_args(tmp_path / "w", *flags)) == run.EXIT_USER_ERROR
+    assert run.main(smoke_args(tmp_path / "w", *flags)) == cli.EXIT_USER_ERROR
     assert message in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
 

@@ -20,9 +20,9 @@ from downloads import (
     tar_bytes,
 )
 
-from calfuse_jax import clip
+from calfuse_jax import clip, rundir
 from calfuse_jax.data import DATASETS, download
-from experiments import results, run
+from experiments import run
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 # Resource name -> (file, fixture bytes); three images per class (two train, one test).
@@ -98,9 +98,9 @@ def test_each_benchmark_fetches_its_data_and_runs(
         mirror.cut_after[file] = 4 * download.STREAM_CHUNK
     code, error = cli(config, tmp_path / "run", capsys)
     assert code == 0, error
-    summary = results.read_json(tmp_path / "run" / "summary.json")
+    summary = rundir.read_json(tmp_path / "run" / "summary.json")
     assert len(summary["accuracy_matrix"]) == 10 and 0 <= summary["last"] <= 100
-    images = results.read_json(tmp_path / "run" / "provenance.json")["dataset"]
+    images = rundir.read_json(tmp_path / "run" / "provenance.json")["dataset"]
     assert (images["train"]["images"], images["test"]["images"]) == IMAGES[config]
     unpacked = DATASETS[config].archive.unpacks_to
     assert sha256((env / file).read_bytes()) == sha256(data)  # the archive stays, verified

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments import results, run
+from calfuse_jax import rundir
+from experiments import run
+from experiments.configs import apply_overrides, load_config
 
 CLASSES = ("daisy", "red_rose", "tulip", "iris", "lily", "orchid")
 
@@ -58,14 +60,14 @@ def test_the_folder_names_the_run_and_gives_classes_and_tasks(folder_run):
     _, workdir, _ = folder_run
     # runs/folder-<dir>-calfuse-<hash of the model and epoch overrides>
     assert workdir.name.startswith("folder-flowers-calfuse-")
-    provenance = results.read_json(workdir / "provenance.json")
+    provenance = rundir.read_json(workdir / "provenance.json")
     assert provenance["prompts"]["class_names"] == sorted(c.replace("_", " ") for c in CLASSES)
     assert provenance["class_order"] == list(range(6))  # identity: sorted folder order
     assert provenance["task_bounds"] == [0, 2, 4, 6]  # B0, ceil(6 / 5) = 2 classes per task
     assert provenance["dataset"]["train"]["images"] == 6 * 8  # the seeded 80/20 split
-    config = results.read_json(workdir / "config.json")
+    config = rundir.read_json(workdir / "config.json")
     assert config["name"] == "folder-flowers" and config["dataset"]["num_classes"] == 6
-    summary = results.read_json(workdir / "summary.json")
+    summary = rundir.read_json(workdir / "summary.json")
     assert summary["config"] == "folder-flowers" and summary["num_tasks"] == 3
     assert summary["seen_classes"] == [2, 4, 6]
     assert 0 <= summary["last"] <= 100
@@ -79,8 +81,8 @@ def test_a_private_umask_keeps_results_and_cache_private(folder_run):
 
 
 def test_the_increment_can_still_be_chosen(flowers, tmp_path):
-    config = run.apply_overrides(
-        run.load_config("folder"), [f"dataset.root={flowers}", "continual.increment=3"]
+    config = apply_overrides(
+        load_config("folder"), [f"dataset.root={flowers}", "continual.increment=3"]
     )
     resolved = run.with_data_fields(config)
     assert (resolved.continual.initial, resolved.continual.increment) == (3, 3)

@@ -6,6 +6,7 @@ import json
 import numpy as np
 from PIL import Image
 
+from calfuse_jax import rundir
 from experiments import report, results
 
 
@@ -23,8 +24,8 @@ def fake_run(folder, method, seen, seeds=None):
     )
     if seeds:
         summary = results.aggregate([dict(summary, seed=s) for s in seeds])
-    results.write_json(folder / "summary.json", summary)
-    results.write_json(folder / "config.json", {"name": "cifar100", "method": method})
+    rundir.write_json(folder / "summary.json", summary)
+    rundir.write_json(folder / "config.json", {"name": "cifar100", "method": method})
     return folder
 
 

@@ -15,7 +15,9 @@ import pytest
 
 import calfuse_jax.continual
 import calfuse_jax.features
-from experiments import results, run
+from calfuse_jax import rundir
+from experiments import run
+from experiments.configs import apply_overrides, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 RESULT_FILES = (
@@ -66,11 +68,11 @@ def test_every_results_file_exists_and_parses(finished_run):
     workdir, cache = finished_run
     for name in RESULT_FILES:
         assert (workdir / name).is_file(), name
-    config = results.read_json(workdir / "config.json")
+    config = rundir.read_json(workdir / "config.json")
     assert config["name"] == "demo:smoke" and config["continual"]["increment"] == 5
-    rows = results.read_metrics(workdir)
+    rows = rundir.read_metrics(workdir)
     assert [r["task"] for r in rows] == [0, 1] and [r["seen_classes"] for r in rows] == [5, 10]
-    summary = results.read_json(workdir / "summary.json")
+    summary = rundir.read_json(workdir / "summary.json")
     # Avg is the mean of the per-task accuracies, Last the final one (DESIGN.md §3).
     seen = [r["accuracy"] for r in rows]
     assert summary["avg"] == pytest.approx(np.mean(seen))
@@ -86,7 +88,7 @@ def test_every_results_file_exists_and_parses(finished_run):
     )
     assert list(workdir.glob("tensorboard/events.out.tfevents.*"))
 
-    provenance = results.read_json(workdir / "provenance.json")
+    provenance = rundir.read_json(workdir / "provenance.json")
     weights = cache / "models" / "random-tiny-seed0" / "model.safetensors"
     assert provenance["weights"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert provenance["class_order"] == list(range(10))
@@ -127,10 +129,10 @@ def test_report_rebuilds_plots_from_two_result_folders(finished_run, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     for name in ("config.json", "summary.json"):
-        data = results.read_json(workdir / name)
+        data = rundir.read_json(workdir / name)
         if name == "config.json":
             data["method"] = "rapf"
-        results.write_json(other / name, data)
+        rundir.write_json(other / name, data)
     assert report.main([str(workdir), str(other), "--out", str(tmp_path / "out")]) == 0
     text = (tmp_path / "out" / "report.md").read_text()
     assert "demo:smoke calfuse" in text and "demo:smoke rapf" in text
@@ -198,16 +200,14 @@ def fake_run_continual(stream, text_features, config, workdir, **kwargs):
 
 def test_several_seeds_write_one_folder_each_and_mean_std(tmp_path, monkeypatch):
     monkeypatch.setattr(calfuse_jax.continual, "run_continual", fake_run_continual)
-    config = run.apply_overrides(
-        run.load_config("synthetic:smoke"), ["seeds=0,1,2", "progress=false"]
-    )
+    config = apply_overrides(load_config("synthetic:smoke"), ["seeds=0,1,2", "progress=false"])
     summary = run.run_experiment(config, tmp_path / "multi")
     for seed in (0, 1, 2):
-        seed_summary = results.read_json(tmp_path / "multi" / f"seed_{seed}" / "summary.json")
+        seed_summary = rundir.read_json(tmp_path / "multi" / f"seed_{seed}" / "summary.json")
         assert seed_summary["seed"] == seed
     # Per seed Avg = 75 - seed (curve 90, 80, 70, 60 minus seed): mean 74, sample std 1.
     assert summary["avg"] == pytest.approx(74.0) and summary["avg_std"] == pytest.approx(1.0)
-    assert results.read_json(tmp_path / "multi" / "summary.json")["seeds"] == [0, 1, 2]
+    assert rundir.read_json(tmp_path / "multi" / "summary.json")["seeds"] == [0, 1, 2]
     assert (tmp_path / "multi" / "accuracy_curve.png").is_file()
 
 
@@ -223,30 +223,30 @@ def test_the_demo_command_runs(tmp_path):
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = results.read_json(tmp_path / "tmp" / "summary.json")
+    summary = rundir.read_json(tmp_path / "tmp" / "summary.json")
     assert summary["num_tasks"] == 5 and summary["seen_classes"] == [2, 4, 6, 8, 10]
     assert "| demo calfuse | 5 |" in proc.stdout
 
 
 def test_overwrite_moves_the_old_run_aside(tmp_path, monkeypatch):
     monkeypatch.setattr(calfuse_jax.continual, "run_continual", fake_run_continual)
-    base = run.load_config("synthetic:smoke")
+    base = load_config("synthetic:smoke")
     workdir = tmp_path / "w"
     run.run_experiment(base, workdir)
-    other = run.apply_overrides(base, ["train.epochs=2"])
-    with pytest.raises(run.UserError, match=r"train.epochs: 1 -> 2"):
+    other = apply_overrides(base, ["train.epochs=2"])
+    with pytest.raises(rundir.ConfigMismatchError, match=r"train.epochs: 1 -> 2"):
         run.run_experiment(other, workdir)
     run.run_experiment(other, workdir, overwrite=True)
     aside = [p for p in workdir.iterdir() if p.name.startswith("overwritten-")]
     assert len(aside) == 1
-    assert results.read_json(aside[0] / "config.json")["train"]["epochs"] == 1
-    assert results.read_json(workdir / "config.json")["train"]["epochs"] == 2
+    assert rundir.read_json(aside[0] / "config.json")["train"]["epochs"] == 1
+    assert rundir.read_json(workdir / "config.json")["train"]["epochs"] == 2
 
 
 def test_default_workdir_is_stable_and_names_the_run():
-    config = run.load_config("cifar100:inc5")
+    config = load_config("cifar100:inc5")
     assert run.default_workdir("cifar100:inc5", config) == "runs/cifar100-inc5-calfuse"
-    assert run.default_workdir("demo:rapf", run.load_config("demo:rapf")) == "runs/demo-rapf"
+    assert run.default_workdir("demo:rapf", load_config("demo:rapf")) == "runs/demo-rapf"
     a = run.default_workdir("cifar100", config, ["train.epochs=3", "cache_dir=/x"])
     b = run.default_workdir("cifar100", config, ["train.epochs=3"])
     assert a == b != run.default_workdir("cifar100", config, ["train.epochs=4"])
@@ -293,26 +293,26 @@ def test_more_seeds_run_only_the_new_ones(tmp_path, monkeypatch):
         return fake_run_continual(stream, text_features, config, workdir, **kwargs)
 
     monkeypatch.setattr(calfuse_jax.continual, "run_continual", counting_run)
-    base = run.apply_overrides(run.load_config("synthetic:smoke"), ["progress=false"])
+    base = apply_overrides(load_config("synthetic:smoke"), ["progress=false"])
     workdir = tmp_path / "multi"
-    run.run_experiment(run.apply_overrides(base, ["seeds=0,1"]), workdir)
+    run.run_experiment(apply_overrides(base, ["seeds=0,1"]), workdir)
     seed_0 = (workdir / "seed_0" / "summary.json").read_bytes()
-    summary = run.run_experiment(run.apply_overrides(base, ["seeds=0,1,2"]), workdir)
+    summary = run.run_experiment(apply_overrides(base, ["seeds=0,1,2"]), workdir)
     assert ran == [0, 1, 2]  # seeds 0 and 1 were reused, not rerun
     assert (workdir / "seed_0" / "summary.json").read_bytes() == seed_0
     # Per seed Avg = 75 - seed: mean over 0, 1, 2 is 74 with sample std 1 (over 0, 1: 74.5).
     assert summary["avg"] == pytest.approx(74.0) and summary["avg_std"] == pytest.approx(1.0)
-    assert results.read_json(workdir / "summary.json")["seeds"] == [0, 1, 2]
+    assert rundir.read_json(workdir / "summary.json")["seeds"] == [0, 1, 2]
     # Fewer seeds (one too) reuse the seed folders; summary.json covers the seeds asked for now.
-    summary = run.run_experiment(run.apply_overrides(base, ["seeds=0"]), workdir)
+    summary = run.run_experiment(apply_overrides(base, ["seeds=0"]), workdir)
     assert ran == [0, 1, 2] and summary["seeds"] == [0]
     assert summary["avg"] == pytest.approx(75.0) and not (workdir / "metrics.jsonl").exists()
 
 
 def test_outputs_switch_skips_plots_and_tensorboard_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(calfuse_jax.continual, "run_continual", fake_run_continual)
-    base = run.apply_overrides(run.load_config("synthetic:smoke"), ["progress=false"])
-    quiet = run.apply_overrides(base, ["outputs.plots=false", "outputs.tensorboard=false"])
+    base = apply_overrides(load_config("synthetic:smoke"), ["progress=false"])
+    quiet = apply_overrides(base, ["outputs.plots=false", "outputs.tensorboard=false"])
     workdir = tmp_path / "w"
     run.run_experiment(quiet, workdir)
     assert (workdir / "summary.json").is_file()
