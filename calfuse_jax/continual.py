@@ -68,7 +68,6 @@ class _Run:
     mesh: Mesh
     head: calibration.CalibratedHead
     settings: train.StepSettings
-    scale: float
     fingerprint: str
     checkpoints: RunCheckpoints
     workdir: Path
@@ -85,30 +84,13 @@ class _Run:
         return sharding.is_primary()
 
 
-def _gate(run: _Run, task: int) -> float:
-    """Host-side gate of `task` (0.0 placeholder for the trainable modes)."""
-    config, split = run.config, run.stream.split
-    value = calibration.gate_value(
-        config.calibration.mode,
-        task=task,
-        num_tasks=split.num_tasks,
-        old_classes=int(split.bounds[task]),
-        seen_classes=int(split.bounds[task + 1]),
-        value=float(config.calibration.value),
-        schedule=config.calibration.schedule,
-        g_first=float(config.calibration.g_first),
-        g_last=float(config.calibration.g_last),
-    )
-    return 0.0 if value is None else value
-
-
 def _initial_params(run: _Run):
     """Head params from `config.seed`, replicated."""
     key = jax.random.fold_in(jax.random.PRNGKey(int(run.config.seed)), 1_000_003)
     dummy = jnp.zeros((1, run.stream.dim), jnp.float32)
-    gate = 0.0 if run.settings.host_gate else None
+    ctx = calibration.task_context(run.stream.split.bounds, 0)
     init = jax.jit(
-        lambda k: run.head.init(k, dummy, gate)["params"],
+        lambda k: run.head.init(k, dummy, ctx)["params"],
         out_shardings=sharding.replicated(run.mesh),
     )
     return init(key)
@@ -133,10 +115,9 @@ def _padded_pairs(run: _Run, task: int) -> tuple[np.ndarray, np.ndarray]:
     return padded, (np.arange(size) < len(pairs)).astype(np.float32)
 
 
-def _task_inputs(run: _Run, task: int, class_stats, teacher, gate: float) -> train.TaskInputs:
+def _task_inputs(run: _Run, task: int, class_stats, teacher) -> train.TaskInputs:
     """The replicated constants of `task`, padded to all C classes of the stream."""
     split = run.stream.split
-    old, seen = int(split.bounds[task]), int(split.bounds[task + 1])
     classes, dim = split.num_classes, run.stream.dim
     pairs, pair_mask = _padded_pairs(run, task)
     means = np.zeros((classes, dim), np.float32)
@@ -145,15 +126,13 @@ def _task_inputs(run: _Run, task: int, class_stats, teacher, gate: float) -> tra
     means[:known], chols[:known] = np.asarray(class_stats.means), np.asarray(class_stats.chols)
     inputs = train.TaskInputs(
         text=run.text,
-        num_seen=np.int32(seen),
-        num_old=np.int32(old),
+        ctx=calibration.task_context(split.bounds, task),
         means=means,
         chols=chols,
         pairs=pairs,
         pair_mask=pair_mask,
-        gate=np.float32(gate),
         teacher=teacher,
-        teacher_gate=np.float32(_gate(run, task - 1) if task > 0 else gate),
+        teacher_ctx=calibration.task_context(split.bounds, max(task - 1, 0)),
     )
     return sharding.replicate(inputs, run.mesh)
 
@@ -286,7 +265,7 @@ def _run_task(run: _Run, task: int, carry: dict) -> dict:
     """Train -> statistics -> fuse -> evaluate -> checkpoint for one task; returns the new carry."""
     split, config = run.stream.split, run.config
     old, seen = int(split.bounds[task]), int(split.bounds[task + 1])
-    inputs = _task_inputs(run, task, carry["stats"], carry["params"], _gate(run, task))
+    inputs = _task_inputs(run, task, carry["stats"], carry["params"])
     started = time.perf_counter()
     params, info = _train(run, task, carry, inputs)
     train_seconds = time.perf_counter() - started
@@ -390,15 +369,13 @@ def run_continual(
     doc = config_fingerprint(config, stream, scale)
     prepare_workdir(workdir, doc, overwrite)
     head = train.make_head(config, stream.dim)
-    host_gate = head.mode not in ("learned", "dynamic")  # none/fixed/schedule: gate from the host
     run = _Run(
         stream=stream,
         text=_unit_rows(stream.text_by_position(text_features)),
         config=config,
         mesh=mesh if mesh is not None else sharding.make_mesh(),
         head=head,
-        settings=train.step_settings(config, scale, host_gate),
-        scale=scale,
+        settings=train.step_settings(config, scale),
         fingerprint=doc["fingerprint"],
         checkpoints=RunCheckpoints(workdir / "checkpoints"),
         workdir=workdir,

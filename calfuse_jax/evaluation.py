@@ -49,11 +49,11 @@ class ContinualResult:
     workdir: Path
 
 
-def _eval_counts(params, batch, text, num_seen, gate, head, settings):
+def _eval_counts(params, batch, text, ctx, head, settings):
     TRACES["eval_counts"] += 1
     f0, positions, mask = batch
-    logits, _ = head_apply(head, params, f0, text, gate, settings)
-    logits = jnp.where(jnp.arange(text.shape[0]) < num_seen, logits, -jnp.inf)
+    logits, _ = head_apply(head, params, f0, text, ctx, settings)
+    logits = jnp.where(jnp.arange(text.shape[0]) < ctx.num_seen, logits, -jnp.inf)
     correct = (jnp.argmax(logits, axis=-1) == positions).astype(jnp.float32) * mask
     classes = text.shape[0]
     return (
@@ -64,7 +64,7 @@ def _eval_counts(params, batch, text, num_seen, gate, head, settings):
 
 @functools.lru_cache(maxsize=16)
 def eval_counts_fn(head, settings: StepSettings, mesh: Mesh):
-    """Jitted `(params, batch, text, num_seen, gate) -> (correct [C], count [C])` per class."""
+    """Jitted `(params, batch, text, ctx) -> (correct [C], count [C])` per class."""
     counts = functools.partial(_eval_counts, head=head, settings=settings)
     return jax.jit(counts, out_shardings=sharding.replicated(mesh))
 
@@ -91,7 +91,7 @@ def evaluate(
     for start in range(0, len(labels), size):
         rows = np.arange(start, min(start + size, len(labels)))
         batch = sharding.shard_batch(host_batch(features, labels, rows, size), mesh)
-        c, n = sharding.to_host(counts(params, batch, inputs.text, inputs.num_seen, inputs.gate))
+        c, n = sharding.to_host(counts(params, batch, inputs.text, inputs.ctx))
         correct, total = correct + c, total + n
     return correct, total
 

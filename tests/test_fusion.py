@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from calfuse_jax import fusion
-from calfuse_jax.calibration import CalibratedHead
+from calfuse_jax.calibration import CalibratedHead, task_context
 
 # Square, wide (out < in) and tall (out > in): tall is the case where the complete factorisation
 # matters. Small sizes keep float32 error far below the 1e-5 tolerance.
@@ -166,7 +166,8 @@ def test_qr_fuse_under_jit_and_vmap():
 
 def head_params(seed, mode="dynamic", dim=6):
     head = CalibratedHead(dim=dim, mode=mode)
-    return head.init(jax.random.key(seed), jnp.ones((2, dim)))["params"]
+    ctx = task_context([0, 2], 0)
+    return head.init(jax.random.key(seed), jnp.ones((2, dim)), ctx)["params"]
 
 
 def test_fuse_params_touches_only_selected_leaves():
