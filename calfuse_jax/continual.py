@@ -68,6 +68,7 @@ class _Run:
     mesh: Mesh
     head: calibration.CalibratedHead
     settings: train.StepSettings
+    rules: tuple[fusion.Rule, ...]  # config.fusion.rules, parsed once
     fingerprint: str
     checkpoints: RunCheckpoints
     workdir: Path
@@ -275,9 +276,10 @@ def _run_task(run: _Run, task: int, carry: dict) -> dict:
         features, labels, np.arange(old, seen), float(config.stats.cov_eps), config.stats.shrinkage
     )
     class_stats = carry["stats"].extend(means, stats.cholesky_factors(covs))
-    if task > 0 and config.fusion.method != "none":
-        rules = fusion.fusion_rules(config.fusion.method, bool(config.fusion.fuse_gate))
-        params = fusion.fuse_params(carry["params"], params, rules, float(config.fusion.mix_bias))
+    if task > 0:
+        params = fusion.fuse_params(
+            carry["params"], params, run.rules, float(config.fusion.mix_bias)
+        )
         params = sharding.replicate(params, run.mesh)  # keep one layout for every compiled use
     correct, total = _evaluate(run, task, params, inputs)
     accuracy, curves = evaluation.record_task(
@@ -363,6 +365,7 @@ def run_continual(
       good checkpoint is kept). KeyboardInterrupt is re-raised after a step checkpoint is saved.
     """
     config = resolve_method(config)
+    rules = fusion.parse_rules(config.fusion.rules)  # a bad rule stops before anything is written
     validate_inputs(stream, text_features)
     scale = float(config.logit_scale if logit_scale is None else logit_scale)
     workdir = Path(workdir).absolute()
@@ -376,6 +379,7 @@ def run_continual(
         mesh=mesh if mesh is not None else sharding.make_mesh(),
         head=head,
         settings=train.step_settings(config, scale),
+        rules=rules,
         fingerprint=doc["fingerprint"],
         checkpoints=RunCheckpoints(workdir / "checkpoints"),
         workdir=workdir,
@@ -383,6 +387,8 @@ def run_continual(
         step_callback=step_callback,
         loss_callback=loss_callback,
     )
+    plan = fusion.fusion_plan(jax.eval_shape(lambda: _initial_params(run)), rules)
+    logger.info("fusion after each task (fusion.rules):\n%s", fusion.format_plan(plan))
     try:
         carry, start = _resume(run)
         if run.writer:

@@ -6,13 +6,13 @@ import pytest
 from calfuse_jax import train
 from calfuse_jax.config import METHODS, method_config, resolve_method
 
-# (calibration.mode, calibration.value, fusion.method, train.epochs, pseudo.classes_per_batch,
+# (calibration.mode, calibration.value, fusion.rules, train.epochs, pseudo.classes_per_batch,
 #  pseudo.hard_weight, loss.kd_weight); the base config sets kd_weight 0.5 to see who clears it.
 EXPECTED = {
-    "calfuse": ("dynamic", 0.5, "qr", 15, 2, 1.0, 0.5),
-    "rapf": ("none", 0.5, "svd", 15, 2, 1.0, 0.5),
-    "finetune": ("none", 0.5, "none", 15, 0, 0.0, 0.0),
-    "zeroshot": ("fixed", 1.0, "none", 0, 2, 1.0, 0.5),  # plain CLIP: g = 1 is n(f0) itself
+    "calfuse": ("dynamic", 0.5, ("adapter/kernel=qr", "calib/.*=keep_new"), 15, 2, 1.0, 0.5),
+    "rapf": ("none", 0.5, ("adapter/kernel=svd", "calib/.*=keep_new"), 15, 2, 1.0, 0.5),
+    "finetune": ("none", 0.5, (".*=keep_new",), 15, 0, 0.0, 0.0),
+    "zeroshot": ("fixed", 1.0, (".*=keep_new",), 0, 2, 1.0, 0.5),  # plain CLIP: g = 1 is n(f0)
 }
 
 
@@ -20,7 +20,7 @@ def switches(c):
     return (
         c.calibration.mode,
         c.calibration.value,
-        c.fusion.method,
+        c.fusion.rules,
         c.train.epochs,
         c.pseudo.classes_per_batch,
         c.pseudo.hard_weight,

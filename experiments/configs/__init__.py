@@ -30,7 +30,6 @@ CHOICES = {
     "dataset.source": SOURCES,
     "calibration.mode": ("none", "fixed", "schedule", "learned", "dynamic"),
     "calibration.schedule": ("linear", "old_fraction"),
-    "fusion.method": ("qr", "svd", "none"),
     "head.init": ("pytorch", "identity"),
 }
 
