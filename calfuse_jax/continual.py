@@ -45,7 +45,6 @@ from calfuse_jax.config import resolve_method
 from calfuse_jax.data.stream import FeatureStream
 from calfuse_jax.evaluation import ContinualResult
 from calfuse_jax.train import NonFiniteLossError, TrainState
-from calfuse_jax.validation import validate_inputs
 
 logger = logging.getLogger("calfuse_jax")
 
@@ -158,8 +157,6 @@ def _fresh_carry(run: _Run) -> dict:
         "params": _initial_params(run),
         "stats": stats.ClassStats.empty(run.stream.dim),
         "accuracy": np.full((num_tasks, num_tasks), np.nan, np.float32),
-        "curves": np.full((3, num_tasks), np.nan, np.float32),
-        "key": np.asarray(jax.random.PRNGKey(int(run.config.seed)), np.uint32),
         "rows": [],
     }
 
@@ -193,8 +190,6 @@ def _resume(run: _Run) -> tuple[dict, int]:
             restore_class_stats(run.checkpoints, task, bounds, dim, placement)
         ),
         "accuracy": host["accuracy"],
-        "curves": host["curves"],
-        "key": host["key"],
         "rows": list(meta["rows"]),
     }
     logger.info("resuming %s after task %d of %d", run.workdir, task, run.num_tasks)
@@ -282,16 +277,14 @@ def _run_task(run: _Run, task: int, carry: dict) -> dict:
         )
         params = sharding.replicate(params, run.mesh)  # keep one layout for every compiled use
     correct, total = _evaluate(run, task, params, inputs)
-    accuracy, curves = evaluation.record_task(
-        carry["accuracy"], carry["curves"], correct, total, split.bounds, task
-    )
-    row = evaluation.metrics_row(task, seen, accuracy, curves, info, train_seconds)
-    new = {"params": params, "stats": class_stats, "accuracy": accuracy, "curves": curves}
-    new.update(key=carry["key"], rows=[*carry["rows"], row])
+    accuracy, curve = evaluation.record_task(carry["accuracy"], correct, total, split.bounds, task)
+    row = evaluation.metrics_row(task, seen, accuracy, curve, info, train_seconds)
+    new = {"params": params, "stats": class_stats, "accuracy": accuracy}
+    new["rows"] = [*carry["rows"], row]
     _save_task(run, task, new)
     logger.info(
         "task %d/%d: seen-class accuracy %.2f%% (old %.2f, new %.2f), %.1fs",
-        task + 1, run.num_tasks, *curves[:, task], train_seconds,
+        task + 1, run.num_tasks, *curve, train_seconds,
     )  # fmt: skip
     return new
 
@@ -366,7 +359,7 @@ def run_continual(
     """
     config = resolve_method(config)
     rules = fusion.parse_rules(config.fusion.rules)  # a bad rule stops before anything is written
-    validate_inputs(stream, text_features)
+    stream.check(text_features)
     scale = float(config.logit_scale if logit_scale is None else logit_scale)
     workdir = Path(workdir).absolute()
     doc = config_fingerprint(config, stream, scale)

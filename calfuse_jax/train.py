@@ -92,18 +92,10 @@ class StepSettings:
 
 
 def make_head(config: ml_collections.ConfigDict, dim: int) -> calibration.CalibratedHead:
-    """The `CalibratedHead` of `config` for features of width `dim`."""
-    c = config.calibration
-    return calibration.CalibratedHead(
-        dim=dim,
-        mode=c.mode,
-        adapter_init=config.head.init,
-        init_bias=float(c.init_bias),
-        value=float(c.value),
-        schedule=c.schedule,
-        g_first=float(c.g_first),
-        g_last=float(c.g_last),
-    )
+    """The `CalibratedHead` of `config` for features of width `dim`: `config.calibration`'s
+    fields are the head's gate settings, one to one."""
+    gate = config.calibration.to_dict()
+    return calibration.CalibratedHead(dim=dim, adapter_init=config.head.init, **gate)
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:

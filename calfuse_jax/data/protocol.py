@@ -32,14 +32,6 @@ class TaskSplit:
     def num_classes(self) -> int:
         return int(self.bounds[-1])
 
-    def task_positions(self, task: int) -> np.ndarray:
-        """Positions of task `task`'s new classes, int [n_t]."""
-        return np.arange(self.bounds[task], self.bounds[task + 1])
-
-    def seen(self, task: int) -> int:
-        """Number of classes seen after training task `task` (positions `0..seen-1`)."""
-        return int(self.bounds[task + 1])
-
     def to_positions(self, labels: np.ndarray) -> np.ndarray:
         """Maps dataset labels to positions; raises on a label outside the class order."""
         labels = np.asarray(labels)
@@ -55,10 +47,6 @@ class TaskSplit:
                 "check the dataset's label range against config.class_order"
             )
         return positions.astype(np.int64)
-
-    def task_of_position(self) -> np.ndarray:
-        """int [C]: the task index of every position."""
-        return np.repeat(np.arange(self.num_tasks), np.diff(self.bounds))
 
 
 def make_split(class_order, initial: int, increment: int) -> TaskSplit:

@@ -98,13 +98,6 @@ def b0(c: ml_collections.ConfigDict, increment: int) -> ml_collections.ConfigDic
     return c
 
 
-def b_half(c: ml_collections.ConfigDict, increment: int) -> ml_collections.ConfigDict:
-    """B-half Inc-k: the first task holds half of the classes, then `increment` per task."""
-    c.continual.initial = c.dataset.num_classes // 2
-    c.continual.increment = increment
-    return c
-
-
 class RapfSplit(NamedTuple):
     """RAPF's settings of one split, from its `configs/class/<dataset>_<initial>-<increment>.yaml`.
 
