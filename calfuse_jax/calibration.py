@@ -14,20 +14,24 @@ and the logits are `s * f @ T^T`. The gate `g` in [0, 1] comes from one of five 
 - `dynamic`:  g(x) = sigmoid(w . [n(f0), n(fa), n(f0) * n(fa)] + b), per sample, parameters
               `calib/kernel` [3D, 1] and `calib/bias` [1].
 
-The first three are host-side numbers (`gate_value`) that the caller passes to the head; the last
-two are parameters of `CalibratedHead`, kept in their own `calib/...` subtree so that "train only
-the gate" and "never fuse the gate" are path rules.
+The head computes g itself, for every mode, from a traced `TaskContext` (task index, number of
+tasks, old and seen class counts), so a run compiles once whatever the mode. `learned` and
+`dynamic` keep their parameters in their own `calib/...` subtree, so that "train only the gate"
+and "never fuse the gate" are path rules. A mode is one entry of `GATES`: adding one is a
+function here (see README, "Extending").
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-GATE_MODES = ("none", "fixed", "schedule", "learned", "dynamic")
 SCHEDULES = ("linear", "old_fraction")
-HEAD_INITS = ("pytorch", "identity")
 
 # Features of exactly zero norm stay zero instead of becoming NaN.
 _NORM_EPS = 1e-12
@@ -59,49 +63,26 @@ def calibrate(f0: jax.Array, fa: jax.Array, gate: jax.Array | float) -> jax.Arra
     return normalize(mixed)
 
 
-def gate_value(
-    mode: str,
-    *,
-    task: int,
-    num_tasks: int,
-    old_classes: int,
-    seen_classes: int,
-    value: float = 0.5,
-    schedule: str = "linear",
-    g_first: float = 0.0,
-    g_last: float = 0.5,
-) -> float | None:
-    """The host-side gate of task `task` for the non-trainable modes.
+class TaskContext(NamedTuple):
+    """Where in the stream the head is applied: int32 scalars, traced like any input.
 
-    - `none` -> 0.0; `fixed` -> `value`;
-    - `schedule` with `linear`: `g_first + (g_last - g_first) * task / (num_tasks - 1)` (g_first
-      when there is a single task); with `old_fraction`: `old_classes / seen_classes` (0 on the
-      first task, where no class is old);
-    - `learned` / `dynamic` -> None: the head computes the gate from its parameters.
-
-    Args:
+    Attributes:
       task: 0-based index of the task being trained or evaluated.
-      num_tasks: number of tasks in the stream.
-      old_classes: classes seen before this task.
-      seen_classes: classes seen including this task.
+      num_tasks: tasks in the stream.
+      num_old: classes seen before this task (0 on the first).
+      num_seen: classes seen including this task.
     """
-    if mode not in GATE_MODES:
-        raise ValueError(f"unknown gate mode {mode!r}; choose one of {', '.join(GATE_MODES)}")
-    if mode == "none":
-        return 0.0
-    if mode == "fixed":
-        return float(value)
-    if mode in ("learned", "dynamic"):
-        return None
-    if schedule == "linear":
-        if num_tasks <= 1:
-            return float(g_first)
-        return float(g_first + (g_last - g_first) * task / (num_tasks - 1))
-    if schedule == "old_fraction":
-        if seen_classes <= 0:
-            raise ValueError(f"seen_classes must be positive, got {seen_classes}")
-        return float(old_classes) / float(seen_classes)
-    raise ValueError(f"unknown gate schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+
+    task: jax.Array
+    num_tasks: jax.Array
+    num_old: jax.Array
+    num_seen: jax.Array
+
+
+def task_context(bounds: Sequence[int], task: int) -> TaskContext:
+    """The context of `task` from the task bounds [T + 1] (`TaskSplit.bounds`), as int32."""
+    values = (task, len(bounds) - 1, bounds[task], bounds[task + 1])
+    return TaskContext(*(np.int32(v) for v in values))
 
 
 def pytorch_linear_init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
@@ -129,6 +110,62 @@ class LearnedGate(nn.Module):
         return jnp.broadcast_to(jax.nn.sigmoid(a), (batch,))  # [B]
 
 
+def _none_gate(head, f0, fa, ctx):
+    return 0.0
+
+
+def _fixed_gate(head, f0, fa, ctx):
+    return head.value
+
+
+def _schedule_gate(head, f0, fa, ctx):
+    """`linear`: g_first -> g_last over the tasks (g_first for a single task); `old_fraction`:
+    the share of old classes among the seen ones (0 on the first task)."""
+    if head.schedule == "linear":
+        return head.g_first + (head.g_last - head.g_first) * ctx.task / jnp.maximum(
+            ctx.num_tasks - 1, 1
+        )
+    if head.schedule == "old_fraction":
+        return ctx.num_old / ctx.num_seen
+    raise ValueError(f"unknown gate schedule {head.schedule!r}; choose one of {SCHEDULES}")
+
+
+def _learned_gate(head, f0, fa, ctx):
+    return LearnedGate(head.init_bias, name="calib")(f0.shape[0])
+
+
+def _dynamic_gate(head, f0, fa, ctx):
+    n0, na = normalize(f0), normalize(fa)
+    inputs = jnp.concatenate([n0, na, n0 * na], axis=-1)  # [B, 3D]
+    dense = nn.Dense(
+        1,
+        kernel_init=nn.initializers.zeros,
+        bias_init=nn.initializers.constant(head.init_bias),
+        name="calib",
+    )
+    return jax.nn.sigmoid(dense(inputs))[:, 0]  # [B]
+
+
+# Gate mode -> `fn(head, f0 [B, D], fa [B, D], ctx) -> g` (a scalar or [B]), called inside the
+# head's `__call__`: a mode with parameters creates them there (under the name `calib`).
+GATES: dict[str, Callable] = {
+    "none": _none_gate,
+    "fixed": _fixed_gate,
+    "schedule": _schedule_gate,
+    "learned": _learned_gate,
+    "dynamic": _dynamic_gate,
+}
+GATE_MODES = tuple(GATES)
+INITS = {"pytorch": pytorch_linear_init, "identity": identity_init}
+HEAD_INITS = tuple(INITS)
+
+
+def _pick(table: dict, name: str, what: str):
+    if name not in table:
+        raise ValueError(f"unknown {what} {name!r}; choose one of {', '.join(table)}")
+    return table[name]
+
+
 class CalibratedHead(nn.Module):
     """Linear adapter (no bias) plus calibration gate.
 
@@ -138,71 +175,41 @@ class CalibratedHead(nn.Module):
 
     Attributes:
       dim: feature width D.
-      mode: gate mode, see module docstring.
+      mode: gate mode, a key of `GATES` (see module docstring).
       adapter_init: adapter init, `pytorch` (uniform +-1/sqrt(D)) or `identity`. (Not called
         `init`: a Linen field of that name would hide `Module.init`, so `head.init(key, x)` breaks.)
       init_bias: initial gate pre-activation for `learned`/`dynamic` (0 -> g = 0.5).
+      value: g of `fixed`; schedule, g_first, g_last: the `schedule` mode's settings.
     """
 
     dim: int
     mode: str = "dynamic"
     adapter_init: str = "pytorch"
     init_bias: float = 0.0
+    value: float = 0.5
+    schedule: str = "linear"
+    g_first: float = 0.0
+    g_last: float = 0.5
 
     @nn.compact
-    def __call__(self, f0: jax.Array, gate: jax.Array | float | None = None):
+    def __call__(self, f0: jax.Array, ctx: TaskContext):
         """Calibrated features and the gate used.
 
         Args:
           f0: [B, D] frozen image features.
-          gate: for `none`/`fixed`/`schedule`, the gate value (scalar or [B]) from `gate_value`;
-            `none` (and `init`) default to 0. Must be None for `learned`/`dynamic`.
+          ctx: the task context (`task_context`); traced, so every task shares one compile.
 
         Returns:
           ([B, D] unit-norm calibrated features, [B] gate values).
         """
-        if self.mode not in GATE_MODES:
-            raise ValueError(
-                f"unknown gate mode {self.mode!r}; choose one of {', '.join(GATE_MODES)}"
-            )
-        if self.adapter_init not in HEAD_INITS:
-            raise ValueError(
-                f"unknown adapter init {self.adapter_init!r}; choose one of {HEAD_INITS}"
-            )
         if f0.ndim != 2 or f0.shape[-1] != self.dim:
             raise ValueError(f"f0 must be [B, {self.dim}], got shape {f0.shape}")
-        kernel_init = pytorch_linear_init if self.adapter_init == "pytorch" else identity_init
-        adapter = nn.Dense(self.dim, use_bias=False, kernel_init=kernel_init, name="adapter")
-        fa = adapter(f0)  # [B, D]
-        batch = f0.shape[0]
-        if self.mode in ("learned", "dynamic"):
-            if gate is not None:
-                raise ValueError(f"mode {self.mode!r} computes its own gate; pass gate=None")
-            if self.mode == "learned":
-                gate = LearnedGate(self.init_bias, name="calib")(batch)
-            else:
-                gate = self._dynamic_gate(f0, fa)
-        else:
-            if gate is None:
-                # `head.init(key, f0)` needs no gate: these modes have no gate parameters.
-                if self.mode != "none" and not self.is_initializing():
-                    raise ValueError(
-                        f"mode {self.mode!r} needs the gate from the caller (see gate_value)"
-                    )
-                gate = 0.0
-            gate = jnp.broadcast_to(jnp.asarray(gate, f0.dtype), (batch,))
+        gate_fn = _pick(GATES, self.mode, "gate mode")
+        kernel_init = _pick(INITS, self.adapter_init, "adapter init")
+        fa = nn.Dense(self.dim, use_bias=False, kernel_init=kernel_init, name="adapter")(f0)
+        gate = jnp.asarray(gate_fn(self, f0, fa, ctx), f0.dtype)
+        gate = jnp.broadcast_to(gate, (f0.shape[0],))  # [B]
         return calibrate(f0, fa, gate), gate
-
-    def _dynamic_gate(self, f0: jax.Array, fa: jax.Array) -> jax.Array:
-        n0, na = normalize(f0), normalize(fa)
-        inputs = jnp.concatenate([n0, na, n0 * na], axis=-1)  # [B, 3D]
-        dense = nn.Dense(
-            1,
-            kernel_init=nn.initializers.zeros,
-            bias_init=nn.initializers.constant(self.init_bias),
-            name="calib",
-        )
-        return jax.nn.sigmoid(dense(inputs))[:, 0]  # [B]
 
 
 def head_logits(features: jax.Array, text_features: jax.Array, scale: jax.Array | float):

@@ -3,7 +3,7 @@
 Layout under `<workdir>/checkpoints/`:
 
 - `tasks/<t>/`: written after task t is trained, fused and evaluated. `state` holds the head +
-  gate params, accuracy matrix, accuracy curves and RNG key; `stats` the statistics of the classes
+  gate params and the accuracy matrix; `stats` the statistics of the classes
   task t added only (means [n_t, D], Cholesky factors [n_t, D, D]); `meta` is JSON (task index,
   config, fingerprint, the metrics rows so far). Restoring task t reads `stats` of tasks 0..t in
   order (`restore_class_stats`), so every earlier task checkpoint must still be there; storing all
@@ -11,6 +11,9 @@ Layout under `<workdir>/checkpoints/`:
 - `steps/<t * STEP_STRIDE + s>/`: the state after step s of task t (params + optimiser state; no
   class statistics: those of tasks < t are in the task checkpoints), kept only for the newest
   step; a run killed mid-task resumes from it.
+
+Every `meta` carries `layout` (`LAYOUT`): a checkpoint of another layout (e.g. one written before
+the RNG key and accuracy curves left the state) is refused with the fix, never misread.
 
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a
 half-written checkpoint is never listed. Saving is collective: under `jax.distributed` every
@@ -30,16 +33,33 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from calfuse_jax import sharding
-from calfuse_jax.rundir import jsonable as json_safe  # noqa: F401  evaluation.py's name, until it goes
 
 STEP_STRIDE = 10_000_000  # step checkpoint id = task * STEP_STRIDE + step
-STATE_FIELDS = ("params", "accuracy", "curves", "key")  # carry fields in a task's `state`
+STATE_FIELDS = ("params", "accuracy")  # carry fields in a task's `state`
+LAYOUT = 2  # 1: the state also held `curves` and `key` (no `layout` field in the meta)
 
 
 class TaskCheckpointError(ValueError):
     """A task checkpoint that a restore needs is missing, half-written or unreadable (a
     ValueError, like rundir.ConfigMismatchError: a workdir problem the user fixes from the
     message)."""
+
+
+def _stamped(meta: dict) -> dict:
+    return {**meta, "layout": LAYOUT}
+
+
+def _checked(meta: dict, path: Path) -> dict:
+    """`meta` without its `layout` field; TaskCheckpointError when the layout is not `LAYOUT`."""
+    meta = dict(meta)
+    layout = meta.pop("layout", 1)
+    if layout != LAYOUT:
+        raise TaskCheckpointError(
+            f"checkpoint {path} has layout {layout}, but this version of calfuse_jax reads layout "
+            f"{LAYOUT} only; start the run again with overwrite=True (--overwrite), which moves "
+            "the old results aside, or use another workdir"
+        )
+    return meta
 
 
 class RunCheckpoints:
@@ -83,7 +103,7 @@ class RunCheckpoints:
     def save_task(self, task: int, state: Any, meta: dict, new_stats: Any = None) -> None:
         """Saves the end-of-task `state` pytree and JSON `meta` of task `task`, plus `new_stats`
         (`{"means": [n_t, D], "chols": [n_t, D, D]}` of the task's own classes) when given."""
-        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(_stamped(meta))}
         if new_stats is not None:
             items["stats"] = ocp.args.StandardSave(new_stats)
         self._tasks.save(task, args=ocp.args.Composite(**items), force=True)
@@ -112,7 +132,7 @@ class RunCheckpoints:
     def task_meta(self, task: int) -> dict:
         """The JSON part of task `task`'s checkpoint (cheap: no arrays read)."""
         restored = self._tasks.restore(task, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return dict(restored["meta"])
+        return _checked(restored["meta"], self.task_path(task))
 
     def restore_task(self, task: int, abstract_state: Any) -> Any:
         """The state of task `task`, shaped and placed like `abstract_state` (ShapeDtypeStructs)."""
@@ -136,7 +156,7 @@ class RunCheckpoints:
         self._steps.save(
             task * STEP_STRIDE + step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(_stamped(meta))
             ),
             force=True,
         )
@@ -150,7 +170,8 @@ class RunCheckpoints:
                 state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
             ),
         )
-        return restored["state"], dict(restored["meta"])
+        path = self.directory / "steps" / str(task * STEP_STRIDE + step)
+        return restored["state"], _checked(restored["meta"], path)
 
 
 def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
@@ -164,10 +185,10 @@ def task_state(carry: dict, old: int) -> tuple[dict, dict]:
 
     Args:
       carry: the run's carry (`params`, `stats`: a `ClassStats` of all C seen classes, `accuracy`
-        [T, T], `curves` [3, T], `key` [2]).
+        [T, T]).
       old: classes seen before this task; `stats` keeps positions old..C-1 only.
     Returns:
-      (state, new_stats): `{params, accuracy, curves, key}` and `{"means": [C - old, D],
+      (state, new_stats): `{params, accuracy}` and `{"means": [C - old, D],
       "chols": [C - old, D, D]}`.
     """
     state = {name: carry[name] for name in STATE_FIELDS}
@@ -181,8 +202,6 @@ def abstract_task_state(abstract_params: Any, num_tasks: int, placement) -> dict
     tree = {
         "params": abstract_params,
         "accuracy": jax.ShapeDtypeStruct((num_tasks, num_tasks), f32),
-        "curves": jax.ShapeDtypeStruct((3, num_tasks), f32),  # seen, old, new accuracy
-        "key": jax.ShapeDtypeStruct((2,), np.uint32),
     }
     return abstract_like(tree, placement)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from calfuse_jax.fusion import parse_rules
+
 METHODS = ("calfuse", "rapf", "finetune", "zeroshot")
 
 
@@ -33,9 +35,10 @@ def method_config() -> ml_collections.ConfigDict:
     )
 
     c.fusion = ml_collections.ConfigDict()
-    c.fusion.method = "qr"  # qr | svd | none
+    # "path_regex=action" (fusion.fuse_params): the adapter is QR-fused, the gate keeps its
+    # newest values; any leaf no rule matches keeps its new value too.
+    c.fusion.rules = ("adapter/kernel=qr", "calib/.*=keep_new")
     c.fusion.mix_bias = 0.6  # b in M = min(1, D / max(D) + b)
-    c.fusion.fuse_gate = False  # False: the gate keeps the newest values (keep_new)
 
     c.stats = ml_collections.ConfigDict()
     c.stats.cov_eps = 1e-4
@@ -81,16 +84,16 @@ def resolve_method(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     c = ml_collections.ConfigDict(config.to_dict())
     if c.method == "rapf":
         c.calibration.mode = "none"
-        c.fusion.method = "svd"
+        c.fusion.rules = ("adapter/kernel=svd", "calib/.*=keep_new")
     elif c.method == "finetune":
         c.calibration.mode = "none"
-        c.fusion.method = "none"
+        c.fusion.rules = (".*=keep_new",)
         c.pseudo.classes_per_batch = 0
         c.pseudo.hard_weight = 0.0
         c.loss.kd_weight = 0.0
     elif c.method == "zeroshot":
         c.train.epochs = 0
-        c.fusion.method = "none"
+        c.fusion.rules = (".*=keep_new",)
         c.calibration.mode = "fixed"
         c.calibration.value = 1.0
     check_switches(c)
@@ -98,7 +101,8 @@ def resolve_method(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 
 def check_switches(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError on switches that cannot work together (on the resolved config).
+    """Raises ValueError on switches that cannot work together (on the resolved config), and on
+    fusion rules that do not parse (`fusion.parse_rules`).
 
     Distillation runs on the pseudo-features of the K old classes of each batch; with K = 0 there
     are none, so `loss.kd_weight > 0` would distil nothing (and replaying some class only to feed
@@ -111,3 +115,4 @@ def check_switches(config: ml_collections.ConfigDict) -> None:
             "pseudo.classes_per_batch=0 draws none; set pseudo.classes_per_batch (e.g. 2) or "
             "loss.kd_weight=0"
         )
+    parse_rules(config.fusion.rules)

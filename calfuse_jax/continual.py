@@ -47,7 +47,6 @@ from calfuse_jax.rundir import (
 )
 from calfuse_jax.rundir import jsonable as json_safe
 from calfuse_jax.train import NonFiniteLossError, TrainState
-from calfuse_jax.validation import validate_inputs
 
 logger = logging.getLogger("calfuse_jax")
 
@@ -70,7 +69,7 @@ class _Run:
     mesh: Mesh
     head: calibration.CalibratedHead
     settings: train.StepSettings
-    scale: float
+    rules: tuple[fusion.Rule, ...]  # config.fusion.rules, parsed once
     fingerprint: str
     checkpoints: RunCheckpoints
     workdir: Path
@@ -87,30 +86,13 @@ class _Run:
         return sharding.is_primary()
 
 
-def _gate(run: _Run, task: int) -> float:
-    """Host-side gate of `task` (0.0 placeholder for the trainable modes)."""
-    config, split = run.config, run.stream.split
-    value = calibration.gate_value(
-        config.calibration.mode,
-        task=task,
-        num_tasks=split.num_tasks,
-        old_classes=int(split.bounds[task]),
-        seen_classes=int(split.bounds[task + 1]),
-        value=float(config.calibration.value),
-        schedule=config.calibration.schedule,
-        g_first=float(config.calibration.g_first),
-        g_last=float(config.calibration.g_last),
-    )
-    return 0.0 if value is None else value
-
-
 def _initial_params(run: _Run):
     """Head params from `config.seed`, replicated."""
     key = jax.random.fold_in(jax.random.PRNGKey(int(run.config.seed)), 1_000_003)
     dummy = jnp.zeros((1, run.stream.dim), jnp.float32)
-    gate = 0.0 if run.settings.host_gate else None
+    ctx = calibration.task_context(run.stream.split.bounds, 0)
     init = jax.jit(
-        lambda k: run.head.init(k, dummy, gate)["params"],
+        lambda k: run.head.init(k, dummy, ctx)["params"],
         out_shardings=sharding.replicated(run.mesh),
     )
     return init(key)
@@ -135,10 +117,9 @@ def _padded_pairs(run: _Run, task: int) -> tuple[np.ndarray, np.ndarray]:
     return padded, (np.arange(size) < len(pairs)).astype(np.float32)
 
 
-def _task_inputs(run: _Run, task: int, class_stats, teacher, gate: float) -> train.TaskInputs:
+def _task_inputs(run: _Run, task: int, class_stats, teacher) -> train.TaskInputs:
     """The replicated constants of `task`, padded to all C classes of the stream."""
     split = run.stream.split
-    old, seen = int(split.bounds[task]), int(split.bounds[task + 1])
     classes, dim = split.num_classes, run.stream.dim
     pairs, pair_mask = _padded_pairs(run, task)
     means = np.zeros((classes, dim), np.float32)
@@ -147,15 +128,13 @@ def _task_inputs(run: _Run, task: int, class_stats, teacher, gate: float) -> tra
     means[:known], chols[:known] = np.asarray(class_stats.means), np.asarray(class_stats.chols)
     inputs = train.TaskInputs(
         text=run.text,
-        num_seen=np.int32(seen),
-        num_old=np.int32(old),
+        ctx=calibration.task_context(split.bounds, task),
         means=means,
         chols=chols,
         pairs=pairs,
         pair_mask=pair_mask,
-        gate=np.float32(gate),
         teacher=teacher,
-        teacher_gate=np.float32(_gate(run, task - 1) if task > 0 else gate),
+        teacher_ctx=calibration.task_context(split.bounds, max(task - 1, 0)),
     )
     return sharding.replicate(inputs, run.mesh)
 
@@ -180,8 +159,6 @@ def _fresh_carry(run: _Run) -> dict:
         "params": _initial_params(run),
         "stats": stats.ClassStats.empty(run.stream.dim),
         "accuracy": np.full((num_tasks, num_tasks), np.nan, np.float32),
-        "curves": np.full((3, num_tasks), np.nan, np.float32),
-        "key": np.asarray(jax.random.PRNGKey(int(run.config.seed)), np.uint32),
         "rows": [],
     }
 
@@ -215,8 +192,6 @@ def _resume(run: _Run) -> tuple[dict, int]:
             restore_class_stats(run.checkpoints, task, bounds, dim, placement)
         ),
         "accuracy": host["accuracy"],
-        "curves": host["curves"],
-        "key": host["key"],
         "rows": list(meta["rows"]),
     }
     logger.info("resuming %s after task %d of %d", run.workdir, task, run.num_tasks)
@@ -288,7 +263,7 @@ def _run_task(run: _Run, task: int, carry: dict) -> dict:
     """Train -> statistics -> fuse -> evaluate -> checkpoint for one task; returns the new carry."""
     split, config = run.stream.split, run.config
     old, seen = int(split.bounds[task]), int(split.bounds[task + 1])
-    inputs = _task_inputs(run, task, carry["stats"], carry["params"], _gate(run, task))
+    inputs = _task_inputs(run, task, carry["stats"], carry["params"])
     started = time.perf_counter()
     params, info = _train(run, task, carry, inputs)
     train_seconds = time.perf_counter() - started
@@ -298,21 +273,20 @@ def _run_task(run: _Run, task: int, carry: dict) -> dict:
         features, labels, np.arange(old, seen), float(config.stats.cov_eps), config.stats.shrinkage
     )
     class_stats = carry["stats"].extend(means, stats.cholesky_factors(covs))
-    if task > 0 and config.fusion.method != "none":
-        rules = fusion.fusion_rules(config.fusion.method, bool(config.fusion.fuse_gate))
-        params = fusion.fuse_params(carry["params"], params, rules, float(config.fusion.mix_bias))
+    if task > 0:
+        params = fusion.fuse_params(
+            carry["params"], params, run.rules, float(config.fusion.mix_bias)
+        )
         params = sharding.replicate(params, run.mesh)  # keep one layout for every compiled use
     correct, total = _evaluate(run, task, params, inputs)
-    accuracy, curves = evaluation.record_task(
-        carry["accuracy"], carry["curves"], correct, total, split.bounds, task
-    )
-    row = evaluation.metrics_row(task, seen, accuracy, curves, info, train_seconds)
-    new = {"params": params, "stats": class_stats, "accuracy": accuracy, "curves": curves}
-    new.update(key=carry["key"], rows=[*carry["rows"], row])
+    accuracy, curve = evaluation.record_task(carry["accuracy"], correct, total, split.bounds, task)
+    row = evaluation.metrics_row(task, seen, accuracy, curve, info, train_seconds)
+    new = {"params": params, "stats": class_stats, "accuracy": accuracy}
+    new["rows"] = [*carry["rows"], row]
     _save_task(run, task, new)
     logger.info(
         "task %d/%d: seen-class accuracy %.2f%% (old %.2f, new %.2f), %.1fs",
-        task + 1, run.num_tasks, *curves[:, task], train_seconds,
+        task + 1, run.num_tasks, *curve, train_seconds,
     )  # fmt: skip
     return new
 
@@ -386,21 +360,21 @@ def run_continual(
       good checkpoint is kept). KeyboardInterrupt is re-raised after a step checkpoint is saved.
     """
     config = resolve_method(config)
-    validate_inputs(stream, text_features)
+    rules = fusion.parse_rules(config.fusion.rules)  # a bad rule stops before anything is written
+    stream.check(text_features)
     scale = float(config.logit_scale if logit_scale is None else logit_scale)
     workdir = Path(workdir).absolute()
     doc = config_fingerprint(config, stream, scale)
     prepare_workdir(workdir, doc, overwrite)
     head = train.make_head(config, stream.dim)
-    host_gate = head.mode not in ("learned", "dynamic")  # none/fixed/schedule: gate from the host
     run = _Run(
         stream=stream,
         text=_unit_rows(stream.text_by_position(text_features)),
         config=config,
         mesh=mesh if mesh is not None else sharding.make_mesh(),
         head=head,
-        settings=train.step_settings(config, scale, host_gate),
-        scale=scale,
+        settings=train.step_settings(config, scale),
+        rules=rules,
         fingerprint=doc["fingerprint"],
         checkpoints=RunCheckpoints(workdir / "checkpoints"),
         workdir=workdir,
@@ -408,6 +382,8 @@ def run_continual(
         step_callback=step_callback,
         loss_callback=loss_callback,
     )
+    plan = fusion.fusion_plan(jax.eval_shape(lambda: _initial_params(run)), rules)
+    logger.info("fusion after each task (fusion.rules):\n%s", fusion.format_plan(plan))
     try:
         carry, start = _resume(run)
         if run.writer:

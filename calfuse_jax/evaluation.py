@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from calfuse_jax import metrics, sharding, stats
-from calfuse_jax.checkpoint import json_safe
+from calfuse_jax.rundir import jsonable as json_safe
 from calfuse_jax.train import TRACES, StepSettings, TaskInputs, head_apply, host_batch
 
 
@@ -49,11 +49,11 @@ class ContinualResult:
     workdir: Path
 
 
-def _eval_counts(params, batch, text, num_seen, gate, head, settings):
+def _eval_counts(params, batch, text, ctx, head, settings):
     TRACES["eval_counts"] += 1
     f0, positions, mask = batch
-    logits, _ = head_apply(head, params, f0, text, gate, settings)
-    logits = jnp.where(jnp.arange(text.shape[0]) < num_seen, logits, -jnp.inf)
+    logits, _ = head_apply(head, params, f0, text, ctx, settings)
+    logits = jnp.where(jnp.arange(text.shape[0]) < ctx.num_seen, logits, -jnp.inf)
     correct = (jnp.argmax(logits, axis=-1) == positions).astype(jnp.float32) * mask
     classes = text.shape[0]
     return (
@@ -64,7 +64,7 @@ def _eval_counts(params, batch, text, num_seen, gate, head, settings):
 
 @functools.lru_cache(maxsize=16)
 def eval_counts_fn(head, settings: StepSettings, mesh: Mesh):
-    """Jitted `(params, batch, text, num_seen, gate) -> (correct [C], count [C])` per class."""
+    """Jitted `(params, batch, text, ctx) -> (correct [C], count [C])` per class."""
     counts = functools.partial(_eval_counts, head=head, settings=settings)
     return jax.jit(counts, out_shardings=sharding.replicated(mesh))
 
@@ -91,7 +91,7 @@ def evaluate(
     for start in range(0, len(labels), size):
         rows = np.arange(start, min(start + size, len(labels)))
         batch = sharding.shard_batch(host_batch(features, labels, rows, size), mesh)
-        c, n = sharding.to_host(counts(params, batch, inputs.text, inputs.num_seen, inputs.gate))
+        c, n = sharding.to_host(counts(params, batch, inputs.text, inputs.ctx))
         correct, total = correct + c, total + n
     return correct, total
 
@@ -103,42 +103,36 @@ def accuracy_of(correct: np.ndarray, total: np.ndarray, lo: int, hi: int) -> flo
 
 
 def record_task(
-    accuracy: np.ndarray,
-    curves: np.ndarray,
-    correct: np.ndarray,
-    total: np.ndarray,
-    bounds: np.ndarray,
-    task: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Copies of the accuracy matrix [T, T] and curves [3, T] (seen, old, new) with `task` filled.
+    accuracy: np.ndarray, correct: np.ndarray, total: np.ndarray, bounds: np.ndarray, task: int
+) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A copy of the accuracy matrix [T, T] with row `task` filled, and the task's (seen, old,
+    new) accuracies (float32 values, like the matrix).
 
     Args:
       correct, total: [C] per-class counts of `evaluate` after `task`.
       bounds: [T + 1] task boundaries in positions (task t owns bounds[t]:bounds[t+1]).
     """
-    accuracy, curves = accuracy.copy(), curves.copy()
+    accuracy = accuracy.copy()
     for j in range(task + 1):
         accuracy[task, j] = accuracy_of(correct, total, bounds[j], bounds[j + 1])
     old, seen = int(bounds[task]), int(bounds[task + 1])
-    curves[:, task] = [
-        accuracy_of(correct, total, 0, seen),
-        accuracy_of(correct, total, 0, old),
-        accuracy_of(correct, total, old, seen),
-    ]
-    return accuracy, curves
+    ranges = ((0, seen), (0, old), (old, seen))
+    curve = tuple(float(np.float32(accuracy_of(correct, total, lo, hi))) for lo, hi in ranges)
+    return accuracy, curve
 
 
 def metrics_row(
-    task: int, seen: int, accuracy: np.ndarray, curves: np.ndarray, info: dict, seconds: float
+    task: int, seen: int, accuracy: np.ndarray, curve: tuple, info: dict, seconds: float
 ) -> dict:
-    """The `metrics.jsonl` row of `task` (NaN -> None, as it reads back from JSON)."""
+    """The `metrics.jsonl` row of `task` (NaN -> None, as it reads back from JSON); `curve` is
+    the task's (seen, old, new) accuracy."""
     row = {
         "task": task,
         "seen_classes": seen,
-        "accuracy": float(curves[0, task]),
+        "accuracy": curve[0],
         "accuracy_row": [float(v) for v in accuracy[task, : task + 1]],
-        "old_accuracy": float(curves[1, task]),
-        "new_accuracy": float(curves[2, task]),
+        "old_accuracy": curve[1],
+        "new_accuracy": curve[2],
         "loss": info["loss"],
         "train_seconds": round(seconds, 3),
         "steps": info["steps"],
@@ -162,15 +156,23 @@ def summary(accuracy: np.ndarray, curves: np.ndarray) -> dict[str, float]:
     }
 
 
+def curves_of(rows: list[dict]) -> np.ndarray:
+    """float32 [3, T]: the seen, old and new accuracy of each row (NaN where the row has None)."""
+    keys = ("accuracy", "old_accuracy", "new_accuracy")
+    values = [[np.nan if row[k] is None else row[k] for row in rows] for k in keys]
+    return np.asarray(values, np.float32).reshape(3, len(rows))
+
+
 def continual_result(carry: dict, workdir: Path) -> ContinualResult:
     """The `ContinualResult` of a finished run's carry (params fetched to the host)."""
-    accuracy, (seen, old, new) = carry["accuracy"], carry["curves"]
+    accuracy, curves = carry["accuracy"], curves_of(carry["rows"])
+    seen, old, new = curves
     return ContinualResult(
         accuracy_matrix=np.asarray(accuracy, np.float64),
         seen_accuracy=np.asarray(seen, np.float64),
         old_accuracy=np.asarray(old, np.float64),
         new_accuracy=np.asarray(new, np.float64),
-        summary=summary(accuracy, carry["curves"]),
+        summary=summary(accuracy, curves),
         params=sharding.to_host(carry["params"]),
         stats=carry["stats"],
         rows=carry["rows"],

@@ -26,9 +26,9 @@ Edge cases, all finite (no NaN):
 - Both results are invariant to the sign convention of the factorisation (flipping a column of Q
   and the matching row of R flips the same rows of P and R_old, so D, M and W are unchanged).
 
-`fuse_params` applies these to whole parameter pytrees through ordered `(path_regex, action)`
-rules, jitted once per (tree structure, rules): the bias is a traced argument, so one trace serves
-every task of a run.
+`fuse_params` applies these to whole parameter pytrees through ordered `"path_regex=action"`
+rules (`config.fusion.rules`, big_vision's regex-rule style), jitted once per (tree structure,
+plan): the bias is a traced argument, so one trace serves every task of a run.
 """
 
 from __future__ import annotations
@@ -36,13 +36,12 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 ACTIONS = ("qr", "svd", "keep_new", "keep_old", "average")
-FUSION_METHODS = ("qr", "svd", "none")
 
 # Leaves with this last path key are Flax Dense kernels, stored as W^T ([in, out]).
 FLAX_KERNEL_NAMES = ("kernel",)
@@ -141,37 +140,59 @@ def path_name(path: Sequence[Any]) -> str:
     return "/".join(parts)
 
 
-def _normalise_rules(rules) -> tuple[tuple[str, str], ...]:
+class Rule(NamedTuple):
+    """A parsed fusion rule: leaves whose whole path matches `pattern` get `action`."""
+
+    pattern: re.Pattern
+    action: str
+
+
+def parse_rules(rules: Sequence[str | Rule]) -> tuple[Rule, ...]:
+    """Compiles `"path_regex=action"` strings (split at the last `=`), e.g. `"adapter/kernel=qr"`.
+
+    Raises ValueError naming the rule that is not of that form, has an unknown action or a bad
+    regex. Parse once per run and pass the result on: nothing is compiled again.
+    """
     if isinstance(rules, str | bytes):
-        raise ValueError("rules must be a sequence of (path_regex, action) pairs, not a string")
-    normalised = []
+        raise ValueError(
+            f"fusion rules must be a sequence of 'regex=action' strings, not {rules!r}"
+        )
+    parsed = []
     for rule in rules:
-        if len(rule) != 2:
-            raise ValueError(f"each rule must be (path_regex, action), got {rule!r}")
-        pattern, action = str(rule[0]), str(rule[1])
-        if action not in ACTIONS:
-            raise ValueError(f"unknown fusion action {action!r}; choose one of {ACTIONS}")
+        if isinstance(rule, Rule):
+            parsed.append(rule)
+            continue
+        pattern, eq, action = str(rule).rpartition("=")
+        if not eq or action not in ACTIONS:
+            raise ValueError(
+                f"fusion rule {rule!r} must read 'path_regex=action' with an action of "
+                f"{', '.join(ACTIONS)} (e.g. 'adapter/kernel=qr')"
+            )
         try:
-            re.compile(pattern)
+            parsed.append(Rule(re.compile(pattern), action))
         except re.error as err:
-            raise ValueError(f"bad path regex {pattern!r} in fusion rules: {err}") from err
-        normalised.append((pattern, action))
-    return tuple(normalised)
+            raise ValueError(f"bad path regex {pattern!r} in fusion rule {rule!r}: {err}") from err
+    return tuple(parsed)
 
 
-def match_action(name: str, rules: Sequence[tuple[str, str]]) -> str:
-    """The action of the first rule whose regex matches all of `name`; `keep_new` if none."""
-    for pattern, action in rules:
-        if re.fullmatch(pattern, name):
-            return action
-    return "keep_new"
+def fusion_plan(params, rules: Sequence[str | Rule]) -> dict[str, tuple[str, str | None]]:
+    """`{path: (action, pattern)}` for every leaf of `params`: what `fuse_params` does to it and
+    the regex of the first rule that matched all of its path (`("keep_new", None)`: none did)."""
+    rules = parse_rules(rules)
+    plan = {}
+    for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = path_name(path)
+        rule = next((r for r in rules if r.pattern.fullmatch(name)), None)
+        plan[name] = (rule.action, rule.pattern.pattern) if rule else ("keep_new", None)
+    return plan
 
 
-def fusion_plan(params, rules) -> dict[str, str]:
-    """`{path: action}` for every leaf of `params`: what `fuse_params` will do (for logs/tests)."""
-    rules = _normalise_rules(rules)
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    return {path_name(path): match_action(path_name(path), rules) for path, _ in leaves}
+def format_plan(plan: dict[str, tuple[str, str | None]]) -> str:
+    """One line per leaf, `adapter/kernel: qr (due to 'adapter/kernel')`, for the run's log."""
+    return "\n".join(
+        f"  {name}: {action} " + (f"(due to {pattern!r})" if pattern else "(no rule matched)")
+        for name, (action, pattern) in plan.items()
+    )
 
 
 def _fuse_leaf(name: str, action: str, old: jax.Array, new: jax.Array, bias) -> jax.Array:
@@ -192,40 +213,41 @@ def _fuse_leaf(name: str, action: str, old: jax.Array, new: jax.Array, bias) -> 
     return fuse(old, new, bias)
 
 
-def _fuse_tree(old, new, bias, rules):
+def _fuse_tree(old, new, bias, actions):
     """Traced body of `fuse_params` (module-level so tests can count its traces)."""
     old_leaves, treedef = jax.tree_util.tree_flatten_with_path(old)
     new_leaves = treedef.flatten_up_to(new)
-    fused = []
-    for (path, old_leaf), new_leaf in zip(old_leaves, new_leaves, strict=True):
-        name = path_name(path)
-        fused.append(_fuse_leaf(name, match_action(name, rules), old_leaf, new_leaf, bias))
+    fused = [
+        _fuse_leaf(path_name(path), action, old_leaf, new_leaf, bias)
+        for (path, old_leaf), new_leaf, action in zip(old_leaves, new_leaves, actions, strict=True)
+    ]
     return jax.tree_util.tree_unflatten(treedef, fused)
 
 
 @functools.lru_cache(maxsize=1)
 def _jitted_fuse_tree():
     # Built lazily so a test can wrap `_fuse_tree` (chex.assert_max_traces) and clear the cache.
-    return jax.jit(_fuse_tree, static_argnames=("rules",))
+    return jax.jit(_fuse_tree, static_argnames=("actions",))
 
 
-def fuse_params(old, new, rules: Sequence[tuple[str, str]], bias: jax.Array | float):
+def fuse_params(old, new, rules: Sequence[str | Rule], bias: jax.Array | float):
     """Fuses two parameter pytrees leaf by leaf.
 
     Args:
       old: previous task's parameters (e.g. `{"adapter": {"kernel": ...}, "calib": {...}}`).
       new: current parameters, same structure and shapes.
-      rules: ordered `(path_regex, action)` pairs; a leaf's path is its keys joined by "/"
-        (`"adapter/kernel"`), matched with `re.fullmatch`; the first matching rule wins, and a
-        leaf no rule matches keeps its new value (`keep_new`). Actions: `qr`, `svd` (2-D leaves
-        only; a leaf whose last key is `kernel` is a Flax kernel `W^T` and is fused as `W`, any
-        other 2-D leaf is taken as `W` itself), `keep_new`, `keep_old`, `average`.
+      rules: ordered `"path_regex=action"` strings (or `parse_rules`' result); a leaf's path is
+        its keys joined by "/" (`"adapter/kernel"`), matched with `re.fullmatch`; the first
+        matching rule wins, and a leaf no rule matches keeps its new value (`keep_new`). Actions:
+        `qr`, `svd` (2-D leaves only; a leaf whose last key is `kernel` is a Flax kernel `W^T`
+        and is fused as `W`, any other 2-D leaf is taken as `W` itself), `keep_new`, `keep_old`,
+        `average`.
       bias: fusion bias b, a traced scalar (changing it does not retrace).
 
     Returns:
-      The fused pytree, same structure, shapes and dtypes as `new`.
+      The fused pytree, same structure, shapes and dtypes as `new` (`new` itself when every
+      leaf keeps its new value).
     """
-    rules = _normalise_rules(rules)
     if jax.tree_util.tree_structure(old) != jax.tree_util.tree_structure(new):
         raise ValueError("old and new parameter trees differ in structure; fuse matching heads")
     for (path, a), b in zip(
@@ -235,23 +257,7 @@ def fuse_params(old, new, rules: Sequence[tuple[str, str]], bias: jax.Array | fl
             raise ValueError(
                 f"leaf {path_name(path)!r} has shape {jnp.shape(a)} in old, {jnp.shape(b)} in new"
             )
-    return _jitted_fuse_tree()(old, new, jnp.asarray(bias, jnp.float32), rules=rules)
-
-
-def fusion_rules(method: str, fuse_gate: bool = False) -> tuple[tuple[str, str], ...]:
-    """Rules for a `CalibratedHead` parameter tree (with or without a leading `params/`).
-
-    `method` (qr | svd | none) fuses `adapter/kernel`; with `fuse_gate` the dynamic gate's
-    `calib/kernel` is fused the same way and the gate's scalars (`calib/bias`, `calib/a`) keep
-    their new value, which is what QR/SVD fusion of a 1x1 matrix gives for any b >= 0. Everything
-    else keeps the new value.
-    """
-    if method not in FUSION_METHODS:
-        raise ValueError(f"unknown fusion method {method!r}; choose one of {FUSION_METHODS}")
-    if method == "none":
-        return ((".*", "keep_new"),)
-    rules = [("(.*/)?adapter/kernel", method)]
-    if fuse_gate:
-        rules.append(("(.*/)?calib/kernel", method))
-    rules.append(("(.*/)?calib/.*", "keep_new"))
-    return tuple(rules)
+    actions = tuple(action for action, _ in fusion_plan(old, rules).values())
+    if all(action == "keep_new" for action in actions):
+        return new
+    return _jitted_fuse_tree()(old, new, jnp.asarray(bias, jnp.float32), actions=actions)

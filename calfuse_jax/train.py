@@ -59,26 +59,23 @@ class TaskInputs(NamedTuple):
 
     Attributes:
       text: [C, D] unit text embeddings of every class, by position.
-      num_seen: int32 [] classes seen including this task (the softmax ignores the rest).
-      num_old: int32 [] classes of earlier tasks (0 on the first task: pseudo-features off).
+      ctx: the task's `calibration.TaskContext` (its `num_seen` classes enter the softmax; with
+        `num_old` = 0, on the first task, the old-class terms are off).
       means: [C, D] stored class means (zero rows for classes without statistics yet).
       chols: [C, D, D] their Cholesky factors.
       pairs: int32 [P, 2] hard pairs (old i, new j), padded; pair_mask: float32 [P] 1 for real.
-      gate: float32 [] gate of this task for host-side gate modes (ignored otherwise).
       teacher: previous task's head params (for distillation; the current ones on task 0).
-      teacher_gate: float32 [] gate of the previous task.
+      teacher_ctx: the previous task's context (this task's on task 0).
     """
 
     text: jax.Array
-    num_seen: jax.Array
-    num_old: jax.Array
+    ctx: calibration.TaskContext
     means: jax.Array
     chols: jax.Array
     pairs: jax.Array
     pair_mask: jax.Array
-    gate: jax.Array
     teacher: Any
-    teacher_gate: jax.Array
+    teacher_ctx: calibration.TaskContext
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +83,6 @@ class StepSettings:
     """Static (hashable) choices of a run's step; changing one means a new trace."""
 
     logit_scale: float
-    host_gate: bool  # gate comes from `TaskInputs.gate` (none/fixed/schedule)
     pseudo_per_class: int  # floor(10 beta), 0 disables pseudo-features
     hard_per_class: int  # floor(20 beta), 0 disables the hinge
     hard_margin: float
@@ -96,13 +92,10 @@ class StepSettings:
 
 
 def make_head(config: ml_collections.ConfigDict, dim: int) -> calibration.CalibratedHead:
-    """The `CalibratedHead` of `config` for features of width `dim`."""
-    return calibration.CalibratedHead(
-        dim=dim,
-        mode=config.calibration.mode,
-        adapter_init=config.head.init,
-        init_bias=float(config.calibration.init_bias),
-    )
+    """The `CalibratedHead` of `config` for features of width `dim`: `config.calibration`'s
+    fields are the head's gate settings, one to one."""
+    gate = config.calibration.to_dict()
+    return calibration.CalibratedHead(dim=dim, adapter_init=config.head.init, **gate)
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -123,7 +116,7 @@ def optimizer() -> optax.GradientTransformation:
     return optax.scale_by_adam()
 
 
-def step_settings(config: ml_collections.ConfigDict, logit_scale: float, host_gate: bool):
+def step_settings(config: ml_collections.ConfigDict, logit_scale: float):
     """The static settings of a run (task 0 switches the old-class terms off through masks).
 
     Raises ValueError for distillation without pseudo-features (`config.check_switches`).
@@ -135,7 +128,6 @@ def step_settings(config: ml_collections.ConfigDict, logit_scale: float, host_ga
     use_hard = float(config.pseudo.hard_weight) > 0
     return StepSettings(
         logit_scale=float(logit_scale),
-        host_gate=host_gate,
         pseudo_per_class=int(np.floor(10 * beta)) if use_pseudo else 0,
         hard_per_class=int(np.floor(20 * beta)) if use_hard else 0,
         hard_margin=float(config.pseudo.hard_margin),
@@ -145,9 +137,9 @@ def step_settings(config: ml_collections.ConfigDict, logit_scale: float, host_ga
     )
 
 
-def head_apply(head, params, f0, text, gate, settings: StepSettings):
+def head_apply(head, params, f0, text, ctx, settings: StepSettings):
     """(logits [B, C], calibrated features [B, D]) of the head on frozen features f0 [B, D]."""
-    features, _ = head.apply({"params": params}, f0, gate if settings.host_gate else None)
+    features, _ = head.apply({"params": params}, f0, ctx)
     return calibration.head_logits(features, text, settings.logit_scale), features
 
 
@@ -181,11 +173,11 @@ def loss_fn(params, batch, pseudo_ids, rng, inputs: TaskInputs, head, settings: 
     """
     features, labels, mask = batch
     num_pseudo = pseudo_ids.shape[0] * settings.pseudo_per_class
-    has_old = (inputs.num_old > 0).astype(jnp.float32)  # old-class terms are off on task 0
+    has_old = (inputs.ctx.num_old > 0).astype(jnp.float32)  # old-class terms are off on task 0
     if settings.pseudo_per_class or settings.hard_per_class:
         extra, extra_labels = old_class_samples(rng, inputs, pseudo_ids, settings)
         features = jnp.concatenate([features, extra])  # one pass of the head over everything
-    logits, calibrated = head_apply(head, params, features, inputs.text, inputs.gate, settings)
+    logits, calibrated = head_apply(head, params, features, inputs.text, inputs.ctx, settings)
     real = labels.shape[0]
     terms = {}
     if settings.pseudo_per_class:
@@ -195,19 +187,19 @@ def loss_fn(params, batch, pseudo_ids, rng, inputs: TaskInputs, head, settings: 
         if settings.kd_weight:
             pseudo = extra[:num_pseudo]
             teacher, _ = head_apply(
-                head, inputs.teacher, pseudo, inputs.text, inputs.teacher_gate, settings
+                head, inputs.teacher, pseudo, inputs.text, inputs.teacher_ctx, settings
             )
             kd = losses.distillation_loss(
                 logits[real : real + num_pseudo],
                 jax.lax.stop_gradient(teacher),
                 settings.kd_temperature,
-                num_seen=inputs.num_old,
+                num_seen=inputs.ctx.num_old,
                 mask=pseudo_mask,
             )
             terms["kd"] = settings.kd_weight * kd
     ce_rows = real + (num_pseudo if settings.pseudo_per_class else 0)
     terms["ce"] = losses.cross_entropy(
-        logits[:ce_rows], labels, num_seen=inputs.num_seen, mask=mask
+        logits[:ce_rows], labels, num_seen=inputs.ctx.num_seen, mask=mask
     )
     if settings.hard_per_class:
         n = settings.hard_per_class

@@ -3,7 +3,7 @@
     python -m experiments.ablate --config synthetic --preset method --seeds 0,1,2
     python -m experiments.ablate --config cifar100 --preset calfuse_ablation --seeds 0,1,2
     python -m experiments.ablate --config cifar100 \
-        --grid calibration.mode=none,fixed,dynamic fusion.method=qr,svd,none --seeds 0,1
+        --grid calibration.mode=none,fixed,dynamic pseudo.beta=1,2 --seeds 0,1
     python -m experiments.ablate --config demo:smoke --preset method --config.train.epochs=3
 
 Every cell is one `run_experiment` (all its seeds) in `<workdir>/<cell name>/`, so each cell is an
@@ -278,7 +278,7 @@ def ablate(
 
     Args:
       config: the base config (e.g. `load_config("synthetic")`, overrides already applied).
-      axes: `(key, values)` pairs: `preset("method")`, `parse_grid(["fusion.method=qr,svd"])`.
+      axes: `(key, values)` pairs: `preset("method")`, `parse_grid(["pseudo.beta=1,2"])`.
       workdir: the grid folder; cell k goes to `workdir/<cell name>`.
       seeds: "0,1,2" overrides `config.seeds` for every cell (None keeps it).
       overwrite: rerun every cell, moving earlier results aside (run_experiment's --overwrite).

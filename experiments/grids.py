@@ -1,7 +1,7 @@
 """Ablation grids: named presets and `key=v1,v2` axes, expanded into one cell per combination.
 
     method             every method of `config.METHODS`, each with its own preset settings
-    calfuse_ablation   CalFuse with gate mode x fusion method x distillation on/off (30 cells)
+    calfuse_ablation   CalFuse with gate mode x adapter fusion x distillation on/off (30 cells)
 
 A grid is a tuple of axes `(key, values)`: `key` is a dotted config field (`calibration.mode`) and
 `values` are the texts `--config.key=value` would take. An axis with one value is a fixed setting
@@ -31,7 +31,8 @@ PRESETS: dict[str, tuple[Axis, ...]] = {
     "calfuse_ablation": (
         ("method", ("calfuse",)),
         ("calibration.mode", GATE_MODES),
-        ("fusion.method", ("qr", "svd", "none")),
+        # One rule each (a leaf no rule matches keeps its new value, so the gate does).
+        ("fusion.rules", ("adapter/kernel=qr", "adapter/kernel=svd", "adapter/kernel=keep_new")),
         ("loss.kd_weight", ("0.0", KD_ON)),
     ),
 }

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from calfuse_jax import calibration
-from calfuse_jax.calibration import CalibratedHead, calibrate, gate_value, head_logits
+from calfuse_jax.calibration import CalibratedHead, calibrate, head_logits, task_context
 
 
 def np_normalize(v):
@@ -74,20 +74,43 @@ def test_calibration_invariants(seed, gate, scale0, scale_a):
         assert np.all(cos_f0 >= cos_fa - 1e-5)
 
 
-def test_gate_value_modes():
-    common = dict(task=2, num_tasks=5, old_classes=20, seen_classes=30)
-    assert gate_value("none", **common) == 0.0
-    assert gate_value("fixed", value=0.7, **common) == 0.7
-    assert gate_value("schedule", g_first=0.0, g_last=0.5, **common) == pytest.approx(0.25)
-    assert gate_value("schedule", schedule="old_fraction", **common) == pytest.approx(20 / 30)
-    assert gate_value("learned", **common) is None
-    assert gate_value("dynamic", **common) is None
-    one_task = dict(common, task=0, num_tasks=1)
-    assert gate_value("schedule", g_first=0.1, **one_task) == pytest.approx(0.1)
-    with pytest.raises(ValueError, match="unknown gate mode"):
-        gate_value("sometimes", **common)
-    with pytest.raises(ValueError, match="unknown gate schedule"):
-        gate_value("schedule", schedule="cosine", **common)
+BOUNDS = [0, 10, 20, 30, 40, 50]  # 5 tasks of 10 classes
+CTX = task_context(BOUNDS, 2)  # task 2 of 5: 20 old classes, 30 seen
+
+
+@pytest.mark.parametrize(
+    "fields,ctx,expected",
+    [
+        ({"mode": "none"}, CTX, 0.0),
+        ({"mode": "fixed", "value": 0.7}, CTX, 0.7),
+        ({"mode": "schedule", "g_first": 0.0, "g_last": 0.5}, CTX, 0.25),  # 0.5 * 2 / 4
+        ({"mode": "schedule", "g_first": 0.2, "g_last": 0.6}, task_context(BOUNDS, 4), 0.6),
+        ({"mode": "schedule", "schedule": "old_fraction"}, CTX, 20 / 30),
+        ({"mode": "schedule", "schedule": "old_fraction"}, task_context(BOUNDS, 0), 0.0),
+        ({"mode": "schedule", "g_first": 0.1}, task_context([0, 10], 0), 0.1),  # a single task
+    ],
+)
+def test_gate_of_each_host_free_mode(fields, ctx, expected):
+    # Computed inside the head from the traced context: one jitted apply serves every task.
+    f0, _ = features(9)
+    head = CalibratedHead(dim=8, **fields)
+    params = head.init(jax.random.key(0), f0, ctx)
+    out, gate = jax.jit(head.apply)(params, f0, ctx)
+    np.testing.assert_allclose(np.asarray(gate), np.full(4, expected), rtol=1e-6)
+    fa = f0 @ np.asarray(params["params"]["adapter"]["kernel"])
+    np.testing.assert_allclose(np.asarray(out), np_calibrate(f0, fa, expected), atol=1e-6)
+
+
+def test_unknown_mode_schedule_and_init_are_refused():
+    f0, _ = features(6)
+    with pytest.raises(ValueError, match="unknown gate mode 'other'; choose one of none, fixed"):
+        CalibratedHead(dim=8, mode="other").init(jax.random.key(0), f0, CTX)
+    with pytest.raises(ValueError, match="unknown gate schedule 'cosine'"):
+        CalibratedHead(dim=8, mode="schedule", schedule="cosine").init(jax.random.key(0), f0, CTX)
+    with pytest.raises(ValueError, match="unknown adapter init 'zeros'"):
+        CalibratedHead(dim=8, adapter_init="zeros").init(jax.random.key(0), f0, CTX)
+    with pytest.raises(ValueError, match=r"f0 must be \[B, 8\]"):
+        CalibratedHead(dim=8).init(jax.random.key(0), jnp.ones((2, 7)), CTX)
 
 
 @pytest.mark.parametrize(
@@ -102,7 +125,7 @@ def test_gate_value_modes():
 )
 def test_head_param_tree(mode, calib_shapes):
     head = CalibratedHead(dim=8, mode=mode)
-    params = head.init(jax.random.key(0), jnp.ones((2, 8)))["params"]
+    params = head.init(jax.random.key(0), jnp.ones((2, 8)), CTX)["params"]
     assert params["adapter"]["kernel"].shape == (8, 8)
     if calib_shapes is None:
         assert set(params) == {"adapter"}
@@ -112,7 +135,7 @@ def test_head_param_tree(mode, calib_shapes):
 
 def test_head_inits():
     dim = 64
-    kernel = CalibratedHead(dim=dim).init(jax.random.key(0), jnp.ones((1, dim)))["params"]
+    kernel = CalibratedHead(dim=dim).init(jax.random.key(0), jnp.ones((1, dim)), CTX)["params"]
     kernel = np.asarray(kernel["adapter"]["kernel"])
     bound = 1 / np.sqrt(dim)
     assert np.abs(kernel).max() <= bound
@@ -120,8 +143,8 @@ def test_head_inits():
     assert kernel.var() == pytest.approx(bound**2 / 3, rel=0.1)
     head = CalibratedHead(dim=8, adapter_init="identity", mode="learned", init_bias=1.0)
     f0, _ = features(3)
-    params = head.init(jax.random.key(0), f0)
-    out, gate = head.apply(params, f0)
+    params = head.init(jax.random.key(0), f0, CTX)
+    out, gate = head.apply(params, f0, CTX)
     np.testing.assert_allclose(np.asarray(gate), 1 / (1 + np.exp(-1.0)), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(out), np_normalize(f0), atol=1e-6)  # fa = f0
 
@@ -130,7 +153,7 @@ def test_dynamic_head_matches_numpy():
     dim = 8
     head = CalibratedHead(dim=dim, mode="dynamic", init_bias=0.5)
     f0, _ = features(4, dim=dim)
-    params = head.init(jax.random.key(0), f0)["params"]
+    params = head.init(jax.random.key(0), f0, CTX)["params"]
     rng = np.random.default_rng(5)
     params = {
         "adapter": {"kernel": rng.normal(size=(dim, dim)).astype(np.float32)},
@@ -139,32 +162,13 @@ def test_dynamic_head_matches_numpy():
             "bias": np.array([0.5], np.float32),
         },
     }
-    out, gate = jax.jit(head.apply)({"params": params}, f0)
+    out, gate = jax.jit(head.apply)({"params": params}, f0, CTX)
     fa = f0 @ params["adapter"]["kernel"]  # Flax kernel = W^T: fa = W f0
     n0, na = np_normalize(f0), np_normalize(fa)
     inputs = np.concatenate([n0, na, n0 * na], axis=-1)
     expected_gate = 1 / (1 + np.exp(-(inputs @ params["calib"]["kernel"][:, 0] + 0.5)))
     np.testing.assert_allclose(np.asarray(gate), expected_gate, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(out), np_calibrate(f0, fa, expected_gate), atol=1e-5)
-
-
-def test_head_gate_from_caller_and_errors():
-    f0, _ = features(6)
-    fixed = CalibratedHead(dim=8, mode="fixed")
-    params = fixed.init(jax.random.key(0), f0, gate=0.5)
-    fa = f0 @ np.asarray(params["params"]["adapter"]["kernel"])
-    out, gate = fixed.apply(params, f0, gate=0.25)
-    np.testing.assert_allclose(np.asarray(gate), 0.25)
-    np.testing.assert_allclose(np.asarray(out), np_calibrate(f0, fa, 0.25), atol=1e-6)
-    with pytest.raises(ValueError, match="needs the gate"):
-        fixed.apply(params, f0)
-    dynamic = CalibratedHead(dim=8)
-    with pytest.raises(ValueError, match="pass gate=None"):
-        dynamic.init(jax.random.key(0), f0, gate=0.3)
-    with pytest.raises(ValueError, match="unknown gate mode"):
-        CalibratedHead(dim=8, mode="other").init(jax.random.key(0), f0)
-    with pytest.raises(ValueError, match=r"f0 must be \[B, 8\]"):
-        dynamic.init(jax.random.key(0), jnp.ones((2, 7)))
 
 
 def test_head_logits():

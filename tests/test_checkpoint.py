@@ -56,6 +56,21 @@ def test_step_checkpoints_keep_only_the_newest(tmp_path):
     checkpoints.close()
 
 
+def test_a_checkpoint_of_another_layout_is_refused(tmp_path, monkeypatch):
+    mesh = sharding.make_mesh()
+    checkpoints = checkpoint.RunCheckpoints(tmp_path)
+    monkeypatch.setattr(checkpoint, "LAYOUT", 1)  # what the previous version wrote
+    checkpoints.save_task(0, sharding.replicate(_state(1), mesh), {"task": 0})
+    checkpoints.save_step(1, 3, sharding.replicate(_state(3), mesh), {"step": 3})
+    monkeypatch.undo()
+    abstract = checkpoint.abstract_like(_state(0), sharding.replicated(mesh))
+    with pytest.raises(checkpoint.TaskCheckpointError, match=r"tasks/0 has layout 1.*--overwrite"):
+        checkpoints.task_meta(0)
+    with pytest.raises(checkpoint.TaskCheckpointError, match="steps/10000003 has layout 1"):
+        checkpoints.restore_step(1, 3, abstract)
+    checkpoints.close()
+
+
 def test_half_written_checkpoint_is_not_a_finished_task(tmp_path):
     mesh = sharding.make_mesh()
     checkpoints = checkpoint.RunCheckpoints(tmp_path)

@@ -6,13 +6,13 @@ import pytest
 from calfuse_jax import train
 from calfuse_jax.config import METHODS, method_config, resolve_method
 
-# (calibration.mode, calibration.value, fusion.method, train.epochs, pseudo.classes_per_batch,
+# (calibration.mode, calibration.value, fusion.rules, train.epochs, pseudo.classes_per_batch,
 #  pseudo.hard_weight, loss.kd_weight); the base config sets kd_weight 0.5 to see who clears it.
 EXPECTED = {
-    "calfuse": ("dynamic", 0.5, "qr", 15, 2, 1.0, 0.5),
-    "rapf": ("none", 0.5, "svd", 15, 2, 1.0, 0.5),
-    "finetune": ("none", 0.5, "none", 15, 0, 0.0, 0.0),
-    "zeroshot": ("fixed", 1.0, "none", 0, 2, 1.0, 0.5),  # plain CLIP: g = 1 is n(f0) itself
+    "calfuse": ("dynamic", 0.5, ("adapter/kernel=qr", "calib/.*=keep_new"), 15, 2, 1.0, 0.5),
+    "rapf": ("none", 0.5, ("adapter/kernel=svd", "calib/.*=keep_new"), 15, 2, 1.0, 0.5),
+    "finetune": ("none", 0.5, (".*=keep_new",), 15, 0, 0.0, 0.0),
+    "zeroshot": ("fixed", 1.0, (".*=keep_new",), 0, 2, 1.0, 0.5),  # plain CLIP: g = 1 is n(f0)
 }
 
 
@@ -20,7 +20,7 @@ def switches(c):
     return (
         c.calibration.mode,
         c.calibration.value,
-        c.fusion.method,
+        c.fusion.rules,
         c.train.epochs,
         c.pseudo.classes_per_batch,
         c.pseudo.hard_weight,
@@ -61,14 +61,14 @@ def test_distillation_without_pseudo_features_is_refused():
     with pytest.raises(ValueError, match=message):
         resolve_method(config)
     with pytest.raises(ValueError, match=message):
-        train.step_settings(config, logit_scale=100.0, host_gate=True)
+        train.step_settings(config, logit_scale=100.0)
     # finetune clears both switches, so asking it for KD is not an error; K = 0 without KD draws
     # no pseudo-features at all.
     config.method = "finetune"
     assert resolve_method(config).loss.kd_weight == 0.0
     config.method, config.loss.kd_weight = "calfuse", 0.0
-    settings = train.step_settings(resolve_method(config), logit_scale=100.0, host_gate=True)
+    settings = train.step_settings(resolve_method(config), logit_scale=100.0)
     assert (settings.pseudo_per_class, settings.kd_weight) == (0, 0.0)
     config.pseudo.classes_per_batch, config.loss.kd_weight = 2, 0.5
-    settings = train.step_settings(resolve_method(config), logit_scale=100.0, host_gate=True)
+    settings = train.step_settings(resolve_method(config), logit_scale=100.0)
     assert (settings.pseudo_per_class, settings.kd_weight) == (20, 0.5)  # floor(10 * beta 2)

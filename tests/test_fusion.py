@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from calfuse_jax import fusion
-from calfuse_jax.calibration import CalibratedHead
+from calfuse_jax.calibration import CalibratedHead, task_context
 
 # Square, wide (out < in) and tall (out > in): tall is the case where the complete factorisation
 # matters. Small sizes keep float32 error far below the 1e-5 tolerance.
@@ -166,12 +166,13 @@ def test_qr_fuse_under_jit_and_vmap():
 
 def head_params(seed, mode="dynamic", dim=6):
     head = CalibratedHead(dim=dim, mode=mode)
-    return head.init(jax.random.key(seed), jnp.ones((2, dim)))["params"]
+    ctx = task_context([0, 2], 0)
+    return head.init(jax.random.key(seed), jnp.ones((2, dim)), ctx)["params"]
 
 
 def test_fuse_params_touches_only_selected_leaves():
     old, new = head_params(0), head_params(1)
-    rules = (("adapter/kernel", "qr"), ("calib/kernel", "keep_old"), ("calib/bias", "average"))
+    rules = ("adapter/kernel=qr", "calib/kernel=keep_old", "calib/bias=average")
     fused = fusion.fuse_params(old, new, rules, 0.6)
     # Flax kernel = W^T: the result equals fusing W = kernel^T by hand (NumPy reference).
     w_old, w_new = np.asarray(old["adapter"]["kernel"]).T, np.asarray(new["adapter"]["kernel"]).T
@@ -181,8 +182,8 @@ def test_fuse_params_touches_only_selected_leaves():
     np.testing.assert_array_equal(fused["calib"]["kernel"], old["calib"]["kernel"])
     expected_bias = (np.asarray(old["calib"]["bias"]) + np.asarray(new["calib"]["bias"])) / 2
     np.testing.assert_array_equal(fused["calib"]["bias"], expected_bias)
-    # Default rules: only the adapter is fused; the gate keeps its new values bit for bit.
-    fused = fusion.fuse_params(old, new, fusion.fusion_rules("svd"), 0.6)
+    # The rapf preset's rules: only the adapter is fused; the gate keeps its new values.
+    fused = fusion.fuse_params(old, new, ("adapter/kernel=svd", "calib/.*=keep_new"), 0.6)
     for name in ("kernel", "bias"):
         np.testing.assert_array_equal(fused["calib"][name], new["calib"][name])
     np.testing.assert_allclose(
@@ -192,16 +193,30 @@ def test_fuse_params_touches_only_selected_leaves():
 
 def test_fuse_params_with_params_prefix_and_plan():
     old, new = {"params": head_params(0)}, {"params": head_params(1)}
-    plan = fusion.fusion_plan(old, fusion.fusion_rules("qr", fuse_gate=True))
+    gate_kernels = np.random.default_rng(2).normal(size=(2, 18, 1)).astype(np.float32)
+    old["params"]["calib"]["kernel"], new["params"]["calib"]["kernel"] = gate_kernels
+    rules = ("(.*/)?adapter/kernel=qr", "(.*/)?calib/kernel=qr", "(.*/)?calib/.*=keep_new")
+    plan = fusion.fusion_plan(old, rules)
     assert plan == {
-        "params/adapter/kernel": "qr",
-        "params/calib/bias": "keep_new",
-        "params/calib/kernel": "qr",
+        "params/adapter/kernel": ("qr", "(.*/)?adapter/kernel"),
+        "params/calib/bias": ("keep_new", "(.*/)?calib/.*"),  # the first matching rule wins
+        "params/calib/kernel": ("qr", "(.*/)?calib/kernel"),
     }
-    fused = fusion.fuse_params(old, new, fusion.fusion_rules("none"), 0.6)
-    chex.assert_trees_all_equal(fused, new)
+    assert "params/calib/bias: keep_new (due to '(.*/)?calib/.*')" in fusion.format_plan(plan)
+    fused = fusion.fuse_params(old, new, rules, 0.6)
+    np.testing.assert_allclose(
+        np.asarray(fused["params"]["calib"]["kernel"]),
+        np_qr_fuse(
+            np.asarray(old["params"]["calib"]["kernel"]).T,
+            np.asarray(new["params"]["calib"]["kernel"]).T,
+            0.6,
+        ).T,
+        atol=1e-5,
+    )
+    chex.assert_trees_all_equal(fusion.fuse_params(old, new, (".*=keep_new",), 0.6), new)
     # Unmatched leaves keep the new value.
-    fused = fusion.fuse_params(old, new, (("nothing", "keep_old"),), 0.6)
+    assert fusion.fusion_plan(old, ("nothing=keep_old",))["params/calib/bias"] == ("keep_new", None)
+    fused = fusion.fuse_params(old, new, ("nothing=keep_old",), 0.6)
     chex.assert_trees_all_equal(fused, new)
 
 
@@ -212,9 +227,7 @@ def test_fuse_params_traces_once_across_tasks(monkeypatch):
     try:
         params = head_params(0)
         for task, bias in enumerate([0.6, 0.5, 0.7, np.float32(0.8)]):
-            params = fusion.fuse_params(
-                params, head_params(task + 1), fusion.fusion_rules("qr"), bias
-            )
+            params = fusion.fuse_params(params, head_params(task + 1), ("adapter/kernel=qr",), bias)
     finally:
         fusion._jitted_fuse_tree.cache_clear()
     assert np.isfinite(np.asarray(params["adapter"]["kernel"])).all()
@@ -223,12 +236,16 @@ def test_fuse_params_traces_once_across_tasks(monkeypatch):
 def test_fuse_params_bad_input():
     old, new = head_params(0, mode="learned"), head_params(1, mode="learned")
     with pytest.raises(ValueError, match="2-D leaf"):
-        fusion.fuse_params(old, new, ((".*", "qr"),), 0.5)
-    with pytest.raises(ValueError, match="unknown fusion action"):
-        fusion.fuse_params(old, new, (("adapter/kernel", "fuse"),), 0.5)
+        fusion.fuse_params(old, new, (".*=qr",), 0.5)
+    with pytest.raises(ValueError, match=r"'adapter/kernel=fuse' must read 'path_regex=action'"):
+        fusion.fuse_params(old, new, ("adapter/kernel=fuse",), 0.5)
+    with pytest.raises(ValueError, match="must read 'path_regex=action'"):
+        fusion.parse_rules(("adapter/kernel",))
+    with pytest.raises(ValueError, match=r"bad path regex 'adapter/\(kernel'"):
+        fusion.parse_rules(("adapter/(kernel=qr",))
+    with pytest.raises(ValueError, match="a sequence of 'regex=action' strings"):
+        fusion.parse_rules("adapter/kernel=qr")
     with pytest.raises(ValueError, match="structure"):
         fusion.fuse_params(old, head_params(1, mode="dynamic"), (), 0.5)
     with pytest.raises(ValueError, match="same shape"):
         fusion.qr_fuse(jnp.ones((3, 3)), jnp.ones((3, 4)), 0.5)
-    with pytest.raises(ValueError, match="unknown fusion method"):
-        fusion.fusion_rules("pca")

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from calfuse_jax import sharding, train
+from calfuse_jax import calibration, sharding, train
 from calfuse_jax.config import method_config
 
 D, C = 8, 6
@@ -21,28 +21,29 @@ def _log_softmax(z):
 
 
 def _setup(kd_weight=0.5):
-    # Mode "fixed" with gate 0.25 exercises the calibration; zero Cholesky factors make every
-    # pseudo-feature equal to its class mean, so the NumPy reference needs no random numbers.
+    # A linear gate schedule over 3 tasks (0 -> 0.5) exercises the calibration and the task
+    # context: g = 0.25 on task 1, and the teacher, in task 0's context, g = 0. Zero Cholesky
+    # factors make every pseudo-feature equal to its class mean, so the NumPy reference needs no
+    # random numbers.
     config = method_config()
-    config.calibration.mode = "fixed"
+    config.calibration.update(mode="schedule", schedule="linear", g_first=0.0, g_last=0.5)
     config.pseudo.beta = 0.2  # floor(10 * 0.2) = 2 pseudo samples, floor(20 * 0.2) = 4 hard
     config.loss.kd_weight = kd_weight
     head = train.make_head(config, D)
-    settings = train.step_settings(config, logit_scale=10.0, host_gate=True)
+    settings = train.step_settings(config, logit_scale=10.0)
     rng = np.random.default_rng(0)
-    params = head.init(jax.random.PRNGKey(0), np.zeros((1, D), np.float32), 0.0)["params"]
-    teacher = head.init(jax.random.PRNGKey(1), np.zeros((1, D), np.float32), 0.0)["params"]
+    ctx = calibration.task_context([0, 3, 5, 6], 1)  # 3 old classes, 5 seen; class 5 unseen
+    params = head.init(jax.random.PRNGKey(0), np.zeros((1, D), np.float32), ctx)["params"]
+    teacher = head.init(jax.random.PRNGKey(1), np.zeros((1, D), np.float32), ctx)["params"]
     inputs = train.TaskInputs(
         text=_unit(rng.standard_normal((C, D))).astype(np.float32),
-        num_seen=np.int32(5),  # class 5 is not seen yet: the softmax must ignore it
-        num_old=np.int32(3),
+        ctx=ctx,  # class 5 is not seen yet: the softmax must ignore it
         means=(3 * rng.standard_normal((C, D))).astype(np.float32),
         chols=np.zeros((C, D, D), np.float32),
         pairs=np.array([[1, 4], [2, 3], [0, 0]], np.int32),  # last row is padding
         pair_mask=np.array([1, 1, 0], np.float32),
-        gate=np.float32(0.25),
         teacher=teacher,
-        teacher_gate=np.float32(0.5),
+        teacher_ctx=calibration.task_context([0, 3, 5, 6], 0),
     )
     features = (3 * rng.standard_normal((5, D))).astype(np.float32)
     labels = np.array([3, 4, 3, 4, 0], np.int32)
@@ -73,7 +74,7 @@ def numpy_loss(params, inputs, batch, pseudo_ids, kd_weight):
     own, other = text[np.repeat(pairs[:, 0], 4)], text[np.repeat(pairs[:, 1], 4)]
     hinge = np.mean(np.maximum((f * other).sum(1) - (f * own).sum(1) + 0.1, 0))
     student, _ = _numpy_logits(params, means[pseudo_labels], text, 0.25, 10.0, 3)
-    teacher, _ = _numpy_logits(inputs.teacher, means[pseudo_labels], text, 0.5, 10.0, 3)
+    teacher, _ = _numpy_logits(inputs.teacher, means[pseudo_labels], text, 0.0, 10.0, 3)
     log_s, log_t = _log_softmax(student[:, :3] / 2.0), _log_softmax(teacher[:, :3] / 2.0)
     kd = 4.0 * np.mean((np.exp(log_t) * (log_t - log_s)).sum(1))
     return ce + hinge + kd_weight * kd
@@ -96,7 +97,7 @@ def test_loss_matches_numpy():
 
 def test_first_task_switches_old_class_terms_off():
     head, settings, params, inputs, batch = _setup()
-    inputs = inputs._replace(num_old=np.int32(0))
+    inputs = inputs._replace(ctx=inputs.ctx._replace(num_old=np.int32(0)))
     key = jax.random.PRNGKey(3)
     _, terms = jitted_loss(params, batch, np.zeros(2, np.int32), key, inputs, head, settings)
     features, labels, mask = batch

@@ -32,10 +32,6 @@ class TaskSplit:
     def num_classes(self) -> int:
         return int(self.bounds[-1])
 
-    def seen(self, task: int) -> int:
-        """Number of classes seen after training task `task` (positions `0..seen-1`)."""
-        return int(self.bounds[task + 1])
-
     def to_positions(self, labels: np.ndarray) -> np.ndarray:
         """Maps dataset labels to positions; raises on a label outside the class order."""
         labels = np.asarray(labels)

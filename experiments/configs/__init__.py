@@ -34,7 +34,6 @@ CHOICES = {
     "dataset.source": SOURCES,
     "calibration.mode": GATE_MODES,
     "calibration.schedule": SCHEDULES,
-    "fusion.method": ("qr", "svd", "none"),
     "head.init": HEAD_INITS,
 }
 

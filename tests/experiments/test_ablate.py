@@ -52,7 +52,10 @@ def test_presets():
     # method is pinned (one value): in every cell's overrides, not in its name.
     assert all(c.values["method"] == "calfuse" for c in ablation)
     assert "method" not in ablation[0].varied
-    assert ablation[0].name == "calibration.mode-none__fusion.method-qr__loss.kd_weight-0.0"
+    assert (
+        ablation[0].name
+        == "calibration.mode-none__fusion.rules-adapter_kernel=qr__loss.kd_weight-0.0"
+    )
     assert {c.values["loss.kd_weight"] for c in ablation} == {"0.0", grids.KD_ON}
 
 
@@ -85,8 +88,10 @@ def test_cells_are_checked_against_the_config_before_running():
     config = load_config("synthetic")
     with pytest.raises(ConfigError, match="did you mean 'calibration.mode'"):
         ablate.check_axes(config, grids.parse_grid(["calibration.mod=none,fixed"]))
-    with pytest.raises(ConfigError, match="choose one of"):
-        ablate.check_axes(config, grids.parse_grid(["fusion.method=qr,lu"]))
+    with pytest.raises(ConfigError, match="'adapter/kernel=lu' must read 'path_regex=action'"):
+        ablate.check_axes(
+            config, grids.parse_grid(["fusion.rules=adapter/kernel=qr,adapter/kernel=lu"])
+        )
     with pytest.raises(ConfigError, match="wants a float"):
         ablate.check_axes(config, grids.parse_grid(["loss.kd_weight=0,high"]))
     with pytest.raises(grids.GridError, match="--seeds"):
@@ -248,7 +253,7 @@ def test_a_changed_config_is_refused_not_mixed(method_grid):
 
 
 def test_cli_usage_errors(capsys):
-    assert ablate.main(["--config", "synthetic", "--grid", "fusion.method=qr,lu", "-q"]) == 2
+    assert ablate.main(["--config", "synthetic", "--grid", "calibration.mode=none,lu", "-q"]) == 2
     assert "choose one of" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         ablate.main(["--config", "synthetic"])  # neither --preset nor --grid

@@ -57,7 +57,7 @@ def test_a_diverging_run_exits_3_with_one_paragraph(command, tmp_path, capsys):
     if command == "run":
         code = run.main(args)
     else:
-        code = ablate.main([*args, "--grid", "fusion.method=qr", "--no-compile-cache"])
+        code = ablate.main([*args, "--grid", "pseudo.beta=2", "--no-compile-cache"])
     err = capsys.readouterr().err
     assert code == 3, err
     assert "error: the training loss became" in err and "Traceback" not in err
