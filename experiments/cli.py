@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import pathlib
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -70,7 +71,8 @@ def default_workdir(
     command with another cache, more seeds or progress bars off finds (and resumes) the same
     folder.
     """
-    name = "-".join(p for p in parts if p)
+    # Only name characters: a config path or variant string can never lead out of runs/.
+    name = re.sub(r"[^\w.,=+-]", "_", "-".join(p for p in parts if p)).lstrip(".") or "run"
     keys = [
         o.partition("=")[0].strip().removeprefix("--").removeprefix("config.") for o in overrides
     ]

@@ -1,5 +1,5 @@
 """README "Extending": a dataset of your own is a reader module declaring its entry plus a config
-file. Both files are written here as the notes give them and run end to end."""
+file. Both files are written here as README gives them and run end to end."""
 
 import csv
 import sys
@@ -7,84 +7,22 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from readme_blocks import blocks
 
+from calfuse_jax import rundir
 from calfuse_jax.data import registry
-from experiments import results, run
+from experiments import run
 
-# The notes' first block: cars.py, next to where you run.
-CARS_PY = '''
-"""Cars listed in ROOT/labels.csv (`file,class,split` rows; files relative to ROOT)."""
-
-import csv
-import os
-
-from calfuse_jax.data.images import DatasetEntry, FileDataset, train_or_test
-from calfuse_jax.data.registry import register
-
-
-def read_cars(root, split):
-    split = train_or_test(split, name="cars")
-    with open(os.path.join(root, "labels.csv"), newline="") as f:
-        rows = list(csv.DictReader(f))
-    names = sorted({row["class"] for row in rows})  # label = index of the class, sorted
-    rows = [row for row in rows if row["split"] == split]
-    files = [row["file"] for row in rows]
-    labels = [names.index(row["class"]) for row in rows]
-    return FileDataset(root, files, labels, names, description=f"cars/{split}/files")
-
-
-ENTRY = register(
-    DatasetEntry(
-        "cars",
-        "cars listed in ROOT/labels.csv",
-        read_cars,
-        files_help="pass root=DIR holding labels.csv and the images it lists",
-    )
-)
-'''
-
-# The second block: cars_config.py.
-CARS_CONFIG_PY = '''
-"""My cars, B0 Inc2, OpenAI CLIP ViT-B/16.
-
-    python -m experiments.run --config cars_config.py --config.dataset.root=/data/cars
-"""
-
-import cars
-from experiments.configs import defaults
-
-
-def get_config(arg=None):
-    c = defaults.base_config()
-    c.name = "cars"
-    c.dataset.name = cars.ENTRY.name
-    c.dataset.num_classes = 0  # 0: counted from the data
-    c.order = "identity"  # labels in sorted class order
-    c.class_order = ()
-    defaults.b0(c, 2)  # two classes per task
-    return defaults.parse_arg(arg).apply(c)
-'''
-
-# The third block: the command (random weights: the tests have no hub).
-COMMAND = (
-    "--config cars_config.py --config.dataset.root=cars-data --config.model.name=random:tiny "
-    "--config.model.variant=tiny --workdir runs/cars"
-)
+# README's four blocks: cars.py, cars_config.py, the command, the same dataset from Python.
+CARS_PY, CARS_CONFIG_PY, COMMAND, FROM_PYTHON = blocks("Adding a dataset")
+# The command's arguments (random weights: the tests have no hub).
+ARGS = COMMAND.split("python -m experiments.run", 1)[1].split()
 # The data path is under test, not the method: zero-shot skips training's compilations (the
 # dominant cost on CPU), and the cache stays in tmp_path.
 FAST = (
     "--config.method=zeroshot --config.cache_dir=cache --config.progress=false "
     "--config.outputs.plots=false --config.outputs.tensorboard=false"
 )
-
-# The fourth block: the same dataset from Python.
-FROM_PYTHON = """
-import cars
-from calfuse_jax.data import load_dataset
-
-train = load_dataset("cars", "train", root="cars-data")
-print(len(train), train.class_names)
-"""
 
 CLASSES = ("coupe", "pickup", "sedan", "van")
 
@@ -126,11 +64,11 @@ def test_a_csv_dataset_loads_and_runs_end_to_end(cars_folder, capsys):
         assert int(image[0, 0, 0]) // 40 == label and int(image[0, 0, 0]) % 40 < 2
     assert capsys.readouterr().out.startswith("8 ('coupe', 'pickup', 'sedan', 'van')")
 
-    assert run.main(COMMAND.split() + FAST.split()) == 0
+    assert run.main(ARGS + FAST.split()) == 0
     workdir = cars_folder / "runs" / "cars"
-    summary = results.read_json(workdir / "summary.json")
+    summary = rundir.read_json(workdir / "summary.json")
     assert len(summary["accuracy_matrix"]) == 2  # 4 classes counted, 2 per task
-    dataset = results.read_json(workdir / "provenance.json")["dataset"]
+    dataset = rundir.read_json(workdir / "provenance.json")["dataset"]
     assert (dataset["train"]["images"], dataset["test"]["images"]) == (8, 4)
 
 

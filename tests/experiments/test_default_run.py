@@ -16,7 +16,7 @@ import pytest
 import calfuse_jax.continual
 import calfuse_jax.features
 from calfuse_jax import rundir
-from experiments import run
+from experiments import cli, run
 
 # demo:smoke: 10 procedural classes x 20 train images, a random tiny CLIP, batch 16, 2 epochs.
 # Two tasks of 5 classes; lr 1e-3 in epoch 0 and 1e-4 from epoch 1 on (milestone 1).
@@ -126,3 +126,12 @@ def test_more_seeds_reuse_the_finished_seed_in_the_default_folder(default_run, m
     assert summary["seeds"] == [0, 1]
     assert summary["avg"] == pytest.approx(np.mean(avgs))
     assert summary["avg_std"] == pytest.approx(np.std(avgs, ddof=1))
+
+
+@pytest.mark.parametrize(
+    "parts", [("../../escaped", "calfuse"), ("/tmp/abs", ""), ("..", ""), ("a/../../b", "rapf")]
+)
+def test_a_default_workdir_never_leaves_runs(parts):
+    workdir = cli.default_workdir(parts, ["train.epochs=3"])
+    assert workdir.parent == Path("runs") and workdir.name not in ("", ".", "..")
+    assert "/" not in workdir.name and not workdir.name.startswith(".")
