@@ -20,8 +20,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from calfuse_jax import metrics, sharding, stats
+from calfuse_jax.methods import Method, TaskInputs
 from calfuse_jax.rundir import jsonable as json_safe
-from calfuse_jax.train import TRACES, StepSettings, TaskInputs, head_apply, host_batch
+from calfuse_jax.train import TRACES, host_batch
 
 
 @dataclasses.dataclass
@@ -49,13 +50,13 @@ class ContinualResult:
     workdir: Path
 
 
-def _eval_counts(params, batch, text, ctx, head, settings):
+def _eval_counts(params, batch, inputs: TaskInputs, method: Method):
     TRACES["eval_counts"] += 1
     f0, positions, mask = batch
-    logits, _ = head_apply(head, params, f0, text, ctx, settings)
-    logits = jnp.where(jnp.arange(text.shape[0]) < ctx.num_seen, logits, -jnp.inf)
+    classes = inputs.text.shape[0]
+    logits = method.logits(params, f0, inputs)
+    logits = jnp.where(jnp.arange(classes) < inputs.ctx.num_seen, logits, -jnp.inf)
     correct = (jnp.argmax(logits, axis=-1) == positions).astype(jnp.float32) * mask
-    classes = text.shape[0]
     return (
         jax.ops.segment_sum(correct, positions, num_segments=classes),
         jax.ops.segment_sum(mask, positions, num_segments=classes),
@@ -63,15 +64,14 @@ def _eval_counts(params, batch, text, ctx, head, settings):
 
 
 @functools.lru_cache(maxsize=16)
-def eval_counts_fn(head, settings: StepSettings, mesh: Mesh):
-    """Jitted `(params, batch, text, ctx) -> (correct [C], count [C])` per class."""
-    counts = functools.partial(_eval_counts, head=head, settings=settings)
+def eval_counts_fn(method: Method, mesh: Mesh):
+    """Jitted `(params, batch, inputs) -> (correct [C], count [C])` per class."""
+    counts = functools.partial(_eval_counts, method=method)
     return jax.jit(counts, out_shardings=sharding.replicated(mesh))
 
 
 def evaluate(
-    head,
-    settings: StepSettings,
+    method: Method,
     params,
     features: np.ndarray,
     labels: np.ndarray,
@@ -84,14 +84,14 @@ def evaluate(
     Every batch has `batch_size` rows (rounded up to the mesh size; the last one padded with mask
     0), so one compiled function serves every batch and task of a run.
     """
-    counts = eval_counts_fn(head, settings, mesh)
+    counts = eval_counts_fn(method, mesh)
     size = sharding.padded_size(batch_size, mesh)
     classes = inputs.text.shape[0]
     correct, total = np.zeros(classes), np.zeros(classes)
     for start in range(0, len(labels), size):
         rows = np.arange(start, min(start + size, len(labels)))
         batch = sharding.shard_batch(host_batch(features, labels, rows, size), mesh)
-        c, n = sharding.to_host(counts(params, batch, inputs.text, inputs.ctx))
+        c, n = sharding.to_host(counts(params, batch, inputs))
         correct, total = correct + c, total + n
     return correct, total
 

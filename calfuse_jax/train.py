@@ -18,7 +18,6 @@ import collections
 import dataclasses
 import functools
 import logging
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -29,8 +28,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from calfuse_jax import calibration, losses, sharding, stats
-from calfuse_jax.config import check_switches
+from calfuse_jax import sharding
+from calfuse_jax.methods import Method, TaskInputs
 
 logger = logging.getLogger("calfuse_jax")
 
@@ -53,51 +52,6 @@ class TrainState(NamedTuple):
     opt_state: Any
 
 
-class TaskInputs(NamedTuple):
-    """Arrays constant during a task, replicated; padded to all C classes of the stream so that
-    every task has the same shapes and the step is traced and compiled once per run.
-
-    Attributes:
-      text: [C, D] unit text embeddings of every class, by position.
-      ctx: the task's `calibration.TaskContext` (its `num_seen` classes enter the softmax; with
-        `num_old` = 0, on the first task, the old-class terms are off).
-      means: [C, D] stored class means (zero rows for classes without statistics yet).
-      chols: [C, D, D] their Cholesky factors.
-      pairs: int32 [P, 2] hard pairs (old i, new j), padded; pair_mask: float32 [P] 1 for real.
-      teacher: previous task's head params (for distillation; the current ones on task 0).
-      teacher_ctx: the previous task's context (this task's on task 0).
-    """
-
-    text: jax.Array
-    ctx: calibration.TaskContext
-    means: jax.Array
-    chols: jax.Array
-    pairs: jax.Array
-    pair_mask: jax.Array
-    teacher: Any
-    teacher_ctx: calibration.TaskContext
-
-
-@dataclasses.dataclass(frozen=True)
-class StepSettings:
-    """Static (hashable) choices of a run's step; changing one means a new trace."""
-
-    logit_scale: float
-    pseudo_per_class: int  # floor(10 beta), 0 disables pseudo-features
-    hard_per_class: int  # floor(20 beta), 0 disables the hinge
-    hard_margin: float
-    hard_weight: float
-    kd_weight: float
-    kd_temperature: float
-
-
-def make_head(config: ml_collections.ConfigDict, dim: int) -> calibration.CalibratedHead:
-    """The `CalibratedHead` of `config` for features of width `dim`: `config.calibration`'s
-    fields are the head's gate settings, one to one."""
-    gate = config.calibration.to_dict()
-    return calibration.CalibratedHead(dim=dim, adapter_init=config.head.init, **gate)
-
-
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     """ceil(N / B): the last, ragged batch is kept (padded and masked)."""
     return -(-num_examples // batch_size)
@@ -116,123 +70,28 @@ def optimizer() -> optax.GradientTransformation:
     return optax.scale_by_adam()
 
 
-def step_settings(config: ml_collections.ConfigDict, logit_scale: float):
-    """The static settings of a run (task 0 switches the old-class terms off through masks).
-
-    Raises ValueError for distillation without pseudo-features (`config.check_switches`).
-    """
-    check_switches(config)
-    beta = float(config.pseudo.beta)
-    use_pseudo = int(config.pseudo.classes_per_batch) > 0
-    use_kd = float(config.loss.kd_weight) > 0
-    use_hard = float(config.pseudo.hard_weight) > 0
-    return StepSettings(
-        logit_scale=float(logit_scale),
-        pseudo_per_class=int(np.floor(10 * beta)) if use_pseudo else 0,
-        hard_per_class=int(np.floor(20 * beta)) if use_hard else 0,
-        hard_margin=float(config.pseudo.hard_margin),
-        hard_weight=float(config.pseudo.hard_weight),
-        kd_weight=float(config.loss.kd_weight) if use_kd else 0.0,
-        kd_temperature=float(config.loss.kd_temperature),
-    )
-
-
-def head_apply(head, params, f0, text, ctx, settings: StepSettings):
-    """(logits [B, C], calibrated features [B, D]) of the head on frozen features f0 [B, D]."""
-    features, _ = head.apply({"params": params}, f0, ctx)
-    return calibration.head_logits(features, text, settings.logit_scale), features
-
-
-def old_class_samples(rng, inputs: TaskInputs, pseudo_ids, settings: StepSettings):
-    """One Gaussian draw for both pseudo-features and hard-pair samples.
-
-    Returns (features [K*n_p + P*n_h, D], labels [same]): rows of pseudo class k first (n_p
-    each), then n_h rows of the old class of each hard pair. Drawing both in one call keeps the
-    compiled step small; the samples are independent either way.
-    """
-    n_p, n_h = settings.pseudo_per_class, settings.hard_per_class
-    block = math.gcd(n_p, n_h)  # gcd(n, 0) = n
-    ids = []
-    if n_p:
-        ids.append(jnp.repeat(pseudo_ids, n_p // block))
-    if n_h:
-        ids.append(jnp.repeat(inputs.pairs[:, 0], n_h // block))
-    ids = jnp.concatenate(ids).astype(jnp.int32)
-    return stats.sample_pseudo(rng, inputs.means, inputs.chols, ids, block)
-
-
-def loss_fn(params, batch, pseudo_ids, rng, inputs: TaskInputs, head, settings: StepSettings):
-    """Total loss of one batch (DESIGN.md §2): CE on real + pseudo, hinge on hard pairs, KD.
-
-    Args:
-      batch: (features [B, D], positions int [B], mask float [B]) - padded rows have mask 0.
-      pseudo_ids: int32 [K] old classes whose pseudo-features join this batch.
-      rng: this step's key.
-    Returns:
-      (scalar loss, dict of its terms).
-    """
-    features, labels, mask = batch
-    num_pseudo = pseudo_ids.shape[0] * settings.pseudo_per_class
-    has_old = (inputs.ctx.num_old > 0).astype(jnp.float32)  # old-class terms are off on task 0
-    if settings.pseudo_per_class or settings.hard_per_class:
-        extra, extra_labels = old_class_samples(rng, inputs, pseudo_ids, settings)
-        features = jnp.concatenate([features, extra])  # one pass of the head over everything
-    logits, calibrated = head_apply(head, params, features, inputs.text, inputs.ctx, settings)
-    real = labels.shape[0]
-    terms = {}
-    if settings.pseudo_per_class:
-        pseudo_mask = jnp.full((num_pseudo,), has_old)
-        labels = jnp.concatenate([labels, extra_labels[:num_pseudo].astype(labels.dtype)])
-        mask = jnp.concatenate([mask, pseudo_mask])
-        if settings.kd_weight:
-            pseudo = extra[:num_pseudo]
-            teacher, _ = head_apply(
-                head, inputs.teacher, pseudo, inputs.text, inputs.teacher_ctx, settings
-            )
-            kd = losses.distillation_loss(
-                logits[real : real + num_pseudo],
-                jax.lax.stop_gradient(teacher),
-                settings.kd_temperature,
-                num_seen=inputs.ctx.num_old,
-                mask=pseudo_mask,
-            )
-            terms["kd"] = settings.kd_weight * kd
-    ce_rows = real + (num_pseudo if settings.pseudo_per_class else 0)
-    terms["ce"] = losses.cross_entropy(
-        logits[:ce_rows], labels, num_seen=inputs.ctx.num_seen, mask=mask
-    )
-    if settings.hard_per_class:
-        n = settings.hard_per_class
-        own = jnp.repeat(inputs.text[inputs.pairs[:, 0]], n, axis=0)  # [P * n, D]
-        other = jnp.repeat(inputs.text[inputs.pairs[:, 1]], n, axis=0)
-        pair_mask = jnp.repeat(inputs.pair_mask, n) * has_old
-        hinge = losses.hinge_loss(calibrated[ce_rows:], own, other, settings.hard_margin, pair_mask)
-        terms["hinge"] = settings.hard_weight * hinge
-    return sum(terms.values()), terms
-
-
 TRACES: collections.Counter = collections.Counter()  # traces of the jitted functions, by name
 # (`evaluation` counts its own under "eval_counts")
 
 
-def _train_step(state: TrainState, batch, pseudo_ids, step, lr, key, inputs, head, settings):
+def _train_step(state: TrainState, batch, pseudo_ids, step, lr, key, inputs, method):
     TRACES["train_step"] += 1
     rng = jax.random.fold_in(key, step)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, _), grads = grad_fn(state.params, batch, pseudo_ids, rng, inputs, head, settings)
+    grad_fn = jax.value_and_grad(method.loss, has_aux=True)
+    (loss, _), grads = grad_fn(state.params, batch, pseudo_ids, rng, inputs)
     moments, opt_state = optimizer().update(grads, state.opt_state, state.params)
     updates = jax.tree.map(lambda m: -lr * m, moments)
     return TrainState(optax.apply_updates(state.params, updates), opt_state), loss
 
 
 @functools.lru_cache(maxsize=16)
-def train_step_fn(head, settings: StepSettings, mesh: Mesh):
+def train_step_fn(method: Method, mesh: Mesh):
     """The jitted step `(state, batch, pseudo_ids, step, lr, key, inputs) -> (state, loss)`.
 
-    `state` is donated; outputs are replicated. Cached per (head, settings, mesh), so every task
-    of a run (and every run of a process with the same settings) shares one compiled step.
+    `state` is donated; outputs are replicated. Cached per (method, mesh), so every task of a
+    run (and every run of a process with the same settings) shares one compiled step.
     """
-    step = functools.partial(_train_step, head=head, settings=settings)
+    step = functools.partial(_train_step, method=method)
     return jax.jit(step, donate_argnums=(0,), out_shardings=sharding.replicated(mesh))
 
 
@@ -270,7 +129,6 @@ class TaskRun:
     labels: np.ndarray  # int [N] their positions
     old_ids: np.ndarray  # int [C_old] old class positions
     inputs: TaskInputs
-    settings: StepSettings
     key: jax.Array  # the task's key, replicated
 
 
@@ -299,7 +157,7 @@ def check_losses(
 
 
 def train_task(
-    head,
+    method: Method,
     config: ml_collections.ConfigDict,
     run: TaskRun,
     state: TrainState,
@@ -338,7 +196,7 @@ def train_task(
     epoch_steps = steps_per_epoch(len(run.labels), batch_size)
     total = epochs * epoch_steps
     padded = sharding.padded_size(batch_size, mesh)
-    step_fn = train_step_fn(head, run.settings, mesh)
+    step_fn = train_step_fn(method, mesh)
     every = int(config.train.checkpoint_every_steps)
     per_batch = int(config.pseudo.classes_per_batch)
     pending: list[tuple[int, jax.Array]] = []
