@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from calfuse_jax import calibration, evaluation, fusion, methods, sharding, stats, train
+from calfuse_jax import calibration, fusion, methods, metrics, sharding, stats, train
 from calfuse_jax.checkpoint import (
     RunCheckpoints,
     TaskCheckpointError,
@@ -38,7 +38,7 @@ from calfuse_jax.checkpoint import (
 )
 from calfuse_jax.config import resolve_method
 from calfuse_jax.data.stream import FeatureStream
-from calfuse_jax.evaluation import ContinualResult
+from calfuse_jax.metrics import ContinualResult
 from calfuse_jax.rundir import (
     ConfigMismatchError,
     config_fingerprint,
@@ -270,8 +270,8 @@ def _run_task(run: _Run, task: int, carry: dict) -> dict:
         params = fusion.fuse_params(carry["params"], params, rules, bias)
         params = sharding.replicate(params, run.mesh)  # keep one layout for every compiled use
     correct, total = _evaluate(run, task, params, inputs)
-    accuracy, curve = evaluation.record_task(carry["accuracy"], correct, total, split.bounds, task)
-    row = evaluation.metrics_row(task, seen, accuracy, curve, info, train_seconds)
+    accuracy, curve = metrics.record_task(carry["accuracy"], correct, total, split.bounds, task)
+    row = metrics.metrics_row(task, seen, accuracy, curve, info, train_seconds)
     new = {"params": params, "stats": class_stats, "accuracy": accuracy}
     new["rows"] = [*carry["rows"], row]
     _save_task(run, task, new)
@@ -287,7 +287,7 @@ def _evaluate(run: _Run, task: int, params, inputs: methods.TaskInputs):
     features, labels = run.stream.seen(task, "test")
     # One batch size for the whole run (the largest test set), so one compiled evaluation.
     batch_size = min(int(run.config.train.eval_batch_size), len(run.stream.test_labels))
-    return evaluation.evaluate(run.method, params, features, labels, inputs, run.mesh, batch_size)
+    return train.evaluate(run.method, params, features, labels, inputs, run.mesh, batch_size)
 
 
 def _save_task(run: _Run, task: int, carry: dict) -> None:
@@ -310,6 +310,31 @@ def _unit_rows(text: np.ndarray) -> np.ndarray:
     """float32 [C, D] rows scaled to unit norm (a zero row stays zero)."""
     text = np.asarray(text, np.float32)
     return text / np.maximum(np.linalg.norm(text, axis=1, keepdims=True), 1e-12)
+
+
+def _open_run(stream, text_features, config, workdir, overwrite, mesh, logit_scale, **hooks):
+    """The `_Run` of `run_continual`'s arguments: checks the inputs, claims `workdir` for this
+    config (`rundir.prepare_workdir`) and logs the fusion plan; `hooks`: progress, callbacks."""
+    config = resolve_method(config)  # a bad fusion rule stops here, before anything is written
+    stream.check(text_features)
+    scale = float(config.logit_scale if logit_scale is None else logit_scale)
+    workdir = Path(workdir).absolute()
+    doc = config_fingerprint(config, stream, scale)
+    prepare_workdir(workdir, doc, overwrite)
+    run = _Run(
+        stream=stream,
+        text=_unit_rows(stream.text_by_position(text_features)),
+        config=config,
+        mesh=mesh if mesh is not None else sharding.make_mesh(),
+        method=methods.build(config, stream.dim, scale),
+        fingerprint=doc["fingerprint"],
+        checkpoints=RunCheckpoints(workdir / "checkpoints"),
+        workdir=workdir,
+        **hooks,
+    )
+    plan = fusion.fusion_plan(jax.eval_shape(lambda: _initial_params(run)), run.method.fusion_rules)
+    logger.info("fusion after each task (fusion.rules):\n%s", fusion.format_plan(plan))
+    return run
 
 
 def run_continual(
@@ -348,27 +373,10 @@ def run_continual(
       its own classes' statistics), NonFiniteLossError when the loss turns NaN/Inf (the last
       good checkpoint is kept). KeyboardInterrupt is re-raised after a step checkpoint is saved.
     """
-    config = resolve_method(config)  # a bad fusion rule stops here, before anything is written
-    stream.check(text_features)
-    scale = float(config.logit_scale if logit_scale is None else logit_scale)
-    workdir = Path(workdir).absolute()
-    doc = config_fingerprint(config, stream, scale)
-    prepare_workdir(workdir, doc, overwrite)
-    run = _Run(
-        stream=stream,
-        text=_unit_rows(stream.text_by_position(text_features)),
-        config=config,
-        mesh=mesh if mesh is not None else sharding.make_mesh(),
-        method=methods.build(config, stream.dim, scale),
-        fingerprint=doc["fingerprint"],
-        checkpoints=RunCheckpoints(workdir / "checkpoints"),
-        workdir=workdir,
-        progress=progress,
-        step_callback=step_callback,
-        loss_callback=loss_callback,
-    )
-    plan = fusion.fusion_plan(jax.eval_shape(lambda: _initial_params(run)), run.method.fusion_rules)
-    logger.info("fusion after each task (fusion.rules):\n%s", fusion.format_plan(plan))
+    run = _open_run(
+        stream, text_features, config, workdir, overwrite, mesh, logit_scale,
+        progress=progress, step_callback=step_callback, loss_callback=loss_callback,
+    )  # fmt: skip
     try:
         carry, start = _resume(run)
         if run.writer:
@@ -380,4 +388,5 @@ def run_continual(
         raise
     finally:
         run.checkpoints.close()
-    return evaluation.continual_result(carry, run.workdir)
+    host = {**carry, "params": sharding.to_host(carry["params"])}
+    return metrics.continual_result(host, run.workdir)

@@ -30,7 +30,7 @@ from calfuse_jax import calibration, fusion, losses, stats
 
 
 class Method(Protocol):
-    """The interface `train`, `evaluation` and `continual` use (see module docstring)."""
+    """What the train step, the evaluation and the task loop call (see the module docstring)."""
 
     trains: bool
     fusion_rules: tuple[fusion.Rule, ...]
@@ -220,32 +220,23 @@ class Entry(NamedTuple):
     preset: dict[str, Any]
 
 
-_KEEP_NEW = (".*=keep_new",)
+_HEAD, _KEEP_NEW = CalibratedHeadMethod.build, (".*=keep_new",)
 REGISTRY: dict[str, Entry] = {
-    "calfuse": Entry(CalibratedHeadMethod.build, {}),
+    "calfuse": Entry(_HEAD, {}),
     "rapf": Entry(
-        CalibratedHeadMethod.build,
+        _HEAD,
         {"calibration.mode": "none", "fusion.rules": ("adapter/kernel=svd", "calib/.*=keep_new")},
     ),
     "finetune": Entry(
-        CalibratedHeadMethod.build,
-        {
-            "calibration.mode": "none",
-            "fusion.rules": _KEEP_NEW,
-            "pseudo.classes_per_batch": 0,
-            "pseudo.hard_weight": 0.0,
-            "loss.kd_weight": 0.0,
-        },
+        _HEAD,
+        {"calibration.mode": "none", "fusion.rules": _KEEP_NEW, "loss.kd_weight": 0.0}
+        | {"pseudo.classes_per_batch": 0, "pseudo.hard_weight": 0.0},
     ),
     # Plain CLIP: no training, and a fixed gate g = 1, so the calibrated feature is n(f0).
     "zeroshot": Entry(
-        CalibratedHeadMethod.build,
-        {
-            "train.epochs": 0,
-            "fusion.rules": _KEEP_NEW,
-            "calibration.mode": "fixed",
-            "calibration.value": 1.0,
-        },
+        _HEAD,
+        {"train.epochs": 0, "fusion.rules": _KEEP_NEW}
+        | {"calibration.mode": "fixed", "calibration.value": 1.0},
     ),
 }
 

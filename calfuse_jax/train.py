@@ -71,7 +71,6 @@ def optimizer() -> optax.GradientTransformation:
 
 
 TRACES: collections.Counter = collections.Counter()  # traces of the jitted functions, by name
-# (`evaluation` counts its own under "eval_counts")
 
 
 def _train_step(state: TrainState, batch, pseudo_ids, step, lr, key, inputs, method):
@@ -93,6 +92,52 @@ def train_step_fn(method: Method, mesh: Mesh):
     """
     step = functools.partial(_train_step, method=method)
     return jax.jit(step, donate_argnums=(0,), out_shardings=sharding.replicated(mesh))
+
+
+def _eval_counts(params, batch, inputs: TaskInputs, method: Method):
+    TRACES["eval_counts"] += 1
+    f0, positions, mask = batch
+    classes = inputs.text.shape[0]
+    logits = method.logits(params, f0, inputs)
+    logits = jnp.where(jnp.arange(classes) < inputs.ctx.num_seen, logits, -jnp.inf)
+    correct = (jnp.argmax(logits, axis=-1) == positions).astype(jnp.float32) * mask
+    return (
+        jax.ops.segment_sum(correct, positions, num_segments=classes),
+        jax.ops.segment_sum(mask, positions, num_segments=classes),
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def eval_counts_fn(method: Method, mesh: Mesh):
+    """Jitted `(params, batch, inputs) -> (correct [C], count [C])` per class."""
+    counts = functools.partial(_eval_counts, method=method)
+    return jax.jit(counts, out_shardings=sharding.replicated(mesh))
+
+
+def evaluate(
+    method: Method,
+    params,
+    features: np.ndarray,
+    labels: np.ndarray,
+    inputs: TaskInputs,
+    mesh: Mesh,
+    batch_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(correct [C], count [C]) of the head on (features [M, D], positions [M]), batched.
+
+    Every batch has `batch_size` rows (rounded up to the mesh size; the last one padded with mask
+    0), so one compiled function serves every batch and task of a run.
+    """
+    counts = eval_counts_fn(method, mesh)
+    size = sharding.padded_size(batch_size, mesh)
+    classes = inputs.text.shape[0]
+    correct, total = np.zeros(classes), np.zeros(classes)
+    for start in range(0, len(labels), size):
+        rows = np.arange(start, min(start + size, len(labels)))
+        batch = sharding.shard_batch(host_batch(features, labels, rows, size), mesh)
+        c, n = sharding.to_host(counts(params, batch, inputs))
+        correct, total = correct + c, total + n
+    return correct, total
 
 
 def epoch_permutation(seed: int, task: int, epoch: int, n: int) -> np.ndarray:
@@ -170,59 +215,34 @@ def train_task(
     loss_callback: Callable[[int, list[int], np.ndarray, np.ndarray], None] | None = None,
     progress: bool = True,
 ) -> tuple[TrainState, dict]:
-    """Trains the head on one task from `start_step` (0, or a step checkpoint's step).
+    """Trains `method` on one task from `start_step` (0, or a step checkpoint's step).
 
     Args:
-      state: head params and the optimiser state matching `start_step`, replicated.
-      save_step: called as `save_step(step, state, epoch_losses)` every `checkpoint_every_steps`
-        steps and on KeyboardInterrupt (state after `step` completed steps; the losses of the
-        current epoch so far, so a resumed run reports the same epoch loss).
-      epoch_losses: those losses when resuming from a step checkpoint.
-      step_callback: `step_callback(task, completed_steps)` after every step (tests use it to
-        interrupt a run).
-      loss_callback: `loss_callback(task, steps, losses, lrs)` whenever losses reach the host
-        (every epoch and step checkpoint: no extra device sync); `steps` are completed-step
-        counts 1..total, `lrs` the learning rate each of those steps used.
+      state: params and optimiser state matching `start_step`, replicated.
+      save_step: `save_step(step, state, epoch_losses)` every `checkpoint_every_steps` steps and
+        on KeyboardInterrupt (the current epoch's losses so far, so a resumed run reports the
+        same epoch loss); `epoch_losses`: those losses when resuming from a step checkpoint.
+      step_callback: `fn(task, completed_steps)` after every step; loss_callback: `fn(task,
+        steps, losses, lrs)` as losses reach the host (each epoch and step checkpoint).
 
-    Returns:
-      (final state, info dict with `loss` (mean of the last epoch) and `steps`).
-    Raises:
-      NonFiniteLossError on a NaN/Inf loss (checked every epoch and before every step checkpoint).
+    Returns (final state, {`loss`: mean of the last epoch, `steps`}); raises NonFiniteLossError
+    on a NaN/Inf loss (checked every epoch and before every step checkpoint).
     """
     from tqdm.auto import tqdm  # noqa: PLC0415  (import cost only when training)
 
-    batch_size = int(config.train.batch_size)
-    epochs, seed = int(config.train.epochs), int(config.seed)
-    epoch_steps = steps_per_epoch(len(run.labels), batch_size)
+    epochs, every = int(config.train.epochs), int(config.train.checkpoint_every_steps)
+    epoch_steps = steps_per_epoch(len(run.labels), int(config.train.batch_size))
     total = epochs * epoch_steps
-    padded = sharding.padded_size(batch_size, mesh)
     step_fn = train_step_fn(method, mesh)
-    every = int(config.train.checkpoint_every_steps)
-    per_batch = int(config.pseudo.classes_per_batch)
-    pending: list[tuple[int, jax.Array]] = []
-    last_loss, step = None, start_step
+    pending, last_loss, step = [], None, start_step  # pending: (step, loss) not yet checked
     losses_so_far = list(epoch_losses or [])
     bar = tqdm(total=total, initial=start_step, desc=f"task {run.task}", disable=not progress)
-    report = None
-    if loss_callback is not None:
-
-        def report(steps: list[int], values: np.ndarray) -> None:
-            lrs = np.array([learning_rate(config, s - 1, epoch_steps) for s in steps])
-            loss_callback(run.task, steps, values, lrs)
-
+    report = _loss_reporter(config, run.task, epoch_steps, loss_callback)
     try:
         for epoch in range(start_step // epoch_steps, epochs):
-            order = epoch_permutation(seed, run.task, epoch, len(run.labels))
-            pseudo = pseudo_class_schedule(
-                seed, run.task, epoch, run.old_ids, epoch_steps, per_batch
-            )
-            for index in range(step - epoch * epoch_steps, epoch_steps):
-                rows = order[index * batch_size : (index + 1) * batch_size]
-                batch = sharding.shard_batch(
-                    host_batch(run.features, run.labels, rows, padded), mesh
-                )
+            for batch, pseudo_ids in _epoch_batches(config, run, epoch, step, epoch_steps, mesh):
                 lr = learning_rate(config, step, epoch_steps)
-                scalars = sharding.replicate((pseudo[index], np.int32(step), np.float32(lr)), mesh)
+                scalars = sharding.replicate((pseudo_ids, np.int32(step), np.float32(lr)), mesh)
                 state, loss = step_fn(state, batch, *scalars, run.key, run.inputs)
                 step += 1
                 pending.append((step, loss))
@@ -241,6 +261,33 @@ def train_task(
     finally:
         bar.close()
     return state, {"loss": last_loss, "steps": total}
+
+
+def _epoch_batches(config, run: TaskRun, epoch: int, step: int, epoch_steps: int, mesh: Mesh):
+    """Yields the sharded (batch, pseudo-class ids [K]) of `epoch` from global step `step` on."""
+    batch_size, seed = int(config.train.batch_size), int(config.seed)
+    padded = sharding.padded_size(batch_size, mesh)
+    order = epoch_permutation(seed, run.task, epoch, len(run.labels))
+    per_batch = int(config.pseudo.classes_per_batch)
+    pseudo = pseudo_class_schedule(seed, run.task, epoch, run.old_ids, epoch_steps, per_batch)
+    for index in range(step - epoch * epoch_steps, epoch_steps):
+        rows = order[index * batch_size : (index + 1) * batch_size]
+        yield (
+            sharding.shard_batch(host_batch(run.features, run.labels, rows, padded), mesh),
+            pseudo[index],
+        )
+
+
+def _loss_reporter(config, task: int, epoch_steps: int, loss_callback):
+    """`report(steps, losses)` for `check_losses`: adds the steps' learning rates and the task."""
+    if loss_callback is None:
+        return None
+
+    def report(steps: list[int], values: np.ndarray) -> None:
+        lrs = np.array([learning_rate(config, s - 1, epoch_steps) for s in steps])
+        loss_callback(task, steps, values, lrs)
+
+    return report
 
 
 def _save_on_interrupt(pending, task, step, total, state, save_step, losses, report) -> None:
