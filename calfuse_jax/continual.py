@@ -326,7 +326,7 @@ def _open_run(stream, text_features, config, workdir, overwrite, mesh, logit_sca
         text=_unit_rows(stream.text_by_position(text_features)),
         config=config,
         mesh=mesh if mesh is not None else sharding.make_mesh(),
-        method=methods.build(config, stream.dim, scale),
+        method=methods.REGISTRY[config.method].build(config, stream.dim, scale),
         fingerprint=doc["fingerprint"],
         checkpoints=RunCheckpoints(workdir / "checkpoints"),
         workdir=workdir,

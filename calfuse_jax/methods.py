@@ -241,11 +241,6 @@ REGISTRY: dict[str, Entry] = {
 }
 
 
-def build(config: ml_collections.ConfigDict, dim: int, logit_scale: float) -> Method:
-    """The method of a resolved `config` (`config.resolve_method`) for features of width `dim`."""
-    return REGISTRY[config.method].build(config, dim, logit_scale)
-
-
 def check_switches(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError on switches that cannot work together (on the resolved config), and on
     fusion rules that do not parse (`fusion.parse_rules`).
