@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import ml_collections
 
-from calfuse_jax.fusion import parse_rules
+from calfuse_jax import methods
 
-METHODS = ("calfuse", "rapf", "finetune", "zeroshot")
+METHODS = tuple(methods.REGISTRY)  # the registered methods (`methods.REGISTRY`)
 
 
 def method_config() -> ml_collections.ConfigDict:
     """Default CalFuse settings (CIFAR-100 B0 Inc10 values where a dataset matters)."""
     c = ml_collections.ConfigDict()
-    c.method = "calfuse"  # calfuse | rapf | finetune | zeroshot
+    c.method = "calfuse"  # a key of methods.REGISTRY: calfuse | rapf | finetune | zeroshot
     c.seed = 0
     c.logit_scale = 100.0  # CLIP's exp(logit_scale); overwritten from the checkpoint when known
 
@@ -72,47 +72,16 @@ def method_config() -> ml_collections.ConfigDict:
 
 
 def resolve_method(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Returns a copy of `config` with the `method` preset applied.
+    """Returns a copy of `config` with the `method` preset applied (`methods.REGISTRY`: e.g.
+    rapf: SVD fusion, no calibration; zeroshot: no training, g = 1).
 
-    rapf: SVD fusion, no calibration. finetune: no fusion, no pseudo-features, no calibration.
-    zeroshot: plain CLIP - no training (epochs = 0), no fusion, and a fixed gate g = 1 so the
-    calibrated feature is CLIP's own n(f0). calfuse: the config as given. Every method-specific
-    switch lives here; the training loop only reads the resolved fields.
+    Raises ValueError on an unknown method and on switches that cannot work together
+    (`methods.check_switches`).
     """
-    if config.method not in METHODS:
-        raise ValueError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
+    if config.method not in methods.REGISTRY:
+        choices = ", ".join(methods.REGISTRY)
+        raise ValueError(f"unknown method {config.method!r}; choose one of {choices}")
     c = ml_collections.ConfigDict(config.to_dict())
-    if c.method == "rapf":
-        c.calibration.mode = "none"
-        c.fusion.rules = ("adapter/kernel=svd", "calib/.*=keep_new")
-    elif c.method == "finetune":
-        c.calibration.mode = "none"
-        c.fusion.rules = (".*=keep_new",)
-        c.pseudo.classes_per_batch = 0
-        c.pseudo.hard_weight = 0.0
-        c.loss.kd_weight = 0.0
-    elif c.method == "zeroshot":
-        c.train.epochs = 0
-        c.fusion.rules = (".*=keep_new",)
-        c.calibration.mode = "fixed"
-        c.calibration.value = 1.0
-    check_switches(c)
+    c.update_from_flattened_dict(dict(methods.REGISTRY[c.method].preset))
+    methods.check_switches(c)
     return c
-
-
-def check_switches(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError on switches that cannot work together (on the resolved config), and on
-    fusion rules that do not parse (`fusion.parse_rules`).
-
-    Distillation runs on the pseudo-features of the K old classes of each batch; with K = 0 there
-    are none, so `loss.kd_weight > 0` would distil nothing (and replaying some class only to feed
-    it would change the cross-entropy as well).
-    """
-    if float(config.loss.kd_weight) > 0 and int(config.pseudo.classes_per_batch) <= 0:
-        raise ValueError(
-            f"loss.kd_weight={config.loss.kd_weight} needs pseudo.classes_per_batch >= 1: "
-            "distillation runs on the pseudo-features of old classes, and "
-            "pseudo.classes_per_batch=0 draws none; set pseudo.classes_per_batch (e.g. 2) or "
-            "loss.kd_weight=0"
-        )
-    parse_rules(config.fusion.rules)

@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from calfuse_jax import calibration, evaluation, fusion, sharding, stats, train
+from calfuse_jax import calibration, fusion, methods, metrics, sharding, stats, train
 from calfuse_jax.checkpoint import (
     RunCheckpoints,
     TaskCheckpointError,
@@ -38,7 +38,7 @@ from calfuse_jax.checkpoint import (
 )
 from calfuse_jax.config import resolve_method
 from calfuse_jax.data.stream import FeatureStream
-from calfuse_jax.evaluation import ContinualResult
+from calfuse_jax.metrics import ContinualResult
 from calfuse_jax.rundir import (
     ConfigMismatchError,
     config_fingerprint,
@@ -67,9 +67,7 @@ class _Run:
     text: np.ndarray  # [C, D] unit text embeddings by position
     config: ml_collections.ConfigDict  # resolved
     mesh: Mesh
-    head: calibration.CalibratedHead
-    settings: train.StepSettings
-    rules: tuple[fusion.Rule, ...]  # config.fusion.rules, parsed once
+    method: methods.Method
     fingerprint: str
     checkpoints: RunCheckpoints
     workdir: Path
@@ -89,13 +87,7 @@ class _Run:
 def _initial_params(run: _Run):
     """Head params from `config.seed`, replicated."""
     key = jax.random.fold_in(jax.random.PRNGKey(int(run.config.seed)), 1_000_003)
-    dummy = jnp.zeros((1, run.stream.dim), jnp.float32)
-    ctx = calibration.task_context(run.stream.split.bounds, 0)
-    init = jax.jit(
-        lambda k: run.head.init(k, dummy, ctx)["params"],
-        out_shardings=sharding.replicated(run.mesh),
-    )
-    return init(key)
+    return jax.jit(run.method.init, out_shardings=sharding.replicated(run.mesh))(key)
 
 
 def _hard_pairs(run: _Run, task: int) -> np.ndarray:
@@ -117,7 +109,7 @@ def _padded_pairs(run: _Run, task: int) -> tuple[np.ndarray, np.ndarray]:
     return padded, (np.arange(size) < len(pairs)).astype(np.float32)
 
 
-def _task_inputs(run: _Run, task: int, class_stats, teacher) -> train.TaskInputs:
+def _task_inputs(run: _Run, task: int, class_stats, teacher) -> methods.TaskInputs:
     """The replicated constants of `task`, padded to all C classes of the stream."""
     split = run.stream.split
     classes, dim = split.num_classes, run.stream.dim
@@ -126,7 +118,7 @@ def _task_inputs(run: _Run, task: int, class_stats, teacher) -> train.TaskInputs
     chols = np.zeros((classes, dim, dim), np.float32)
     known = class_stats.num_classes
     means[:known], chols[:known] = np.asarray(class_stats.means), np.asarray(class_stats.chols)
-    inputs = train.TaskInputs(
+    inputs = methods.TaskInputs(
         text=run.text,
         ctx=calibration.task_context(split.bounds, task),
         means=means,
@@ -139,7 +131,7 @@ def _task_inputs(run: _Run, task: int, class_stats, teacher) -> train.TaskInputs
     return sharding.replicate(inputs, run.mesh)
 
 
-def _task_run(run: _Run, task: int, inputs: train.TaskInputs) -> train.TaskRun:
+def _task_run(run: _Run, task: int, inputs: methods.TaskInputs) -> train.TaskRun:
     features, labels = run.stream.task(task, "train")
     key = jax.random.fold_in(jax.random.PRNGKey(int(run.config.seed)), task)
     return train.TaskRun(
@@ -148,7 +140,6 @@ def _task_run(run: _Run, task: int, inputs: train.TaskInputs) -> train.TaskRun:
         labels=labels.astype(np.int32),
         old_ids=np.arange(int(run.stream.split.bounds[task])),
         inputs=inputs,
-        settings=run.settings,
         key=sharding.replicate(key, run.mesh),
     )
 
@@ -222,9 +213,9 @@ def _start_state(run: _Run, task: int, params) -> tuple[TrainState, int, list[fl
     return TrainState(**state), latest[1], list(meta.get("epoch_losses", []))
 
 
-def _train(run: _Run, task: int, carry: dict, inputs: train.TaskInputs) -> tuple[Any, dict]:
+def _train(run: _Run, task: int, carry: dict, inputs: methods.TaskInputs) -> tuple[Any, dict]:
     """Trains task `task` from the carried params; returns (params, info)."""
-    if int(run.config.train.epochs) == 0:
+    if not run.method.trains:
         return carry["params"], {"loss": None, "steps": 0}
     state, start, losses = _start_state(run, task, carry["params"])
 
@@ -244,7 +235,7 @@ def _train(run: _Run, task: int, carry: dict, inputs: train.TaskInputs) -> tuple
             run.loss_callback(task, offset + np.asarray(steps), losses, lrs)
 
     state, info = train.train_task(
-        run.head,
+        run.method,
         run.config,
         _task_run(run, task, inputs),
         state,
@@ -263,24 +254,24 @@ def _run_task(run: _Run, task: int, carry: dict) -> dict:
     """Train -> statistics -> fuse -> evaluate -> checkpoint for one task; returns the new carry."""
     split, config = run.stream.split, run.config
     old, seen = int(split.bounds[task]), int(split.bounds[task + 1])
-    inputs = _task_inputs(run, task, carry["stats"], carry["params"])
-    started = time.perf_counter()
-    params, info = _train(run, task, carry, inputs)
-    train_seconds = time.perf_counter() - started
-    # Statistics of the frozen features of the new classes: after training, before fusion.
+    # Statistics of the frozen features of the new classes (training leaves them unchanged; the
+    # step samples old classes only, and a method may read the new means, e.g. NCM).
     features, labels = run.stream.task(task, "train")
     means, covs = stats.class_stats(
         features, labels, np.arange(old, seen), float(config.stats.cov_eps), config.stats.shrinkage
     )
     class_stats = carry["stats"].extend(means, stats.cholesky_factors(covs))
-    if task > 0:
-        params = fusion.fuse_params(
-            carry["params"], params, run.rules, float(config.fusion.mix_bias)
-        )
+    inputs = _task_inputs(run, task, class_stats, carry["params"])
+    started = time.perf_counter()
+    params, info = _train(run, task, carry, inputs)
+    train_seconds = time.perf_counter() - started
+    if task > 0 and run.method.trains:
+        rules, bias = run.method.fusion_rules, float(config.fusion.mix_bias)
+        params = fusion.fuse_params(carry["params"], params, rules, bias)
         params = sharding.replicate(params, run.mesh)  # keep one layout for every compiled use
     correct, total = _evaluate(run, task, params, inputs)
-    accuracy, curve = evaluation.record_task(carry["accuracy"], correct, total, split.bounds, task)
-    row = evaluation.metrics_row(task, seen, accuracy, curve, info, train_seconds)
+    accuracy, curve = metrics.record_task(carry["accuracy"], correct, total, split.bounds, task)
+    row = metrics.metrics_row(task, seen, accuracy, curve, info, train_seconds)
     new = {"params": params, "stats": class_stats, "accuracy": accuracy}
     new["rows"] = [*carry["rows"], row]
     _save_task(run, task, new)
@@ -291,14 +282,12 @@ def _run_task(run: _Run, task: int, carry: dict) -> dict:
     return new
 
 
-def _evaluate(run: _Run, task: int, params, inputs: train.TaskInputs):
+def _evaluate(run: _Run, task: int, params, inputs: methods.TaskInputs):
     """(correct [C], count [C]) on the test features of every class seen after `task`."""
     features, labels = run.stream.seen(task, "test")
     # One batch size for the whole run (the largest test set), so one compiled evaluation.
     batch_size = min(int(run.config.train.eval_batch_size), len(run.stream.test_labels))
-    return evaluation.evaluate(
-        run.head, run.settings, params, features, labels, inputs, run.mesh, batch_size
-    )
+    return train.evaluate(run.method, params, features, labels, inputs, run.mesh, batch_size)
 
 
 def _save_task(run: _Run, task: int, carry: dict) -> None:
@@ -321,6 +310,31 @@ def _unit_rows(text: np.ndarray) -> np.ndarray:
     """float32 [C, D] rows scaled to unit norm (a zero row stays zero)."""
     text = np.asarray(text, np.float32)
     return text / np.maximum(np.linalg.norm(text, axis=1, keepdims=True), 1e-12)
+
+
+def _open_run(stream, text_features, config, workdir, overwrite, mesh, logit_scale, **hooks):
+    """The `_Run` of `run_continual`'s arguments: checks the inputs, claims `workdir` for this
+    config (`rundir.prepare_workdir`) and logs the fusion plan; `hooks`: progress, callbacks."""
+    config = resolve_method(config)  # a bad fusion rule stops here, before anything is written
+    stream.check(text_features)
+    scale = float(config.logit_scale if logit_scale is None else logit_scale)
+    workdir = Path(workdir).absolute()
+    doc = config_fingerprint(config, stream, scale)
+    prepare_workdir(workdir, doc, overwrite)
+    run = _Run(
+        stream=stream,
+        text=_unit_rows(stream.text_by_position(text_features)),
+        config=config,
+        mesh=mesh if mesh is not None else sharding.make_mesh(),
+        method=methods.REGISTRY[config.method].build(config, stream.dim, scale),
+        fingerprint=doc["fingerprint"],
+        checkpoints=RunCheckpoints(workdir / "checkpoints"),
+        workdir=workdir,
+        **hooks,
+    )
+    plan = fusion.fusion_plan(jax.eval_shape(lambda: _initial_params(run)), run.method.fusion_rules)
+    logger.info("fusion after each task (fusion.rules):\n%s", fusion.format_plan(plan))
+    return run
 
 
 def run_continual(
@@ -359,31 +373,10 @@ def run_continual(
       its own classes' statistics), NonFiniteLossError when the loss turns NaN/Inf (the last
       good checkpoint is kept). KeyboardInterrupt is re-raised after a step checkpoint is saved.
     """
-    config = resolve_method(config)
-    rules = fusion.parse_rules(config.fusion.rules)  # a bad rule stops before anything is written
-    stream.check(text_features)
-    scale = float(config.logit_scale if logit_scale is None else logit_scale)
-    workdir = Path(workdir).absolute()
-    doc = config_fingerprint(config, stream, scale)
-    prepare_workdir(workdir, doc, overwrite)
-    head = train.make_head(config, stream.dim)
-    run = _Run(
-        stream=stream,
-        text=_unit_rows(stream.text_by_position(text_features)),
-        config=config,
-        mesh=mesh if mesh is not None else sharding.make_mesh(),
-        head=head,
-        settings=train.step_settings(config, scale),
-        rules=rules,
-        fingerprint=doc["fingerprint"],
-        checkpoints=RunCheckpoints(workdir / "checkpoints"),
-        workdir=workdir,
-        progress=progress,
-        step_callback=step_callback,
-        loss_callback=loss_callback,
-    )
-    plan = fusion.fusion_plan(jax.eval_shape(lambda: _initial_params(run)), rules)
-    logger.info("fusion after each task (fusion.rules):\n%s", fusion.format_plan(plan))
+    run = _open_run(
+        stream, text_features, config, workdir, overwrite, mesh, logit_scale,
+        progress=progress, step_callback=step_callback, loss_callback=loss_callback,
+    )  # fmt: skip
     try:
         carry, start = _resume(run)
         if run.writer:
@@ -395,4 +388,5 @@ def run_continual(
         raise
     finally:
         run.checkpoints.close()
-    return evaluation.continual_result(carry, run.workdir)
+    host = {**carry, "params": sharding.to_host(carry["params"])}
+    return metrics.continual_result(host, run.workdir)

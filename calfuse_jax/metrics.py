@@ -16,11 +16,19 @@ Conventions:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from calfuse_jax.rundir import jsonable as json_safe
+
+if TYPE_CHECKING:
+    from calfuse_jax.stats import ClassStats
 
 
 def accuracy(logits_or_preds, labels, percent: bool = True, mask=None) -> jax.Array:
@@ -47,13 +55,27 @@ def accuracy(logits_or_preds, labels, percent: bool = True, mask=None) -> jax.Ar
     return frac * 100.0 if percent else frac
 
 
-def _percent_correct(preds: np.ndarray, labels: np.ndarray, keep: np.ndarray, scale: float):
-    """`scale * correct / total` over the rows in `keep` (count-based, so hand fractions match
-    exactly); NaN when no row is kept."""
-    total = int(np.sum(keep))
-    if total == 0:
-        return float("nan")
-    return scale * int(np.sum(preds[keep] == labels[keep])) / total
+def class_counts(preds, labels, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(correct, total) float64 [C] per class position, from predicted and true positions [M]."""
+    labels = np.asarray(labels)
+    hits = (np.asarray(preds) == labels).astype(np.float64)
+    correct = np.bincount(labels, weights=hits, minlength=num_classes)
+    return correct, np.bincount(labels, minlength=num_classes).astype(np.float64)
+
+
+def accuracy_of(correct, total, lo: int, hi: int, scale: float = 100.0) -> float:
+    """`scale * correct / total` over class positions lo..hi-1 (count-based, so hand fractions
+    match exactly); NaN with no samples."""
+    n = total[lo:hi].sum()
+    return float(scale * correct[lo:hi].sum() / n) if n else float("nan")
+
+
+def count_row(correct, total, bounds: Sequence[int], task: int, scale: float = 100.0):
+    """Row `task` of A, float64 [T] (NaN for j > task), from the per-class counts after `task`."""
+    row = np.full(len(bounds) - 1, np.nan)
+    for j in range(task + 1):
+        row[j] = accuracy_of(correct, total, int(bounds[j]), int(bounds[j + 1]), scale)
+    return row
 
 
 def accuracy_row(preds, labels, bounds: Sequence[int], task: int, percent: bool = True):
@@ -68,14 +90,10 @@ def accuracy_row(preds, labels, bounds: Sequence[int], task: int, percent: bool 
     Returns:
       (row float64 [T] with NaN for j > task, seen accuracy float).
     """
-    preds, labels = np.asarray(preds), np.asarray(labels)
-    bounds = np.asarray(bounds)
+    counts = class_counts(preds, labels, int(bounds[-1]))
     scale = 100.0 if percent else 1.0
-    row = np.full(len(bounds) - 1, np.nan)
-    for j in range(task + 1):
-        keep = (labels >= bounds[j]) & (labels < bounds[j + 1])
-        row[j] = _percent_correct(preds, labels, keep, scale)
-    return row, _percent_correct(preds, labels, labels < bounds[task + 1], scale)
+    seen = accuracy_of(*counts, 0, int(bounds[task + 1]), scale)
+    return count_row(*counts, bounds, task, scale), seen
 
 
 def accuracy_matrix(predictions: Sequence, labels, bounds: Sequence[int], percent: bool = True):
@@ -178,14 +196,117 @@ def old_new_accuracy(preds, labels, num_old: int, num_seen: int, percent: bool =
     preds, labels = np.asarray(preds), np.asarray(labels)
     if preds.ndim == labels.ndim + 1:
         preds = np.argmax(preds, axis=-1)
+    counts = class_counts(preds, labels, num_seen)
     scale = 100.0 if percent else 1.0
-
-    old = _percent_correct(preds, labels, labels < num_old, scale)
-    new = _percent_correct(preds, labels, (labels >= num_old) & (labels < num_seen), scale)
-    return old, new
+    return accuracy_of(*counts, 0, num_old, scale), accuracy_of(*counts, num_old, num_seen, scale)
 
 
 def harmonic_mean(old: float, new: float) -> float:
     """H = `2 * old * new / (old + new)`; 0 when both are 0."""
     old, new = float(old), float(new)
     return 0.0 if old + new == 0 else 2.0 * old * new / (old + new)
+
+
+# The task loop's bookkeeping (`continual`): per-class counts -> A, metrics rows, summary.
+
+
+@dataclasses.dataclass
+class ContinualResult:
+    """The outcome of `run_continual` (percentages; NaN where undefined).
+
+    Attributes:
+      accuracy_matrix: float [T, T], A[i, j] = accuracy on task j's classes after task i; NaN
+        above the diagonal.
+      seen_accuracy: float [T], accuracy on all seen classes after each task.
+      old_accuracy, new_accuracy: float [T], on classes of earlier tasks / of the task itself.
+      summary: avg, last, forgetting, bwt, old, new, harmonic.
+      params: final head params; stats: `ClassStats` of every class.
+      rows: the metrics rows written to `metrics.jsonl`.
+    """
+
+    accuracy_matrix: np.ndarray
+    seen_accuracy: np.ndarray
+    old_accuracy: np.ndarray
+    new_accuracy: np.ndarray
+    summary: dict
+    params: Any
+    stats: ClassStats
+    rows: list
+    workdir: Path
+
+
+def record_task(
+    accuracy: np.ndarray, correct: np.ndarray, total: np.ndarray, bounds: np.ndarray, task: int
+) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A copy of the accuracy matrix [T, T] with row `task` filled, and the task's (seen, old,
+    new) accuracies (float32 values, like the matrix).
+
+    Args:
+      correct, total: [C] per-class counts of `evaluate` after `task`.
+      bounds: [T + 1] task boundaries in positions (task t owns bounds[t]:bounds[t+1]).
+    """
+    accuracy = accuracy.copy()
+    accuracy[task, : task + 1] = count_row(correct, total, bounds, task)[: task + 1]
+    old, seen = int(bounds[task]), int(bounds[task + 1])
+    ranges = ((0, seen), (0, old), (old, seen))
+    curve = tuple(float(np.float32(accuracy_of(correct, total, lo, hi))) for lo, hi in ranges)
+    return accuracy, curve
+
+
+def metrics_row(
+    task: int, seen: int, accuracy: np.ndarray, curve: tuple, info: dict, seconds: float
+) -> dict:
+    """The `metrics.jsonl` row of `task` (NaN -> None, as it reads back from JSON); `curve` is
+    the task's (seen, old, new) accuracy."""
+    row = {
+        "task": task,
+        "seen_classes": seen,
+        "accuracy": curve[0],
+        "accuracy_row": [float(v) for v in accuracy[task, : task + 1]],
+        "old_accuracy": curve[1],
+        "new_accuracy": curve[2],
+        "loss": info["loss"],
+        "train_seconds": round(seconds, 3),
+        "steps": info["steps"],
+    }
+    return {k: json_safe(v) for k, v in row.items()}
+
+
+def summary(accuracy: np.ndarray, curves: np.ndarray) -> dict[str, float]:
+    """avg, last, forgetting, bwt, old, new, harmonic of a finished run (NaN where undefined,
+    e.g. forgetting with a single task)."""
+    seen, old, new = curves
+    several = accuracy.shape[0] > 1
+    return {
+        "avg": average_accuracy(seen),
+        "last": last_accuracy(seen),
+        "forgetting": forgetting(accuracy) if several else float("nan"),
+        "bwt": backward_transfer(accuracy) if several else float("nan"),
+        "old": float(old[-1]),
+        "new": float(new[-1]),
+        "harmonic": harmonic_mean(old[-1], new[-1]) if several else float("nan"),
+    }
+
+
+def curves_of(rows: list[dict]) -> np.ndarray:
+    """float32 [3, T]: the seen, old and new accuracy of each row (NaN where the row has None)."""
+    keys = ("accuracy", "old_accuracy", "new_accuracy")
+    values = [[np.nan if row[k] is None else row[k] for row in rows] for k in keys]
+    return np.asarray(values, np.float32).reshape(3, len(rows))
+
+
+def continual_result(carry: dict, workdir: Path) -> ContinualResult:
+    """The `ContinualResult` of a finished run's carry (its params already on the host)."""
+    accuracy, curves = carry["accuracy"], curves_of(carry["rows"])
+    seen, old, new = curves
+    return ContinualResult(
+        accuracy_matrix=np.asarray(accuracy, np.float64),
+        seen_accuracy=np.asarray(seen, np.float64),
+        old_accuracy=np.asarray(old, np.float64),
+        new_accuracy=np.asarray(new, np.float64),
+        summary=summary(accuracy, curves),
+        params=carry["params"],
+        stats=carry["stats"],
+        rows=carry["rows"],
+        workdir=workdir,
+    )

@@ -18,7 +18,6 @@ import collections
 import dataclasses
 import functools
 import logging
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -29,8 +28,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from calfuse_jax import calibration, losses, sharding, stats
-from calfuse_jax.config import check_switches
+from calfuse_jax import sharding
+from calfuse_jax.methods import Method, TaskInputs
 
 logger = logging.getLogger("calfuse_jax")
 
@@ -53,51 +52,6 @@ class TrainState(NamedTuple):
     opt_state: Any
 
 
-class TaskInputs(NamedTuple):
-    """Arrays constant during a task, replicated; padded to all C classes of the stream so that
-    every task has the same shapes and the step is traced and compiled once per run.
-
-    Attributes:
-      text: [C, D] unit text embeddings of every class, by position.
-      ctx: the task's `calibration.TaskContext` (its `num_seen` classes enter the softmax; with
-        `num_old` = 0, on the first task, the old-class terms are off).
-      means: [C, D] stored class means (zero rows for classes without statistics yet).
-      chols: [C, D, D] their Cholesky factors.
-      pairs: int32 [P, 2] hard pairs (old i, new j), padded; pair_mask: float32 [P] 1 for real.
-      teacher: previous task's head params (for distillation; the current ones on task 0).
-      teacher_ctx: the previous task's context (this task's on task 0).
-    """
-
-    text: jax.Array
-    ctx: calibration.TaskContext
-    means: jax.Array
-    chols: jax.Array
-    pairs: jax.Array
-    pair_mask: jax.Array
-    teacher: Any
-    teacher_ctx: calibration.TaskContext
-
-
-@dataclasses.dataclass(frozen=True)
-class StepSettings:
-    """Static (hashable) choices of a run's step; changing one means a new trace."""
-
-    logit_scale: float
-    pseudo_per_class: int  # floor(10 beta), 0 disables pseudo-features
-    hard_per_class: int  # floor(20 beta), 0 disables the hinge
-    hard_margin: float
-    hard_weight: float
-    kd_weight: float
-    kd_temperature: float
-
-
-def make_head(config: ml_collections.ConfigDict, dim: int) -> calibration.CalibratedHead:
-    """The `CalibratedHead` of `config` for features of width `dim`: `config.calibration`'s
-    fields are the head's gate settings, one to one."""
-    gate = config.calibration.to_dict()
-    return calibration.CalibratedHead(dim=dim, adapter_init=config.head.init, **gate)
-
-
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     """ceil(N / B): the last, ragged batch is kept (padded and masked)."""
     return -(-num_examples // batch_size)
@@ -116,124 +70,74 @@ def optimizer() -> optax.GradientTransformation:
     return optax.scale_by_adam()
 
 
-def step_settings(config: ml_collections.ConfigDict, logit_scale: float):
-    """The static settings of a run (task 0 switches the old-class terms off through masks).
-
-    Raises ValueError for distillation without pseudo-features (`config.check_switches`).
-    """
-    check_switches(config)
-    beta = float(config.pseudo.beta)
-    use_pseudo = int(config.pseudo.classes_per_batch) > 0
-    use_kd = float(config.loss.kd_weight) > 0
-    use_hard = float(config.pseudo.hard_weight) > 0
-    return StepSettings(
-        logit_scale=float(logit_scale),
-        pseudo_per_class=int(np.floor(10 * beta)) if use_pseudo else 0,
-        hard_per_class=int(np.floor(20 * beta)) if use_hard else 0,
-        hard_margin=float(config.pseudo.hard_margin),
-        hard_weight=float(config.pseudo.hard_weight),
-        kd_weight=float(config.loss.kd_weight) if use_kd else 0.0,
-        kd_temperature=float(config.loss.kd_temperature),
-    )
-
-
-def head_apply(head, params, f0, text, ctx, settings: StepSettings):
-    """(logits [B, C], calibrated features [B, D]) of the head on frozen features f0 [B, D]."""
-    features, _ = head.apply({"params": params}, f0, ctx)
-    return calibration.head_logits(features, text, settings.logit_scale), features
-
-
-def old_class_samples(rng, inputs: TaskInputs, pseudo_ids, settings: StepSettings):
-    """One Gaussian draw for both pseudo-features and hard-pair samples.
-
-    Returns (features [K*n_p + P*n_h, D], labels [same]): rows of pseudo class k first (n_p
-    each), then n_h rows of the old class of each hard pair. Drawing both in one call keeps the
-    compiled step small; the samples are independent either way.
-    """
-    n_p, n_h = settings.pseudo_per_class, settings.hard_per_class
-    block = math.gcd(n_p, n_h)  # gcd(n, 0) = n
-    ids = []
-    if n_p:
-        ids.append(jnp.repeat(pseudo_ids, n_p // block))
-    if n_h:
-        ids.append(jnp.repeat(inputs.pairs[:, 0], n_h // block))
-    ids = jnp.concatenate(ids).astype(jnp.int32)
-    return stats.sample_pseudo(rng, inputs.means, inputs.chols, ids, block)
-
-
-def loss_fn(params, batch, pseudo_ids, rng, inputs: TaskInputs, head, settings: StepSettings):
-    """Total loss of one batch (DESIGN.md §2): CE on real + pseudo, hinge on hard pairs, KD.
-
-    Args:
-      batch: (features [B, D], positions int [B], mask float [B]) - padded rows have mask 0.
-      pseudo_ids: int32 [K] old classes whose pseudo-features join this batch.
-      rng: this step's key.
-    Returns:
-      (scalar loss, dict of its terms).
-    """
-    features, labels, mask = batch
-    num_pseudo = pseudo_ids.shape[0] * settings.pseudo_per_class
-    has_old = (inputs.ctx.num_old > 0).astype(jnp.float32)  # old-class terms are off on task 0
-    if settings.pseudo_per_class or settings.hard_per_class:
-        extra, extra_labels = old_class_samples(rng, inputs, pseudo_ids, settings)
-        features = jnp.concatenate([features, extra])  # one pass of the head over everything
-    logits, calibrated = head_apply(head, params, features, inputs.text, inputs.ctx, settings)
-    real = labels.shape[0]
-    terms = {}
-    if settings.pseudo_per_class:
-        pseudo_mask = jnp.full((num_pseudo,), has_old)
-        labels = jnp.concatenate([labels, extra_labels[:num_pseudo].astype(labels.dtype)])
-        mask = jnp.concatenate([mask, pseudo_mask])
-        if settings.kd_weight:
-            pseudo = extra[:num_pseudo]
-            teacher, _ = head_apply(
-                head, inputs.teacher, pseudo, inputs.text, inputs.teacher_ctx, settings
-            )
-            kd = losses.distillation_loss(
-                logits[real : real + num_pseudo],
-                jax.lax.stop_gradient(teacher),
-                settings.kd_temperature,
-                num_seen=inputs.ctx.num_old,
-                mask=pseudo_mask,
-            )
-            terms["kd"] = settings.kd_weight * kd
-    ce_rows = real + (num_pseudo if settings.pseudo_per_class else 0)
-    terms["ce"] = losses.cross_entropy(
-        logits[:ce_rows], labels, num_seen=inputs.ctx.num_seen, mask=mask
-    )
-    if settings.hard_per_class:
-        n = settings.hard_per_class
-        own = jnp.repeat(inputs.text[inputs.pairs[:, 0]], n, axis=0)  # [P * n, D]
-        other = jnp.repeat(inputs.text[inputs.pairs[:, 1]], n, axis=0)
-        pair_mask = jnp.repeat(inputs.pair_mask, n) * has_old
-        hinge = losses.hinge_loss(calibrated[ce_rows:], own, other, settings.hard_margin, pair_mask)
-        terms["hinge"] = settings.hard_weight * hinge
-    return sum(terms.values()), terms
-
-
 TRACES: collections.Counter = collections.Counter()  # traces of the jitted functions, by name
-# (`evaluation` counts its own under "eval_counts")
 
 
-def _train_step(state: TrainState, batch, pseudo_ids, step, lr, key, inputs, head, settings):
+def _train_step(state: TrainState, batch, pseudo_ids, step, lr, key, inputs, method):
     TRACES["train_step"] += 1
     rng = jax.random.fold_in(key, step)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, _), grads = grad_fn(state.params, batch, pseudo_ids, rng, inputs, head, settings)
+    grad_fn = jax.value_and_grad(method.loss, has_aux=True)
+    (loss, _), grads = grad_fn(state.params, batch, pseudo_ids, rng, inputs)
     moments, opt_state = optimizer().update(grads, state.opt_state, state.params)
     updates = jax.tree.map(lambda m: -lr * m, moments)
     return TrainState(optax.apply_updates(state.params, updates), opt_state), loss
 
 
 @functools.lru_cache(maxsize=16)
-def train_step_fn(head, settings: StepSettings, mesh: Mesh):
+def train_step_fn(method: Method, mesh: Mesh):
     """The jitted step `(state, batch, pseudo_ids, step, lr, key, inputs) -> (state, loss)`.
 
-    `state` is donated; outputs are replicated. Cached per (head, settings, mesh), so every task
-    of a run (and every run of a process with the same settings) shares one compiled step.
+    `state` is donated; outputs are replicated. Cached per (method, mesh), so every task of a
+    run (and every run of a process with the same settings) shares one compiled step.
     """
-    step = functools.partial(_train_step, head=head, settings=settings)
+    step = functools.partial(_train_step, method=method)
     return jax.jit(step, donate_argnums=(0,), out_shardings=sharding.replicated(mesh))
+
+
+def _eval_counts(params, batch, inputs: TaskInputs, method: Method):
+    TRACES["eval_counts"] += 1
+    f0, positions, mask = batch
+    classes = inputs.text.shape[0]
+    logits = method.logits(params, f0, inputs)
+    logits = jnp.where(jnp.arange(classes) < inputs.ctx.num_seen, logits, -jnp.inf)
+    correct = (jnp.argmax(logits, axis=-1) == positions).astype(jnp.float32) * mask
+    return (
+        jax.ops.segment_sum(correct, positions, num_segments=classes),
+        jax.ops.segment_sum(mask, positions, num_segments=classes),
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def eval_counts_fn(method: Method, mesh: Mesh):
+    """Jitted `(params, batch, inputs) -> (correct [C], count [C])` per class."""
+    counts = functools.partial(_eval_counts, method=method)
+    return jax.jit(counts, out_shardings=sharding.replicated(mesh))
+
+
+def evaluate(
+    method: Method,
+    params,
+    features: np.ndarray,
+    labels: np.ndarray,
+    inputs: TaskInputs,
+    mesh: Mesh,
+    batch_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(correct [C], count [C]) of the head on (features [M, D], positions [M]), batched.
+
+    Every batch has `batch_size` rows (rounded up to the mesh size; the last one padded with mask
+    0), so one compiled function serves every batch and task of a run.
+    """
+    counts = eval_counts_fn(method, mesh)
+    size = sharding.padded_size(batch_size, mesh)
+    classes = inputs.text.shape[0]
+    correct, total = np.zeros(classes), np.zeros(classes)
+    for start in range(0, len(labels), size):
+        rows = np.arange(start, min(start + size, len(labels)))
+        batch = sharding.shard_batch(host_batch(features, labels, rows, size), mesh)
+        c, n = sharding.to_host(counts(params, batch, inputs))
+        correct, total = correct + c, total + n
+    return correct, total
 
 
 def epoch_permutation(seed: int, task: int, epoch: int, n: int) -> np.ndarray:
@@ -270,7 +174,6 @@ class TaskRun:
     labels: np.ndarray  # int [N] their positions
     old_ids: np.ndarray  # int [C_old] old class positions
     inputs: TaskInputs
-    settings: StepSettings
     key: jax.Array  # the task's key, replicated
 
 
@@ -299,7 +202,7 @@ def check_losses(
 
 
 def train_task(
-    head,
+    method: Method,
     config: ml_collections.ConfigDict,
     run: TaskRun,
     state: TrainState,
@@ -312,59 +215,34 @@ def train_task(
     loss_callback: Callable[[int, list[int], np.ndarray, np.ndarray], None] | None = None,
     progress: bool = True,
 ) -> tuple[TrainState, dict]:
-    """Trains the head on one task from `start_step` (0, or a step checkpoint's step).
+    """Trains `method` on one task from `start_step` (0, or a step checkpoint's step).
 
     Args:
-      state: head params and the optimiser state matching `start_step`, replicated.
-      save_step: called as `save_step(step, state, epoch_losses)` every `checkpoint_every_steps`
-        steps and on KeyboardInterrupt (state after `step` completed steps; the losses of the
-        current epoch so far, so a resumed run reports the same epoch loss).
-      epoch_losses: those losses when resuming from a step checkpoint.
-      step_callback: `step_callback(task, completed_steps)` after every step (tests use it to
-        interrupt a run).
-      loss_callback: `loss_callback(task, steps, losses, lrs)` whenever losses reach the host
-        (every epoch and step checkpoint: no extra device sync); `steps` are completed-step
-        counts 1..total, `lrs` the learning rate each of those steps used.
+      state: params and optimiser state matching `start_step`, replicated.
+      save_step: `save_step(step, state, epoch_losses)` every `checkpoint_every_steps` steps and
+        on KeyboardInterrupt (the current epoch's losses so far, so a resumed run reports the
+        same epoch loss); `epoch_losses`: those losses when resuming from a step checkpoint.
+      step_callback: `fn(task, completed_steps)` after every step; loss_callback: `fn(task,
+        steps, losses, lrs)` as losses reach the host (each epoch and step checkpoint).
 
-    Returns:
-      (final state, info dict with `loss` (mean of the last epoch) and `steps`).
-    Raises:
-      NonFiniteLossError on a NaN/Inf loss (checked every epoch and before every step checkpoint).
+    Returns (final state, {`loss`: mean of the last epoch, `steps`}); raises NonFiniteLossError
+    on a NaN/Inf loss (checked every epoch and before every step checkpoint).
     """
     from tqdm.auto import tqdm  # noqa: PLC0415  (import cost only when training)
 
-    batch_size = int(config.train.batch_size)
-    epochs, seed = int(config.train.epochs), int(config.seed)
-    epoch_steps = steps_per_epoch(len(run.labels), batch_size)
+    epochs, every = int(config.train.epochs), int(config.train.checkpoint_every_steps)
+    epoch_steps = steps_per_epoch(len(run.labels), int(config.train.batch_size))
     total = epochs * epoch_steps
-    padded = sharding.padded_size(batch_size, mesh)
-    step_fn = train_step_fn(head, run.settings, mesh)
-    every = int(config.train.checkpoint_every_steps)
-    per_batch = int(config.pseudo.classes_per_batch)
-    pending: list[tuple[int, jax.Array]] = []
-    last_loss, step = None, start_step
+    step_fn = train_step_fn(method, mesh)
+    pending, last_loss, step = [], None, start_step  # pending: (step, loss) not yet checked
     losses_so_far = list(epoch_losses or [])
     bar = tqdm(total=total, initial=start_step, desc=f"task {run.task}", disable=not progress)
-    report = None
-    if loss_callback is not None:
-
-        def report(steps: list[int], values: np.ndarray) -> None:
-            lrs = np.array([learning_rate(config, s - 1, epoch_steps) for s in steps])
-            loss_callback(run.task, steps, values, lrs)
-
+    report = _loss_reporter(config, run.task, epoch_steps, loss_callback)
     try:
         for epoch in range(start_step // epoch_steps, epochs):
-            order = epoch_permutation(seed, run.task, epoch, len(run.labels))
-            pseudo = pseudo_class_schedule(
-                seed, run.task, epoch, run.old_ids, epoch_steps, per_batch
-            )
-            for index in range(step - epoch * epoch_steps, epoch_steps):
-                rows = order[index * batch_size : (index + 1) * batch_size]
-                batch = sharding.shard_batch(
-                    host_batch(run.features, run.labels, rows, padded), mesh
-                )
+            for batch, pseudo_ids in _epoch_batches(config, run, epoch, step, epoch_steps, mesh):
                 lr = learning_rate(config, step, epoch_steps)
-                scalars = sharding.replicate((pseudo[index], np.int32(step), np.float32(lr)), mesh)
+                scalars = sharding.replicate((pseudo_ids, np.int32(step), np.float32(lr)), mesh)
                 state, loss = step_fn(state, batch, *scalars, run.key, run.inputs)
                 step += 1
                 pending.append((step, loss))
@@ -383,6 +261,33 @@ def train_task(
     finally:
         bar.close()
     return state, {"loss": last_loss, "steps": total}
+
+
+def _epoch_batches(config, run: TaskRun, epoch: int, step: int, epoch_steps: int, mesh: Mesh):
+    """Yields the sharded (batch, pseudo-class ids [K]) of `epoch` from global step `step` on."""
+    batch_size, seed = int(config.train.batch_size), int(config.seed)
+    padded = sharding.padded_size(batch_size, mesh)
+    order = epoch_permutation(seed, run.task, epoch, len(run.labels))
+    per_batch = int(config.pseudo.classes_per_batch)
+    pseudo = pseudo_class_schedule(seed, run.task, epoch, run.old_ids, epoch_steps, per_batch)
+    for index in range(step - epoch * epoch_steps, epoch_steps):
+        rows = order[index * batch_size : (index + 1) * batch_size]
+        yield (
+            sharding.shard_batch(host_batch(run.features, run.labels, rows, padded), mesh),
+            pseudo[index],
+        )
+
+
+def _loss_reporter(config, task: int, epoch_steps: int, loss_callback):
+    """`report(steps, losses)` for `check_losses`: adds the steps' learning rates and the task."""
+    if loss_callback is None:
+        return None
+
+    def report(steps: list[int], values: np.ndarray) -> None:
+        lrs = np.array([learning_rate(config, s - 1, epoch_steps) for s in steps])
+        loss_callback(task, steps, values, lrs)
+
+    return report
 
 
 def _save_on_interrupt(pending, task, step, total, state, save_step, losses, report) -> None:

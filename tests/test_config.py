@@ -3,7 +3,7 @@ preset cannot drift silently; the preset is the single place a method's switches
 
 import pytest
 
-from calfuse_jax import train
+from calfuse_jax import methods
 from calfuse_jax.config import METHODS, method_config, resolve_method
 
 # (calibration.mode, calibration.value, fusion.rules, train.epochs, pseudo.classes_per_batch,
@@ -61,14 +61,14 @@ def test_distillation_without_pseudo_features_is_refused():
     with pytest.raises(ValueError, match=message):
         resolve_method(config)
     with pytest.raises(ValueError, match=message):
-        train.step_settings(config, logit_scale=100.0)
+        methods.step_settings(config, logit_scale=100.0)
     # finetune clears both switches, so asking it for KD is not an error; K = 0 without KD draws
     # no pseudo-features at all.
     config.method = "finetune"
     assert resolve_method(config).loss.kd_weight == 0.0
     config.method, config.loss.kd_weight = "calfuse", 0.0
-    settings = train.step_settings(resolve_method(config), logit_scale=100.0)
+    settings = methods.step_settings(resolve_method(config), logit_scale=100.0)
     assert (settings.pseudo_per_class, settings.kd_weight) == (0, 0.0)
     config.pseudo.classes_per_batch, config.loss.kd_weight = 2, 0.5
-    settings = train.step_settings(resolve_method(config), logit_scale=100.0)
+    settings = methods.step_settings(resolve_method(config), logit_scale=100.0)
     assert (settings.pseudo_per_class, settings.kd_weight) == (20, 0.5)  # floor(10 * beta 2)

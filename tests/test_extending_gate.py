@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from readme_blocks import README, blocks
 
-from calfuse_jax import calibration, train
+from calfuse_jax import calibration, methods
 
 # README's two blocks: the function added to calfuse_jax/calibration.py, and the run.
 ADD_TO_CALIBRATION, RUN = blocks("Adding a gate mode")
@@ -25,7 +25,7 @@ def test_a_new_gate_mode_runs_end_to_end(capped_mode, tmp_path, monkeypatch):
     assert [row["steps"] for row in result.rows] == [6, 6, 6]  # trained every task
     assert np.isfinite(result.summary["last"])
     # The gate the head computed on each task: 0.2, 0.5 (the linear 0.5), 0.8 capped at 0.5.
-    head = train.make_head(config, stream.dim)
+    head = methods.make_head(config, stream.dim)
     bounds = stream.split.bounds
     f0 = stream.test_features[:3]
     gates = [

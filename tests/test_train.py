@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from calfuse_jax import calibration, sharding, train
+from calfuse_jax import calibration, methods, sharding, train
 from calfuse_jax.config import method_config
 
 D, C = 8, 6
@@ -29,13 +29,13 @@ def _setup(kd_weight=0.5):
     config.calibration.update(mode="schedule", schedule="linear", g_first=0.0, g_last=0.5)
     config.pseudo.beta = 0.2  # floor(10 * 0.2) = 2 pseudo samples, floor(20 * 0.2) = 4 hard
     config.loss.kd_weight = kd_weight
-    head = train.make_head(config, D)
-    settings = train.step_settings(config, logit_scale=10.0)
+    head = methods.make_head(config, D)
+    settings = methods.step_settings(config, logit_scale=10.0)
     rng = np.random.default_rng(0)
     ctx = calibration.task_context([0, 3, 5, 6], 1)  # 3 old classes, 5 seen; class 5 unseen
     params = head.init(jax.random.PRNGKey(0), np.zeros((1, D), np.float32), ctx)["params"]
     teacher = head.init(jax.random.PRNGKey(1), np.zeros((1, D), np.float32), ctx)["params"]
-    inputs = train.TaskInputs(
+    inputs = methods.TaskInputs(
         text=_unit(rng.standard_normal((C, D))).astype(np.float32),
         ctx=ctx,  # class 5 is not seen yet: the softmax must ignore it
         means=(3 * rng.standard_normal((C, D))).astype(np.float32),
@@ -81,7 +81,7 @@ def numpy_loss(params, inputs, batch, pseudo_ids, kd_weight):
 
 
 # One jitted function for both loss tests (same static settings): one compile.
-jitted_loss = jax.jit(train.loss_fn, static_argnums=(5, 6))
+jitted_loss = jax.jit(methods.loss_fn, static_argnums=(5, 6))
 
 
 def test_loss_matches_numpy():
@@ -150,17 +150,18 @@ def test_train_task_runs_every_row_and_flags_nan(tmp_path):
     features = (3 * rng.standard_normal((15, D))).astype(np.float32)
     run = train.TaskRun(
         task=1, features=features, labels=rng.integers(3, 5, 15).astype(np.int32),
-        old_ids=np.arange(3), inputs=sharding.replicate(inputs, mesh), settings=settings,
+        old_ids=np.arange(3), inputs=sharding.replicate(inputs, mesh),
         key=sharding.replicate(jax.random.PRNGKey(0), mesh),
     )  # fmt: skip
     state = sharding.replicate(train.TrainState(params, train.optimizer().init(params)), mesh)
+    method = methods.CalibratedHeadMethod(head, settings, fusion_rules=(), trains=True)
     seen = []
     state, info = train.train_task(
-        head, config, run, state, mesh, progress=False, step_callback=lambda t, s: seen.append(s)
+        method, config, run, state, mesh, progress=False, step_callback=lambda t, s: seen.append(s)
     )
     assert info["steps"] == 6 and seen == [1, 2, 3, 4, 5, 6]  # ceil(15 / 6) = 3 per epoch
     assert np.isfinite(info["loss"])
     bad = train.TaskRun(**{**run.__dict__, "features": features * np.inf})
     state = sharding.replicate(train.TrainState(params, train.optimizer().init(params)), mesh)
     with pytest.raises(train.NonFiniteLossError, match="task 1, step 1"):
-        train.train_task(head, config, bad, state, mesh, progress=False)
+        train.train_task(method, config, bad, state, mesh, progress=False)

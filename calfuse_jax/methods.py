@@ -1,0 +1,259 @@
+"""The method seam: what the training step, the evaluation and the task loop call.
+
+A method is a hashable object (jit caches one compiled step and one evaluation per method) with
+
+    trains: bool                       False: no training steps, no fusion (zero-shot, NCM)
+    fusion_rules: tuple[fusion.Rule]   how old and new params merge after a task
+    init(key) -> params                a fresh parameter pytree
+    logits(params, f0 [B, D], inputs: TaskInputs) -> [B, C]
+    loss(params, batch, pseudo_ids, rng, inputs) -> (scalar, dict of terms)   (when it trains)
+
+`REGISTRY` maps `config.method` to an `Entry`: a `build(config, dim, logit_scale)` that makes
+the method, and the config fields its preset sets (`config.resolve_method` applies them).
+CalFuse, RAPF, finetune and zero-shot are four presets of the one `CalibratedHeadMethod`; a new
+method is a module with its own class plus one line here (see README, "Extending").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from calfuse_jax import calibration, fusion, losses, stats
+
+
+class Method(Protocol):
+    """What the train step, the evaluation and the task loop call (see the module docstring)."""
+
+    trains: bool
+    fusion_rules: tuple[fusion.Rule, ...]
+
+    def init(self, key: jax.Array) -> Any: ...
+
+    def logits(self, params: Any, f0: jax.Array, inputs: TaskInputs) -> jax.Array: ...
+
+    def loss(self, params: Any, batch, pseudo_ids, rng, inputs: TaskInputs): ...
+
+
+class TaskInputs(NamedTuple):
+    """Arrays constant during a task, replicated; padded to all C classes of the stream so that
+    every task has the same shapes and the step is traced and compiled once per run.
+
+    Attributes:
+      text: [C, D] unit text embeddings of every class, by position.
+      ctx: the task's `calibration.TaskContext` (its `num_seen` classes enter the softmax; with
+        `num_old` = 0, on the first task, the old-class terms are off).
+      means: [C, D] stored class means (zero rows for classes without statistics yet).
+      chols: [C, D, D] their Cholesky factors.
+      pairs: int32 [P, 2] hard pairs (old i, new j), padded; pair_mask: float32 [P] 1 for real.
+      teacher: previous task's head params (for distillation; the current ones on task 0).
+      teacher_ctx: the previous task's context (this task's on task 0).
+    """
+
+    text: jax.Array
+    ctx: calibration.TaskContext
+    means: jax.Array
+    chols: jax.Array
+    pairs: jax.Array
+    pair_mask: jax.Array
+    teacher: Any
+    teacher_ctx: calibration.TaskContext
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """Static (hashable) choices of a run's step; changing one means a new trace."""
+
+    logit_scale: float
+    pseudo_per_class: int  # floor(10 beta), 0 disables pseudo-features
+    hard_per_class: int  # floor(20 beta), 0 disables the hinge
+    hard_margin: float
+    hard_weight: float
+    kd_weight: float
+    kd_temperature: float
+
+
+def make_head(config: ml_collections.ConfigDict, dim: int) -> calibration.CalibratedHead:
+    """The `CalibratedHead` of `config` for features of width `dim`: `config.calibration`'s
+    fields are the head's gate settings, one to one."""
+    gate = config.calibration.to_dict()
+    return calibration.CalibratedHead(dim=dim, adapter_init=config.head.init, **gate)
+
+
+def step_settings(config: ml_collections.ConfigDict, logit_scale: float):
+    """The static settings of a run (task 0 switches the old-class terms off through masks).
+
+    Raises ValueError for distillation without pseudo-features (`check_switches`).
+    """
+    check_switches(config)
+    beta = float(config.pseudo.beta)
+    use_pseudo = int(config.pseudo.classes_per_batch) > 0
+    use_kd = float(config.loss.kd_weight) > 0
+    use_hard = float(config.pseudo.hard_weight) > 0
+    return StepSettings(
+        logit_scale=float(logit_scale),
+        pseudo_per_class=int(np.floor(10 * beta)) if use_pseudo else 0,
+        hard_per_class=int(np.floor(20 * beta)) if use_hard else 0,
+        hard_margin=float(config.pseudo.hard_margin),
+        hard_weight=float(config.pseudo.hard_weight),
+        kd_weight=float(config.loss.kd_weight) if use_kd else 0.0,
+        kd_temperature=float(config.loss.kd_temperature),
+    )
+
+
+def head_apply(head, params, f0, text, ctx, settings: StepSettings):
+    """(logits [B, C], calibrated features [B, D]) of the head on frozen features f0 [B, D]."""
+    features, _ = head.apply({"params": params}, f0, ctx)
+    return calibration.head_logits(features, text, settings.logit_scale), features
+
+
+def old_class_samples(rng, inputs: TaskInputs, pseudo_ids, settings: StepSettings):
+    """One Gaussian draw for both pseudo-features and hard-pair samples.
+
+    Returns (features [K*n_p + P*n_h, D], labels [same]): rows of pseudo class k first (n_p
+    each), then n_h rows of the old class of each hard pair. Drawing both in one call keeps the
+    compiled step small; the samples are independent either way.
+    """
+    n_p, n_h = settings.pseudo_per_class, settings.hard_per_class
+    block = math.gcd(n_p, n_h)  # gcd(n, 0) = n
+    ids = []
+    if n_p:
+        ids.append(jnp.repeat(pseudo_ids, n_p // block))
+    if n_h:
+        ids.append(jnp.repeat(inputs.pairs[:, 0], n_h // block))
+    ids = jnp.concatenate(ids).astype(jnp.int32)
+    return stats.sample_pseudo(rng, inputs.means, inputs.chols, ids, block)
+
+
+def loss_fn(params, batch, pseudo_ids, rng, inputs: TaskInputs, head, settings: StepSettings):
+    """Total loss of one batch (DESIGN.md §2): CE on real + pseudo, hinge on hard pairs, KD.
+
+    Args:
+      batch: (features [B, D], positions int [B], mask float [B]) - padded rows have mask 0.
+      pseudo_ids: int32 [K] old classes whose pseudo-features join this batch.
+      rng: this step's key.
+    Returns:
+      (scalar loss, dict of its terms).
+    """
+    features, labels, mask = batch
+    num_pseudo = pseudo_ids.shape[0] * settings.pseudo_per_class
+    has_old = (inputs.ctx.num_old > 0).astype(jnp.float32)  # old-class terms are off on task 0
+    if settings.pseudo_per_class or settings.hard_per_class:
+        extra, extra_labels = old_class_samples(rng, inputs, pseudo_ids, settings)
+        features = jnp.concatenate([features, extra])  # one pass of the head over everything
+    logits, calibrated = head_apply(head, params, features, inputs.text, inputs.ctx, settings)
+    real = labels.shape[0]
+    terms = {}
+    if settings.pseudo_per_class:
+        pseudo_mask = jnp.full((num_pseudo,), has_old)
+        labels = jnp.concatenate([labels, extra_labels[:num_pseudo].astype(labels.dtype)])
+        mask = jnp.concatenate([mask, pseudo_mask])
+        if settings.kd_weight:
+            pseudo = extra[:num_pseudo]
+            teacher, _ = head_apply(
+                head, inputs.teacher, pseudo, inputs.text, inputs.teacher_ctx, settings
+            )
+            kd = losses.distillation_loss(
+                logits[real : real + num_pseudo],
+                jax.lax.stop_gradient(teacher),
+                settings.kd_temperature,
+                num_seen=inputs.ctx.num_old,
+                mask=pseudo_mask,
+            )
+            terms["kd"] = settings.kd_weight * kd
+    ce_rows = real + (num_pseudo if settings.pseudo_per_class else 0)
+    terms["ce"] = losses.cross_entropy(
+        logits[:ce_rows], labels, num_seen=inputs.ctx.num_seen, mask=mask
+    )
+    if settings.hard_per_class:
+        n = settings.hard_per_class
+        own = jnp.repeat(inputs.text[inputs.pairs[:, 0]], n, axis=0)  # [P * n, D]
+        other = jnp.repeat(inputs.text[inputs.pairs[:, 1]], n, axis=0)
+        pair_mask = jnp.repeat(inputs.pair_mask, n) * has_old
+        hinge = losses.hinge_loss(calibrated[ce_rows:], own, other, settings.hard_margin, pair_mask)
+        terms["hinge"] = settings.hard_weight * hinge
+    return sum(terms.values()), terms
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibratedHeadMethod:
+    """The calibrated head (adapter + gate, `calibration.CalibratedHead`) trained with the loss of
+    DESIGN.md §2; its presets are CalFuse, RAPF, finetune and zero-shot."""
+
+    head: calibration.CalibratedHead
+    settings: StepSettings
+    fusion_rules: tuple[fusion.Rule, ...]
+    trains: bool
+
+    @classmethod
+    def build(cls, config: ml_collections.ConfigDict, dim: int, logit_scale: float):
+        return cls(
+            head=make_head(config, dim),
+            settings=step_settings(config, logit_scale),
+            fusion_rules=fusion.parse_rules(config.fusion.rules),
+            trains=int(config.train.epochs) > 0,
+        )
+
+    def init(self, key: jax.Array):
+        dummy = jnp.zeros((1, self.head.dim), jnp.float32)
+        ctx = calibration.task_context([0, 1], 0)  # the parameters do not depend on the task
+        return self.head.init(key, dummy, ctx)["params"]
+
+    def logits(self, params, f0, inputs: TaskInputs):
+        return head_apply(self.head, params, f0, inputs.text, inputs.ctx, self.settings)[0]
+
+    def loss(self, params, batch, pseudo_ids, rng, inputs: TaskInputs):
+        return loss_fn(params, batch, pseudo_ids, rng, inputs, self.head, self.settings)
+
+
+class Entry(NamedTuple):
+    """A registered method: its constructor and its preset (flat config names -> values)."""
+
+    build: Callable[[ml_collections.ConfigDict, int, float], Method]
+    preset: dict[str, Any]
+
+
+_HEAD, _KEEP_NEW = CalibratedHeadMethod.build, (".*=keep_new",)
+REGISTRY: dict[str, Entry] = {
+    "calfuse": Entry(_HEAD, {}),
+    "rapf": Entry(
+        _HEAD,
+        {"calibration.mode": "none", "fusion.rules": ("adapter/kernel=svd", "calib/.*=keep_new")},
+    ),
+    "finetune": Entry(
+        _HEAD,
+        {"calibration.mode": "none", "fusion.rules": _KEEP_NEW, "loss.kd_weight": 0.0}
+        | {"pseudo.classes_per_batch": 0, "pseudo.hard_weight": 0.0},
+    ),
+    # Plain CLIP: no training, and a fixed gate g = 1, so the calibrated feature is n(f0).
+    "zeroshot": Entry(
+        _HEAD,
+        {"train.epochs": 0, "fusion.rules": _KEEP_NEW}
+        | {"calibration.mode": "fixed", "calibration.value": 1.0},
+    ),
+}
+
+
+def check_switches(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError on switches that cannot work together (on the resolved config), and on
+    fusion rules that do not parse (`fusion.parse_rules`).
+
+    Distillation runs on the pseudo-features of the K old classes of each batch; with K = 0 there
+    are none, so `loss.kd_weight > 0` would distil nothing (and replaying some class only to feed
+    it would change the cross-entropy as well).
+    """
+    if float(config.loss.kd_weight) > 0 and int(config.pseudo.classes_per_batch) <= 0:
+        raise ValueError(
+            f"loss.kd_weight={config.loss.kd_weight} needs pseudo.classes_per_batch >= 1: "
+            "distillation runs on the pseudo-features of old classes, and "
+            "pseudo.classes_per_batch=0 draws none; set pseudo.classes_per_batch (e.g. 2) or "
+            "loss.kd_weight=0"
+        )
+    fusion.parse_rules(config.fusion.rules)
