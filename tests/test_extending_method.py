@@ -9,61 +9,13 @@ import types
 
 import numpy as np
 import pytest
+from readme_blocks import blocks
 
 from calfuse_jax import methods
 
-# The notes' first block: the new module, calfuse_jax/ncm.py.
-NCM_MODULE = '''
-"""Nearest class mean on the frozen features: no parameters, no training steps.
-
-A class's prototype is the mean of its frozen training features, which the task loop keeps
-anyway (`TaskInputs.means`, one row per class position); an image goes to the seen class whose
-prototype is the most cosine-similar.
-"""
-
-import dataclasses
-
-from calfuse_jax.calibration import normalize
-
-
-@dataclasses.dataclass(frozen=True)
-class NearestClassMean:
-    trains = False  # the loop runs no steps and no fusion
-    fusion_rules = ()
-
-    @classmethod
-    def build(cls, config, dim, logit_scale):
-        return cls()
-
-    def init(self, key):
-        return {}
-
-    def logits(self, params, f0, inputs):
-        """[B, C] cosine similarity of f0 [B, D] to every class mean (classes without statistics
-        have zero means and score 0; the evaluation masks the unseen ones)."""
-        return normalize(f0) @ normalize(inputs.means).T
-'''
-
-# The notes' second block: the line added to `REGISTRY` in calfuse_jax/methods.py (with `ncm`
-# added to its `from calfuse_jax import ...` line).
-REGISTRY_LINE = """
-    "ncm": Entry(ncm.NearestClassMean.build, {"train.epochs": 0}),
-"""
-
-# The notes' third block: selecting it.
-RUN = """
-from calfuse_jax.config import method_config
-from calfuse_jax.continual import run_continual
-from calfuse_jax.data.synthetic import make_synthetic_stream
-
-stream, text = make_synthetic_stream(
-    num_classes=15, dim=32, train_per_class=15, test_per_class=8, initial=5, increment=5, noise=3.0
-)
-config = method_config()
-config.method = "ncm"
-result = run_continual(stream, text, config, "runs/ncm", progress=False)
-print(result.summary)
-"""
+# README's three blocks: the new module calfuse_jax/ncm.py, the line added to `REGISTRY` in
+# calfuse_jax/methods.py, and selecting it.
+NCM_MODULE, REGISTRY_LINE, RUN = blocks("Adding a method")
 
 
 @pytest.fixture
