@@ -23,14 +23,13 @@ import numpy as np
 from calfuse_jax.models.clip import CLIP, VARIANTS, CLIPArch, init_params, pool_index
 from calfuse_jax.models.convert import (
     CheckpointError,
-    HubUnreachableError,
     arch_from_config,
     config_from_arch,
     from_state_dict,
     load_folder,
-    resolve,
     to_state_dict,
 )
+from calfuse_jax.models.hub import HubUnreachableError, resolve
 from calfuse_jax.preprocess import CLIP_MEAN, CLIP_STD, preprocess
 from calfuse_jax.tokenizer import TOKENIZER_FILES, ClipTokenizer, tokenizer_from_folder
 

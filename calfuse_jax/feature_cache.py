@@ -67,7 +67,7 @@ def weights_id(path_or_hub_id: str | os.PathLike) -> str:
     if path.is_file():
         return file_sha256(path)
     if not path.is_dir():
-        from calfuse_jax.models.convert import resolve
+        from calfuse_jax.models.hub import resolve
 
         path = resolve(path, ("config.json",), ("model.safetensors", "pytorch_model.bin"))
     files = _weight_files(path)

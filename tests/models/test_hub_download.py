@@ -133,7 +133,7 @@ def test_a_hub_id_downloads_the_served_checkpoint_then_loads_offline(served, tmp
     assert run.stdout.strip() == file_sha256(served / "model.safetensors")  # features.weights_id
     assert "PyTorch was not found" not in run.stderr and "Retrying" not in run.stderr
     downloads = sorted(path.rsplit("/", 1)[1] for method, path in hub.requests if method == "GET")
-    assert downloads == sorted(convert.HUB_FILES)  # each file once, later calls hit the cache
+    assert downloads == sorted(hub.HUB_FILES)  # each file once, later calls hit the cache
     assert_loads_offline_as_served(tmp_path / "hub", served)
 
 
@@ -142,7 +142,7 @@ def test_the_recommended_hf_download_fills_the_cache_for_offline_runs(served, tm
     assert hf, "the hf command ships with huggingface_hub"
     with hubserver.serve({HUB_ID: served}) as hub:
         run = subprocess.run(
-            [hf, "download", HUB_ID, *convert.HUB_FILES],
+            [hf, "download", HUB_ID, *hub.HUB_FILES],
             env=hubserver.hub_env(hub.url, tmp_path),
             capture_output=True,
             text=True,
