@@ -17,6 +17,7 @@ import pytest
 from calfuse_jax import clip
 from calfuse_jax.feature_cache import file_sha256
 from calfuse_jax.models import convert
+from calfuse_jax.models.hub import HUB_FILES
 
 HUB_ID = "openai/clip-vit-base-patch16"
 # What a user runs, without torch (only the parity tests use it; hidden, transformers loads faster).
@@ -133,7 +134,7 @@ def test_a_hub_id_downloads_the_served_checkpoint_then_loads_offline(served, tmp
     assert run.stdout.strip() == file_sha256(served / "model.safetensors")  # features.weights_id
     assert "PyTorch was not found" not in run.stderr and "Retrying" not in run.stderr
     downloads = sorted(path.rsplit("/", 1)[1] for method, path in hub.requests if method == "GET")
-    assert downloads == sorted(hub.HUB_FILES)  # each file once, later calls hit the cache
+    assert downloads == sorted(HUB_FILES)  # each file once, later calls hit the cache
     assert_loads_offline_as_served(tmp_path / "hub", served)
 
 
@@ -142,7 +143,7 @@ def test_the_recommended_hf_download_fills_the_cache_for_offline_runs(served, tm
     assert hf, "the hf command ships with huggingface_hub"
     with hubserver.serve({HUB_ID: served}) as hub:
         run = subprocess.run(
-            [hf, "download", HUB_ID, *hub.HUB_FILES],
+            [hf, "download", HUB_ID, *HUB_FILES],
             env=hubserver.hub_env(hub.url, tmp_path),
             capture_output=True,
             text=True,
