@@ -16,3 +16,32 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Datasets fetched in tests come from a fixture's server on 127.0.0.1 (tests/data/test_download.py);
 # any other fetch meets a closed local port and fails at once instead of reaching the internet.
 os.environ.setdefault("CALFUSE_MIRROR", "http://127.0.0.1:9")
+
+
+import jax.numpy as jnp  # noqa: E402  (after XLA_FLAGS: jax must see the fake devices)
+import pytest  # noqa: E402
+
+from calfuse_jax import features  # noqa: E402
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts encoder calls (batches); raises KeyboardInterrupt after `limit` calls; `poison`
+    (a row index) makes the encoder return NaN features for that row of every batch."""
+    state = {"calls": 0, "limit": None, "poison": None}
+    real = features.make_image_encoder
+
+    def make(*args, **kwargs):
+        encoder = real(*args, **kwargs)
+
+        def run(pixels):
+            if state["limit"] is not None and state["calls"] >= state["limit"]:
+                raise KeyboardInterrupt("simulated interruption")
+            state["calls"] += 1
+            out = encoder(pixels)
+            return out if state["poison"] is None else out.at[state["poison"]].set(jnp.nan)
+
+        return run
+
+    monkeypatch.setattr(features, "make_image_encoder", make)
+    return state

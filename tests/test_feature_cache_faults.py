@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -22,29 +21,6 @@ from tests.processes import REPO
 @pytest.fixture(scope="module")
 def stand_in():
     return model_and_params()
-
-
-@pytest.fixture
-def counted(monkeypatch):
-    """Counts encoder calls (batches); raises KeyboardInterrupt after `limit` calls; `poison`
-    (a row index) makes the encoder return NaN features for that row of every batch."""
-    state = {"calls": 0, "limit": None, "poison": None}
-    real = features.make_image_encoder
-
-    def make(*args, **kwargs):
-        encoder = real(*args, **kwargs)
-
-        def run(pixels):
-            if state["limit"] is not None and state["calls"] >= state["limit"]:
-                raise KeyboardInterrupt("simulated interruption")
-            state["calls"] += 1
-            out = encoder(pixels)
-            return out if state["poison"] is None else out.at[state["poison"]].set(jnp.nan)
-
-        return run
-
-    monkeypatch.setattr(features, "make_image_encoder", make)
-    return state
 
 
 def extract(stand_in, cache_dir):

@@ -47,27 +47,6 @@ def tiny_clip(tmp_path_factory):
     return folder, model, params
 
 
-@pytest.fixture
-def counted(monkeypatch):
-    """Counts encoder executions (batches sent to the device); can fail after `limit` calls."""
-    state = {"calls": 0, "limit": None}
-    real = features.make_image_encoder
-
-    def make(*args, **kwargs):
-        encoder = real(*args, **kwargs)
-
-        def run(pixels):
-            if state["limit"] is not None and state["calls"] >= state["limit"]:
-                raise KeyboardInterrupt("simulated interruption")
-            state["calls"] += 1
-            return encoder(pixels)
-
-        return run
-
-    monkeypatch.setattr(features, "make_image_encoder", make)
-    return state
-
-
 def _direct(model, params, ds, size):
     pixels = preprocess(ds.load_batch(range(len(ds))), size)
     return np.asarray(model.apply({"params": params}, pixels, method=model.encode_image))
