@@ -68,6 +68,12 @@ class RunCheckpoints:
     def __init__(self, directory: str | Path):
         directory = Path(directory).absolute()
         self.directory = directory
+        for folder in (directory, directory / "tasks", directory / "steps"):
+            if folder.exists() and not folder.is_dir():  # Orbax would fail at the first save
+                raise TaskCheckpointError(
+                    f"{folder} is a file where the run keeps its checkpoints; move it away, or "
+                    "pass overwrite=True (--overwrite) to move the old results aside"
+                )
         # Synchronous saves: a checkpoint is complete when `save` returns, which keeps the order
         # "checkpoint, then metrics files" simple and lets the next step donate the saved arrays.
         # Named handlers let a fresh manager read an item's metadata (shapes) without its arrays.
@@ -131,15 +137,20 @@ class RunCheckpoints:
 
     def task_meta(self, task: int) -> dict:
         """The JSON part of task `task`'s checkpoint (cheap: no arrays read)."""
-        restored = self._tasks.restore(task, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        restored = self._restore(task, meta=ocp.args.JsonRestore())
         return _checked(restored["meta"], self.task_path(task))
 
     def restore_task(self, task: int, abstract_state: Any) -> Any:
         """The state of task `task`, shaped and placed like `abstract_state` (ShapeDtypeStructs)."""
-        restored = self._tasks.restore(
-            task, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-        )
-        return restored["state"]
+        return self._restore(task, state=ocp.args.StandardRestore(abstract_state))["state"]
+
+    def _restore(self, task: int, **items) -> Any:
+        """`items` of task `task`'s checkpoint; TaskCheckpointError naming it when unreadable."""
+        try:
+            return self._tasks.restore(task, args=ocp.args.Composite(**items))
+        except Exception as error:  # Orbax/TensorStore report damaged files in many types
+            problem = f"is unreadable ({' '.join(str(error).split())[:300]})"  # one line
+            raise _stats_error(self, task, task, problem) from error
 
     # Mid-task steps.
     def latest_step(self) -> tuple[int, int] | None:
@@ -265,6 +276,6 @@ def _stats_error(checkpoints: RunCheckpoints, k: int, task: int, problem: str):
             f"delete {path.parent}/<t> for every t >= {k} to resume after task {k - 1}, or {fixes}"
         )
     return TaskCheckpointError(
-        f"task checkpoint {k} ({path}) {problem}; resuming after task {task} needs the class "
-        f"statistics of tasks 0..{task}, each stored in its own task checkpoint: {fixes}"
+        f"task checkpoint {k} ({path}) {problem}; resuming after task {task} reads task "
+        f"checkpoints 0..{task} (each holds its own classes' statistics): {fixes}"
     )

@@ -87,10 +87,15 @@ def read_json(path: str | os.PathLike) -> Any:
     try:
         return json.loads(Path(path).read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise RunFolderError(f"{path} is damaged ({error}); {_FIX}") from error
+        fix = _CONFIG_FIX if Path(path).name == CONFIG_FILE else _FIX
+        raise RunFolderError(f"{path} is damaged ({error}); {fix}") from error
 
 
 _FIX = "running the same command again rebuilds it from the checkpoints, or delete it"
+_CONFIG_FIX = (  # nothing else holds every field, so a resume could not check what it resumes
+    "it alone records the run's config, so it is not rebuilt: restore it, or move the run "
+    "aside with --overwrite (overwrite=True)"
+)
 
 
 def readable_json(path: str | os.PathLike) -> Any:

@@ -46,11 +46,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.milestones = (4, 10)
     defaults.b0(c, 10)
     variant = defaults.parse_arg(arg)
-    variant.apply(c)
-    if variant.smoke:
+    if variant.smoke:  # before the other variants, so that e.g. `inc7,smoke` keeps its Inc7
         c.dataset.num_classes = 20
         c.synthetic.dim = 32
         c.synthetic.train_per_class = 30
         c.synthetic.test_per_class = 10
         defaults.b0(c, 5)
+    variant.apply(c)
     return c
