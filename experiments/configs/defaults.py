@@ -16,7 +16,9 @@ from typing import NamedTuple
 import ml_collections
 from ml_collections import config_dict
 
-from calfuse_jax.config import METHODS, method_config
+from calfuse_jax import config
+from calfuse_jax.config import METHODS
+from calfuse_jax.data.registry import SOURCES
 
 # Continual-CLIP prompt (DESIGN.md §2); an ensemble averages the normalised embeddings.
 DEFAULT_TEMPLATES = ("a good photo of a {}.",)
@@ -33,63 +35,64 @@ VARIANTS = (
 )
 
 
-def base_config() -> ml_collections.ConfigDict:
-    """Every field an experiment reads, with CIFAR-100-like defaults."""
-    c = method_config()
-    c.name = "default"  # names the default workdir: runs/<name>-<method>
-
-    c.dataset = ml_collections.ConfigDict()
-    c.dataset.name = "cifar100"  # a name known to calfuse_jax.data.registry, or "synthetic"
-    c.dataset.source = "auto"  # a calfuse_jax.data.registry.SOURCES name
-    c.dataset.root = config_dict.placeholder(str)  # your copy of the files (else the data folder)
-    c.dataset.data_dir = config_dict.placeholder(str)  # TFDS data_dir (source=tfds)
+# Every experiment field besides `method_config()`'s, once: dotted name -> (default, rule), as
+# `calfuse_jax.config.FIELDS` (a range for each number, the choices, or None).
+FIELDS = {
+    "name": ("default", None),  # names the default workdir: runs/<name>-<method>
+    "dataset.name": ("cifar100", None),  # a name known to calfuse_jax.data.registry, or synthetic
+    "dataset.source": ("auto", SOURCES),
+    "dataset.root": (config_dict.placeholder(str), None),  # your copy (else the data folder)
+    "dataset.data_dir": (config_dict.placeholder(str), None),  # TFDS data_dir (source=tfds)
     # Files (source auto/files, no root): fetch the public archive into $CALFUSE_DATA (default
     # <cache root>/data) when it is not there; False makes missing data an error. With
     # source=tfds: let TFDS download and prepare (needs TensorFlow). ImageNet-2012 is never fetched.
-    c.dataset.download = True
+    "dataset.download": (True, None),
     # Base URL serving the archives instead of their public location (<mirror>/<file name>),
     # e.g. a local copy behind a proxy; None: $CALFUSE_MIRROR, else the public URLs.
-    c.dataset.mirror = config_dict.placeholder(str)
-    c.dataset.train_split = "train"
-    c.dataset.test_split = "test"
-    c.dataset.num_classes = 100
-    c.dataset.max_per_class = 0  # >0 keeps the first n images of each class per split (smoke)
+    "dataset.mirror": (config_dict.placeholder(str), None),
+    "dataset.train_split": ("train", None),
+    "dataset.test_split": ("test", None),
+    "dataset.num_classes": (100, "x >= 0"),  # 0: the number of class folders (image datasets)
+    "dataset.max_per_class": (0, "x >= 0"),  # >0 keeps the first n images of each class per split
     # Reader options passed to load_dataset(**options) (None values are left out), e.g. the
-    # ImageNet-R split seed; each dataset file lists the ones its reader takes.
-    c.dataset.options = ml_collections.ConfigDict()
-
-    c.model = ml_collections.ConfigDict()
+    # ImageNet-R split seed; each dataset file sets the ones its reader takes (OPTION_RULES).
+    "dataset.options": (ml_collections.ConfigDict(), None),
     # Hub id, local Hugging Face CLIP folder, or "random:<variant>" (random weights, offline).
-    c.model.name = "openai/clip-vit-base-patch16"
-    c.model.variant = "ViT-B/16"  # a key of clip.VARIANTS: the architecture the weights must have
-    c.model.image_size = config_dict.placeholder(int)  # None: the checkpoint's own size
-    c.model.seed = 0  # weights seed for "random:<variant>"
-
-    c.prompt = ml_collections.ConfigDict()
-    c.prompt.templates = DEFAULT_TEMPLATES
-    c.prompt.underscores_to_spaces = True
-
+    "model.name": ("openai/clip-vit-base-patch16", None),
+    "model.variant": ("ViT-B/16", None),  # a key of clip.VARIANTS: the weights' architecture
+    "model.image_size": (config_dict.placeholder(int), "x >= 1"),  # None: the checkpoint's own
+    "model.seed": (0, "x >= 0"),  # weights seed for "random:<variant>"
+    "prompt.templates": (DEFAULT_TEMPLATES, None),
+    "prompt.underscores_to_spaces": (True, None),
     # Class order: "fixed" uses `class_order` (the Continual-CLIP lists), "seeded" is the
     # PyCIL/C3Box family np.random.seed(order_seed).permutation(C), "identity" is 0..C-1.
-    c.order = "fixed"
-    c.order_seed = 1993
-    c.class_order = tuple(range(100))
-
+    "order": ("fixed", ORDERS),
+    "order_seed": (1993, "x >= 0"),
+    "class_order": (tuple(range(100)), "x >= 0"),
     # "0" runs once into the workdir; "0,1,2" runs each seed into workdir/seed_k plus mean +- std.
-    c.seeds = "0"
-
-    c.features = ml_collections.ConfigDict()
-    c.features.batch_size = 256
+    "seeds": ("0", None),
+    "features.batch_size": (256, "x >= 1"),
     # None: $CALFUSE_CACHE, else ~/.cache/calfuse_jax. Shared by every method and seed.
-    c.cache_dir = config_dict.placeholder(str)
-    c.progress = True
-
+    "cache_dir": (config_dict.placeholder(str), None),
+    "progress": (True, None),
     # What a run writes besides its metrics, summary and checkpoints. Neither changes a result,
     # so a resume may flip them (calfuse_jax.rundir.RESUME_SAFE); grids turn both off per cell.
-    c.outputs = ml_collections.ConfigDict()
-    c.outputs.plots = True  # accuracy_curve.png, accuracy_matrix.png
-    c.outputs.tensorboard = True  # tensorboard/ event files
-    return c
+    "outputs.plots": (True, None),  # accuracy_curve.png, accuracy_matrix.png
+    "outputs.tensorboard": (True, None),  # tensorboard/ event files
+}
+# The rules of the reader options the dataset files set (`dataset.options.*`).
+OPTION_RULES = {
+    "dataset.options.seed": "x >= 0",
+    "dataset.options.train_fraction": "0 < x < 1",
+    "dataset.options.num_per_class": "x >= 1",
+    "dataset.options.image_size": "x >= 1",
+}
+RULES = {**config.RULES, **config.rules_of(FIELDS), **OPTION_RULES}
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field an experiment reads (`method_config()` and `FIELDS`), CIFAR-100-like."""
+    return config.build(FIELDS, config.method_config())
 
 
 def benchmark(
