@@ -106,10 +106,8 @@ def _allowed(value, rule) -> bool:
     if not isinstance(rule, str):
         return rule is None or value in rule
     t = [value if word == "x" else word for word in rule.split()]  # "0 <= x <= 1"
-    return all(
-        _COMPARE[op](float(a), float(b))
-        for a, op, b in zip(t[:-1:2], t[1::2], t[2::2], strict=True)
-    )
+    pairs = zip(t[:-1:2], t[1::2], t[2::2], strict=True)  # (0, <=, x), (x, <=, 1)
+    return all(_COMPARE[op](float(a), float(b)) for a, op, b in pairs)
 
 
 def check_ranges(config: ml_collections.ConfigDict, rules: dict | None = None) -> None:
@@ -118,8 +116,7 @@ def check_ranges(config: ml_collections.ConfigDict, rules: dict | None = None) -
     for key, value in flat_items(config):
         rule = (RULES if rules is None else rules).get(key)
         if not all(_allowed(v, rule) for v in (value if isinstance(value, tuple) else [value])):
-            ranged = rule is None or isinstance(rule, str)
-            want = f"a finite value x with {rule}" if rule and ranged else describe(rule)
+            want = f"a finite value x with {rule}" if isinstance(rule, str) else describe(rule)
             raise ValueError(
                 f"config key {key!r} is {value!r}; choose {want or 'a finite value'}: set "
                 f"--config.{key}=VALUE (--show-config prints every field's rule)"

@@ -38,6 +38,10 @@ USER_ERRORS = (UserError, ValueError, FileNotFoundError, FileExistsError)
 EXIT_USER_ERROR, EXIT_NON_FINITE, EXIT_INTERRUPTED = 2, 3, 130
 # Writes that fail because of the disk or its permissions: exit 2 as well, naming the file.
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+DISK_FIX = (
+    "Free disk space or make the folder writable (or choose another --workdir / "
+    "--config.cache_dir), then run the same command again: it resumes from what was finished"
+)
 
 CHATTY_LOGGERS = ("absl", "orbax", "jax._src", "matplotlib")  # per-save INFO lines drown ours
 
@@ -214,12 +218,7 @@ def main_guard(
         if args.traceback or error.errno not in DISK_ERRNOS:
             raise
         where = f"cannot write {error.filename}" if error.filename else "a write failed"
-        print(
-            f"error: {where}: {error.strerror}. Free disk space or make the folder writable (or "
-            "choose another --workdir / --config.cache_dir), then run the same command again: "
-            "it resumes from what was finished",
-            file=sys.stderr,
-        )
+        print(f"error: {where}: {error.strerror}. {DISK_FIX}", file=sys.stderr)
         return EXIT_USER_ERROR
 
 

@@ -95,25 +95,6 @@ def base_config() -> ml_collections.ConfigDict:
     return config.build(FIELDS, config.method_config())
 
 
-def benchmark(
-    name: str, num_classes: int, class_order, increment: int
-) -> ml_collections.ConfigDict:
-    """`base_config()` for the benchmark `name` (config and dataset): its classes in the published
-    `class_order`, B0 Inc-`increment`."""
-    c = base_config()
-    c.name = c.dataset.name = name
-    c.dataset.num_classes = num_classes
-    c.class_order = tuple(class_order)
-    return b0(c, increment)
-
-
-def b0(c: ml_collections.ConfigDict, increment: int) -> ml_collections.ConfigDict:
-    """B0 Inc-k: every task, the first included, brings `increment` classes."""
-    c.continual.initial = increment
-    c.continual.increment = increment
-    return c
-
-
 class RapfSplit(NamedTuple):
     """RAPF's settings of one split, from its `configs/class/<dataset>_<initial>-<increment>.yaml`.
 
@@ -128,26 +109,37 @@ class RapfSplit(NamedTuple):
     shrinkage: bool  # stats.shrinkage
 
 
-def use_rapf_split(
-    c: ml_collections.ConfigDict,
-    table: dict[tuple[int, int], RapfSplit],
-    default: tuple[int, int],
-    classes_per_batch: int,
+def benchmark(
+    name: str, num_classes: int, class_order, arg: str | None, splits: dict, classes_per_batch: int
 ) -> ml_collections.ConfigDict:
-    """Sets RAPF's values of the split `(continual.initial, continual.increment)` from `table`.
+    """`base_config()` for the benchmark `name` (config and dataset) with the variant `arg`.
 
-    A split RAPF publishes no config for takes the values of `default` (the dataset's main
-    split). `classes_per_batch` is K, which RAPF's main.py picks from the dataset and increment.
-    Call it after `parse_arg(arg).apply(c)`, so that a variant such as `b50,inc10` picks its own
-    row; a later `--config.continual.*` override does not re-pick (use the variant).
+    Its classes come in the published `class_order`; the split is B0 with the increment of the
+    first key of `splits` (`(initial, increment) -> RapfSplit`, the dataset's main split) unless
+    the variant picks another, and takes RAPF's values of that split's row (a split RAPF
+    publishes no config for: the first row; a later `--config.continual.*` override does not
+    re-pick, use the variant). `classes_per_batch` is K, which RAPF's main.py picks per dataset.
     """
-    split = table.get((c.continual.initial, c.continual.increment), table[default])
+    c = base_config()
+    c.name = c.dataset.name = name
+    c.dataset.num_classes = num_classes
+    c.class_order = tuple(class_order)
+    main = next(iter(splits))
+    parse_arg(arg).apply(b0(c, main[1]))
+    split = splits.get((c.continual.initial, c.continual.increment), splits[main])
     c.train.batch_size = split.batch_size
     c.pseudo.beta = float(split.beta)
     c.fusion.mix_bias = float(split.mix_bias)
     c.pseudo.hard_threshold = float(split.threshold)
     c.stats.shrinkage = bool(split.shrinkage)
     c.pseudo.classes_per_batch = int(classes_per_batch)
+    return c
+
+
+def b0(c: ml_collections.ConfigDict, increment: int) -> ml_collections.ConfigDict:
+    """B0 Inc-k: every task, the first included, brings `increment` classes."""
+    c.continual.initial = increment
+    c.continual.increment = increment
     return c
 
 
