@@ -1,86 +1,145 @@
 """Method defaults shared by the library and every experiment config.
 
-`method_config()` holds every choice of DESIGN.md §2 as a field, so the paper's exact settings
-are a config change, never a code change. `experiments/configs/` adds dataset and model fields on
+`method_config()` holds every choice of DESIGN.md §2 as a field (declared once in `FIELDS`, with
+the rule `check_ranges` enforces), so the paper's exact settings are a config change, never a code
+change. `experiments/configs/` adds dataset and model fields on
 top of it; `resolve_method(config)` turns the `method` preset into concrete switches.
 """
 
 from __future__ import annotations
 
+import copy
+import math
+import operator
+
 import ml_collections
 
 from calfuse_jax import methods
+from calfuse_jax.calibration import GATE_MODES, HEAD_INITS, SCHEDULES
 
 METHODS = tuple(methods.REGISTRY)  # the registered methods (`methods.REGISTRY`)
 
-
-def method_config() -> ml_collections.ConfigDict:
-    """Default CalFuse settings (CIFAR-100 B0 Inc10 values where a dataset matters)."""
-    c = ml_collections.ConfigDict()
-    c.method = "calfuse"  # a key of methods.REGISTRY: calfuse | rapf | finetune | zeroshot
-    c.seed = 0
-    c.logit_scale = 100.0  # CLIP's exp(logit_scale); overwritten from the checkpoint when known
-
-    c.head = ml_collections.ConfigDict()
-    c.head.init = "pytorch"  # pytorch (uniform +-1/sqrt(d)) | identity
-
-    c.calibration = ml_collections.ConfigDict()
-    c.calibration.mode = "dynamic"  # none | fixed | schedule | learned | dynamic
-    c.calibration.value = 0.5  # g for `fixed`
-    c.calibration.schedule = "linear"  # linear (g_first -> g_last) | old_fraction
-    c.calibration.g_first = 0.0
-    c.calibration.g_last = 0.5
-    c.calibration.init_bias = (
-        0.0  # initial gate pre-activation for learned/dynamic (sigmoid(0)=0.5)
-    )
-
-    c.fusion = ml_collections.ConfigDict()
+# Every method field once: dotted name -> (default, rule). A rule is a range ("0 <= x <= 1",
+# "x > 0": every int and float field has one; a tuple's items each keep it), the choices or None
+# (any value of the type); `check_ranges` enforces them, NaN and Inf never pass. Defaults are
+# CIFAR-100 B0 Inc10 values where a dataset matters.
+FIELDS = {
+    "method": ("calfuse", methods.REGISTRY),  # calfuse | rapf | finetune | zeroshot | ...
+    "seed": (0, "x >= 0"),
+    "logit_scale": (100.0, "x > 0"),  # CLIP's exp(logit_scale); overwritten from the checkpoint
+    "head.init": ("pytorch", HEAD_INITS),  # pytorch (uniform +-1/sqrt(d)) | identity
+    "calibration.mode": ("dynamic", GATE_MODES),
+    "calibration.value": (0.5, "0 <= x <= 1"),  # g for `fixed`
+    "calibration.schedule": ("linear", SCHEDULES),  # linear (g_first -> g_last) | old_fraction
+    "calibration.g_first": (0.0, "0 <= x <= 1"),
+    "calibration.g_last": (0.5, "0 <= x <= 1"),
+    # Initial gate pre-activation for learned/dynamic (sigmoid(0) = 0.5).
+    "calibration.init_bias": (0.0, "-inf < x < inf"),
     # "path_regex=action" (fusion.fuse_params): the adapter is QR-fused, the gate keeps its
     # newest values; any leaf no rule matches keeps its new value too.
-    c.fusion.rules = ("adapter/kernel=qr", "calib/.*=keep_new")
-    c.fusion.mix_bias = 0.6  # b in M = min(1, D / max(D) + b)
+    "fusion.rules": (("adapter/kernel=qr", "calib/.*=keep_new"), None),
+    "fusion.mix_bias": (0.6, "0 <= x <= 1"),  # b in M = min(1, D / max(D) + b)
+    "stats.cov_eps": (1e-4, "x >= 0"),
+    "stats.shrinkage": (False, None),
+    "pseudo.classes_per_batch": (2, "x >= 0"),  # K old classes per batch
+    "pseudo.beta": (2.0, "x > 0"),  # floor(10*beta) samples per old class, floor(20*beta) per pair
+    "pseudo.hard_threshold": (0.55, "x >= 0"),  # ||T_j - T_i|| below this is a hard pair
+    "pseudo.hard_margin": (0.1, "x >= 0"),
+    "pseudo.hard_weight": (1.0, "x >= 0"),
+    "loss.kd_weight": (0.0, "x >= 0"),  # 0 disables distillation
+    "loss.kd_temperature": (2.0, "x > 0"),
+    "train.epochs": (15, "x >= 0"),
+    # The global batch, independent of the number of devices; the dataset configs set RAPF's
+    # per split (experiments/configs, e.g. CIFAR-100 100, ImageNet-R 64).
+    "train.batch_size": (128, "x >= 1"),
+    "train.lr": (1e-3, "x > 0"),
+    "train.milestones": ((4, 10), "x >= 0"),  # epochs where lr is multiplied by lr_decay
+    "train.lr_decay": (0.1, "x > 0"),
+    "train.checkpoint_every_steps": (0, "x >= 0"),  # 0: only task checkpoints; >0 also steps
+    "train.eval_batch_size": (1024, "x >= 1"),
+    # Classes in the first task (B0: equal to the increment) and per later task; 0 in an
+    # experiment config: decided from the data (experiments.pipeline.with_data_fields).
+    "continual.initial": (10, "x >= 0"),
+    "continual.increment": (10, "x >= 0"),
+}
 
-    c.stats = ml_collections.ConfigDict()
-    c.stats.cov_eps = 1e-4
-    c.stats.shrinkage = False
 
-    c.pseudo = ml_collections.ConfigDict()
-    c.pseudo.classes_per_batch = 2  # K old classes per batch
-    c.pseudo.beta = 2.0  # floor(10*beta) samples per old class, floor(20*beta) per hard pair
-    c.pseudo.hard_threshold = 0.55  # ||T_j - T_i|| below this is a hard pair
-    c.pseudo.hard_margin = 0.1
-    c.pseudo.hard_weight = 1.0
+def rules_of(fields: dict) -> dict:
+    """dotted name -> rule of a `FIELDS`-style table."""
+    return {key: rule for key, (_, rule) in fields.items()}
 
-    c.loss = ml_collections.ConfigDict()
-    c.loss.kd_weight = 0.0  # 0 disables distillation
-    c.loss.kd_temperature = 2.0
 
-    c.train = ml_collections.ConfigDict()
-    c.train.epochs = 15
-    c.train.batch_size = 128  # global batch, independent of the number of devices; the dataset
-    # configs set RAPF's per split (experiments/configs, e.g. CIFAR-100 100, ImageNet-R 64)
-    c.train.lr = 1e-3
-    c.train.milestones = (4, 10)  # epochs where lr is multiplied by lr_decay
-    c.train.lr_decay = 0.1
-    c.train.checkpoint_every_steps = 0  # 0: only task checkpoints; >0 also step checkpoints
-    c.train.eval_batch_size = 1024
+RULES = rules_of(FIELDS)
+_COMPARE = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 
-    c.continual = ml_collections.ConfigDict()
-    c.continual.initial = 10  # classes in the first task (B0: equal to increment)
-    c.continual.increment = 10
+
+def build(fields: dict, c: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+    """`c` (default: a new ConfigDict) with the defaults of a `FIELDS`-style table set."""
+    c = ml_collections.ConfigDict() if c is None else c
+    for key, (default, _) in fields.items():
+        *path, leaf = key.split(".")
+        node = c
+        for part in path:
+            if part not in node:
+                node[part] = ml_collections.ConfigDict()
+            node = node[part]
+        node[leaf] = copy.deepcopy(default)  # placeholders are references: one per config
     return c
+
+
+def method_config() -> ml_collections.ConfigDict:
+    """Default CalFuse settings: the defaults of `FIELDS`."""
+    return build(FIELDS)
+
+
+def describe(rule) -> str:
+    """A rule as --show-config prints it: '0 <= x <= 1', 'x > 0', 'one of a, b' or ''."""
+    return (rule or "") if rule is None or isinstance(rule, str) else "one of " + ", ".join(rule)
+
+
+def _allowed(value, rule) -> bool:
+    """Whether one value keeps `rule`: finite, and each comparison of a range holds."""
+    if isinstance(value, bool) or value is None:
+        return True
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    if not isinstance(rule, str):
+        return rule is None or value in rule
+    t = [value if word == "x" else word for word in rule.split()]  # "0 <= x <= 1"
+    pairs = zip(t[:-1:2], t[1::2], t[2::2], strict=True)  # (0, <=, x), (x, <=, 1)
+    return all(_COMPARE[op](float(a), float(b)) for a, op, b in pairs)
+
+
+def check_ranges(config: ml_collections.ConfigDict, rules: dict | None = None) -> None:
+    """Raises ValueError naming the field, its value, its rule (`rules`, default `RULES`) and the
+    fix when a field breaks its rule or a float anywhere in `config` is NaN or Inf."""
+    for key, value in flat_items(config):
+        rule = (RULES if rules is None else rules).get(key)
+        if not all(_allowed(v, rule) for v in (value if isinstance(value, tuple) else [value])):
+            want = f"a finite value x with {rule}" if isinstance(rule, str) else describe(rule)
+            raise ValueError(
+                f"config key {key!r} is {value!r}; choose {want or 'a finite value'}: set "
+                f"--config.{key}=VALUE (--show-config prints every field's rule)"
+            )
+
+
+def flat_items(config: ml_collections.ConfigDict, prefix: str = ""):
+    """(dotted name, value) of every leaf field, in order."""
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from flat_items(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key, value
 
 
 def resolve_method(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Returns a copy of `config` with the `method` preset applied (`methods.REGISTRY`: e.g.
     rapf: SVD fusion, no calibration; zeroshot: no training, g = 1).
 
-    Raises ValueError on an unknown method and on switches that cannot work together
-    (`methods.check_switches`).
+    Raises ValueError on a field that breaks its rule (`check_ranges`: an unknown method, a
+    value out of range, NaN) and on switches that cannot work together (`methods.check_switches`).
     """
-    if config.method not in methods.REGISTRY:
-        choices = ", ".join(methods.REGISTRY)
-        raise ValueError(f"unknown method {config.method!r}; choose one of {choices}")
+    check_ranges(config)
     c = ml_collections.ConfigDict(config.to_dict())
     c.update_from_flattened_dict(dict(methods.REGISTRY[c.method].preset))
     methods.check_switches(c)

@@ -9,6 +9,7 @@ computes), the console logging both commands set up, and the persistent XLA comp
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import logging
 import os
@@ -35,6 +36,12 @@ NOT_NAMING = (*RESUME_SAFE, "seeds", "seed")
 # no traceback, exit 2. A NaN/Inf loss exits 3 (the config was valid, the run diverged).
 USER_ERRORS = (UserError, ValueError, FileNotFoundError, FileExistsError)
 EXIT_USER_ERROR, EXIT_NON_FINITE, EXIT_INTERRUPTED = 2, 3, 130
+# Writes that fail because of the disk or its permissions: exit 2 as well, naming the file.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+DISK_FIX = (
+    "Free disk space or make the folder writable (or choose another --workdir / "
+    "--config.cache_dir), then run the same command again: it resumes from what was finished"
+)
 
 CHATTY_LOGGERS = ("absl", "orbax", "jax._src", "matplotlib")  # per-save INFO lines drown ours
 
@@ -206,6 +213,12 @@ def main_guard(
             print(non_finite_message(error, args.workdir), file=sys.stderr)
             return EXIT_NON_FINITE
         print(f"error: {error}\n(run with --traceback for the full trace)", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as error:  # a full or read-only disk: the user frees space or picks a folder
+        if args.traceback or error.errno not in DISK_ERRNOS:
+            raise
+        where = f"cannot write {error.filename}" if error.filename else "a write failed"
+        print(f"error: {where}: {error.strerror}. {DISK_FIX}", file=sys.stderr)
         return EXIT_USER_ERROR
 
 

@@ -46,7 +46,7 @@ def test_every_method_has_an_expectation():
 def test_unknown_method_is_refused_with_the_choices():
     config = method_config()
     config.method = "clip"
-    with pytest.raises(ValueError, match=r"unknown method 'clip'; choose one of calfuse, rapf"):
+    with pytest.raises(ValueError, match=r"'method' is 'clip'; choose one of calfuse, rapf"):
         resolve_method(config)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import pathlib
+import pickle
 import tarfile
 
 import numpy as np
@@ -60,12 +61,23 @@ def _open_members(root: str) -> dict[str, bytes]:
         ) from error
 
 
+def _unpickle(members: dict[str, bytes], name: str, root) -> dict:
+    """The pickle `name` of `members`; ValueError naming it when it is refused or damaged."""
+    try:
+        return _text_keys(load_data_pickle(io.BytesIO(members[name])))
+    except (pickle.UnpicklingError, EOFError, ValueError) as error:
+        raise ValueError(
+            f"cifar100: cifar-100-python/{name} under {os.fspath(root)!r} is not a CIFAR-100 "
+            f"pickle ({error}); delete it and fetch the archive again, or set "
+            "--config.dataset.root to a good copy"
+        ) from None
+
+
 def cifar100(root, split: str) -> ArrayDataset:
     """CIFAR-100 `train` (50,000) or `test` (10,000), fine labels; images uint8 [N, 32, 32, 3]."""
     split = train_or_test(split, name="cifar100")
     members = _open_members(root)
-    record = _text_keys(load_data_pickle(io.BytesIO(members[split])))
-    meta = _text_keys(load_data_pickle(io.BytesIO(members["meta"])))
+    record, meta = (_unpickle(members, name, root) for name in (split, "meta"))
     data = np.asarray(record["data"], dtype=np.uint8)
     if data.ndim != 2 or data.shape[1] != 3072:
         raise ValueError(f"cifar100 {split}: data has shape {data.shape}, expected [N, 3072]")

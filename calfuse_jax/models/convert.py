@@ -254,8 +254,19 @@ def config_from_arch(arch: CLIPArch, bos_token_id: int | None = None):
     )
 
 
+def damaged(path: Path, error: Exception) -> CheckpointError:
+    """The error for a checkpoint file that cannot be parsed: names it and the fix."""
+    real = path.resolve()  # a hub download links to its cached blob: that one must go too
+    linked = f" and {real}, the file it links to," if real != path.absolute() else ""
+    return CheckpointError(
+        f"{path} is damaged ({error}): delete it{linked} and download the checkpoint again (a "
+        "hub id fetches the deleted file anew on the next run)"
+    )
+
+
 def load_safetensors(path: Path) -> dict[str, np.ndarray]:
     """Tensors of one .safetensors file as NumPy; bfloat16 files (NumPy has no bf16) via JAX."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     try:
@@ -264,6 +275,16 @@ def load_safetensors(path: Path) -> dict[str, np.ndarray]:
         from safetensors.flax import load_file as load_jax
 
         return {k: np.asarray(v.astype(np.float32)) for k, v in load_jax(path).items()}
+    except SafetensorError as error:  # a truncated or overwritten file
+        raise damaged(path, error) from None
+
+
+def read_json(path: Path):
+    """The parsed JSON file `path` (config.json, the shard index); CheckpointError if damaged."""
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise damaged(path, error) from None
 
 
 def read_state_dict(folder: Path) -> dict[str, np.ndarray]:
@@ -272,7 +293,7 @@ def read_state_dict(folder: Path) -> dict[str, np.ndarray]:
         return load_safetensors(folder / "model.safetensors")
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(read_json(index)["weight_map"].values()))
         state = {}
         for shard in shards:
             state.update(load_safetensors(folder / shard))
@@ -303,5 +324,5 @@ def load_folder(folder: str | os.PathLike) -> tuple[CLIPArch, dict]:
             f"folder needs config.json and one of {', '.join(WEIGHT_FILES)} (plus vocab.json and "
             "merges.txt for the tokenizer)."
         )
-    arch = arch_from_config(json.loads(config_file.read_text()))
+    arch = arch_from_config(read_json(config_file))
     return arch, from_state_dict(read_state_dict(folder), arch)

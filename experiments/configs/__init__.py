@@ -18,24 +18,18 @@ from typing import Any
 
 import ml_collections
 
-from calfuse_jax.calibration import GATE_MODES, HEAD_INITS, SCHEDULES
-from calfuse_jax.config import METHODS, resolve_method
-from calfuse_jax.data.registry import SOURCES
-from experiments.configs.defaults import ORDERS, VARIANTS
+from calfuse_jax.config import check_ranges, describe, flat_items, resolve_method
+from calfuse_jax.config import rules_of as config_rules
+from experiments.configs import defaults, synthetic
+from experiments.configs.defaults import VARIANTS
 
 _FOLDER = pathlib.Path(__file__).parent
 # Every config file here but the shared defaults: a new file is listed by --help by itself.
 CONFIGS = tuple(sorted(p.stem for p in _FOLDER.glob("[!_]*.py") if p.stem != "defaults"))
 
-# Enumerated fields: a typo here would otherwise only surface deep inside a run.
-CHOICES = {
-    "method": METHODS,
-    "order": ORDERS,
-    "dataset.source": SOURCES,
-    "calibration.mode": GATE_MODES,
-    "calibration.schedule": SCHEDULES,
-    "head.init": HEAD_INITS,
-}
+# Every rule a shipped config's field has (`calfuse_jax.config.FIELDS` and the tables of
+# `defaults` and `synthetic`); `validate` enforces them, --show-config prints them.
+RULES = {**defaults.RULES, **config_rules(synthetic.FIELDS)}
 
 
 class ConfigError(ValueError):
@@ -84,33 +78,22 @@ def catalog() -> str:
     return "\n".join(lines)
 
 
-def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-    """Dotted names of every leaf field."""
-    keys = []
-    for key, value in config.items():
-        if isinstance(value, ml_collections.ConfigDict):
-            keys.extend(flat_keys(value, f"{prefix}{key}."))
-        else:
-            keys.append(prefix + key)
-    return keys
-
-
 def format_config(config: ml_collections.ConfigDict) -> str:
-    """One `key = value` line per field (long tuples shortened), as --show-config prints it."""
+    """One `key = value  # rule` line per field (long tuples shortened), as --show-config prints
+    it."""
     lines = []
-    for key in flat_keys(config):
-        node, leaf = _parent(config, key)
-        value = node[leaf]
+    for key, value in flat_items(config):
         if isinstance(value, tuple) and len(value) > 12:
-            shown = ", ".join(map(str, value[:8]))
-            lines.append(f"{key} = ({shown}, ... {len(value)} values)")
+            line = f"{key} = ({', '.join(map(str, value[:8]))}, ... {len(value)} values)"
         else:
-            lines.append(f"{key} = {value!r}")
+            line = f"{key} = {value!r}"
+        rule = describe(RULES.get(key))
+        lines.append(f"{line}  # {rule}" if rule else line)
     return "\n".join(lines)
 
 
 def _unknown_key(config: ml_collections.ConfigDict, key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, flat_keys(config), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(key, [key for key, _ in flat_items(config)], n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else "; --show-config lists every key"
     return ConfigError(f"unknown config key {key!r}{hint}")
 
@@ -179,21 +162,14 @@ def apply_overrides(
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Rejects values that have the right type but cannot work; names the field and the fix."""
-    for key, choices in CHOICES.items():
-        node, leaf = _parent(config, key) if _has(config, key) else (None, None)
-        if node is not None and node[leaf] not in choices:
-            raise ConfigError(
-                f"config key {key!r} is {node[leaf]!r}; choose one of {', '.join(choices)}"
-            )
+    try:  # every field's rule (RULES: ranges, choices, no NaN/Inf) and the preset's switches
+        check_ranges(config, RULES)
+        resolve_method(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     seeds_of(config)
-    # 0 in these three means "decided from the data" (pipeline.with_data_fields).
-    if config.continual.initial < 0 or config.continual.increment < 0:
-        raise ConfigError(
-            "continual.initial and continual.increment must be >= 1 (or 0: increment "
-            "ceil(classes / 5), initial equal to the increment)"
-        )
     num_classes = config.dataset.num_classes
-    if num_classes < 0 or num_classes == 0 and config.dataset.name == "synthetic":
+    if num_classes == 0 and config.dataset.name == "synthetic":
         raise ConfigError(
             f"dataset.num_classes={num_classes}: give the number of classes (0, 'count the "
             "class folders', only works for image datasets)"
@@ -209,20 +185,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"class_order must list each of the {num_classes} labels 0..{num_classes - 1} once "
             f"(got {len(config.class_order)} entries); or set --config.order=seeded"
         )
-    if config.train.epochs < 0 or config.train.batch_size < 1 or config.features.batch_size < 1:
-        raise ConfigError("train.epochs must be >= 0 and batch sizes >= 1")
-    try:
-        resolve_method(config)  # the preset's switches must work together (check_switches)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
-def _has(config: ml_collections.ConfigDict, key: str) -> bool:
-    try:
-        _parent(config, key)
-        return True
-    except ConfigError:
-        return False
 
 
 def seeds_of(config: ml_collections.ConfigDict) -> list[int]:

@@ -40,7 +40,7 @@ RAPF_SPLITS = {  # (initial, increment): (batch size, beta, mix_bias, threshold,
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Variants: see `defaults.VARIANTS` (inc<k>, b<n>, seeded, rapf, smoke, ...)."""
-    c = defaults.benchmark("cifar100", 100, CLASS_ORDER, 10)
-    defaults.parse_arg(arg).apply(c)
-    k = 4 if c.continual.increment == 5 else 2  # RAPF's main.py: K = 4 for CIFAR-100 Inc5
-    return defaults.use_rapf_split(c, RAPF_SPLITS, default=(10, 10), classes_per_batch=k)
+    c = defaults.benchmark("cifar100", 100, CLASS_ORDER, arg, RAPF_SPLITS, classes_per_batch=2)
+    if c.continual.increment == 5:  # RAPF's main.py: K = 4 for CIFAR-100 Inc5
+        c.pseudo.classes_per_batch = 4
+    return c

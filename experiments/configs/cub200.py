@@ -42,7 +42,5 @@ RAPF_SPLITS = {  # (initial, increment): (batch size, beta, mix_bias, threshold,
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Variants: see `defaults.VARIANTS` (inc<k>, b<n>, seeded, rapf, smoke, ...)."""
-    c = defaults.benchmark("cub200", 200, CLASS_ORDER, 20)
-    defaults.parse_arg(arg).apply(c)
     # RAPF's main.py: K = 10 old classes per batch for CUB-200, whatever the split.
-    return defaults.use_rapf_split(c, RAPF_SPLITS, default=(20, 20), classes_per_batch=10)
+    return defaults.benchmark("cub200", 200, CLASS_ORDER, arg, RAPF_SPLITS, classes_per_batch=10)

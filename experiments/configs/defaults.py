@@ -16,7 +16,9 @@ from typing import NamedTuple
 import ml_collections
 from ml_collections import config_dict
 
-from calfuse_jax.config import METHODS, method_config
+from calfuse_jax import config
+from calfuse_jax.config import METHODS
+from calfuse_jax.data.registry import SOURCES
 
 # Continual-CLIP prompt (DESIGN.md §2); an ensemble averages the normalised embeddings.
 DEFAULT_TEMPLATES = ("a good photo of a {}.",)
@@ -33,82 +35,64 @@ VARIANTS = (
 )
 
 
-def base_config() -> ml_collections.ConfigDict:
-    """Every field an experiment reads, with CIFAR-100-like defaults."""
-    c = method_config()
-    c.name = "default"  # names the default workdir: runs/<name>-<method>
-
-    c.dataset = ml_collections.ConfigDict()
-    c.dataset.name = "cifar100"  # a name known to calfuse_jax.data.registry, or "synthetic"
-    c.dataset.source = "auto"  # a calfuse_jax.data.registry.SOURCES name
-    c.dataset.root = config_dict.placeholder(str)  # your copy of the files (else the data folder)
-    c.dataset.data_dir = config_dict.placeholder(str)  # TFDS data_dir (source=tfds)
+# Every experiment field besides `method_config()`'s, once: dotted name -> (default, rule), as
+# `calfuse_jax.config.FIELDS` (a range for each number, the choices, or None).
+FIELDS = {
+    "name": ("default", None),  # names the default workdir: runs/<name>-<method>
+    "dataset.name": ("cifar100", None),  # a name known to calfuse_jax.data.registry, or synthetic
+    "dataset.source": ("auto", SOURCES),
+    "dataset.root": (config_dict.placeholder(str), None),  # your copy (else the data folder)
+    "dataset.data_dir": (config_dict.placeholder(str), None),  # TFDS data_dir (source=tfds)
     # Files (source auto/files, no root): fetch the public archive into $CALFUSE_DATA (default
     # <cache root>/data) when it is not there; False makes missing data an error. With
     # source=tfds: let TFDS download and prepare (needs TensorFlow). ImageNet-2012 is never fetched.
-    c.dataset.download = True
+    "dataset.download": (True, None),
     # Base URL serving the archives instead of their public location (<mirror>/<file name>),
     # e.g. a local copy behind a proxy; None: $CALFUSE_MIRROR, else the public URLs.
-    c.dataset.mirror = config_dict.placeholder(str)
-    c.dataset.train_split = "train"
-    c.dataset.test_split = "test"
-    c.dataset.num_classes = 100
-    c.dataset.max_per_class = 0  # >0 keeps the first n images of each class per split (smoke)
+    "dataset.mirror": (config_dict.placeholder(str), None),
+    "dataset.train_split": ("train", None),
+    "dataset.test_split": ("test", None),
+    "dataset.num_classes": (100, "x >= 0"),  # 0: the number of class folders (image datasets)
+    "dataset.max_per_class": (0, "x >= 0"),  # >0 keeps the first n images of each class per split
     # Reader options passed to load_dataset(**options) (None values are left out), e.g. the
-    # ImageNet-R split seed; each dataset file lists the ones its reader takes.
-    c.dataset.options = ml_collections.ConfigDict()
-
-    c.model = ml_collections.ConfigDict()
+    # ImageNet-R split seed; each dataset file sets the ones its reader takes (OPTION_RULES).
+    "dataset.options": (ml_collections.ConfigDict(), None),
     # Hub id, local Hugging Face CLIP folder, or "random:<variant>" (random weights, offline).
-    c.model.name = "openai/clip-vit-base-patch16"
-    c.model.variant = "ViT-B/16"  # a key of clip.VARIANTS: the architecture the weights must have
-    c.model.image_size = config_dict.placeholder(int)  # None: the checkpoint's own size
-    c.model.seed = 0  # weights seed for "random:<variant>"
-
-    c.prompt = ml_collections.ConfigDict()
-    c.prompt.templates = DEFAULT_TEMPLATES
-    c.prompt.underscores_to_spaces = True
-
+    "model.name": ("openai/clip-vit-base-patch16", None),
+    "model.variant": ("ViT-B/16", None),  # a key of clip.VARIANTS: the weights' architecture
+    "model.image_size": (config_dict.placeholder(int), "x >= 1"),  # None: the checkpoint's own
+    "model.seed": (0, "x >= 0"),  # weights seed for "random:<variant>"
+    "prompt.templates": (DEFAULT_TEMPLATES, None),
+    "prompt.underscores_to_spaces": (True, None),
     # Class order: "fixed" uses `class_order` (the Continual-CLIP lists), "seeded" is the
     # PyCIL/C3Box family np.random.seed(order_seed).permutation(C), "identity" is 0..C-1.
-    c.order = "fixed"
-    c.order_seed = 1993
-    c.class_order = tuple(range(100))
-
+    "order": ("fixed", ORDERS),
+    "order_seed": (1993, "x >= 0"),
+    "class_order": (tuple(range(100)), "x >= 0"),
     # "0" runs once into the workdir; "0,1,2" runs each seed into workdir/seed_k plus mean +- std.
-    c.seeds = "0"
-
-    c.features = ml_collections.ConfigDict()
-    c.features.batch_size = 256
+    "seeds": ("0", None),
+    "features.batch_size": (256, "x >= 1"),
     # None: $CALFUSE_CACHE, else ~/.cache/calfuse_jax. Shared by every method and seed.
-    c.cache_dir = config_dict.placeholder(str)
-    c.progress = True
-
+    "cache_dir": (config_dict.placeholder(str), None),
+    "progress": (True, None),
     # What a run writes besides its metrics, summary and checkpoints. Neither changes a result,
     # so a resume may flip them (calfuse_jax.rundir.RESUME_SAFE); grids turn both off per cell.
-    c.outputs = ml_collections.ConfigDict()
-    c.outputs.plots = True  # accuracy_curve.png, accuracy_matrix.png
-    c.outputs.tensorboard = True  # tensorboard/ event files
-    return c
+    "outputs.plots": (True, None),  # accuracy_curve.png, accuracy_matrix.png
+    "outputs.tensorboard": (True, None),  # tensorboard/ event files
+}
+# The rules of the reader options the dataset files set (`dataset.options.*`).
+OPTION_RULES = {
+    "dataset.options.seed": "x >= 0",
+    "dataset.options.train_fraction": "0 < x < 1",
+    "dataset.options.num_per_class": "x >= 1",
+    "dataset.options.image_size": "x >= 1",
+}
+RULES = {**config.RULES, **config.rules_of(FIELDS), **OPTION_RULES}
 
 
-def benchmark(
-    name: str, num_classes: int, class_order, increment: int
-) -> ml_collections.ConfigDict:
-    """`base_config()` for the benchmark `name` (config and dataset): its classes in the published
-    `class_order`, B0 Inc-`increment`."""
-    c = base_config()
-    c.name = c.dataset.name = name
-    c.dataset.num_classes = num_classes
-    c.class_order = tuple(class_order)
-    return b0(c, increment)
-
-
-def b0(c: ml_collections.ConfigDict, increment: int) -> ml_collections.ConfigDict:
-    """B0 Inc-k: every task, the first included, brings `increment` classes."""
-    c.continual.initial = increment
-    c.continual.increment = increment
-    return c
+def base_config() -> ml_collections.ConfigDict:
+    """Every field an experiment reads (`method_config()` and `FIELDS`), CIFAR-100-like."""
+    return config.build(FIELDS, config.method_config())
 
 
 class RapfSplit(NamedTuple):
@@ -125,26 +109,37 @@ class RapfSplit(NamedTuple):
     shrinkage: bool  # stats.shrinkage
 
 
-def use_rapf_split(
-    c: ml_collections.ConfigDict,
-    table: dict[tuple[int, int], RapfSplit],
-    default: tuple[int, int],
-    classes_per_batch: int,
+def benchmark(
+    name: str, num_classes: int, class_order, arg: str | None, splits: dict, classes_per_batch: int
 ) -> ml_collections.ConfigDict:
-    """Sets RAPF's values of the split `(continual.initial, continual.increment)` from `table`.
+    """`base_config()` for the benchmark `name` (config and dataset) with the variant `arg`.
 
-    A split RAPF publishes no config for takes the values of `default` (the dataset's main
-    split). `classes_per_batch` is K, which RAPF's main.py picks from the dataset and increment.
-    Call it after `parse_arg(arg).apply(c)`, so that a variant such as `b50,inc10` picks its own
-    row; a later `--config.continual.*` override does not re-pick (use the variant).
+    Its classes come in the published `class_order`; the split is B0 with the increment of the
+    first key of `splits` (`(initial, increment) -> RapfSplit`, the dataset's main split) unless
+    the variant picks another, and takes RAPF's values of that split's row (a split RAPF
+    publishes no config for: the first row; a later `--config.continual.*` override does not
+    re-pick, use the variant). `classes_per_batch` is K, which RAPF's main.py picks per dataset.
     """
-    split = table.get((c.continual.initial, c.continual.increment), table[default])
+    c = base_config()
+    c.name = c.dataset.name = name
+    c.dataset.num_classes = num_classes
+    c.class_order = tuple(class_order)
+    main = next(iter(splits))
+    parse_arg(arg).apply(b0(c, main[1]))
+    split = splits.get((c.continual.initial, c.continual.increment), splits[main])
     c.train.batch_size = split.batch_size
     c.pseudo.beta = float(split.beta)
     c.fusion.mix_bias = float(split.mix_bias)
     c.pseudo.hard_threshold = float(split.threshold)
     c.stats.shrinkage = bool(split.shrinkage)
     c.pseudo.classes_per_batch = int(classes_per_batch)
+    return c
+
+
+def b0(c: ml_collections.ConfigDict, increment: int) -> ml_collections.ConfigDict:
+    """B0 Inc-k: every task, the first included, brings `increment` classes."""
+    c.continual.initial = increment
+    c.continual.increment = increment
     return c
 
 

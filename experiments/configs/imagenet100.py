@@ -39,9 +39,8 @@ RAPF_SPLITS = {  # (initial, increment): (batch size, beta, mix_bias, threshold,
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Variants: see `defaults.VARIANTS` (inc<k>, b<n>, seeded, rapf, smoke, ...)."""
-    c = defaults.benchmark("imagenet100", 100, CLASS_ORDER, 10)
+    # RAPF's main.py: K = 2 (its default branch) for ImageNet-100, whatever the split.
+    c = defaults.benchmark("imagenet100", 100, CLASS_ORDER, arg, RAPF_SPLITS, classes_per_batch=2)
     c.dataset.test_split = "validation"
     c.dataset.options.class_file = config_dict.placeholder(str)  # default: the built-in 100 wnids
-    defaults.parse_arg(arg).apply(c)
-    # RAPF's main.py: K = 2 (its default branch) for ImageNet-100, whatever the split.
-    return defaults.use_rapf_split(c, RAPF_SPLITS, default=(10, 10), classes_per_batch=2)
+    return c

@@ -48,11 +48,10 @@ RAPF_SPLITS = {  # (initial, increment): (batch size, beta, mix_bias, threshold,
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Variants: see `defaults.VARIANTS` (inc<k>, b<n>, seeded, rapf, smoke, ...)."""
-    c = defaults.benchmark("imagenet_r", 200, CLASS_ORDER, 20)
+    # RAPF's main.py: K = 5 old classes per batch for ImageNet-R, whatever the split.
+    c = defaults.benchmark("imagenet_r", 200, CLASS_ORDER, arg, RAPF_SPLITS, classes_per_batch=5)
     c.dataset.options.split_protocol = "rapf"  # RAPF's train/test list | "seeded" (no official one)
     c.dataset.options.seed = 0  # split_protocol=seeded: the seeded per-class split
     c.dataset.options.train_fraction = 0.8
     c.dataset.options.split_file = config_dict.placeholder(str)  # your own list (wins over both)
-    defaults.parse_arg(arg).apply(c)
-    # RAPF's main.py: K = 5 old classes per batch for ImageNet-R, whatever the split.
-    return defaults.use_rapf_split(c, RAPF_SPLITS, default=(20, 20), classes_per_batch=5)
+    return c

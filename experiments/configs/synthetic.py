@@ -12,7 +12,21 @@ from __future__ import annotations
 
 import ml_collections
 
+from calfuse_jax import config
 from experiments.configs import defaults
+
+# The arguments of make_synthetic_stream: dotted name -> (default, rule), as config.FIELDS.
+FIELDS = {
+    "synthetic.dim": (64, "x >= 1"),
+    "synthetic.train_per_class": (100, "x >= 1"),
+    "synthetic.test_per_class": (50, "x >= 1"),
+    "synthetic.noise": (1.0, "x >= 0"),
+    "synthetic.close_pairs": (4, "x >= 0"),
+    "synthetic.pair_distance": (0.5, "x >= 0"),
+    "synthetic.text_noise": (0.8, "x >= 0"),
+    "synthetic.distortion": (1.5, "x >= 0"),
+    "synthetic.data_seed": (0, "x >= 0"),  # the data stays fixed across run seeds
+}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -27,17 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.order = "seeded"
     c.class_order = ()
     c.progress = False
-
-    c.synthetic = ml_collections.ConfigDict()
-    c.synthetic.dim = 64
-    c.synthetic.train_per_class = 100
-    c.synthetic.test_per_class = 50
-    c.synthetic.noise = 1.0
-    c.synthetic.close_pairs = 4
-    c.synthetic.pair_distance = 0.5
-    c.synthetic.text_noise = 0.8
-    c.synthetic.distortion = 1.5
-    c.synthetic.data_seed = 0  # the data stays fixed across run seeds
+    config.build(FIELDS, c)
 
     c.train.batch_size = 128
     # The design's schedule: 15 epochs, lr x0.1 at epochs 4 and 10. Five epochs (milestones 2, 4)
@@ -46,11 +50,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.milestones = (4, 10)
     defaults.b0(c, 10)
     variant = defaults.parse_arg(arg)
-    if variant.smoke:  # before the other variants, so that e.g. `inc7,smoke` keeps its Inc7
+    if variant.smoke:  # before the variant's own fields, so that inc7,smoke stays Inc7
         c.dataset.num_classes = 20
         c.synthetic.dim = 32
         c.synthetic.train_per_class = 30
         c.synthetic.test_per_class = 10
         defaults.b0(c, 5)
-    variant.apply(c)
-    return c
+    return variant.apply(c)
