@@ -22,7 +22,6 @@ import pathlib
 import shutil
 from typing import Any
 
-import filelock
 import ml_collections
 import numpy as np
 
@@ -31,7 +30,7 @@ from calfuse_jax.data.images import ImageDataset
 from calfuse_jax.data.protocol import TaskSplit, make_split, seeded_order
 from calfuse_jax.data.stream import FeatureStream
 from calfuse_jax.feature_cache import checksums_match, weights_id, write_checksums
-from calfuse_jax.files import make_temp_dir, share_like_open
+from calfuse_jax.files import make_temp_dir, share_like_open, waiting_lock
 from experiments.configs import validate
 
 log = logging.getLogger(__name__)
@@ -188,7 +187,8 @@ def model_path(config: ml_collections.ConfigDict) -> str:
     folder = cache_dir_of(config) / "models" / f"random-{variant}-seed{config.model.seed}"
     # Multi-process runs: process 0 writes the checkpoint, the others wait, then all read it.
     # Concurrent runs: one at a time checks (and rewrites) it, under the file lock.
-    with filelock.FileLock(f"{folder}.lock") if is_primary() else contextlib.nullcontext():
+    lock = waiting_lock(f"{folder}.lock", f"another process writing {folder}")
+    with lock if is_primary() else contextlib.nullcontext():
         if is_primary() and not checksums_match(folder):  # unfinished, damaged or old
             # Written next to the target and renamed, so an interrupted write never looks finished.
             tmp = make_temp_dir(folder.parent, prefix=".tmp-")
