@@ -33,8 +33,10 @@ from calfuse_jax.data.images import (
     decode_image,
     missing_data_error,
     seeded_class_split,
+    to_rgb,
     train_or_test,
 )
+from calfuse_jax.files import atomic_write
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,10 +156,7 @@ def cached_labels(builder, tfds_split: str, source, label_cache) -> np.ndarray:
         if labels.shape == (len(source),):
             return labels
     labels = scan_labels(source)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp.npy"  # complete file or nothing
-    np.save(tmp, labels)
-    os.replace(tmp, path)
+    atomic_write(path, "wb", lambda f: np.save(f, labels, allow_pickle=False))
     return labels
 
 
@@ -189,8 +188,7 @@ def _decode_record(record) -> np.ndarray:
     image = record["image"]
     if isinstance(image, (bytes, bytearray)):
         return decode_image(io.BytesIO(image))
-    array = np.asarray(image, dtype=np.uint8)  # already decoded (e.g. a mock source)
-    return np.repeat(array, 3, -1) if array.shape[-1] == 1 else array
+    return to_rgb(image)  # already decoded (e.g. a mock source)
 
 
 def tfds_dataset(
