@@ -27,15 +27,7 @@ from calfuse_jax.files import atomic_write
 from calfuse_jax.rundir import jsonable
 
 METRICS = ("avg", "last", "forgetting", "bwt", "old", "new", "harmonic")
-METRIC_TITLES = {
-    "avg": "Avg",
-    "last": "Last",
-    "forgetting": "Forgetting",
-    "bwt": "BWT",
-    "old": "Old",
-    "new": "New",
-    "harmonic": "H-mean",
-}
+METRIC_TITLES = {k: k.capitalize() for k in METRICS} | {"bwt": "BWT", "harmonic": "H-mean"}
 
 
 def make_summary(
