@@ -100,10 +100,7 @@ def _fetch(array: jax.Array) -> np.ndarray:
 def _host_batch(ds, indices, preprocess, image_size: int, batch: int) -> np.ndarray:
     """Decode + preprocess `indices`, zero-padded to `batch` rows: float32 [batch, S, S, 3]."""
     pixels = np.asarray(preprocess(ds.load_batch(indices), image_size), dtype=np.float32)
-    if len(indices) < batch:
-        pad = np.zeros((batch - len(indices),) + pixels.shape[1:], pixels.dtype)
-        pixels = np.concatenate([pixels, pad])
-    return pixels
+    return np.pad(pixels, [(0, batch - len(indices))] + [(0, 0)] * (pixels.ndim - 1))
 
 
 def _model_fields(model) -> dict:
