@@ -33,26 +33,10 @@ from calfuse_jax.models.hub import HubUnreachableError, resolve
 from calfuse_jax.preprocess import CLIP_MEAN, CLIP_STD, preprocess
 from calfuse_jax.tokenizer import TOKENIZER_FILES, ClipTokenizer, tokenizer_from_folder
 
-__all__ = [
-    "CLIP",
-    "CLIPArch",
-    "CLIP_MEAN",
-    "CLIP_STD",
-    "CheckpointError",
-    "ClipTokenizer",
-    "HubUnreachableError",
-    "VARIANTS",
-    "arch_from_config",
-    "from_pretrained",
-    "from_state_dict",
-    "init_params",
-    "load_tokenizer",
-    "logit_scale",
-    "pool_index",
-    "preprocess",
-    "random_checkpoint",
-    "to_state_dict",
-]
+__all__ = ["CLIP", "CLIPArch", "CLIP_MEAN", "CLIP_STD", "CheckpointError", "ClipTokenizer",
+           "HubUnreachableError", "VARIANTS", "arch_from_config", "from_pretrained",
+           "from_state_dict", "init_params", "load_tokenizer", "logit_scale", "pool_index",
+           "preprocess", "random_checkpoint", "to_state_dict"]  # fmt: skip
 
 
 def from_pretrained(

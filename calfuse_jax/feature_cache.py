@@ -19,22 +19,19 @@ import contextlib
 import hashlib
 import io
 import json
-import logging
 import os
 import shutil
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import filelock
 import numpy as np
 
-from calfuse_jax.files import atomic_write
+from calfuse_jax.files import atomic_write, waiting_lock
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what from_pretrained reads, in order
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".npz", ".ckpt")
 _FILE_SHA_MEMO: dict[tuple, str] = {}
-log = logging.getLogger(__name__)
 
 
 class FeatureCacheError(ValueError):
@@ -229,19 +226,8 @@ def checksums_match(folder: Path) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def entry_lock(folder: Path) -> Iterator[None]:
+def entry_lock(folder: Path) -> contextlib.AbstractContextManager:
     """Holds the lock of the cache entry `folder` (created if needed): a second process
-    extracting the same entry waits here, then finds it finished. The lock is an OS file lock,
-    released when its process ends, even by kill -9."""
+    extracting the same entry waits here, then finds it finished."""
     folder.mkdir(parents=True, exist_ok=True)
-    lock = filelock.FileLock(folder / ".lock")
-    try:
-        lock.acquire(timeout=0)
-    except filelock.Timeout:
-        log.info("waiting for another process that is filling the feature cache %s", folder)
-        lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
+    return waiting_lock(folder / ".lock", f"another process filling the feature cache {folder}")

@@ -35,36 +35,15 @@ import numpy as np
 
 from calfuse_jax import sharding
 from calfuse_jax.feature_cache import (
-    WEIGHT_FILES,
-    WEIGHT_SUFFIXES,
     FeatureCacheError,
     atomic_write_json,
     cache_key,
     entry_lock,
-    file_sha256,
     load_chunk,
     load_verified,
     save_chunk,
-    weights_id,
     write_verified,
 )
-
-# The cache's public names stay importable from here, as before the split.
-__all__ = [
-    "PREPROCESS_VERSION",
-    "FeatureCacheError",
-    "TEXT_VERSION",
-    "WEIGHT_FILES",
-    "WEIGHT_SUFFIXES",
-    "cache_key",
-    "default_compute_dtype",
-    "file_sha256",
-    "image_features",
-    "make_image_encoder",
-    "normalise",
-    "text_features",
-    "weights_id",
-]
 
 # v2: 16-bit images are scaled to 8 bits instead of clipped at 255 (`data.images.pil_to_rgb`);
 # the version is in the cache key, so an entry extracted from saturated pixels is never reused.
@@ -121,10 +100,7 @@ def _fetch(array: jax.Array) -> np.ndarray:
 def _host_batch(ds, indices, preprocess, image_size: int, batch: int) -> np.ndarray:
     """Decode + preprocess `indices`, zero-padded to `batch` rows: float32 [batch, S, S, 3]."""
     pixels = np.asarray(preprocess(ds.load_batch(indices), image_size), dtype=np.float32)
-    if len(indices) < batch:
-        pad = np.zeros((batch - len(indices),) + pixels.shape[1:], pixels.dtype)
-        pixels = np.concatenate([pixels, pad])
-    return pixels
+    return np.pad(pixels, [(0, batch - len(indices))] + [(0, 0)] * (pixels.ndim - 1))
 
 
 def _model_fields(model) -> dict:
@@ -163,8 +139,7 @@ def image_features(
 
     Args:
       ds: a dataset (`labels`, `identity`, `load_batch`; see `calfuse_jax.data.images`).
-      model, params: a Linen module with `encode_image` (pixels [B, S, S, 3] -> [B, D]) and its
-        params.
+      model, params: a Linen module with `encode_image` ([B, S, S, 3] -> [B, D]) and its params.
       cache_dir: root of the cache (shared by all runs).
       weights_id: `weights_id(checkpoint)`; part of the key.
       image_size: S; default `model.image_size`.
@@ -178,34 +153,24 @@ def image_features(
     Returns:
       features float32 [N, D] (not normalised) and labels int64 [N] (== `ds.labels`).
     """
+    if len(ds) == 0:
+        raise ValueError(f"dataset {ds.identity!r} is empty: nothing to encode")
     preprocess, preprocess_version = _resolve_preprocess(preprocess)
     image_size = int(image_size or model.image_size)
     mesh = mesh or sharding.make_mesh()
     compute_dtype = jnp.dtype(compute_dtype or default_compute_dtype())
     labels = np.asarray(ds.labels, dtype=np.int64)
-    fields = {
-        "kind": "image",
-        "weights_id": weights_id,
-        **_model_fields(model),
-        "image_size": image_size,
-        "compute_dtype": compute_dtype.name,
-        "preprocess": preprocess_version,
-        "dataset": ds.identity,
-    }
+    fields = {"kind": "image", "weights_id": weights_id, **_model_fields(model),
+              "image_size": image_size, "compute_dtype": compute_dtype.name,
+              "preprocess": preprocess_version, "dataset": ds.identity}  # fmt: skip
     folder = Path(cache_dir) / "images" / cache_key(fields)
-    if len(ds) == 0:
-        raise ValueError(f"dataset {ds.identity!r} is empty: nothing to encode")
-    batch = min(sharding.padded_size(batch_size, mesh), sharding.padded_size(len(ds), mesh))
-    chunk = max(1, (chunk_size or max(4096, batch)) // batch) * batch
-    plan = _Plan(preprocess, image_size, batch, chunk, num_workers or min(8, os.cpu_count() or 1))
+    plan = _Plan.make(preprocess, image_size, len(ds), mesh, batch_size, chunk_size, num_workers)
     with _locked(folder):
         cached = load_verified(folder, ("features.npy", "labels.npy"))
         if cached is not None:
             if np.array_equal(cached[1], labels):
                 return cached[0], cached[1]
-            warnings.warn(
-                f"feature cache {str(folder)!r} holds other labels; recomputing", stacklevel=2
-            )
+            warnings.warn(f"feature cache {folder} holds other labels; recomputing", stacklevel=2)
         atomic_write_json(folder / "key.json", fields)  # for people browsing the cache
         encoder = lambda: make_image_encoder(model, params, mesh, compute_dtype)  # noqa: E731
         features = _extract_chunks(ds, folder / "chunks", encoder, plan, progress)
@@ -231,6 +196,13 @@ class _Plan:
     batch: int  # rows per encoder call, a multiple of the device count
     chunk: int  # rows per resumable chunk file, a multiple of `batch`
     workers: int  # host threads decoding ahead of the device
+
+    @classmethod
+    def make(cls, preprocess, image_size, total, mesh, batch_size, chunk_size, workers) -> _Plan:
+        """`image_features`' arguments (None: the defaults) made into a plan."""
+        batch = min(sharding.padded_size(batch_size, mesh), sharding.padded_size(total, mesh))
+        chunk = max(1, (chunk_size or max(4096, batch)) // batch) * batch
+        return cls(preprocess, image_size, batch, chunk, workers or min(8, os.cpu_count() or 1))
 
 
 def _extract_chunks(ds, chunk_dir: Path, make_encoder, plan: _Plan, progress: bool) -> np.ndarray:

@@ -8,11 +8,17 @@ plain `open(path, "w")` / `mkdir` would give: 0o666 / 0o777 minus the process um
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
+
+import filelock
+
+log = logging.getLogger(__name__)
 
 
 def current_umask() -> int:
@@ -67,3 +73,19 @@ def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
     folder = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
     share_like_open(folder)
     return folder
+
+
+@contextlib.contextmanager
+def waiting_lock(path: str | os.PathLike, holder: str) -> Iterator[None]:
+    """Holds the OS file lock `path`, logging that it waits for `holder` when another process has
+    it. Released when its process ends, even by kill -9."""
+    lock = filelock.FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        log.info("waiting for %s", holder)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()

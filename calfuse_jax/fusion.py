@@ -129,15 +129,7 @@ def svd_fuse(w_old: jax.Array, w_new: jax.Array, bias: jax.Array | float) -> jax
 
 def path_name(path: Sequence[Any]) -> str:
     """`"adapter/kernel"` for a `jax.tree_util` key path."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 class Rule(NamedTuple):

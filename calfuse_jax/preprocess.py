@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from calfuse_jax.data.images import pil_to_rgb
+from calfuse_jax.data.images import pil_to_rgb, to_rgb
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -29,9 +29,7 @@ def _to_pil(image) -> Image.Image:
             f"{array.dtype} (convert with (x * 255).round().astype(np.uint8) if x is in [0, 1])"
         )
     if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (1, 3, 4)):
-        return Image.fromarray(
-            array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array
-        ).convert("RGB")
+        return Image.fromarray(to_rgb(array))  # grey repeated, alpha dropped: as convert("RGB")
     raise ValueError(f"preprocess expects channels-last images [H, W, 3], got shape {array.shape}")
 
 

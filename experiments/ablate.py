@@ -27,7 +27,6 @@ seeds="0,1")`.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import logging
@@ -189,18 +188,6 @@ def markdown_table(cells: Sequence[CellResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_csv(cells: Sequence[CellResult], path: pathlib.Path) -> None:
-    """ablation.csv: the rows of `table_rows` (empty cells for metrics that do not exist)."""
-    rows = table_rows(cells)
-
-    def write(f) -> None:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-    atomic_write(path, "w", write)
-
-
 def _metric(cells: Sequence[CellResult], key: str) -> tuple[np.ndarray, np.ndarray]:
     """(means, stds) of one metric over cells; NaN where a cell lacks it, std 0 for one seed."""
 
@@ -246,7 +233,7 @@ def write_outputs(
     """ablation.md, ablation.csv, comparison.png and accuracy_curve.png; returns ablation.md."""
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    write_csv(cells, workdir / "ablation.csv")
+    results.write_csv(workdir / "ablation.csv", table_rows(cells))
     plot_comparison(cells, workdir / "comparison.png", title)
     curves = [(result.cell.label, result.summary) for result in cells]
     results.plot_accuracy_curves(curves, workdir / "accuracy_curve.png", title=title)
@@ -299,9 +286,8 @@ def ablate(
         "axes": [[key, list(values)] for key, values in axes],
         "cells": [cell.name for cell in cells],
     }
-    lines = [f"Config `{config.name}`; fixed in every cell: {', '.join(fixed)}."] if fixed else []
-    if not lines:
-        lines = [f"Config `{config.name}`."]
+    fixed_text = f"; fixed in every cell: {', '.join(fixed)}" if fixed else ""
+    lines = [f"Config `{config.name}`{fixed_text}."]
     with rundir.lock(workdir):  # one process per grid folder: a second one is refused at once
         if is_primary():  # multi-process runs: process 0 writes, every process computes
             rundir.write_json(workdir / "grid.json", record)

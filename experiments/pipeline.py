@@ -22,7 +22,6 @@ import pathlib
 import shutil
 from typing import Any
 
-import filelock
 import ml_collections
 import numpy as np
 
@@ -30,8 +29,8 @@ from calfuse_jax import paths
 from calfuse_jax.data.images import ImageDataset
 from calfuse_jax.data.protocol import TaskSplit, make_split, seeded_order
 from calfuse_jax.data.stream import FeatureStream
-from calfuse_jax.feature_cache import checksums_match, write_checksums
-from calfuse_jax.files import make_temp_dir, share_like_open
+from calfuse_jax.feature_cache import checksums_match, weights_id, write_checksums
+from calfuse_jax.files import make_temp_dir, share_like_open, waiting_lock
 from experiments.configs import validate
 
 log = logging.getLogger(__name__)
@@ -188,7 +187,8 @@ def model_path(config: ml_collections.ConfigDict) -> str:
     folder = cache_dir_of(config) / "models" / f"random-{variant}-seed{config.model.seed}"
     # Multi-process runs: process 0 writes the checkpoint, the others wait, then all read it.
     # Concurrent runs: one at a time checks (and rewrites) it, under the file lock.
-    with filelock.FileLock(f"{folder}.lock") if is_primary() else contextlib.nullcontext():
+    lock = waiting_lock(f"{folder}.lock", f"another process writing {folder}")
+    with lock if is_primary() else contextlib.nullcontext():
         if is_primary() and not checksums_match(folder):  # unfinished, damaged or old
             # Written next to the target and renamed, so an interrupted write never looks finished.
             tmp = make_temp_dir(folder.parent, prefix=".tmp-")
@@ -281,22 +281,27 @@ def _check_variant(config: ml_collections.ConfigDict, arch: Any) -> None:
         )
 
 
-def _prepare_images(config: ml_collections.ConfigDict) -> Prepared:
-    from calfuse_jax import clip, features
+def _load_clip(path: str) -> tuple:
+    """(weights id, model, params, tokenizer) of the checkpoint `path`; UserError naming the fix."""
+    from calfuse_jax import clip
 
-    cache = cache_dir_of(config)
-    # Data first: opening a dataset is cheap and its error names the files to fetch.
-    train = load_split(config, config.dataset.train_split)
-    test = load_split(config, config.dataset.test_split)
-    path = model_path(config)
     try:
-        weights = features.weights_id(path)
-        model, params = clip.from_pretrained(path)
-        tokenizer = clip.load_tokenizer(path)
+        return weights_id(path), *clip.from_pretrained(path), clip.load_tokenizer(path)
     except clip.HubUnreachableError as err:  # complete on its own, command-line fix included
         raise UserError(str(err)) from err
     except (clip.CheckpointError, FileNotFoundError) as err:
         raise UserError(f"{err}\n\n{WEIGHTS_FLAGS}") from err
+
+
+def _prepare_images(config: ml_collections.ConfigDict) -> Prepared:
+    from calfuse_jax import clip, features
+
+    cache = cache_dir_of(config) / "features"
+    # Data first: opening a dataset is cheap and its error names the files to fetch.
+    train = load_split(config, config.dataset.train_split)
+    test = load_split(config, config.dataset.test_split)
+    path = model_path(config)
+    weights, model, params, tokenizer = _load_clip(path)
     _check_variant(config, model.arch)
     image_size = config.model.image_size or model.image_size
     num_classes = len(train.class_names)
@@ -305,39 +310,21 @@ def _prepare_images(config: ml_collections.ConfigDict) -> Prepared:
             f"dataset {config.dataset.name!r} has {num_classes} classes but the config says "
             f"dataset.num_classes={config.dataset.num_classes}; fix the config"
         )
-    encoded = {}
+    encoded = []
     for name, dataset in (("train", train), ("test", test)):
         log.info("features of %s/%s: %d images", config.dataset.name, name, len(dataset))
-        encoded[name] = features.image_features(
-            dataset,
-            model,
-            params,
-            cache_dir=cache / "features",
-            weights_id=weights,
-            image_size=image_size,
-            batch_size=config.features.batch_size,
-            progress=config.progress,
-        )
+        encoded += features.image_features(
+            dataset, model, params, cache_dir=cache, weights_id=weights, image_size=image_size,
+            batch_size=config.features.batch_size, progress=config.progress,
+        )  # fmt: skip
     names = prompt_names(config, train.class_names)
+    templates = tuple(config.prompt.templates)
     text = features.text_features(
-        names,
-        model,
-        params,
-        tokenizer,
-        templates=tuple(config.prompt.templates),
-        cache_dir=cache / "features",
-        weights_id=weights,
+        names, model, params, tokenizer, templates=templates, cache_dir=cache, weights_id=weights
     )
     order = class_order_of(config, num_classes)
     split = make_split(order, config.continual.initial, config.continual.increment)
-    stream = FeatureStream(
-        train_features=np.asarray(encoded["train"][0], np.float32),
-        train_labels=np.asarray(encoded["train"][1]),
-        test_features=np.asarray(encoded["test"][0], np.float32),
-        test_labels=np.asarray(encoded["test"][1]),
-        split=split,
-        class_names=tuple(names),
-    )
+    stream = FeatureStream(*encoded, split=split, class_names=tuple(names))
     provenance = {
         "weights": {"name": config.model.name, "path": path, "sha256": weights},
         "architecture": dataclasses.asdict(model.arch),
@@ -350,7 +337,7 @@ def _prepare_images(config: ml_collections.ConfigDict) -> Prepared:
         "class_order": order.tolist(),
         "task_bounds": split.bounds.tolist(),
         "split_hash": split_hash(split, train.identity, test.identity),
-        "prompts": {"templates": list(config.prompt.templates), "class_names": names},
+        "prompts": {"templates": list(templates), "class_names": names},
     }
     scale = float(clip.logit_scale(params))
     return Prepared(stream, np.asarray(text, np.float32), scale, provenance)

@@ -12,7 +12,6 @@ and `accuracy_matrix_<label>.png` per run.
 from __future__ import annotations
 
 import argparse
-import csv
 import pathlib
 import re
 import sys
@@ -72,15 +71,6 @@ def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")
 
 
-def write_csv(rows: Sequence[tuple[str, dict]], path: pathlib.Path) -> None:
-    columns = [f"{k}{s}" for k in results.METRICS for s in ("", "_std")]
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["run", "num_tasks", *columns])
-        for label, summary in rows:
-            writer.writerow([label, summary.get("num_tasks"), *(summary.get(c) for c in columns)])
-
-
 def build_report(
     workdirs: Sequence[str | pathlib.Path], out: str | pathlib.Path, title: str = ""
 ) -> pathlib.Path:
@@ -97,7 +87,10 @@ def build_report(
         name = "accuracy_matrix.png" if len(rows) == 1 else f"accuracy_matrix_{_slug(label)}.png"
         results.plot_accuracy_matrix(summary["accuracy_matrix"], out / name, title=label)
         images.append(name)
-    write_csv(rows, out / "report.csv")
+    columns = [f"{k}{s}" for k in results.METRICS for s in ("", "_std")]
+    table = [{"run": label, "num_tasks": summary.get("num_tasks"),
+              **{c: summary.get(c) for c in columns}} for label, summary in rows]  # fmt: skip
+    results.write_csv(out / "report.csv", table)
     lines = [f"# {title or 'Results'}", "", "Accuracy in % on all classes seen so far.", ""]
     lines.append(results.markdown_table(rows))
     lines += ["| run | folder |", "|---|---|"]

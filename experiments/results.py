@@ -14,6 +14,7 @@ the plots from the JSON alone.
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 import pathlib
@@ -22,18 +23,11 @@ from typing import Any
 
 import numpy as np
 
+from calfuse_jax.files import atomic_write
 from calfuse_jax.rundir import jsonable
 
 METRICS = ("avg", "last", "forgetting", "bwt", "old", "new", "harmonic")
-METRIC_TITLES = {
-    "avg": "Avg",
-    "last": "Last",
-    "forgetting": "Forgetting",
-    "bwt": "BWT",
-    "old": "Old",
-    "new": "New",
-    "harmonic": "H-mean",
-}
+METRIC_TITLES = {k: k.capitalize() for k in METRICS} | {"bwt": "BWT", "harmonic": "H-mean"}
 
 
 def make_summary(
@@ -87,6 +81,17 @@ def markdown_table(rows: Sequence[tuple[str, dict]], keys: Sequence[str] = METRI
         cells = [format_metric(summary, k) for k in keys]
         lines.append(f"| {label} | {summary.get('num_tasks', '')} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[dict]) -> None:
+    """`rows` as CSV, the first row's keys as the header (None: an empty cell), atomically."""
+
+    def write(f) -> None:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+    atomic_write(path, "w", write)
 
 
 TRAIN_EVENTS = ".train"  # file-name suffix of the per-step event files (kept by rebuilds)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from calfuse_jax import clip, features
+from calfuse_jax import clip, feature_cache, features
 from calfuse_jax.data.shapes import ShapesDataset
 from calfuse_jax.preprocess import preprocess
 
@@ -55,7 +55,7 @@ def _direct(model, params, ds, size):
 def test_tiny_clip_features_equal_direct_encoder(tiny_clip, tmp_path):
     folder, model, params = tiny_clip
     ds = ShapesDataset("train", num_per_class=1, image_size=20)
-    wid = features.weights_id(folder)
+    wid = feature_cache.weights_id(folder)
     feats, labels = features.image_features(
         ds, model, params, cache_dir=tmp_path, weights_id=wid, batch_size=4, progress=False
     )
@@ -141,7 +141,7 @@ def test_text_features_ensemble_and_cache(tiny_clip, tmp_path, monkeypatch):
     folder, model, params = tiny_clip
     tokenizer = clip.load_tokenizer(folder)
     names, templates = ["red circle", "square", "star"], ("a photo of a {}.", "{}", "art of {}")
-    wid = features.weights_id(folder)
+    wid = feature_cache.weights_id(folder)
     text = features.text_features(
         names,
         model,
@@ -180,8 +180,8 @@ def test_text_features_ensemble_and_cache(tiny_clip, tmp_path, monkeypatch):
 def test_weights_id_is_the_file_sha256(tiny_clip, tmp_path):
     folder, _, _ = tiny_clip
     expected = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
-    assert features.weights_id(folder) == expected
-    assert features.weights_id(folder / "model.safetensors") == expected
+    assert feature_cache.weights_id(folder) == expected
+    assert feature_cache.weights_id(folder / "model.safetensors") == expected
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
-        features.weights_id(tmp_path / "empty")
+        feature_cache.weights_id(tmp_path / "empty")

@@ -5,12 +5,5 @@ from calfuse_jax.data.protocol import TaskSplit, make_split, seeded_order
 from calfuse_jax.data.registry import DATASETS, load_dataset
 from calfuse_jax.data.stream import FeatureStream
 
-__all__ = [
-    "DATASETS",
-    "FeatureStream",
-    "ImageDataset",
-    "TaskSplit",
-    "load_dataset",
-    "make_split",
-    "seeded_order",
-]
+__all__ = ["DATASETS", "FeatureStream", "ImageDataset", "TaskSplit", "load_dataset", "make_split",
+           "seeded_order"]  # fmt: skip

@@ -20,7 +20,6 @@ file and its checksum, and where a copy downloaded by hand goes (such a copy is 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -31,9 +30,10 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-import filelock
 import requests
 from tqdm.auto import tqdm
+
+from calfuse_jax.files import waiting_lock
 
 log = logging.getLogger(__name__)
 
@@ -144,18 +144,9 @@ def _job(resource, folder, mirror, download, progress) -> _Job:
     return job
 
 
-@contextlib.contextmanager
 def _lock(job: _Job):
-    lock = filelock.FileLock(job.folder / f".{job.resource.file}.lock")
-    try:
-        lock.acquire(timeout=0)
-    except filelock.Timeout:
-        log.info("waiting for another process fetching %s", job.path)
-        lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
+    lock = job.folder / f".{job.resource.file}.lock"
+    return waiting_lock(lock, f"another process fetching {job.path}")
 
 
 def _fetch_locked(job: _Job) -> Path:

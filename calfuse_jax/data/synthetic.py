@@ -78,7 +78,7 @@ def make_synthetic_stream(
         raise ValueError(f"close_pairs={close_pairs} needs at least {2 * close_pairs} classes")
     if min(train_per_class, test_per_class) < 1:
         raise ValueError("train_per_class and test_per_class must be >= 1")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)  # draws in this order: prototypes, text, mixing, noise
     protos = class_prototypes(rng, num_classes, dim, close_pairs, pair_distance)
     text_offsets = _unit(rng.standard_normal((num_classes, dim)))
     # A close pair shares its text noise, so its text embeddings stay as close as its prototypes.
@@ -87,22 +87,18 @@ def make_synthetic_stream(
     # A near-identity map: image space = text space seen through a fixed domain shift.
     mixing = np.eye(dim) + distortion * rng.standard_normal((dim, dim)) / np.sqrt(dim)
     image_protos = _unit(protos @ mixing.T)
-
-    def draw(per_class: int) -> tuple[np.ndarray, np.ndarray]:
-        labels = np.repeat(np.arange(num_classes), per_class)
-        eps = rng.standard_normal((len(labels), dim)) * noise / np.sqrt(dim)
-        features = FEATURE_NORM * (image_protos[labels] + eps)
-        return features.astype(np.float32), labels.astype(np.int64)
-
-    train_features, train_labels = draw(train_per_class)
-    test_features, test_labels = draw(test_per_class)
+    train = _draw(rng, image_protos, train_per_class, noise)
+    test = _draw(rng, image_protos, test_per_class, noise)
     order = seeded_order(num_classes, seed) if class_order is None else np.asarray(class_order)
-    stream = FeatureStream(
-        train_features=train_features,
-        train_labels=train_labels,
-        test_features=test_features,
-        test_labels=test_labels,
-        split=make_split(order, initial, increment),
-        class_names=tuple(f"class_{c}" for c in range(num_classes)),
-    )
+    names = tuple(f"class_{c}" for c in range(num_classes))
+    stream = FeatureStream(*train, *test, make_split(order, initial, increment), names)
     return stream, text.astype(np.float32)
+
+
+def _draw(rng: np.random.Generator, image_protos: np.ndarray, per_class: int, noise: float):
+    """(float32 features [C * n, D] of norm about FEATURE_NORM, int64 labels [C * n])."""
+    num_classes, dim = image_protos.shape
+    labels = np.repeat(np.arange(num_classes), per_class)
+    eps = rng.standard_normal((len(labels), dim)) * noise / np.sqrt(dim)
+    features = FEATURE_NORM * (image_protos[labels] + eps)
+    return features.astype(np.float32), labels.astype(np.int64)

@@ -33,8 +33,10 @@ from calfuse_jax.data.images import (
     decode_image,
     missing_data_error,
     seeded_class_split,
+    to_rgb,
     train_or_test,
 )
+from calfuse_jax.files import atomic_write
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,46 +94,41 @@ def open_builder(tfds_name: str, data_dir: str | None = None, download: bool = F
     import tensorflow_datasets as tfds
 
     data_dir = os.fspath(data_dir or default_data_dir())
+
+    def missing(problem: str) -> FileNotFoundError:
+        return missing_data_error(
+            tfds_name, problem, prepare_instructions(tfds_name, data_dir, manual)
+        )
+
     folder = find_prepared(tfds_name, data_dir)
     if folder is None and download:
-        _prepare(tfds_name, data_dir, manual)
+        _prepare(tfds_name, data_dir, missing)
         folder = find_prepared(tfds_name, data_dir)
     if folder is None:
-        raise missing_data_error(
-            tfds_name,
-            f"no prepared TFDS dataset under {os.path.join(data_dir, tfds_name)!r}",
-            prepare_instructions(tfds_name, data_dir, manual),
-        )
+        raise missing(f"no prepared TFDS dataset under {os.path.join(data_dir, tfds_name)!r}")
     builder = tfds.builder_from_directory(folder)
     file_format = str(builder.info.file_format).lower()
     if "array_record" not in file_format:
-        raise missing_data_error(
-            tfds_name,
-            f"{folder!r} is prepared as {file_format}; random access needs array_record",
-            prepare_instructions(tfds_name, data_dir, manual),
-        )
+        raise missing(f"{folder!r} is prepared as {file_format}; random access needs array_record")
     return builder
 
 
-def _prepare(tfds_name: str, data_dir: str, manual: str) -> None:
+def _prepare(tfds_name: str, data_dir: str, missing) -> None:
+    """TFDS's download_and_prepare into `data_dir`; `missing(problem)` is the error to raise."""
     import importlib.util
 
     import tensorflow_datasets as tfds
 
     if importlib.util.find_spec("tensorflow") is None:  # fail before a long download, not after
-        raise missing_data_error(
-            tfds_name,
-            "download=True asks TFDS to prepare the data, and its builder needs TensorFlow",
-            prepare_instructions(tfds_name, data_dir, manual),
+        raise missing(
+            "download=True asks TFDS to prepare the data, and its builder needs TensorFlow"
         )
     try:
         builder = tfds.builder(tfds_name, data_dir=data_dir, file_format="array_record")
         builder.download_and_prepare()
     except ModuleNotFoundError as error:  # tensorflow, importlib_resources, ...
-        raise missing_data_error(
-            tfds_name,
-            f"preparing needs the module {error.name!r}, which is not installed",
-            prepare_instructions(tfds_name, data_dir, manual),
+        raise missing(
+            f"preparing needs the module {error.name!r}, which is not installed"
         ) from error
 
 
@@ -154,10 +151,7 @@ def cached_labels(builder, tfds_split: str, source, label_cache) -> np.ndarray:
         if labels.shape == (len(source),):
             return labels
     labels = scan_labels(source)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp.npy"  # complete file or nothing
-    np.save(tmp, labels)
-    os.replace(tmp, path)
+    atomic_write(path, "wb", lambda f: np.save(f, labels, allow_pickle=False))
     return labels
 
 
@@ -189,8 +183,7 @@ def _decode_record(record) -> np.ndarray:
     image = record["image"]
     if isinstance(image, (bytes, bytearray)):
         return decode_image(io.BytesIO(image))
-    array = np.asarray(image, dtype=np.uint8)  # already decoded (e.g. a mock source)
-    return np.repeat(array, 3, -1) if array.shape[-1] == 1 else array
+    return to_rgb(image)  # already decoded (e.g. a mock source)
 
 
 def tfds_dataset(

@@ -52,52 +52,54 @@ class CLIPArch:
     eos_token_id: int = 49407
     logit_scale_init: float = 2.6592  # log(1 / 0.07)
 
+    @property
+    def vision(self) -> Tower:
+        return Tower(self.vision_width, self.vision_heads, self.vision_mlp, self.vision_layers,
+                     self.vision_act, self.vision_ln_eps)  # fmt: skip
 
-def _openai(patch: int, image: int = 224, large: bool = False) -> CLIPArch:
-    if large:
-        return CLIPArch(768, image, patch, 1024, 24, 16, 4096, 768, 12, 12, 3072, eos_token_id=2)
-    return CLIPArch(512, image, patch, 768, 12, 12, 3072, 512, 12, 8, 2048, eos_token_id=2)
+    @property
+    def text(self) -> Tower:
+        return Tower(self.text_width, self.text_heads, self.text_mlp, self.text_layers,
+                     self.text_act, self.text_ln_eps, causal=True)  # fmt: skip
 
+
+@dataclasses.dataclass(frozen=True)
+class Tower:
+    """One transformer stack of a CLIP model: `CLIPArch.vision` or `CLIPArch.text`."""
+
+    width: int
+    heads: int
+    mlp: int  # hidden width of the MLP
+    layers: int  # depth, also the init scale of the residual projections
+    activation: str
+    ln_eps: float
+    causal: bool = False
+
+
+# fmt: off
+# OpenAI's released models (legacy configs: eos_token_id == 2 pools at the largest token id).
+_B = dict(embed_dim=512, vision_width=768, vision_layers=12, vision_heads=12, vision_mlp=3072,
+          text_width=512, text_layers=12, text_heads=8, text_mlp=2048, eos_token_id=2)
+_L = dict(embed_dim=768, vision_width=1024, vision_layers=24, vision_heads=16, vision_mlp=4096,
+          text_width=768, text_layers=12, text_heads=12, text_mlp=3072, eos_token_id=2)
+_TINY_VOCAB = dict(vocab_size=TINY_VOCAB_SIZE, eos_token_id=TINY_VOCAB_SIZE - 1)
 
 VARIANTS: dict[str, CLIPArch] = {
-    "ViT-B/32": _openai(32),
-    "ViT-B/16": _openai(16),
-    "ViT-L/14": _openai(14, large=True),
-    "ViT-L/14-336": _openai(14, 336, large=True),
+    "ViT-B/32": CLIPArch(image_size=224, patch_size=32, **_B),
+    "ViT-B/16": CLIPArch(image_size=224, patch_size=16, **_B),
+    "ViT-L/14": CLIPArch(image_size=224, patch_size=14, **_L),
+    "ViT-L/14-336": CLIPArch(image_size=336, patch_size=14, **_L),
     # Encodes thousands of 32x32 images per second on 2 CPU cores (demo, other helpers' tests).
-    "tiny": CLIPArch(
-        embed_dim=32,
-        image_size=32,
-        patch_size=8,
-        vision_width=64,
-        vision_layers=2,
-        vision_heads=4,
-        vision_mlp=256,
-        text_width=64,
-        text_layers=2,
-        text_heads=4,
-        text_mlp=256,
-        vocab_size=TINY_VOCAB_SIZE,
-        eos_token_id=TINY_VOCAB_SIZE - 1,
-    ),
+    "tiny": CLIPArch(embed_dim=32, image_size=32, patch_size=8, vision_width=64, vision_layers=2,
+                     vision_heads=4, vision_mlp=256, text_width=64, text_layers=2, text_heads=4,
+                     text_mlp=256, **_TINY_VOCAB),
     # Deliberately odd widths / head counts / image size: catches layout bugs a square config hides.
-    "tiny-odd": CLIPArch(
-        embed_dim=24,
-        image_size=30,
-        patch_size=6,
-        vision_width=60,
-        vision_layers=3,
-        vision_heads=5,
-        vision_mlp=84,
-        text_width=36,
-        text_layers=2,
-        text_heads=3,
-        text_mlp=52,
-        vocab_size=TINY_VOCAB_SIZE,
-        eos_token_id=TINY_VOCAB_SIZE - 1,
-        vision_act="gelu",
-    ),
+    "tiny-odd": CLIPArch(embed_dim=24, image_size=30, patch_size=6, vision_width=60,
+                         vision_layers=3, vision_heads=5, vision_mlp=84, text_width=36,
+                         text_layers=2, text_heads=3, text_mlp=52, vision_act="gelu",
+                         **_TINY_VOCAB),
 }
+# fmt: on
 
 
 def _quick_gelu(x: jax.Array) -> jax.Array:
@@ -139,95 +141,66 @@ class LayerNorm(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with separate q/k/v/out projections (HF layout)."""
 
-    width: int
-    heads: int
-    layers: int  # depth of the tower, only for the init scale
-    causal: bool = False
+    tower: Tower
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, L, W] -> [B, L, W]
+        t = self.tower
         batch, length, _ = x.shape
-        head_dim = self.width // self.heads
-        in_std = self.width**-0.5 * (2 * self.layers) ** -0.5
+        head_dim = t.width // t.heads
+        in_std = t.width**-0.5 * (2 * t.layers) ** -0.5
 
         def proj(name: str, std: float) -> nn.Dense:
-            return nn.Dense(self.width, dtype=self.dtype, kernel_init=_normal(std), name=name)
+            return nn.Dense(t.width, dtype=self.dtype, kernel_init=_normal(std), name=name)
 
-        split = lambda t: t.reshape(batch, length, self.heads, head_dim)  # [B, L, H, hd]
+        split = lambda y: y.reshape(batch, length, t.heads, head_dim)  # [B, L, H, hd]
         q = split(proj("q_proj", in_std)(x))
         k = split(proj("k_proj", in_std)(x))
         v = split(proj("v_proj", in_std)(x))
         # XLA attention (cuDNN flash attention on GPU when eligible); softmax is float32 inside.
-        out = jax.nn.dot_product_attention(q, k, v, scale=head_dim**-0.5, is_causal=self.causal)
-        out = out.reshape(batch, length, self.width)
-        return proj("out_proj", self.width**-0.5)(out)
+        out = jax.nn.dot_product_attention(q, k, v, scale=head_dim**-0.5, is_causal=t.causal)
+        return proj("out_proj", t.width**-0.5)(out.reshape(batch, length, t.width))
 
 
 class MLP(nn.Module):
-    width: int
-    hidden: int
-    layers: int
-    activation: str
+    tower: Tower
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, L, W] -> [B, L, W]
-        fc1_std = (2 * self.width) ** -0.5
-        fc2_std = self.width**-0.5 * (2 * self.layers) ** -0.5
-        x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=_normal(fc1_std), name="fc1")(x)
-        x = ACTIVATIONS[self.activation](x)
-        return nn.Dense(self.width, dtype=self.dtype, kernel_init=_normal(fc2_std), name="fc2")(x)
+        t = self.tower
+        fc1_std = (2 * t.width) ** -0.5
+        fc2_std = t.width**-0.5 * (2 * t.layers) ** -0.5
+        x = nn.Dense(t.mlp, dtype=self.dtype, kernel_init=_normal(fc1_std), name="fc1")(x)
+        x = ACTIVATIONS[t.activation](x)
+        return nn.Dense(t.width, dtype=self.dtype, kernel_init=_normal(fc2_std), name="fc2")(x)
 
 
 class EncoderLayer(nn.Module):
     """Pre-LN residual block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
-    width: int
-    heads: int
-    hidden: int
-    layers: int
-    activation: str
-    epsilon: float
-    causal: bool = False
+    tower: Tower
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, L, W]
-        attn = Attention(
-            self.width, self.heads, self.layers, self.causal, self.dtype, name="self_attn"
-        )
-        x = x + attn(LayerNorm(self.epsilon, self.dtype, name="layer_norm1")(x))
-        mlp = MLP(self.width, self.hidden, self.layers, self.activation, self.dtype, name="mlp")
-        return x + mlp(LayerNorm(self.epsilon, self.dtype, name="layer_norm2")(x))
+        eps, dtype = self.tower.ln_eps, self.dtype
+        attn = Attention(self.tower, dtype, name="self_attn")
+        x = x + attn(LayerNorm(eps, dtype, name="layer_norm1")(x))
+        return x + MLP(self.tower, dtype, name="mlp")(LayerNorm(eps, dtype, name="layer_norm2")(x))
 
 
 class Encoder(nn.Module):
     """A stack of `EncoderLayer`s named `layers_{i}` (HF `encoder.layers.{i}`)."""
 
-    width: int
-    heads: int
-    hidden: int
-    layers: int
-    activation: str
-    epsilon: float
-    causal: bool = False
+    tower: Tower
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, L, W]
-        for i in range(self.layers):
-            x = EncoderLayer(
-                self.width,
-                self.heads,
-                self.hidden,
-                self.layers,
-                self.activation,
-                self.epsilon,
-                self.causal,
-                self.dtype,
-                name=f"layers_{i}",
-            )(x)
+        for i in range(self.tower.layers):
+            x = EncoderLayer(self.tower, self.dtype, name=f"layers_{i}")(x)
         return x
 
 
@@ -286,16 +259,7 @@ class VisionTransformer(nn.Module):
             )
         x = VisionEmbeddings(a, self.dtype, name="embeddings")(pixels)
         x = LayerNorm(a.vision_ln_eps, self.dtype, name="pre_layrnorm")(x)  # sic: HF spelling
-        x = Encoder(
-            a.vision_width,
-            a.vision_heads,
-            a.vision_mlp,
-            a.vision_layers,
-            a.vision_act,
-            a.vision_ln_eps,
-            dtype=self.dtype,
-            name="encoder",
-        )(x)
+        x = Encoder(a.vision, self.dtype, name="encoder")(x)
         return LayerNorm(a.vision_ln_eps, self.dtype, name="post_layernorm")(x[:, 0])
 
 
@@ -343,17 +307,7 @@ class TextTransformer(nn.Module):
                 f"{tuple(token_ids.shape)}; use clip.load_tokenizer(...)(texts)."
             )
         x = TextEmbeddings(a, self.dtype, name="embeddings")(token_ids)
-        x = Encoder(
-            a.text_width,
-            a.text_heads,
-            a.text_mlp,
-            a.text_layers,
-            a.text_act,
-            a.text_ln_eps,
-            causal=True,
-            dtype=self.dtype,
-            name="encoder",
-        )(x)
+        x = Encoder(a.text, self.dtype, name="encoder")(x)
         x = LayerNorm(a.text_ln_eps, self.dtype, name="final_layer_norm")(x)
         index = pool_index(token_ids, a.eos_token_id)
         return x[jnp.arange(x.shape[0]), index]
@@ -412,6 +366,12 @@ class CLIP(nn.Module):
         return jnp.exp(self.logit_scale) * image @ text.T  # [B_img, B_txt]
 
 
+def _dummy_inputs(arch: CLIPArch, make=jnp.zeros) -> tuple:
+    """(pixels [1, S, S, 3], token ids [1, L]) to trace `CLIP.init` with."""
+    pixels = make((1, arch.image_size, arch.image_size, 3), jnp.float32)
+    return pixels, make((1, arch.context_length), jnp.int32)
+
+
 def init_params(arch: CLIPArch, seed: int = 0) -> dict:
     """Random float32 parameters for `arch` (our init, close to transformers' CLIP init).
 
@@ -423,16 +383,11 @@ def init_params(arch: CLIPArch, seed: int = 0) -> dict:
 
 @functools.lru_cache(maxsize=8)
 def _init_params_cached(arch: CLIPArch, seed: int) -> dict:
-    model = CLIP(arch)
-    pixels = jnp.zeros((1, arch.image_size, arch.image_size, 3), jnp.float32)
-    tokens = jnp.zeros((1, arch.context_length), jnp.int32)
     key = jax.random.key(seed, impl="unsafe_rbg")
-    return jax.jit(model.init)(key, pixels, tokens)["params"]
+    return jax.jit(CLIP(arch).init)(key, *_dummy_inputs(arch))["params"]
 
 
 def param_shapes(arch: CLIPArch) -> dict:
     """Pytree of jax.ShapeDtypeStruct for every parameter of `arch` (no compute, no memory)."""
-    model = CLIP(arch)
-    pixels = jax.ShapeDtypeStruct((1, arch.image_size, arch.image_size, 3), jnp.float32)
-    tokens = jax.ShapeDtypeStruct((1, arch.context_length), jnp.int32)
-    return jax.eval_shape(model.init, jax.random.key(0), pixels, tokens)["params"]
+    inputs = _dummy_inputs(arch, jax.ShapeDtypeStruct)
+    return jax.eval_shape(CLIP(arch).init, jax.random.key(0), *inputs)["params"]

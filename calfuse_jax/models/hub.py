@@ -88,6 +88,29 @@ def resolve(
             f"{name!r} is neither a checkpoint folder nor a hub id "
             "like 'openai/clip-vit-base-patch16'"
         )
+    try:
+        return _download(name, required, alternatives, cache_dir)
+    except HubUnreachableError:
+        raise
+    except (OSError, ValueError, RuntimeError) as err:  # hub errors derive from these
+        from huggingface_hub import constants
+
+        wanted = ", ".join(required) + (
+            f" and one of {', '.join(alternatives)}" if alternatives else ""
+        )
+        where = cache_dir or constants.HF_HUB_CACHE
+        mode = "offline (HF_HUB_OFFLINE is set)" if _hub_offline() else "online"
+        raise CheckpointError(
+            f"{name!r} is not a local folder, so it was looked up as a Hugging Face hub id, "
+            f"{mode}, and that failed: {type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}\nNeeded files: {wanted}. Either "
+            f"download them once with network access (they are cached under {where}), or put "
+            f"them in a local folder and pass that folder's path instead of the hub id."
+        ) from err
+
+
+def _download(name: str, required: tuple[str, ...], alternatives: tuple[str, ...], cache_dir):
+    """The snapshot folder of hub id `name` once `required` and one of `alternatives` are there."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
@@ -102,32 +125,14 @@ def resolve(
         _check_hub_answers(name, filename)  # a silent hub fails here, not in hf_hub_download
         return hf_hub_download(name, filename, cache_dir=cache_dir)
 
-    try:
-        folder = Path(fetch(required[0])).parent
-        for filename in required[1:]:
+    folder = Path(fetch(required[0])).parent
+    for filename in required[1:]:
+        fetch(filename)
+    for filename in alternatives:
+        try:
             fetch(filename)
-        for filename in alternatives:
-            try:
-                fetch(filename)
-                break
-            except (EntryNotFoundError, LocalEntryNotFoundError):
-                if filename == alternatives[-1]:
-                    raise
-        return folder
-    except HubUnreachableError:
-        raise
-    except (OSError, ValueError, RuntimeError) as err:  # hub errors derive from these
-        wanted = ", ".join(required) + (
-            f" and one of {', '.join(alternatives)}" if alternatives else ""
-        )
-        from huggingface_hub import constants
-
-        where = cache_dir or constants.HF_HUB_CACHE
-        mode = "offline (HF_HUB_OFFLINE is set)" if offline else "online"
-        raise CheckpointError(
-            f"{name!r} is not a local folder, so it was looked up as a Hugging Face hub id, "
-            f"{mode}, and that failed: {type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}\nNeeded files: {wanted}. Either "
-            f"download them once with network access (they are cached under {where}), or put "
-            f"them in a local folder and pass that folder's path instead of the hub id."
-        ) from err
+            break
+        except (EntryNotFoundError, LocalEntryNotFoundError):
+            if filename == alternatives[-1]:
+                raise
+    return folder

@@ -24,11 +24,11 @@ HUB_ID = "openai/clip-vit-base-patch16"
 LOAD = f"""
 import sys
 sys.modules["torch"] = None
-from calfuse_jax import clip, features
+from calfuse_jax import clip, feature_cache
 try:
     clip.from_pretrained({HUB_ID!r})
     clip.load_tokenizer({HUB_ID!r})
-    print(features.weights_id({HUB_ID!r}))
+    print(feature_cache.weights_id({HUB_ID!r}))
 except clip.HubUnreachableError as err:
     print(f"HubUnreachableError: {{err}}")
 """
@@ -131,7 +131,7 @@ def test_a_hub_id_downloads_the_served_checkpoint_then_loads_offline(served, tmp
             timeout=60,
         )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.strip() == file_sha256(served / "model.safetensors")  # features.weights_id
+    assert run.stdout.strip() == file_sha256(served / "model.safetensors")  # weights_id
     assert "PyTorch was not found" not in run.stderr and "Retrying" not in run.stderr
     downloads = sorted(path.rsplit("/", 1)[1] for method, path in hub.requests if method == "GET")
     assert downloads == sorted(HUB_FILES)  # each file once, later calls hit the cache
