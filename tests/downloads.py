@@ -77,8 +77,8 @@ def _handler(server: FileServer):
             self.end_headers()
             time.sleep(server.delay)
             cut = server.cut_after.pop(name, None)
+            server.sent[name] += len(body[:cut])  # before the write: the client may finish first
             self.wfile.write(body[:cut])
-            server.sent[name] += len(body[:cut])
             if cut is not None:  # the client sees a connection broken mid-body
                 self.wfile.flush()
                 self.connection.shutdown(socket.SHUT_RDWR)
