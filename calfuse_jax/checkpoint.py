@@ -35,7 +35,6 @@ import orbax.checkpoint as ocp
 from calfuse_jax import sharding
 
 STEP_STRIDE = 10_000_000  # step checkpoint id = task * STEP_STRIDE + step
-STATE_FIELDS = ("params", "accuracy")  # carry fields in a task's `state`
 LAYOUT = 2  # 1: the state also held `curves` and `key` (no `layout` field in the meta)
 
 
@@ -122,13 +121,6 @@ class RunCheckpoints:
             for path, leaf in leaves
         }
 
-    def restore_task_stats(self, task: int, abstract_stats: Any) -> Any:
-        """The class statistics task `task` added, shaped and placed like `abstract_stats`."""
-        restored = self._tasks.restore(
-            task, args=ocp.args.Composite(stats=ocp.args.StandardRestore(abstract_stats))
-        )
-        return restored["stats"]
-
     def task_meta(self, task: int) -> dict:
         """The JSON part of task `task`'s checkpoint (cheap: no arrays read)."""
         restored = self._tasks.restore(task, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
@@ -173,85 +165,54 @@ class RunCheckpoints:
         path = self.directory / "steps" / str(task * STEP_STRIDE + step)
         return restored["state"], _checked(restored["meta"], path)
 
+    def class_stats(self, task: int, bounds: Sequence[int], dim: int, placement) -> dict:
+        """The statistics of every class seen after `task`, from the checkpoints of tasks
+        0..task (task k's holds positions bounds[k]:bounds[k+1]).
+
+        Args:
+          bounds: [T + 1] task boundaries in positions (`TaskSplit.bounds`); dim: feature width D.
+          placement: the sharding to restore through (replicated over the run's mesh).
+        Returns:
+          NumPy `{"means": [C, D], "chols": [C, D, D]}` for all C = bounds[-1] classes, zero past
+          bounds[task + 1] (bit for bit what the uninterrupted run carried).
+        Raises:
+          TaskCheckpointError naming the first task checkpoint that is missing, half-written,
+          without statistics or unreadable.
+        """
+        finished = set(self.finished_tasks())
+        out = {"means": np.zeros((bounds[-1], dim), np.float32)}
+        out["chols"] = np.zeros((bounds[-1], dim, dim), np.float32)
+        for k in range(task + 1):
+            lo, hi = int(bounds[k]), int(bounds[k + 1])
+            expected = {"means": (hi - lo, dim), "chols": (hi - lo, dim, dim)}
+            if k not in finished:
+                raise _stats_error(self, k, task, "is missing")
+            try:
+                shapes = self.task_shapes(k, "stats")
+                if shapes != expected:
+                    problem = (
+                        f"holds {shapes}" if shapes else "holds no class statistics (older format?)"
+                    )
+                    raise _stats_error(self, k, task, f"{problem}, not {expected}")
+                abstract = {
+                    name: jax.ShapeDtypeStruct(shape, np.float32)
+                    for name, shape in expected.items()
+                }
+                args = ocp.args.StandardRestore(abstract_like(abstract, placement))
+                part = self._tasks.restore(k, args=ocp.args.Composite(stats=args))["stats"]
+            except TaskCheckpointError:
+                raise
+            except Exception as error:  # Orbax/TensorStore report damaged files in many types
+                problem = f"is unreadable ({str(error)[:300]})"
+                raise _stats_error(self, k, task, problem) from error
+            part = sharding.to_host(part)
+            out["means"][lo:hi], out["chols"][lo:hi] = part["means"], part["chols"]
+        return out
+
 
 def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
     """ShapeDtypeStructs of `tree`'s leaves (arrays or ShapeDtypeStructs) with `sharding`."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-
-
-# What a task checkpoint holds, and how the class statistics are rebuilt from several of them.
-def task_state(carry: dict, old: int) -> tuple[dict, dict]:
-    """Splits an end-of-task carry into the checkpoint's (`state`, `stats`) items.
-
-    Args:
-      carry: the run's carry (`params`, `stats`: a `ClassStats` of all C seen classes, `accuracy`
-        [T, T]).
-      old: classes seen before this task; `stats` keeps positions old..C-1 only.
-    Returns:
-      (state, new_stats): `{params, accuracy}` and `{"means": [C - old, D],
-      "chols": [C - old, D, D]}`.
-    """
-    state = {name: carry[name] for name in STATE_FIELDS}
-    class_stats = carry["stats"]
-    return state, {"means": class_stats.means[old:], "chols": class_stats.chols[old:]}
-
-
-def abstract_task_state(abstract_params: Any, num_tasks: int, placement) -> dict:
-    """Shapes of a task checkpoint's `state` item (see `task_state`), placed with `placement`."""
-    f32 = np.float32
-    tree = {
-        "params": abstract_params,
-        "accuracy": jax.ShapeDtypeStruct((num_tasks, num_tasks), f32),
-    }
-    return abstract_like(tree, placement)
-
-
-def restore_class_stats(
-    checkpoints: RunCheckpoints, task: int, bounds: Sequence[int], dim: int, placement
-) -> dict[str, np.ndarray]:
-    """Rebuilds the statistics of every class seen after `task` from tasks 0..task's checkpoints.
-
-    Args:
-      checkpoints: the run's checkpoints; task k's holds positions bounds[k]:bounds[k+1].
-      task: the last finished task.
-      bounds: [T + 1] task boundaries in positions (`TaskSplit.bounds`).
-      dim: feature width D.
-      placement: the sharding to restore through (replicated over the run's mesh).
-    Returns:
-      NumPy `{"means": [C, D], "chols": [C, D, D]}`, C = bounds[task + 1], concatenated in task
-      order (bit for bit what the uninterrupted run carried).
-    Raises:
-      TaskCheckpointError naming the first task checkpoint that is missing, half-written,
-      without statistics or unreadable.
-    """
-    finished = set(checkpoints.finished_tasks())
-    means, chols = [], []
-    for k in range(task + 1):
-        count = int(bounds[k + 1]) - int(bounds[k])
-        expected = {"means": (count, dim), "chols": (count, dim, dim)}
-        if k not in finished:
-            raise _stats_error(checkpoints, k, task, "is missing")
-        try:
-            shapes = checkpoints.task_shapes(k, "stats")
-            if shapes != expected:
-                problem = (
-                    f"holds {shapes}" if shapes else "holds no class statistics (older format?)"
-                )
-                raise _stats_error(checkpoints, k, task, f"{problem}, not {expected}")
-            abstract = abstract_like(
-                {name: jax.ShapeDtypeStruct(shape, np.float32) for name, shape in expected.items()},
-                placement,
-            )
-            part = sharding.to_host(checkpoints.restore_task_stats(k, abstract))
-        except TaskCheckpointError:
-            raise
-        except Exception as error:  # Orbax/TensorStore report damaged files in many types
-            raise _stats_error(
-                checkpoints, k, task, f"is unreadable ({str(error)[:300]})"
-            ) from error
-        means.append(part["means"])
-        chols.append(part["chols"])
-    return {"means": np.concatenate(means), "chols": np.concatenate(chols)}
 
 
 def _stats_error(checkpoints: RunCheckpoints, k: int, task: int, problem: str):

@@ -295,18 +295,18 @@ def curves_of(rows: list[dict]) -> np.ndarray:
     return np.asarray(values, np.float32).reshape(3, len(rows))
 
 
-def continual_result(carry: dict, workdir: Path) -> ContinualResult:
-    """The `ContinualResult` of a finished run's carry (its params already on the host)."""
-    accuracy, curves = carry["accuracy"], curves_of(carry["rows"])
-    seen, old, new = curves
+def continual_result(accuracy, rows: list, params, class_stats, workdir: Path) -> ContinualResult:
+    """The `ContinualResult` of a finished run (host arrays): accuracy [T, T], the metrics rows."""
+    curves = curves_of(rows)
+    seen, old, new = np.asarray(curves, np.float64)
     return ContinualResult(
         accuracy_matrix=np.asarray(accuracy, np.float64),
-        seen_accuracy=np.asarray(seen, np.float64),
-        old_accuracy=np.asarray(old, np.float64),
-        new_accuracy=np.asarray(new, np.float64),
+        seen_accuracy=seen,
+        old_accuracy=old,
+        new_accuracy=new,
         summary=summary(accuracy, curves),
-        params=carry["params"],
-        stats=carry["stats"],
-        rows=carry["rows"],
+        params=params,
+        stats=class_stats,
+        rows=rows,
         workdir=workdir,
     )

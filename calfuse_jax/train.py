@@ -15,7 +15,6 @@ replays exactly.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
 import logging
 from collections.abc import Callable
@@ -165,16 +164,15 @@ def host_batch(features, labels, rows: np.ndarray, padded: int):
     return x, y, mask
 
 
-@dataclasses.dataclass
-class TaskRun:
-    """Everything `train_task` needs besides the state; built by `continual`."""
+class TaskView(NamedTuple):
+    """One task as `train_task` sees it (built by `continual`)."""
 
     task: int
     features: np.ndarray  # [N, D] the task's training features
-    labels: np.ndarray  # int [N] their positions
-    old_ids: np.ndarray  # int [C_old] old class positions
-    inputs: TaskInputs
+    labels: np.ndarray  # int32 [N] their positions
+    old_ids: np.ndarray  # int [C_old] old class positions (the pseudo-feature classes)
     key: jax.Array  # the task's key, replicated
+    inputs: TaskInputs  # replicated: what the method reads
 
 
 def check_losses(
@@ -204,7 +202,7 @@ def check_losses(
 def train_task(
     method: Method,
     config: ml_collections.ConfigDict,
-    run: TaskRun,
+    view: TaskView,
     state: TrainState,
     mesh: Mesh,
     *,
@@ -231,49 +229,49 @@ def train_task(
     from tqdm.auto import tqdm  # noqa: PLC0415  (import cost only when training)
 
     epochs, every = int(config.train.epochs), int(config.train.checkpoint_every_steps)
-    epoch_steps = steps_per_epoch(len(run.labels), int(config.train.batch_size))
+    epoch_steps = steps_per_epoch(len(view.labels), int(config.train.batch_size))
     total = epochs * epoch_steps
     step_fn = train_step_fn(method, mesh)
     pending, last_loss, step = [], None, start_step  # pending: (step, loss) not yet checked
     losses_so_far = list(epoch_losses or [])
-    bar = tqdm(total=total, initial=start_step, desc=f"task {run.task}", disable=not progress)
-    report = _loss_reporter(config, run.task, epoch_steps, loss_callback)
+    bar = tqdm(total=total, initial=start_step, desc=f"task {view.task}", disable=not progress)
+    report = _loss_reporter(config, view.task, epoch_steps, loss_callback)
     try:
         for epoch in range(start_step // epoch_steps, epochs):
-            for batch, pseudo_ids in _epoch_batches(config, run, epoch, step, epoch_steps, mesh):
+            for batch, pseudo_ids in _epoch_batches(config, view, epoch, step, epoch_steps, mesh):
                 lr = learning_rate(config, step, epoch_steps)
                 scalars = sharding.replicate((pseudo_ids, np.int32(step), np.float32(lr)), mesh)
-                state, loss = step_fn(state, batch, *scalars, run.key, run.inputs)
+                state, loss = step_fn(state, batch, *scalars, view.key, view.inputs)
                 step += 1
                 pending.append((step, loss))
                 bar.update(1)
                 if save_step is not None and every and step % every == 0 and step < total:
-                    check_losses(pending, run.task, losses_so_far, report)
+                    check_losses(pending, view.task, losses_so_far, report)
                     save_step(step, state, losses_so_far)
                 if step_callback is not None:
-                    step_callback(run.task, step)
-            check_losses(pending, run.task, losses_so_far, report)
+                    step_callback(view.task, step)
+            check_losses(pending, view.task, losses_so_far, report)
             last_loss, losses_so_far = float(np.mean(losses_so_far)), []
             bar.set_postfix(loss=f"{last_loss:.4f}")
     except KeyboardInterrupt:
-        _save_on_interrupt(pending, run.task, step, total, state, save_step, losses_so_far, report)
+        _save_on_interrupt(pending, view.task, step, total, state, save_step, losses_so_far, report)
         raise
     finally:
         bar.close()
     return state, {"loss": last_loss, "steps": total}
 
 
-def _epoch_batches(config, run: TaskRun, epoch: int, step: int, epoch_steps: int, mesh: Mesh):
+def _epoch_batches(config, view: TaskView, epoch: int, step: int, epoch_steps: int, mesh: Mesh):
     """Yields the sharded (batch, pseudo-class ids [K]) of `epoch` from global step `step` on."""
     batch_size, seed = int(config.train.batch_size), int(config.seed)
     padded = sharding.padded_size(batch_size, mesh)
-    order = epoch_permutation(seed, run.task, epoch, len(run.labels))
+    order = epoch_permutation(seed, view.task, epoch, len(view.labels))
     per_batch = int(config.pseudo.classes_per_batch)
-    pseudo = pseudo_class_schedule(seed, run.task, epoch, run.old_ids, epoch_steps, per_batch)
+    pseudo = pseudo_class_schedule(seed, view.task, epoch, view.old_ids, epoch_steps, per_batch)
     for index in range(step - epoch * epoch_steps, epoch_steps):
         rows = order[index * batch_size : (index + 1) * batch_size]
         yield (
-            sharding.shard_batch(host_batch(run.features, run.labels, rows, padded), mesh),
+            sharding.shard_batch(host_batch(view.features, view.labels, rows, padded), mesh),
             pseudo[index],
         )
 
