@@ -2,18 +2,17 @@
 
 Layout under `<workdir>/checkpoints/`:
 
-- `tasks/<t>/`: written after task t is trained, fused and evaluated. `state` holds the head +
-  gate params and the accuracy matrix; `stats` the statistics of the classes
-  task t added only (means [n_t, D], Cholesky factors [n_t, D, D]); `meta` is JSON (task index,
-  config, fingerprint, the metrics rows so far). Restoring task t reads `stats` of tasks 0..t in
-  order (`restore_class_stats`), so every earlier task checkpoint must still be there; storing all
-  seen classes in every checkpoint instead would write sum_t C_t classes (1 MiB each at 512-d).
-- `steps/<t * STEP_STRIDE + s>/`: the state after step s of task t (params + optimiser state; no
-  class statistics: those of tasks < t are in the task checkpoints), kept only for the newest
-  step; a run killed mid-task resumes from it.
+- `tasks/<t>/`: written after task t is trained, fused and evaluated. `state` holds the head
+  params and the accuracy matrix; `stats` the statistics of the classes task t added only (means
+  [n_t, D], Cholesky factors [n_t, D, D]); `meta` is JSON (task index, config, fingerprint, the
+  metrics rows so far). Restoring task t reads `stats` of tasks 0..t (`class_stats`), so every
+  earlier task checkpoint must still be there; storing all seen classes in every checkpoint
+  instead would write sum_t C_t classes (1 MiB each at 512-d).
+- `steps/<t * STEP_STRIDE + s>/`: params + optimiser state after step s of task t, kept for the
+  newest step only; a run killed mid-task resumes from it.
 
-Every `meta` carries `layout` (`LAYOUT`): a checkpoint of another layout (e.g. one written before
-the RNG key and accuracy curves left the state) is refused with the fix, never misread.
+Every `meta` carries `layout` (`LAYOUT`): a checkpoint of another layout is refused with the fix,
+never misread.
 
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a
 half-written checkpoint is never listed. Saving is collective: under `jax.distributed` every
@@ -39,13 +38,8 @@ LAYOUT = 2  # 1: the state also held `curves` and `key` (no `layout` field in th
 
 
 class TaskCheckpointError(ValueError):
-    """A task checkpoint that a restore needs is missing, half-written or unreadable (a
-    ValueError, like rundir.ConfigMismatchError: a workdir problem the user fixes from the
-    message)."""
-
-
-def _stamped(meta: dict) -> dict:
-    return {**meta, "layout": LAYOUT}
+    """A checkpoint that a restore needs is missing, half-written, unreadable or of another
+    layout (a ValueError, like rundir.ConfigMismatchError: the user fixes it from the message)."""
 
 
 def _checked(meta: dict, path: Path) -> dict:
@@ -90,7 +84,6 @@ class RunCheckpoints:
         self._tasks.close()
         self._steps.close()
 
-    # Finished tasks.
     def finished_tasks(self) -> list[int]:
         """Indices of the tasks with a complete checkpoint, ascending."""
         return sorted(self._tasks.all_steps())
@@ -102,16 +95,18 @@ class RunCheckpoints:
     def save_task(self, task: int, state: Any, meta: dict, new_stats: Any = None) -> None:
         """Saves the end-of-task `state` pytree and JSON `meta` of task `task`, plus `new_stats`
         (`{"means": [n_t, D], "chols": [n_t, D, D]}` of the task's own classes) when given."""
-        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(_stamped(meta))}
+        items = {
+            "state": ocp.args.StandardSave(state),
+            "meta": ocp.args.JsonSave({**meta, "layout": LAYOUT}),
+        }
         if new_stats is not None:
             items["stats"] = ocp.args.StandardSave(new_stats)
         self._tasks.save(task, args=ocp.args.Composite(**items), force=True)
         self._tasks.wait_until_finished()
 
     def task_shapes(self, task: int, item: str = "stats") -> dict[str, tuple[int, ...]] | None:
-        """Array shapes of `item` ("state" or "stats") in task `task`'s checkpoint by "/"-joined
-        path, e.g. {"means": (n_t, D), "chols": (n_t, D, D)}, from Orbax's metadata (no arrays
-        read); None when the checkpoint has no such item."""
+        """Shapes of `item` ("state" or "stats") in task `task`'s checkpoint by "/"-joined path,
+        from Orbax's metadata (no arrays read); None when it has no such item."""
         metadata = self._tasks.item_metadata(task).get(item)
         if metadata is None:
             return None
@@ -133,7 +128,6 @@ class RunCheckpoints:
         )
         return restored["state"]
 
-    # Mid-task steps.
     def latest_step(self) -> tuple[int, int] | None:
         """(task, step) of the newest step checkpoint, or None."""
         latest = self._steps.latest_step()
@@ -148,7 +142,8 @@ class RunCheckpoints:
         self._steps.save(
             task * STEP_STRIDE + step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(_stamped(meta))
+                state=ocp.args.StandardSave(state),
+                meta=ocp.args.JsonSave({**meta, "layout": LAYOUT}),
             ),
             force=True,
         )
@@ -179,9 +174,9 @@ class RunCheckpoints:
           TaskCheckpointError naming the first task checkpoint that is missing, half-written,
           without statistics or unreadable.
         """
-        finished = set(self.finished_tasks())
-        out = {"means": np.zeros((bounds[-1], dim), np.float32)}
-        out["chols"] = np.zeros((bounds[-1], dim, dim), np.float32)
+        finished, classes = set(self.finished_tasks()), int(bounds[-1])
+        out = {"means": np.zeros((classes, dim), np.float32)}
+        out["chols"] = np.zeros((classes, dim, dim), np.float32)
         for k in range(task + 1):
             lo, hi = int(bounds[k]), int(bounds[k + 1])
             expected = {"means": (hi - lo, dim), "chols": (hi - lo, dim, dim)}
@@ -190,22 +185,22 @@ class RunCheckpoints:
             try:
                 shapes = self.task_shapes(k, "stats")
                 if shapes != expected:
-                    problem = (
-                        f"holds {shapes}" if shapes else "holds no class statistics (older format?)"
-                    )
+                    problem = f"holds {shapes}" if shapes else "holds no class statistics"
                     raise _stats_error(self, k, task, f"{problem}, not {expected}")
-                abstract = {
-                    name: jax.ShapeDtypeStruct(shape, np.float32)
-                    for name, shape in expected.items()
-                }
-                args = ocp.args.StandardRestore(abstract_like(abstract, placement))
-                part = self._tasks.restore(k, args=ocp.args.Composite(stats=args))["stats"]
+                abstract = abstract_like(
+                    {
+                        name: jax.ShapeDtypeStruct(shape, np.float32)
+                        for name, shape in expected.items()
+                    },
+                    placement,
+                )
+                args = ocp.args.Composite(stats=ocp.args.StandardRestore(abstract))
+                part = sharding.to_host(self._tasks.restore(k, args=args)["stats"])
             except TaskCheckpointError:
                 raise
             except Exception as error:  # Orbax/TensorStore report damaged files in many types
                 problem = f"is unreadable ({str(error)[:300]})"
                 raise _stats_error(self, k, task, problem) from error
-            part = sharding.to_host(part)
             out["means"][lo:hi], out["chols"][lo:hi] = part["means"], part["chols"]
         return out
 

@@ -96,12 +96,12 @@ def _initial_params(run: _Run):
 
 def _fresh_state(run: _Run) -> ContinualState:
     classes, dim, num_tasks = run.stream.split.num_classes, run.stream.dim, run.num_tasks
-    zeros = jax.jit(
-        lambda: (jnp.zeros((classes, dim)), jnp.zeros((classes, dim, dim))),
-        out_shardings=sharding.replicated(run.mesh),
+    means, chols = (
+        jnp.zeros(shape, device=sharding.replicated(run.mesh))
+        for shape in ((classes, dim), (classes, dim, dim))
     )
     accuracy = np.full((num_tasks, num_tasks), np.nan, np.float32)
-    return ContinualState(_initial_params(run), *zeros(), accuracy)
+    return ContinualState(_initial_params(run), means, chols, accuracy)
 
 
 def _hard_pairs(text: np.ndarray, bounds, pseudo) -> tuple[np.ndarray, np.ndarray]:
@@ -123,50 +123,35 @@ def _hard_pairs(text: np.ndarray, bounds, pseudo) -> tuple[np.ndarray, np.ndarra
     return pairs, mask
 
 
-def _task_view(run: _Run, task: int, state: ContinualState) -> train.TaskView:
-    """Task `task`'s training rows, key and method inputs; the statistics and the teacher (the
-    previous task's head) come from `state`."""
-    bounds = run.stream.split.bounds
+def _start_task(run: _Run, task: int, state: ContinualState):
+    """(`state` with the statistics of `task`'s classes filled in, the task's `TaskView`).
+
+    The statistics come from the frozen training features (training leaves them unchanged) and
+    are there before training: a method may read the new classes' (e.g. NCM), while the step
+    samples old classes only. The teacher is the previous task's head, `state.params`.
+    """
+    bounds, config = run.stream.split.bounds, run.config
+    old, seen = int(bounds[task]), int(bounds[task + 1])
     features, labels = run.stream.task(task, "train")
-    key = jax.random.fold_in(jax.random.PRNGKey(int(run.config.seed)), task)
+    eps, shrinkage = float(config.stats.cov_eps), config.stats.shrinkage
+    means, covs = stats.class_stats(features, labels, np.arange(old, seen), eps, shrinkage)
+    means, chols = sharding.replicate((means, stats.cholesky_factors(covs)), run.mesh)
+    means, chols = state.means.at[old:seen].set(means), state.chols.at[old:seen].set(chols)
     inputs = methods.TaskInputs(
         text=run.text,
         ctx=calibration.task_context(bounds, task),
-        means=state.means,
-        chols=state.chols,
+        means=means,
+        chols=chols,
         pairs=run.pairs[task],
         pair_mask=run.pair_mask[task],
         teacher=state.params,
         teacher_ctx=calibration.task_context(bounds, max(task - 1, 0)),
     )
+    key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), task)
     key, inputs = sharding.replicate((key, inputs), run.mesh)
-    old_ids = np.arange(int(bounds[task]))
-    return train.TaskView(
-        task, np.asarray(features, np.float32), labels.astype(np.int32), old_ids, key, inputs
-    )
-
-
-@functools.lru_cache(maxsize=8)
-def _insert_fn(mesh: Mesh):
-    def insert(means, chols, new_means, new_chols, start):
-        return (
-            jax.lax.dynamic_update_slice(means, new_means, (start, 0)),
-            jax.lax.dynamic_update_slice(chols, new_chols, (start, 0, 0)),
-        )
-
-    return jax.jit(insert, out_shardings=sharding.replicated(mesh))
-
-
-def _with_new_classes(run: _Run, task: int, state: ContinualState) -> ContinualState:
-    """`state` with the statistics of `task`'s classes filled in (from its frozen training
-    features, which training leaves unchanged)."""
-    old, seen = int(run.stream.split.bounds[task]), int(run.stream.split.bounds[task + 1])
-    features, labels = run.stream.task(task, "train")
-    eps, shrinkage = float(run.config.stats.cov_eps), run.config.stats.shrinkage
-    means, covs = stats.class_stats(features, labels, np.arange(old, seen), eps, shrinkage)
-    new = sharding.replicate((means, stats.cholesky_factors(covs)), run.mesh)
-    means, chols = _insert_fn(run.mesh)(state.means, state.chols, *new, np.int32(old))
-    return state.replace(means=means, chols=chols)
+    features, labels = np.asarray(features, np.float32), labels.astype(np.int32)
+    view = train.TaskView(task, features, labels, np.arange(old), key, inputs)
+    return state.replace(means=means, chols=chols), view
 
 
 def _check_meta(run: _Run, meta: dict, what: str) -> None:
@@ -229,10 +214,8 @@ def _train(run: _Run, view: train.TaskView, params) -> tuple[Any, dict]:
     state, start, losses = _start_state(run, task, params)
 
     def save_step(step: int, state: TrainState, epoch_losses: list[float]) -> None:
-        meta = {"task": task, "step": step, "fingerprint": run.fingerprint}
-        run.checkpoints.save_step(
-            task, step, state._asdict(), meta | {"epoch_losses": epoch_losses}
-        )
+        meta = dict(task=task, step=step, fingerprint=run.fingerprint, epoch_losses=epoch_losses)
+        run.checkpoints.save_step(task, step, state._asdict(), meta)
 
     report = None
     if run.loss_callback is not None:
@@ -255,10 +238,7 @@ def _train(run: _Run, view: train.TaskView, params) -> tuple[Any, dict]:
 def _run_task(run: _Run, task: int, state: ContinualState) -> ContinualState:
     """Statistics -> train -> fuse -> evaluate -> checkpoint for one task; returns the new state."""
     split, config = run.stream.split, run.config
-    # The new classes' statistics first: a method may read them while training or evaluating
-    # (e.g. NCM); the step samples old classes only.
-    state = _with_new_classes(run, task, state)
-    view = _task_view(run, task, state)
+    state, view = _start_task(run, task, state)
     started = time.perf_counter()
     params, info = _train(run, view, state.params)
     train_seconds = time.perf_counter() - started
@@ -295,14 +275,12 @@ def _save_task(run: _Run, task: int, state: ContinualState) -> None:
     meta = {"task": task, "fingerprint": run.fingerprint, "config": run.config.to_dict()}
     meta = json.loads(json.dumps(meta | {"rows": list(state.rows)}, default=str))
     run.checkpoints.save_task(task, saved, meta, new_stats=new_stats)
+    _write_results(run, state)
+
+
+def _write_results(run: _Run, state: ContinualState) -> None:
     if sharding.is_primary():
         rundir.write_results(run.workdir, list(state.rows), state.accuracy)
-
-
-def _unit_rows(text: np.ndarray) -> np.ndarray:
-    """float32 [C, D] rows scaled to unit norm (a zero row stays zero)."""
-    text = np.asarray(text, np.float32)
-    return text / np.maximum(np.linalg.norm(text, axis=1, keepdims=True), 1e-12)
 
 
 def _open_run(stream, text_features, config, workdir, overwrite, mesh, logit_scale, **hooks):
@@ -315,7 +293,8 @@ def _open_run(stream, text_features, config, workdir, overwrite, mesh, logit_sca
     doc = rundir.config_fingerprint(config, stream, scale)
     rundir.prepare_workdir(workdir, doc, overwrite)
     mesh = mesh if mesh is not None else sharding.make_mesh()
-    text = _unit_rows(stream.text_by_position(text_features))
+    text = np.asarray(stream.text_by_position(text_features), np.float32)
+    text = text / np.maximum(np.linalg.norm(text, axis=1, keepdims=True), 1e-12)  # 0 stays 0
     run = _Run(
         stream,
         sharding.replicate(text, mesh),
@@ -375,8 +354,7 @@ def run_continual(
     )  # fmt: skip
     try:
         state, start = _resume(run)
-        if sharding.is_primary():
-            rundir.write_results(run.workdir, list(state.rows), state.accuracy)
+        _write_results(run, state)
         for task in range(start, run.num_tasks):
             state = _run_task(run, task, state)
     except NonFiniteLossError as error:
@@ -384,8 +362,8 @@ def run_continual(
         raise
     finally:
         run.checkpoints.close()
-    params, means, chols = sharding.to_host((state.params, state.means, state.chols))
-    class_stats = stats.ClassStats(means, chols)
+    host = sharding.to_host(state)
+    class_stats = stats.ClassStats(host.means, host.chols)
     return metrics.continual_result(
-        state.accuracy, list(state.rows), params, class_stats, run.workdir
+        host.accuracy, list(host.rows), host.params, class_stats, run.workdir
     )

@@ -1,16 +1,13 @@
 """One task's training of the head on frozen features: Optax Adam, one jitted step, data parallel.
 
-Every batch is the task's real features plus pseudo-features of K old classes (drawn inside the
-step from the stored Gaussians) plus samples of the old class of every hard pair (DESIGN.md §2).
-The batch is split over the `data` axis of the mesh and the head is replicated, so XLA inserts the
-gradient all-reduce; the global batch (`config.train.batch_size`, rounded up to a multiple of the
-device count) does not depend on the number of devices, and the ragged last batch is padded to it
-with a zero mask rather than dropped. Task inputs are padded to the stream's C classes, so the
-step is traced and compiled once per run, not once per task. Data order and pseudo-class lists
-come from NumPy generators seeded by (seed, task, epoch); step randomness is
-`fold_in(task_key, step)`; so a run is a pure function of (config, seed, data), and a resumed run
-replays exactly.
-"""
+Every batch is the task's real features plus pseudo-features of K old classes and samples of the
+old class of every hard pair, drawn inside the step from the stored Gaussians (DESIGN.md §2). The
+batch is split over the mesh's `data` axis and the head replicated, so XLA inserts the gradient
+all-reduce; the global batch (`config.train.batch_size`, rounded up to a multiple of the device
+count) does not depend on the device count, and the ragged last batch is padded with a zero
+mask, not dropped. Data order and pseudo-class lists come from NumPy generators seeded by
+(seed, task, epoch) and step randomness is `fold_in(task_key, step)`, so a run is a pure function
+of (config, seed, data) and a resumed run replays exactly."""
 
 from __future__ import annotations
 
@@ -84,11 +81,8 @@ def _train_step(state: TrainState, batch, pseudo_ids, step, lr, key, inputs, met
 
 @functools.lru_cache(maxsize=16)
 def train_step_fn(method: Method, mesh: Mesh):
-    """The jitted step `(state, batch, pseudo_ids, step, lr, key, inputs) -> (state, loss)`.
-
-    `state` is donated; outputs are replicated. Cached per (method, mesh), so every task of a
-    run (and every run of a process with the same settings) shares one compiled step.
-    """
+    """The jitted step `(state, batch, pseudo_ids, step, lr, key, inputs) -> (state, loss)`,
+    `state` donated, outputs replicated; cached, so every task of a run shares one compile."""
     step = functools.partial(_train_step, method=method)
     return jax.jit(step, donate_argnums=(0,), out_shardings=sharding.replicated(mesh))
 
@@ -113,20 +107,10 @@ def eval_counts_fn(method: Method, mesh: Mesh):
     return jax.jit(counts, out_shardings=sharding.replicated(mesh))
 
 
-def evaluate(
-    method: Method,
-    params,
-    features: np.ndarray,
-    labels: np.ndarray,
-    inputs: TaskInputs,
-    mesh: Mesh,
-    batch_size: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(correct [C], count [C]) of the head on (features [M, D], positions [M]), batched.
-
-    Every batch has `batch_size` rows (rounded up to the mesh size; the last one padded with mask
-    0), so one compiled function serves every batch and task of a run.
-    """
+def evaluate(method: Method, params, features, labels, inputs: TaskInputs, mesh, batch_size: int):
+    """(correct [C], count [C]) of the head on (features [M, D], positions [M]), in batches of
+    `batch_size` rows (rounded up to the mesh size; the last padded with mask 0), so one compiled
+    function serves every batch and task of a run."""
     counts = eval_counts_fn(method, mesh)
     size = sharding.padded_size(batch_size, mesh)
     classes = inputs.text.shape[0]
@@ -175,17 +159,9 @@ class TaskView(NamedTuple):
     inputs: TaskInputs  # replicated: what the method reads
 
 
-def check_losses(
-    pending: list[tuple[int, jax.Array]],
-    task: int,
-    done: list[float],
-    report: Callable[[list[int], np.ndarray], None] | None = None,
-) -> None:
+def check_losses(pending: list[tuple[int, jax.Array]], task: int, done: list, report=None):
     """Fetches the losses of `pending` (step, loss) pairs into `done`, empties `pending`, and
-    passes (steps, losses) to `report` when given.
-
-    Raises NonFiniteLossError on the first NaN/Inf one.
-    """
+    passes (steps, losses) to `report` when given; NonFiniteLossError on the first NaN/Inf."""
     if not pending:
         return
     values = sharding.to_host(jnp.stack([loss for _, loss in pending]))
