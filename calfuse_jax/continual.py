@@ -83,10 +83,6 @@ class _Run:
     step_callback: Callable[[int, int], None] | None
     loss_callback: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None] | None
 
-    @property
-    def num_tasks(self) -> int:
-        return self.stream.split.num_tasks
-
 
 def _initial_params(run: _Run):
     """Head params from `config.seed`, replicated."""
@@ -95,12 +91,10 @@ def _initial_params(run: _Run):
 
 
 def _fresh_state(run: _Run) -> ContinualState:
-    classes, dim, num_tasks = run.stream.split.num_classes, run.stream.dim, run.num_tasks
-    means, chols = (
-        jnp.zeros(shape, device=sharding.replicated(run.mesh))
-        for shape in ((classes, dim), (classes, dim, dim))
-    )
-    accuracy = np.full((num_tasks, num_tasks), np.nan, np.float32)
+    split, dim, placement = run.stream.split, run.stream.dim, sharding.replicated(run.mesh)
+    means = jnp.zeros((split.num_classes, dim), device=placement)
+    chols = jnp.zeros((split.num_classes, dim, dim), device=placement)
+    accuracy = np.full((split.num_tasks, split.num_tasks), np.nan, np.float32)
     return ContinualState(_initial_params(run), means, chols, accuracy)
 
 
@@ -178,7 +172,7 @@ def _resume(run: _Run) -> tuple[ContinualState, int]:
     class_stats = run.checkpoints.class_stats(task, bounds, dim, placement)
     means, chols = sharding.replicate((class_stats["means"], class_stats["chols"]), run.mesh)
     accuracy = sharding.to_host(saved["accuracy"])
-    logger.info("resuming %s after task %d of %d", run.workdir, task, run.num_tasks)
+    logger.info("resuming %s after task %d of %d", run.workdir, task, len(bounds) - 1)
     return ContinualState(saved["params"], means, chols, accuracy, tuple(meta["rows"])), task + 1
 
 
@@ -259,7 +253,7 @@ def _run_task(run: _Run, task: int, state: ContinualState) -> ContinualState:
     _save_task(run, task, state)
     logger.info(
         "task %d/%d: seen-class accuracy %.2f%% (old %.2f, new %.2f), %.1fs",
-        task + 1, run.num_tasks, *curve, train_seconds,
+        task + 1, split.num_tasks, *curve, train_seconds,
     )  # fmt: skip
     return state
 
@@ -275,10 +269,6 @@ def _save_task(run: _Run, task: int, state: ContinualState) -> None:
     meta = {"task": task, "fingerprint": run.fingerprint, "config": run.config.to_dict()}
     meta = json.loads(json.dumps(meta | {"rows": list(state.rows)}, default=str))
     run.checkpoints.save_task(task, saved, meta, new_stats=new_stats)
-    _write_results(run, state)
-
-
-def _write_results(run: _Run, state: ContinualState) -> None:
     if sharding.is_primary():
         rundir.write_results(run.workdir, list(state.rows), state.accuracy)
 
@@ -354,8 +344,9 @@ def run_continual(
     )  # fmt: skip
     try:
         state, start = _resume(run)
-        _write_results(run, state)
-        for task in range(start, run.num_tasks):
+        if sharding.is_primary():
+            rundir.write_results(run.workdir, list(state.rows), state.accuracy)
+        for task in range(start, run.stream.split.num_tasks):
             state = _run_task(run, task, state)
     except NonFiniteLossError as error:
         logger.error("%s", error)

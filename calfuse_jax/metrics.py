@@ -83,9 +83,8 @@ def _seen_vector(seen_or_matrix, task_sizes) -> np.ndarray:
     if values.ndim == 2 and task_sizes is not None:
         return seen_accuracies(values, task_sizes)
     raise ValueError(
-        "pass the per-task seen-class accuracies [T] (accuracy on all seen classes after each "
-        "task), or the matrix A [T, T] together with task_sizes (test images per task); the plain "
-        "row mean of A is not the papers' Avg"
+        "pass the per-task seen-class accuracies [T], or A [T, T] with task_sizes (test images "
+        "per task); the plain row mean of A is not the papers' Avg"
     )
 
 
@@ -150,13 +149,12 @@ class ContinualResult:
     """The outcome of `run_continual` (percentages; NaN where undefined).
 
     Attributes:
-      accuracy_matrix: float [T, T], A[i, j] = accuracy on task j's classes after task i; NaN
-        above the diagonal.
+      accuracy_matrix: float [T, T] A (NaN above the diagonal).
       seen_accuracy: float [T], accuracy on all seen classes after each task.
       old_accuracy, new_accuracy: float [T], on classes of earlier tasks / of the task itself.
       summary: avg, last, forgetting, bwt, old, new, harmonic.
       params: final head params; stats: `ClassStats` of every class.
-      rows: the metrics rows written to `metrics.jsonl`.
+      rows: the metrics rows written to `metrics.jsonl` in `workdir`.
     """
 
     accuracy_matrix: np.ndarray
