@@ -2,18 +2,17 @@
 
 Layout under `<workdir>/checkpoints/`:
 
-- `tasks/<t>/`: written after task t is trained, fused and evaluated. `state` holds the head +
-  gate params and the accuracy matrix; `stats` the statistics of the classes
-  task t added only (means [n_t, D], Cholesky factors [n_t, D, D]); `meta` is JSON (task index,
-  config, fingerprint, the metrics rows so far). Restoring task t reads `stats` of tasks 0..t in
-  order (`restore_class_stats`), so every earlier task checkpoint must still be there; storing all
-  seen classes in every checkpoint instead would write sum_t C_t classes (1 MiB each at 512-d).
-- `steps/<t * STEP_STRIDE + s>/`: the state after step s of task t (params + optimiser state; no
-  class statistics: those of tasks < t are in the task checkpoints), kept only for the newest
-  step; a run killed mid-task resumes from it.
+- `tasks/<t>/`: written after task t is trained, fused and evaluated. `state` holds the head
+  params and the accuracy matrix; `stats` the statistics of the classes task t added only (means
+  [n_t, D], Cholesky factors [n_t, D, D]); `meta` is JSON (task index, config, fingerprint, the
+  metrics rows so far). Restoring task t reads `stats` of tasks 0..t (`class_stats`), so every
+  earlier task checkpoint must still be there; storing all seen classes in every checkpoint
+  instead would write sum_t C_t classes (1 MiB each at 512-d).
+- `steps/<t * STEP_STRIDE + s>/`: params + optimiser state after step s of task t, kept for the
+  newest step only; a run killed mid-task resumes from it.
 
-Every `meta` carries `layout` (`LAYOUT`): a checkpoint of another layout (e.g. one written before
-the RNG key and accuracy curves left the state) is refused with the fix, never misread.
+Every `meta` carries `layout` (`LAYOUT`): a checkpoint of another layout is refused with the fix,
+never misread.
 
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a
 half-written checkpoint is never listed. Saving is collective: under `jax.distributed` every
@@ -35,18 +34,12 @@ import orbax.checkpoint as ocp
 from calfuse_jax import sharding
 
 STEP_STRIDE = 10_000_000  # step checkpoint id = task * STEP_STRIDE + step
-STATE_FIELDS = ("params", "accuracy")  # carry fields in a task's `state`
 LAYOUT = 2  # 1: the state also held `curves` and `key` (no `layout` field in the meta)
 
 
 class TaskCheckpointError(ValueError):
-    """A task checkpoint that a restore needs is missing, half-written or unreadable (a
-    ValueError, like rundir.ConfigMismatchError: a workdir problem the user fixes from the
-    message)."""
-
-
-def _stamped(meta: dict) -> dict:
-    return {**meta, "layout": LAYOUT}
+    """A checkpoint that a restore needs is missing, half-written, unreadable or of another
+    layout (a ValueError, like rundir.ConfigMismatchError: the user fixes it from the message)."""
 
 
 def _checked(meta: dict, path: Path) -> dict:
@@ -97,7 +90,6 @@ class RunCheckpoints:
         self._tasks.close()
         self._steps.close()
 
-    # Finished tasks.
     def finished_tasks(self) -> list[int]:
         """Indices of the tasks with a complete checkpoint, ascending."""
         return sorted(self._tasks.all_steps())
@@ -109,16 +101,18 @@ class RunCheckpoints:
     def save_task(self, task: int, state: Any, meta: dict, new_stats: Any = None) -> None:
         """Saves the end-of-task `state` pytree and JSON `meta` of task `task`, plus `new_stats`
         (`{"means": [n_t, D], "chols": [n_t, D, D]}` of the task's own classes) when given."""
-        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(_stamped(meta))}
+        items = {
+            "state": ocp.args.StandardSave(state),
+            "meta": ocp.args.JsonSave({**meta, "layout": LAYOUT}),
+        }
         if new_stats is not None:
             items["stats"] = ocp.args.StandardSave(new_stats)
         self._tasks.save(task, args=ocp.args.Composite(**items), force=True)
         self._tasks.wait_until_finished()
 
     def task_shapes(self, task: int, item: str = "stats") -> dict[str, tuple[int, ...]] | None:
-        """Array shapes of `item` ("state" or "stats") in task `task`'s checkpoint by "/"-joined
-        path, e.g. {"means": (n_t, D), "chols": (n_t, D, D)}, from Orbax's metadata (no arrays
-        read); None when the checkpoint has no such item."""
+        """Shapes of `item` ("state" or "stats") in task `task`'s checkpoint by "/"-joined path,
+        from Orbax's metadata (no arrays read); None when it has no such item."""
         metadata = self._tasks.item_metadata(task).get(item)
         if metadata is None:
             return None
@@ -127,13 +121,6 @@ class RunCheckpoints:
             "/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
             for path, leaf in leaves
         }
-
-    def restore_task_stats(self, task: int, abstract_stats: Any) -> Any:
-        """The class statistics task `task` added, shaped and placed like `abstract_stats`."""
-        restored = self._tasks.restore(
-            task, args=ocp.args.Composite(stats=ocp.args.StandardRestore(abstract_stats))
-        )
-        return restored["stats"]
 
     def task_meta(self, task: int) -> dict:
         """The JSON part of task `task`'s checkpoint (cheap: no arrays read)."""
@@ -152,7 +139,6 @@ class RunCheckpoints:
             problem = f"is unreadable ({' '.join(str(error).split())[:300]})"  # one line
             raise _stats_error(self, task, task, problem) from error
 
-    # Mid-task steps.
     def latest_step(self) -> tuple[int, int] | None:
         """(task, step) of the newest step checkpoint, or None."""
         latest = self._steps.latest_step()
@@ -167,7 +153,8 @@ class RunCheckpoints:
         self._steps.save(
             task * STEP_STRIDE + step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(_stamped(meta))
+                state=ocp.args.StandardSave(state),
+                meta=ocp.args.JsonSave({**meta, "layout": LAYOUT}),
             ),
             force=True,
         )
@@ -184,85 +171,54 @@ class RunCheckpoints:
         path = self.directory / "steps" / str(task * STEP_STRIDE + step)
         return restored["state"], _checked(restored["meta"], path)
 
+    def class_stats(self, task: int, bounds: Sequence[int], dim: int, placement) -> dict:
+        """The statistics of every class seen after `task`, from the checkpoints of tasks
+        0..task (task k's holds positions bounds[k]:bounds[k+1]).
+
+        Args:
+          bounds: [T + 1] task boundaries in positions (`TaskSplit.bounds`); dim: feature width D.
+          placement: the sharding to restore through (replicated over the run's mesh).
+        Returns:
+          NumPy `{"means": [C, D], "chols": [C, D, D]}` for all C = bounds[-1] classes, zero past
+          bounds[task + 1] (bit for bit what the uninterrupted run carried).
+        Raises:
+          TaskCheckpointError naming the first task checkpoint that is missing, half-written,
+          without statistics or unreadable.
+        """
+        finished, classes = set(self.finished_tasks()), int(bounds[-1])
+        out = {"means": np.zeros((classes, dim), np.float32)}
+        out["chols"] = np.zeros((classes, dim, dim), np.float32)
+        for k in range(task + 1):
+            lo, hi = int(bounds[k]), int(bounds[k + 1])
+            expected = {"means": (hi - lo, dim), "chols": (hi - lo, dim, dim)}
+            if k not in finished:
+                raise _stats_error(self, k, task, "is missing")
+            try:
+                shapes = self.task_shapes(k, "stats")
+                if shapes != expected:
+                    problem = f"holds {shapes}" if shapes else "holds no class statistics"
+                    raise _stats_error(self, k, task, f"{problem}, not {expected}")
+                abstract = abstract_like(
+                    {
+                        name: jax.ShapeDtypeStruct(shape, np.float32)
+                        for name, shape in expected.items()
+                    },
+                    placement,
+                )
+                args = ocp.args.Composite(stats=ocp.args.StandardRestore(abstract))
+                part = sharding.to_host(self._tasks.restore(k, args=args)["stats"])
+            except TaskCheckpointError:
+                raise
+            except Exception as error:  # Orbax/TensorStore report damaged files in many types
+                problem = f"is unreadable ({str(error)[:300]})"
+                raise _stats_error(self, k, task, problem) from error
+            out["means"][lo:hi], out["chols"][lo:hi] = part["means"], part["chols"]
+        return out
+
 
 def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
     """ShapeDtypeStructs of `tree`'s leaves (arrays or ShapeDtypeStructs) with `sharding`."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-
-
-# What a task checkpoint holds, and how the class statistics are rebuilt from several of them.
-def task_state(carry: dict, old: int) -> tuple[dict, dict]:
-    """Splits an end-of-task carry into the checkpoint's (`state`, `stats`) items.
-
-    Args:
-      carry: the run's carry (`params`, `stats`: a `ClassStats` of all C seen classes, `accuracy`
-        [T, T]).
-      old: classes seen before this task; `stats` keeps positions old..C-1 only.
-    Returns:
-      (state, new_stats): `{params, accuracy}` and `{"means": [C - old, D],
-      "chols": [C - old, D, D]}`.
-    """
-    state = {name: carry[name] for name in STATE_FIELDS}
-    class_stats = carry["stats"]
-    return state, {"means": class_stats.means[old:], "chols": class_stats.chols[old:]}
-
-
-def abstract_task_state(abstract_params: Any, num_tasks: int, placement) -> dict:
-    """Shapes of a task checkpoint's `state` item (see `task_state`), placed with `placement`."""
-    f32 = np.float32
-    tree = {
-        "params": abstract_params,
-        "accuracy": jax.ShapeDtypeStruct((num_tasks, num_tasks), f32),
-    }
-    return abstract_like(tree, placement)
-
-
-def restore_class_stats(
-    checkpoints: RunCheckpoints, task: int, bounds: Sequence[int], dim: int, placement
-) -> dict[str, np.ndarray]:
-    """Rebuilds the statistics of every class seen after `task` from tasks 0..task's checkpoints.
-
-    Args:
-      checkpoints: the run's checkpoints; task k's holds positions bounds[k]:bounds[k+1].
-      task: the last finished task.
-      bounds: [T + 1] task boundaries in positions (`TaskSplit.bounds`).
-      dim: feature width D.
-      placement: the sharding to restore through (replicated over the run's mesh).
-    Returns:
-      NumPy `{"means": [C, D], "chols": [C, D, D]}`, C = bounds[task + 1], concatenated in task
-      order (bit for bit what the uninterrupted run carried).
-    Raises:
-      TaskCheckpointError naming the first task checkpoint that is missing, half-written,
-      without statistics or unreadable.
-    """
-    finished = set(checkpoints.finished_tasks())
-    means, chols = [], []
-    for k in range(task + 1):
-        count = int(bounds[k + 1]) - int(bounds[k])
-        expected = {"means": (count, dim), "chols": (count, dim, dim)}
-        if k not in finished:
-            raise _stats_error(checkpoints, k, task, "is missing")
-        try:
-            shapes = checkpoints.task_shapes(k, "stats")
-            if shapes != expected:
-                problem = (
-                    f"holds {shapes}" if shapes else "holds no class statistics (older format?)"
-                )
-                raise _stats_error(checkpoints, k, task, f"{problem}, not {expected}")
-            abstract = abstract_like(
-                {name: jax.ShapeDtypeStruct(shape, np.float32) for name, shape in expected.items()},
-                placement,
-            )
-            part = sharding.to_host(checkpoints.restore_task_stats(k, abstract))
-        except TaskCheckpointError:
-            raise
-        except Exception as error:  # Orbax/TensorStore report damaged files in many types
-            raise _stats_error(
-                checkpoints, k, task, f"is unreadable ({str(error)[:300]})"
-            ) from error
-        means.append(part["means"])
-        chols.append(part["chols"])
-    return {"means": np.concatenate(means), "chols": np.concatenate(chols)}
 
 
 def _stats_error(checkpoints: RunCheckpoints, k: int, task: int, problem: str):

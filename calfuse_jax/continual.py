@@ -1,13 +1,11 @@
 """The class-incremental task loop: train -> class statistics -> fuse -> evaluate -> checkpoint.
 
-`run_continual` drives a whole `FeatureStream`. After each task it writes a metrics row
-(`metrics.jsonl`, `accuracy_matrix.csv`) and an Orbax checkpoint holding, with the earlier task
-checkpoints, everything the next task needs (each stores only its own classes' statistics), so a
-killed run resumes after the last finished task, or inside a task from the newest step
-checkpoint, and replays bit for bit. A run folder belongs to one configuration (its
-fingerprint is in `run_fingerprint.json`); a different one is refused unless `overwrite=True`,
-which moves the old results aside into `overwritten-<time>/`. Only process 0 writes files; Orbax
-checkpoints are collective.
+`run_continual` drives a whole `FeatureStream`, carrying a `ContinualState` from task to task.
+After each task it writes a metrics row (`metrics.jsonl`, `accuracy_matrix.csv`) and a task
+checkpoint (`calfuse_jax.checkpoint`), so a killed run resumes after the last finished task, or
+inside a task from the newest step checkpoint, and replays bit for bit. A run folder belongs to
+one configuration (`rundir`); a different one is refused unless `overwrite=True`, which moves
+the old results aside. Only process 0 writes files; Orbax checkpoints are collective.
 """
 
 from __future__ import annotations
@@ -25,27 +23,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import struct
 from jax.sharding import Mesh
 
-from calfuse_jax import calibration, fusion, methods, metrics, sharding, stats, train
-from calfuse_jax.checkpoint import (
-    RunCheckpoints,
-    TaskCheckpointError,
-    abstract_like,
-    abstract_task_state,
-    restore_class_stats,
-    task_state,
-)
+from calfuse_jax import calibration, fusion, methods, metrics, rundir, sharding, stats, train
+from calfuse_jax.checkpoint import RunCheckpoints, TaskCheckpointError, abstract_like
 from calfuse_jax.config import resolve_method
 from calfuse_jax.data.stream import FeatureStream
 from calfuse_jax.metrics import ContinualResult
-from calfuse_jax.rundir import (
-    ConfigMismatchError,
-    config_fingerprint,
-    prepare_workdir,
-    write_results,
-)
-from calfuse_jax.rundir import jsonable as json_safe
+from calfuse_jax.rundir import ConfigMismatchError
 from calfuse_jax.train import NonFiniteLossError, TrainState
 
 logger = logging.getLogger("calfuse_jax")
@@ -59,12 +45,34 @@ __all__ = [
 ]
 
 
-@dataclasses.dataclass
+@struct.dataclass
+class ContinualState:
+    """What one task hands the next (a pytree; `rows` is static).
+
+    Attributes:
+      params: head params, replicated.
+      means: [C, D] class means by position for all C classes of the stream, replicated; rows
+        of classes without statistics yet are zero, so every task has the same shapes.
+      chols: [C, D, D] their Cholesky factors (zero likewise).
+      accuracy: float32 [T, T] accuracy matrix so far (NaN where not evaluated), on the host.
+      rows: the metrics rows of the finished tasks.
+    """
+
+    params: Any
+    means: jax.Array
+    chols: jax.Array
+    accuracy: np.ndarray
+    rows: tuple = struct.field(pytree_node=False, default=())
+
+
+@dataclasses.dataclass(frozen=True)
 class _Run:
-    """Per-run constants shared by the helpers below."""
+    """The constants of one `run_continual` call."""
 
     stream: FeatureStream
-    text: np.ndarray  # [C, D] unit text embeddings by position
+    text: jax.Array  # [C, D] unit text embeddings by position, replicated
+    pairs: np.ndarray  # int32 [T, P, 2] each task's hard pairs (old, new), padded
+    pair_mask: np.ndarray  # float32 [T, P] 1 for a real pair
     config: ml_collections.ConfigDict  # resolved
     mesh: Mesh
     method: methods.Method
@@ -75,14 +83,6 @@ class _Run:
     step_callback: Callable[[int, int], None] | None
     loss_callback: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None] | None
 
-    @property
-    def num_tasks(self) -> int:
-        return self.stream.split.num_tasks
-
-    @property
-    def writer(self) -> bool:
-        return sharding.is_primary()
-
 
 def _initial_params(run: _Run):
     """Head params from `config.seed`, replicated."""
@@ -90,68 +90,62 @@ def _initial_params(run: _Run):
     return jax.jit(run.method.init, out_shardings=sharding.replicated(run.mesh))(key)
 
 
-def _hard_pairs(run: _Run, task: int) -> np.ndarray:
-    """int [P, 2] hard pairs (old, new) of `task` (none on task 0 or with the hinge off)."""
-    split, config = run.stream.split, run.config
-    old, seen = int(split.bounds[task]), int(split.bounds[task + 1])
-    if task == 0 or float(config.pseudo.hard_weight) <= 0:
-        return np.zeros((0, 2), np.int64)
-    threshold = float(config.pseudo.hard_threshold)
-    return stats.hard_pairs(run.text, np.arange(old), np.arange(old, seen), threshold)
+def _fresh_state(run: _Run) -> ContinualState:
+    split, dim, placement = run.stream.split, run.stream.dim, sharding.replicated(run.mesh)
+    means = jnp.zeros((split.num_classes, dim), device=placement)
+    chols = jnp.zeros((split.num_classes, dim, dim), device=placement)
+    accuracy = np.full((split.num_tasks, split.num_tasks), np.nan, np.float32)
+    return ContinualState(_initial_params(run), means, chols, accuracy)
 
 
-def _padded_pairs(run: _Run, task: int) -> tuple[np.ndarray, np.ndarray]:
-    """The task's pairs padded to the run's largest count (one shape, one compile) + mask."""
-    pairs = _hard_pairs(run, task)
-    size = max(max(len(_hard_pairs(run, t)) for t in range(run.num_tasks)), 1)
-    padded = np.zeros((size, 2), np.int32)
-    padded[: len(pairs)] = pairs
-    return padded, (np.arange(size) < len(pairs)).astype(np.float32)
+def _hard_pairs(text: np.ndarray, bounds, pseudo) -> tuple[np.ndarray, np.ndarray]:
+    """(pairs int32 [T, P, 2], mask float32 [T, P]): each task's hard pairs (old, new), padded
+    to the largest count so that every task has one shape; none on task 0 or with the hinge off
+    (`pseudo.hard_weight` 0)."""
+    threshold, on = float(pseudo.hard_threshold), float(pseudo.hard_weight) > 0
+    found = [
+        stats.hard_pairs(text, np.arange(old), np.arange(old, seen), threshold)
+        if on
+        else np.zeros((0, 2), np.int64)
+        for old, seen in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+    size = max(max(len(p) for p in found), 1)
+    pairs = np.zeros((len(found), size, 2), np.int32)
+    mask = np.zeros((len(found), size), np.float32)
+    for task, task_pairs in enumerate(found):
+        pairs[task, : len(task_pairs)], mask[task, : len(task_pairs)] = task_pairs, 1.0
+    return pairs, mask
 
 
-def _task_inputs(run: _Run, task: int, class_stats, teacher) -> methods.TaskInputs:
-    """The replicated constants of `task`, padded to all C classes of the stream."""
-    split = run.stream.split
-    classes, dim = split.num_classes, run.stream.dim
-    pairs, pair_mask = _padded_pairs(run, task)
-    means = np.zeros((classes, dim), np.float32)
-    chols = np.zeros((classes, dim, dim), np.float32)
-    known = class_stats.num_classes
-    means[:known], chols[:known] = np.asarray(class_stats.means), np.asarray(class_stats.chols)
+def _start_task(run: _Run, task: int, state: ContinualState):
+    """(`state` with the statistics of `task`'s classes filled in, the task's `TaskView`).
+
+    The statistics come from the frozen training features (training leaves them unchanged) and
+    are there before training: a method may read the new classes' (e.g. NCM), while the step
+    samples old classes only. The teacher is the previous task's head, `state.params`.
+    """
+    bounds, config = run.stream.split.bounds, run.config
+    old, seen = int(bounds[task]), int(bounds[task + 1])
+    features, labels = run.stream.task(task, "train")
+    eps, shrinkage = float(config.stats.cov_eps), config.stats.shrinkage
+    means, covs = stats.class_stats(features, labels, np.arange(old, seen), eps, shrinkage)
+    means, chols = sharding.replicate((means, stats.cholesky_factors(covs)), run.mesh)
+    means, chols = state.means.at[old:seen].set(means), state.chols.at[old:seen].set(chols)
     inputs = methods.TaskInputs(
         text=run.text,
-        ctx=calibration.task_context(split.bounds, task),
+        ctx=calibration.task_context(bounds, task),
         means=means,
         chols=chols,
-        pairs=pairs,
-        pair_mask=pair_mask,
-        teacher=teacher,
-        teacher_ctx=calibration.task_context(split.bounds, max(task - 1, 0)),
+        pairs=run.pairs[task],
+        pair_mask=run.pair_mask[task],
+        teacher=state.params,
+        teacher_ctx=calibration.task_context(bounds, max(task - 1, 0)),
     )
-    return sharding.replicate(inputs, run.mesh)
-
-
-def _task_run(run: _Run, task: int, inputs: methods.TaskInputs) -> train.TaskRun:
-    features, labels = run.stream.task(task, "train")
-    key = jax.random.fold_in(jax.random.PRNGKey(int(run.config.seed)), task)
-    return train.TaskRun(
-        task=task,
-        features=np.asarray(features, np.float32),
-        labels=labels.astype(np.int32),
-        old_ids=np.arange(int(run.stream.split.bounds[task])),
-        inputs=inputs,
-        key=sharding.replicate(key, run.mesh),
-    )
-
-
-def _fresh_carry(run: _Run) -> dict:
-    num_tasks = run.num_tasks
-    return {
-        "params": _initial_params(run),
-        "stats": stats.ClassStats.empty(run.stream.dim),
-        "accuracy": np.full((num_tasks, num_tasks), np.nan, np.float32),
-        "rows": [],
-    }
+    key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), task)
+    key, inputs = sharding.replicate((key, inputs), run.mesh)
+    features, labels = np.asarray(features, np.float32), labels.astype(np.int32)
+    view = train.TaskView(task, features, labels, np.arange(old), key, inputs)
+    return state.replace(means=means, chols=chols), view
 
 
 def _check_meta(run: _Run, meta: dict, what: str) -> None:
@@ -162,35 +156,28 @@ def _check_meta(run: _Run, meta: dict, what: str) -> None:
         )
 
 
-def _resume(run: _Run) -> tuple[dict, int]:
-    """The carry after the last finished task (or a fresh one) and the next task index."""
+def _resume(run: _Run) -> tuple[ContinualState, int]:
+    """The state after the last finished task (or a fresh one) and the next task index."""
     finished = run.checkpoints.finished_tasks()
     if not finished:
-        return _fresh_carry(run), 0
+        return _fresh_state(run), 0
     task = finished[-1]
     meta = run.checkpoints.task_meta(task)
     _check_meta(run, meta, f"task checkpoint {task}")
     placement = sharding.replicated(run.mesh)
-    abstract_params = jax.eval_shape(lambda: _initial_params(run))
-    state = run.checkpoints.restore_task(
-        task, abstract_task_state(abstract_params, run.num_tasks, placement)
-    )
-    host = sharding.to_host({k: v for k, v in state.items() if k != "params"})
+    fresh = jax.eval_shape(lambda: _fresh_state(run))
+    abstract = abstract_like({"params": fresh.params, "accuracy": fresh.accuracy}, placement)
+    saved = run.checkpoints.restore_task(task, abstract)
     bounds, dim = run.stream.split.bounds, run.stream.dim
-    carry = {
-        "params": state["params"],
-        "stats": stats.ClassStats.from_dict(
-            restore_class_stats(run.checkpoints, task, bounds, dim, placement)
-        ),
-        "accuracy": host["accuracy"],
-        "rows": list(meta["rows"]),
-    }
-    logger.info("resuming %s after task %d of %d", run.workdir, task, run.num_tasks)
-    return carry, task + 1
+    class_stats = run.checkpoints.class_stats(task, bounds, dim, placement)
+    means, chols = sharding.replicate((class_stats["means"], class_stats["chols"]), run.mesh)
+    accuracy = sharding.to_host(saved["accuracy"])
+    logger.info("resuming %s after task %d of %d", run.workdir, task, len(bounds) - 1)
+    return ContinualState(saved["params"], means, chols, accuracy, tuple(meta["rows"])), task + 1
 
 
 @functools.lru_cache(maxsize=8)
-def _fresh_state_fn(mesh: Mesh):
+def _fresh_train_state_fn(mesh: Mesh):
     # A copy of the params: the step donates its state, and the carried params are still needed
     # (fusion base, distillation teacher).
     def fresh(params):
@@ -202,7 +189,7 @@ def _fresh_state_fn(mesh: Mesh):
 def _start_state(run: _Run, task: int, params) -> tuple[TrainState, int, list[float]]:
     """(state, step, losses of the epoch so far) to start `task` from: fresh, or its newest step
     checkpoint."""
-    fresh = _fresh_state_fn(run.mesh)(params)
+    fresh = _fresh_train_state_fn(run.mesh)(params)
     latest = run.checkpoints.latest_step()
     if latest is None or latest[0] != task:
         return fresh, 0, []
@@ -213,15 +200,15 @@ def _start_state(run: _Run, task: int, params) -> tuple[TrainState, int, list[fl
     return TrainState(**state), latest[1], list(meta.get("epoch_losses", []))
 
 
-def _train(run: _Run, task: int, carry: dict, inputs: methods.TaskInputs) -> tuple[Any, dict]:
-    """Trains task `task` from the carried params; returns (params, info)."""
+def _train(run: _Run, view: train.TaskView, params) -> tuple[Any, dict]:
+    """Trains `view`'s task from `params`; returns (params, info)."""
     if not run.method.trains:
-        return carry["params"], {"loss": None, "steps": 0}
-    state, start, losses = _start_state(run, task, carry["params"])
+        return params, {"loss": None, "steps": 0}
+    task = view.task
+    state, start, losses = _start_state(run, task, params)
 
     def save_step(step: int, state: TrainState, epoch_losses: list[float]) -> None:
-        meta = {"task": task, "step": step, "fingerprint": run.fingerprint}
-        meta["epoch_losses"] = epoch_losses
+        meta = dict(task=task, step=step, fingerprint=run.fingerprint, epoch_losses=epoch_losses)
         run.checkpoints.save_step(task, step, state._asdict(), meta)
 
     report = None
@@ -235,81 +222,55 @@ def _train(run: _Run, task: int, carry: dict, inputs: methods.TaskInputs) -> tup
             run.loss_callback(task, offset + np.asarray(steps), losses, lrs)
 
     state, info = train.train_task(
-        run.method,
-        run.config,
-        _task_run(run, task, inputs),
-        state,
-        run.mesh,
-        start_step=start,
-        save_step=save_step,
-        epoch_losses=losses,
-        step_callback=run.step_callback,
-        loss_callback=report,
-        progress=run.progress,
-    )
+        run.method, run.config, view, state, run.mesh,
+        start_step=start, save_step=save_step, epoch_losses=losses,
+        step_callback=run.step_callback, loss_callback=report, progress=run.progress,
+    )  # fmt: skip
     return state.params, info
 
 
-def _run_task(run: _Run, task: int, carry: dict) -> dict:
-    """Train -> statistics -> fuse -> evaluate -> checkpoint for one task; returns the new carry."""
+def _run_task(run: _Run, task: int, state: ContinualState) -> ContinualState:
+    """Statistics -> train -> fuse -> evaluate -> checkpoint for one task; returns the new state."""
     split, config = run.stream.split, run.config
-    old, seen = int(split.bounds[task]), int(split.bounds[task + 1])
-    # Statistics of the frozen features of the new classes (training leaves them unchanged; the
-    # step samples old classes only, and a method may read the new means, e.g. NCM).
-    features, labels = run.stream.task(task, "train")
-    means, covs = stats.class_stats(
-        features, labels, np.arange(old, seen), float(config.stats.cov_eps), config.stats.shrinkage
-    )
-    class_stats = carry["stats"].extend(means, stats.cholesky_factors(covs))
-    inputs = _task_inputs(run, task, class_stats, carry["params"])
+    state, view = _start_task(run, task, state)
     started = time.perf_counter()
-    params, info = _train(run, task, carry, inputs)
+    params, info = _train(run, view, state.params)
     train_seconds = time.perf_counter() - started
     if task > 0 and run.method.trains:
         rules, bias = run.method.fusion_rules, float(config.fusion.mix_bias)
-        params = fusion.fuse_params(carry["params"], params, rules, bias)
+        params = fusion.fuse_params(state.params, params, rules, bias)
         params = sharding.replicate(params, run.mesh)  # keep one layout for every compiled use
-    correct, total = _evaluate(run, task, params, inputs)
-    accuracy, curve = metrics.record_task(carry["accuracy"], correct, total, split.bounds, task)
-    row = metrics.metrics_row(task, seen, accuracy, curve, info, train_seconds)
-    new = {"params": params, "stats": class_stats, "accuracy": accuracy}
-    new["rows"] = [*carry["rows"], row]
-    _save_task(run, task, new)
-    logger.info(
-        "task %d/%d: seen-class accuracy %.2f%% (old %.2f, new %.2f), %.1fs",
-        task + 1, run.num_tasks, *curve, train_seconds,
-    )  # fmt: skip
-    return new
-
-
-def _evaluate(run: _Run, task: int, params, inputs: methods.TaskInputs):
-    """(correct [C], count [C]) on the test features of every class seen after `task`."""
     features, labels = run.stream.seen(task, "test")
     # One batch size for the whole run (the largest test set), so one compiled evaluation.
-    batch_size = min(int(run.config.train.eval_batch_size), len(run.stream.test_labels))
-    return train.evaluate(run.method, params, features, labels, inputs, run.mesh, batch_size)
+    batch_size = min(int(config.train.eval_batch_size), len(run.stream.test_labels))
+    correct, total = train.evaluate(
+        run.method, params, features, labels, view.inputs, run.mesh, batch_size
+    )
+    accuracy, curve = metrics.record_task(state.accuracy, correct, total, split.bounds, task)
+    seen = int(split.bounds[task + 1])
+    row = metrics.metrics_row(task, seen, accuracy, curve, info, train_seconds)
+    state = state.replace(params=params, accuracy=accuracy, rows=(*state.rows, row))
+    _save_task(run, task, state)
+    logger.info(
+        "task %d/%d: seen-class accuracy %.2f%% (old %.2f, new %.2f), %.1fs",
+        task + 1, split.num_tasks, *curve, train_seconds,
+    )  # fmt: skip
+    return state
 
 
-def _save_task(run: _Run, task: int, carry: dict) -> None:
+def _save_task(run: _Run, task: int, state: ContinualState) -> None:
     # Only the statistics of this task's classes: earlier ones are in earlier task checkpoints.
-    state, new_stats = task_state(carry, int(run.stream.split.bounds[task]))
-    state, new_stats = sharding.replicate((state, new_stats), run.mesh)
-    meta = {
-        "task": task,
-        "fingerprint": run.fingerprint,
-        "config": run.config.to_dict(),
-        "rows": [{k: json_safe(v) for k, v in row.items()} for row in carry["rows"]],
-    }
-    meta = json.loads(json.dumps(meta, default=str))
-    run.checkpoints.save_task(task, state, meta, new_stats=new_stats)
-    if run.writer:
-        write_results(run.workdir, carry["rows"], carry["accuracy"])
-
-
-def _unit_rows(text: np.ndarray) -> np.ndarray:
-    """float32 [C, D] rows scaled to unit norm (a zero row stays zero)."""
-    text = np.asarray(text, np.float32)
-    return text / np.maximum(np.linalg.norm(text, axis=1, keepdims=True), 1e-12)
+    old, seen = int(run.stream.split.bounds[task]), int(run.stream.split.bounds[task + 1])
+    items = (
+        {"params": state.params, "accuracy": state.accuracy},
+        {"means": state.means[old:seen], "chols": state.chols[old:seen]},
+    )
+    saved, new_stats = sharding.replicate(items, run.mesh)
+    meta = {"task": task, "fingerprint": run.fingerprint, "config": run.config.to_dict()}
+    meta = json.loads(json.dumps(meta | {"rows": list(state.rows)}, default=str))
+    run.checkpoints.save_task(task, saved, meta, new_stats=new_stats)
+    if sharding.is_primary():
+        rundir.write_results(run.workdir, list(state.rows), state.accuracy)
 
 
 def _open_run(stream, text_features, config, workdir, overwrite, mesh, logit_scale, **hooks):
@@ -319,13 +280,17 @@ def _open_run(stream, text_features, config, workdir, overwrite, mesh, logit_sca
     stream.check(text_features)
     scale = float(config.logit_scale if logit_scale is None else logit_scale)
     workdir = Path(workdir).absolute()
-    doc = config_fingerprint(config, stream, scale)
-    prepare_workdir(workdir, doc, overwrite)
+    doc = rundir.config_fingerprint(config, stream, scale)
+    rundir.prepare_workdir(workdir, doc, overwrite)
+    mesh = mesh if mesh is not None else sharding.make_mesh()
+    text = np.asarray(stream.text_by_position(text_features), np.float32)
+    text = text / np.maximum(np.linalg.norm(text, axis=1, keepdims=True), 1e-12)  # 0 stays 0
     run = _Run(
-        stream=stream,
-        text=_unit_rows(stream.text_by_position(text_features)),
+        stream,
+        sharding.replicate(text, mesh),
+        *_hard_pairs(text, stream.split.bounds, config.pseudo),
         config=config,
-        mesh=mesh if mesh is not None else sharding.make_mesh(),
+        mesh=mesh,
         method=methods.REGISTRY[config.method].build(config, stream.dim, scale),
         fingerprint=doc["fingerprint"],
         checkpoints=RunCheckpoints(workdir / "checkpoints"),
@@ -378,15 +343,18 @@ def run_continual(
         progress=progress, step_callback=step_callback, loss_callback=loss_callback,
     )  # fmt: skip
     try:
-        carry, start = _resume(run)
-        if run.writer:
-            write_results(run.workdir, carry["rows"], carry["accuracy"])
-        for task in range(start, run.num_tasks):
-            carry = _run_task(run, task, carry)
+        state, start = _resume(run)
+        if sharding.is_primary():
+            rundir.write_results(run.workdir, list(state.rows), state.accuracy)
+        for task in range(start, run.stream.split.num_tasks):
+            state = _run_task(run, task, state)
     except NonFiniteLossError as error:
         logger.error("%s", error)
         raise
     finally:
         run.checkpoints.close()
-    host = {**carry, "params": sharding.to_host(carry["params"])}
-    return metrics.continual_result(host, run.workdir)
+    host = sharding.to_host(state)
+    class_stats = stats.ClassStats(host.means, host.chols)
+    return metrics.continual_result(
+        host.accuracy, list(host.rows), host.params, class_stats, run.workdir
+    )

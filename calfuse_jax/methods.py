@@ -1,13 +1,6 @@
 """The method seam: what the training step, the evaluation and the task loop call.
 
-A method is a hashable object (jit caches one compiled step and one evaluation per method) with
-
-    trains: bool                       False: no training steps, no fusion (zero-shot, NCM)
-    fusion_rules: tuple[fusion.Rule]   how old and new params merge after a task
-    init(key) -> params                a fresh parameter pytree
-    logits(params, f0 [B, D], inputs: TaskInputs) -> [B, C]
-    loss(params, batch, pseudo_ids, rng, inputs) -> (scalar, dict of terms)   (when it trains)
-
+A method is a hashable object (`Method`; jit caches one compiled step and evaluation per method).
 `REGISTRY` maps `config.method` to an `Entry`: a `build(config, dim, logit_scale)` that makes
 the method, and the config fields its preset sets (`config.resolve_method` applies them).
 CalFuse, RAPF, finetune and zero-shot are four presets of the one `CalibratedHeadMethod`; a new
@@ -30,21 +23,24 @@ from calfuse_jax import calibration, fusion, losses, stats
 
 
 class Method(Protocol):
-    """What the train step, the evaluation and the task loop call (see the module docstring)."""
+    """What the train step, the evaluation and the task loop call."""
 
-    trains: bool
-    fusion_rules: tuple[fusion.Rule, ...]
+    trains: bool  # False: no training steps and no fusion (zero-shot, NCM)
+    fusion_rules: tuple[fusion.Rule, ...]  # how old and new params merge after a task
 
-    def init(self, key: jax.Array) -> Any: ...
+    def init(self, key: jax.Array) -> Any:
+        """A fresh parameter pytree."""
 
-    def logits(self, params: Any, f0: jax.Array, inputs: TaskInputs) -> jax.Array: ...
+    def logits(self, params: Any, f0: jax.Array, inputs: TaskInputs) -> jax.Array:
+        """[B, C] logits of frozen features f0 [B, D]."""
 
-    def loss(self, params: Any, batch, pseudo_ids, rng, inputs: TaskInputs): ...
+    def loss(self, params: Any, batch, pseudo_ids, rng, inputs: TaskInputs):
+        """(scalar, dict of terms) of one batch (see `loss_fn`); only called when it trains."""
 
 
 class TaskInputs(NamedTuple):
-    """Arrays constant during a task, replicated; padded to all C classes of the stream so that
-    every task has the same shapes and the step is traced and compiled once per run.
+    """What a method reads besides params and batch: constant during a task, replicated, and
+    padded to all C classes of the stream, so the step compiles once per run.
 
     Attributes:
       text: [C, D] unit text embeddings of every class, by position.
@@ -81,17 +77,15 @@ class StepSettings:
 
 
 def make_head(config: ml_collections.ConfigDict, dim: int) -> calibration.CalibratedHead:
-    """The `CalibratedHead` of `config` for features of width `dim`: `config.calibration`'s
-    fields are the head's gate settings, one to one."""
+    """The `CalibratedHead` of `config` for features of width `dim` (`config.calibration`'s
+    fields are its gate settings, one to one)."""
     gate = config.calibration.to_dict()
     return calibration.CalibratedHead(dim=dim, adapter_init=config.head.init, **gate)
 
 
 def step_settings(config: ml_collections.ConfigDict, logit_scale: float):
-    """The static settings of a run (task 0 switches the old-class terms off through masks).
-
-    Raises ValueError for distillation without pseudo-features (`check_switches`).
-    """
+    """The static settings of a run (task 0 switches the old-class terms off through masks);
+    ValueError for switches that do not work together (`check_switches`)."""
     check_switches(config)
     beta = float(config.pseudo.beta)
     use_pseudo = int(config.pseudo.classes_per_batch) > 0
@@ -115,12 +109,8 @@ def head_apply(head, params, f0, text, ctx, settings: StepSettings):
 
 
 def old_class_samples(rng, inputs: TaskInputs, pseudo_ids, settings: StepSettings):
-    """One Gaussian draw for both pseudo-features and hard-pair samples.
-
-    Returns (features [K*n_p + P*n_h, D], labels [same]): rows of pseudo class k first (n_p
-    each), then n_h rows of the old class of each hard pair. Drawing both in one call keeps the
-    compiled step small; the samples are independent either way.
-    """
+    """(features [K*n_p + P*n_h, D], labels): n_p rows of each pseudo class, then n_h rows of
+    the old class of each hard pair, in one Gaussian draw (a smaller compiled step)."""
     n_p, n_h = settings.pseudo_per_class, settings.hard_per_class
     block = math.gcd(n_p, n_h)  # gcd(n, 0) = n
     ids = []
@@ -133,14 +123,11 @@ def old_class_samples(rng, inputs: TaskInputs, pseudo_ids, settings: StepSetting
 
 
 def loss_fn(params, batch, pseudo_ids, rng, inputs: TaskInputs, head, settings: StepSettings):
-    """Total loss of one batch (DESIGN.md §2): CE on real + pseudo, hinge on hard pairs, KD.
+    """(total loss, dict of its terms) of one batch (DESIGN.md §2): CE on real + pseudo
+    features, hinge on hard pairs, KD on the pseudo-features.
 
-    Args:
-      batch: (features [B, D], positions int [B], mask float [B]) - padded rows have mask 0.
-      pseudo_ids: int32 [K] old classes whose pseudo-features join this batch.
-      rng: this step's key.
-    Returns:
-      (scalar loss, dict of its terms).
+    `batch` is (features [B, D], positions int [B], mask float [B]; padding has mask 0),
+    `pseudo_ids` int32 [K] the old classes whose pseudo-features join it, `rng` the step's key.
     """
     features, labels, mask = batch
     num_pseudo = pseudo_ids.shape[0] * settings.pseudo_per_class
@@ -242,13 +229,9 @@ REGISTRY: dict[str, Entry] = {
 
 
 def check_switches(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError on switches that cannot work together (on the resolved config), and on
-    fusion rules that do not parse (`fusion.parse_rules`).
-
-    Distillation runs on the pseudo-features of the K old classes of each batch; with K = 0 there
-    are none, so `loss.kd_weight > 0` would distil nothing (and replaying some class only to feed
-    it would change the cross-entropy as well).
-    """
+    """Raises ValueError on switches of the resolved config that cannot work together, and on
+    fusion rules that do not parse. Distillation runs on the pseudo-features of the K old classes
+    of each batch, so `loss.kd_weight > 0` needs K > 0."""
     if float(config.loss.kd_weight) > 0 and int(config.pseudo.classes_per_batch) <= 0:
         raise ValueError(
             f"loss.kd_weight={config.loss.kd_weight} needs pseudo.classes_per_batch >= 1: "

@@ -1,4 +1,4 @@
-"""Continual-learning metrics (DESIGN.md §3).
+"""Continual-learning metrics (DESIGN.md §3), in percent.
 
 Conventions:
 - Labels and predictions are class *positions* (see `data.protocol`); task j owns positions
@@ -9,9 +9,7 @@ Conventions:
   `0..bounds[i + 1]-1`). This is what the papers average: it weights tasks by their number of test
   images, so it is not the plain mean of row i of A (use `seen_accuracies(A, task_sizes)` to get
   it from A).
-- Accuracies are in percent by default (`accuracy(..., percent=False)` gives fractions). Every
-  formula below is linear in the accuracies (except `harmonic_mean`, which is homogeneous), so the
-  matrix-level metrics work in whichever unit A is given.
+- Every accuracy comes from per-class counts (`count_row`), the loop's and the notebook's alike.
 """
 
 from __future__ import annotations
@@ -21,38 +19,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from calfuse_jax.rundir import jsonable as json_safe
 
 if TYPE_CHECKING:
     from calfuse_jax.stats import ClassStats
-
-
-def accuracy(logits_or_preds, labels, percent: bool = True, mask=None) -> jax.Array:
-    """Top-1 accuracy `100 * mean(pred == label)` (jit/vmap-friendly).
-
-    Args:
-      logits_or_preds: [B, C] logits (argmax taken) or int [B] predicted positions.
-      labels: int [B] positions.
-      percent: percent (default) or fraction.
-      mask: optional [B] booleans; only those rows count (0 when none does).
-
-    Returns:
-      scalar accuracy.
-    """
-    preds = jnp.asarray(logits_or_preds)
-    labels = jnp.asarray(labels)
-    if preds.ndim == labels.ndim + 1:
-        preds = jnp.argmax(preds, axis=-1)
-    if preds.shape != labels.shape:
-        raise ValueError(f"predictions {preds.shape} and labels {labels.shape} do not match")
-    correct = (preds == labels).astype(jnp.float32)
-    weight = jnp.ones_like(correct) if mask is None else jnp.asarray(mask, jnp.float32)
-    frac = jnp.sum(correct * weight) / jnp.maximum(jnp.sum(weight), 1.0)
-    return frac * 100.0 if percent else frac
 
 
 def class_counts(preds, labels, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -63,70 +35,45 @@ def class_counts(preds, labels, num_classes: int) -> tuple[np.ndarray, np.ndarra
     return correct, np.bincount(labels, minlength=num_classes).astype(np.float64)
 
 
-def accuracy_of(correct, total, lo: int, hi: int, scale: float = 100.0) -> float:
-    """`scale * correct / total` over class positions lo..hi-1 (count-based, so hand fractions
-    match exactly); NaN with no samples."""
+def accuracy_of(correct, total, lo: int, hi: int) -> float:
+    """`100 * correct / total` over class positions lo..hi-1; NaN with no samples."""
     n = total[lo:hi].sum()
-    return float(scale * correct[lo:hi].sum() / n) if n else float("nan")
+    return float(100.0 * correct[lo:hi].sum() / n) if n else float("nan")
 
 
-def count_row(correct, total, bounds: Sequence[int], task: int, scale: float = 100.0):
+def count_row(correct, total, bounds: Sequence[int], task: int) -> np.ndarray:
     """Row `task` of A, float64 [T] (NaN for j > task), from the per-class counts after `task`."""
     row = np.full(len(bounds) - 1, np.nan)
     for j in range(task + 1):
-        row[j] = accuracy_of(correct, total, int(bounds[j]), int(bounds[j + 1]), scale)
+        row[j] = accuracy_of(correct, total, int(bounds[j]), int(bounds[j + 1]))
     return row
 
 
-def accuracy_row(preds, labels, bounds: Sequence[int], task: int, percent: bool = True):
-    """Row `task` of A plus the seen-class accuracy, from one evaluation after task `task`.
+def accuracy_matrix(predictions: Sequence, labels, bounds: Sequence[int]):
+    """(A float64 [T, T], seen float64 [T]) from the evaluations after each task.
 
     Args:
-      preds: int [M] predicted positions for the test images `labels` refers to.
-      labels: int [M] true positions (images of unseen classes are ignored).
+      predictions: one int [M] array of predicted positions per finished task (length <= T), on
+        the test images whose true positions are `labels` [M] (unseen classes' are ignored).
       bounds: int [T + 1] task bounds.
-      task: index i of the task just trained.
-
-    Returns:
-      (row float64 [T] with NaN for j > task, seen accuracy float).
-    """
-    counts = class_counts(preds, labels, int(bounds[-1]))
-    scale = 100.0 if percent else 1.0
-    seen = accuracy_of(*counts, 0, int(bounds[task + 1]), scale)
-    return count_row(*counts, bounds, task, scale), seen
-
-
-def accuracy_matrix(predictions: Sequence, labels, bounds: Sequence[int], percent: bool = True):
-    """The accuracy matrix and seen-class accuracies from the evaluations after each task.
-
-    Args:
-      predictions: a sequence (one per finished task i, length <= T) of int [M] predicted
-        positions on the test images `labels`.
-      labels: int [M] true positions.
-      bounds: int [T + 1] task bounds.
-
-    Returns:
-      (A float64 [T, T] with NaN where j > i or task i is not evaluated yet, seen float64 [T]).
+    Rows and entries of tasks not evaluated yet are NaN.
     """
     num_tasks = len(bounds) - 1
-    matrix = np.full((num_tasks, num_tasks), np.nan)
-    seen = np.full(num_tasks, np.nan)
+    matrix, seen = np.full((num_tasks, num_tasks), np.nan), np.full(num_tasks, np.nan)
     for i, preds in enumerate(predictions):
-        matrix[i], seen[i] = accuracy_row(preds, labels, bounds, i, percent)
+        counts = class_counts(preds, labels, int(bounds[-1]))
+        matrix[i], seen[i] = count_row(*counts, bounds, i), accuracy_of(*counts, 0, bounds[i + 1])
     return matrix, seen
 
 
 def seen_accuracies(matrix, task_sizes) -> np.ndarray:
-    """`seen[i] = sum_{j<=i} n_j A[i, j] / sum_{j<=i} n_j`, n_j = test images of task j.
-
-    Equals the accuracy on all seen classes after task i. Returns float64 [T].
-    """
-    matrix = np.asarray(matrix, np.float64)
-    sizes = np.asarray(task_sizes, np.float64)
-    out = np.full(matrix.shape[0], np.nan)
-    for i in range(matrix.shape[0]):
-        out[i] = np.sum(sizes[: i + 1] * matrix[i, : i + 1]) / np.sum(sizes[: i + 1])
-    return out
+    """float64 [T]: `seen[i] = sum_{j<=i} n_j A[i, j] / sum_{j<=i} n_j`, n_j = test images of
+    task j (the accuracy on all classes seen after task i)."""
+    matrix, sizes = np.asarray(matrix, np.float64), np.asarray(task_sizes, np.float64)
+    rows = range(matrix.shape[0])
+    return np.array(
+        [np.sum(sizes[: i + 1] * matrix[i, : i + 1]) / np.sum(sizes[: i + 1]) for i in rows]
+    )
 
 
 def _seen_vector(seen_or_matrix, task_sizes) -> np.ndarray:
@@ -136,18 +83,14 @@ def _seen_vector(seen_or_matrix, task_sizes) -> np.ndarray:
     if values.ndim == 2 and task_sizes is not None:
         return seen_accuracies(values, task_sizes)
     raise ValueError(
-        "pass the per-task seen-class accuracies [T] (accuracy on all seen classes after each "
-        "task), or the matrix A [T, T] together with task_sizes (test images per task); the plain "
-        "row mean of A is not the papers' Avg"
+        "pass the per-task seen-class accuracies [T], or A [T, T] with task_sizes (test images "
+        "per task); the plain row mean of A is not the papers' Avg"
     )
 
 
 def average_accuracy(seen_or_matrix, task_sizes=None) -> float:
-    """Avg = `mean_i seen[i]`, the seen-class accuracy averaged over all tasks (first included).
-
-    Args:
-      seen_or_matrix: seen [T], or A [T, T] with `task_sizes` [T].
-    """
+    """Avg = `mean_i seen[i]` over all tasks (first included); pass seen [T], or A [T, T] with
+    `task_sizes` [T]."""
     return float(np.mean(_seen_vector(seen_or_matrix, task_sizes)))
 
 
@@ -157,24 +100,21 @@ def last_accuracy(seen_or_matrix, task_sizes=None) -> float:
 
 
 def forgetting(matrix) -> float:
-    """Average forgetting after the last task T-1 (Chaudhry et al. 2018).
+    """Average forgetting after the last task T-1 (Chaudhry et al. 2018); NaN when T = 1.
 
-    `F = 1/(T-1) sum_{j<T-1} max_{j<=l<T-1} (A[l, j] - A[T-1, j])`; NaN when T = 1.
-    Pass `A[:t+1, :t+1]` for the value after task t.
+    `F = 1/(T-1) sum_{j<T-1} max_{j<=l<T-1} (A[l, j] - A[T-1, j])`. Pass `A[:t+1, :t+1]` for the
+    value after task t.
     """
     a = np.asarray(matrix, np.float64)
     last = a.shape[0] - 1
     if last < 1:
         return float("nan")
-    drops = [np.max(a[j:last, j]) - a[last, j] for j in range(last)]
-    return float(np.mean(drops))
+    return float(np.mean([np.max(a[j:last, j]) - a[last, j] for j in range(last)]))
 
 
 def backward_transfer(matrix) -> float:
-    """BWT = `1/(T-1) sum_{j<T-1} (A[T-1, j] - A[j, j])` (Lopez-Paz & Ranzato 2017); NaN when T = 1.
-
-    Negative values mean forgetting.
-    """
+    """BWT = `1/(T-1) sum_{j<T-1} (A[T-1, j] - A[j, j])` (Lopez-Paz & Ranzato 2017); NaN when
+    T = 1. Negative values mean forgetting."""
     a = np.asarray(matrix, np.float64)
     last = a.shape[0] - 1
     if last < 1:
@@ -182,23 +122,17 @@ def backward_transfer(matrix) -> float:
     return float(np.mean([a[last, j] - a[j, j] for j in range(last)]))
 
 
-def old_new_accuracy(preds, labels, num_old: int, num_seen: int, percent: bool = True):
-    """Accuracy on old classes (positions < num_old) and new ones (num_old <= position < num_seen).
+def old_new_accuracy(preds, labels, num_old: int, num_seen: int) -> tuple[float, float]:
+    """(old, new) accuracy: on positions < num_old and on num_old <= position < num_seen.
 
-    Args:
-      preds: [M, C] logits or int [M] predicted positions.
-      labels: int [M] true positions.
-
-    Returns:
-      (old accuracy, new accuracy) as floats; old is NaN when num_old = 0, either is NaN when it
-      has no test images.
+    `preds` are [M, C] logits or int [M] predicted positions, `labels` int [M] true positions.
+    Old is NaN when num_old = 0; either is NaN when it has no test images.
     """
     preds, labels = np.asarray(preds), np.asarray(labels)
     if preds.ndim == labels.ndim + 1:
         preds = np.argmax(preds, axis=-1)
     counts = class_counts(preds, labels, num_seen)
-    scale = 100.0 if percent else 1.0
-    return accuracy_of(*counts, 0, num_old, scale), accuracy_of(*counts, num_old, num_seen, scale)
+    return accuracy_of(*counts, 0, num_old), accuracy_of(*counts, num_old, num_seen)
 
 
 def harmonic_mean(old: float, new: float) -> float:
@@ -215,13 +149,12 @@ class ContinualResult:
     """The outcome of `run_continual` (percentages; NaN where undefined).
 
     Attributes:
-      accuracy_matrix: float [T, T], A[i, j] = accuracy on task j's classes after task i; NaN
-        above the diagonal.
+      accuracy_matrix: float [T, T] A (NaN above the diagonal).
       seen_accuracy: float [T], accuracy on all seen classes after each task.
       old_accuracy, new_accuracy: float [T], on classes of earlier tasks / of the task itself.
       summary: avg, last, forgetting, bwt, old, new, harmonic.
       params: final head params; stats: `ClassStats` of every class.
-      rows: the metrics rows written to `metrics.jsonl`.
+      rows: the metrics rows written to `metrics.jsonl` in `workdir`.
     """
 
     accuracy_matrix: np.ndarray
@@ -235,16 +168,9 @@ class ContinualResult:
     workdir: Path
 
 
-def record_task(
-    accuracy: np.ndarray, correct: np.ndarray, total: np.ndarray, bounds: np.ndarray, task: int
-) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """A copy of the accuracy matrix [T, T] with row `task` filled, and the task's (seen, old,
-    new) accuracies (float32 values, like the matrix).
-
-    Args:
-      correct, total: [C] per-class counts of `evaluate` after `task`.
-      bounds: [T + 1] task boundaries in positions (task t owns bounds[t]:bounds[t+1]).
-    """
+def record_task(accuracy: np.ndarray, correct, total, bounds, task: int):
+    """(a copy of A [T, T] with row `task` filled, the task's (seen, old, new) accuracies as
+    float32 values, like A), from the per-class counts [C] of `train.evaluate` after `task`."""
     accuracy = accuracy.copy()
     accuracy[task, : task + 1] = count_row(correct, total, bounds, task)[: task + 1]
     old, seen = int(bounds[task]), int(bounds[task + 1])
@@ -253,11 +179,9 @@ def record_task(
     return accuracy, curve
 
 
-def metrics_row(
-    task: int, seen: int, accuracy: np.ndarray, curve: tuple, info: dict, seconds: float
-) -> dict:
+def metrics_row(task: int, seen: int, accuracy, curve: tuple, info: dict, seconds: float) -> dict:
     """The `metrics.jsonl` row of `task` (NaN -> None, as it reads back from JSON); `curve` is
-    the task's (seen, old, new) accuracy."""
+    the task's (seen, old, new) accuracy, `info` `train.train_task`'s."""
     row = {
         "task": task,
         "seen_classes": seen,
@@ -273,40 +197,35 @@ def metrics_row(
 
 
 def summary(accuracy: np.ndarray, curves: np.ndarray) -> dict[str, float]:
-    """avg, last, forgetting, bwt, old, new, harmonic of a finished run (NaN where undefined,
-    e.g. forgetting with a single task)."""
+    """avg, last, forgetting, bwt, old, new, harmonic of a finished run from A [T, T] and the
+    seen/old/new curves [3, T] (NaN where undefined, e.g. forgetting with a single task)."""
     seen, old, new = curves
-    several = accuracy.shape[0] > 1
     return {
         "avg": average_accuracy(seen),
         "last": last_accuracy(seen),
-        "forgetting": forgetting(accuracy) if several else float("nan"),
-        "bwt": backward_transfer(accuracy) if several else float("nan"),
+        "forgetting": forgetting(accuracy),
+        "bwt": backward_transfer(accuracy),
         "old": float(old[-1]),
         "new": float(new[-1]),
-        "harmonic": harmonic_mean(old[-1], new[-1]) if several else float("nan"),
+        "harmonic": harmonic_mean(old[-1], new[-1]) if len(seen) > 1 else float("nan"),
     }
 
 
-def curves_of(rows: list[dict]) -> np.ndarray:
-    """float32 [3, T]: the seen, old and new accuracy of each row (NaN where the row has None)."""
-    keys = ("accuracy", "old_accuracy", "new_accuracy")
-    values = [[np.nan if row[k] is None else row[k] for row in rows] for k in keys]
-    return np.asarray(values, np.float32).reshape(3, len(rows))
-
-
-def continual_result(carry: dict, workdir: Path) -> ContinualResult:
-    """The `ContinualResult` of a finished run's carry (its params already on the host)."""
-    accuracy, curves = carry["accuracy"], curves_of(carry["rows"])
-    seen, old, new = curves
+def continual_result(accuracy, rows: list, params, class_stats, workdir: Path) -> ContinualResult:
+    """The `ContinualResult` of a finished run from its host arrays and metrics rows."""
+    keys = ("accuracy", "old_accuracy", "new_accuracy")  # None in a row (JSON's NaN) -> NaN
+    curves = np.asarray(
+        [[np.nan if r[k] is None else r[k] for r in rows] for k in keys], np.float32
+    )
+    seen, old, new = np.asarray(curves, np.float64)
     return ContinualResult(
         accuracy_matrix=np.asarray(accuracy, np.float64),
-        seen_accuracy=np.asarray(seen, np.float64),
-        old_accuracy=np.asarray(old, np.float64),
-        new_accuracy=np.asarray(new, np.float64),
+        seen_accuracy=seen,
+        old_accuracy=old,
+        new_accuracy=new,
         summary=summary(accuracy, curves),
-        params=carry["params"],
-        stats=carry["stats"],
-        rows=carry["rows"],
+        params=params,
+        stats=class_stats,
+        rows=rows,
         workdir=workdir,
     )

@@ -1,21 +1,17 @@
 """One task's training of the head on frozen features: Optax Adam, one jitted step, data parallel.
 
-Every batch is the task's real features plus pseudo-features of K old classes (drawn inside the
-step from the stored Gaussians) plus samples of the old class of every hard pair (DESIGN.md §2).
-The batch is split over the `data` axis of the mesh and the head is replicated, so XLA inserts the
-gradient all-reduce; the global batch (`config.train.batch_size`, rounded up to a multiple of the
-device count) does not depend on the number of devices, and the ragged last batch is padded to it
-with a zero mask rather than dropped. Task inputs are padded to the stream's C classes, so the
-step is traced and compiled once per run, not once per task. Data order and pseudo-class lists
-come from NumPy generators seeded by (seed, task, epoch); step randomness is
-`fold_in(task_key, step)`; so a run is a pure function of (config, seed, data), and a resumed run
-replays exactly.
-"""
+Every batch is the task's real features plus pseudo-features of K old classes and samples of the
+old class of every hard pair, drawn inside the step from the stored Gaussians (DESIGN.md §2). The
+batch is split over the mesh's `data` axis and the head replicated, so XLA inserts the gradient
+all-reduce; the global batch (`config.train.batch_size`, rounded up to a multiple of the device
+count) does not depend on the device count, and the ragged last batch is padded with a zero
+mask, not dropped. Data order and pseudo-class lists come from NumPy generators seeded by
+(seed, task, epoch) and step randomness is `fold_in(task_key, step)`, so a run is a pure function
+of (config, seed, data) and a resumed run replays exactly."""
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
 import logging
 from collections.abc import Callable
@@ -85,11 +81,8 @@ def _train_step(state: TrainState, batch, pseudo_ids, step, lr, key, inputs, met
 
 @functools.lru_cache(maxsize=16)
 def train_step_fn(method: Method, mesh: Mesh):
-    """The jitted step `(state, batch, pseudo_ids, step, lr, key, inputs) -> (state, loss)`.
-
-    `state` is donated; outputs are replicated. Cached per (method, mesh), so every task of a
-    run (and every run of a process with the same settings) shares one compiled step.
-    """
+    """The jitted step `(state, batch, pseudo_ids, step, lr, key, inputs) -> (state, loss)`,
+    `state` donated, outputs replicated; cached, so every task of a run shares one compile."""
     step = functools.partial(_train_step, method=method)
     return jax.jit(step, donate_argnums=(0,), out_shardings=sharding.replicated(mesh))
 
@@ -114,20 +107,10 @@ def eval_counts_fn(method: Method, mesh: Mesh):
     return jax.jit(counts, out_shardings=sharding.replicated(mesh))
 
 
-def evaluate(
-    method: Method,
-    params,
-    features: np.ndarray,
-    labels: np.ndarray,
-    inputs: TaskInputs,
-    mesh: Mesh,
-    batch_size: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(correct [C], count [C]) of the head on (features [M, D], positions [M]), batched.
-
-    Every batch has `batch_size` rows (rounded up to the mesh size; the last one padded with mask
-    0), so one compiled function serves every batch and task of a run.
-    """
+def evaluate(method: Method, params, features, labels, inputs: TaskInputs, mesh, batch_size: int):
+    """(correct [C], count [C]) of the head on (features [M, D], positions [M]), in batches of
+    `batch_size` rows (rounded up to the mesh size; the last padded with mask 0), so one compiled
+    function serves every batch and task of a run."""
     counts = eval_counts_fn(method, mesh)
     size = sharding.padded_size(batch_size, mesh)
     classes = inputs.text.shape[0]
@@ -165,29 +148,20 @@ def host_batch(features, labels, rows: np.ndarray, padded: int):
     return x, y, mask
 
 
-@dataclasses.dataclass
-class TaskRun:
-    """Everything `train_task` needs besides the state; built by `continual`."""
+class TaskView(NamedTuple):
+    """One task as `train_task` sees it (built by `continual`)."""
 
     task: int
     features: np.ndarray  # [N, D] the task's training features
-    labels: np.ndarray  # int [N] their positions
-    old_ids: np.ndarray  # int [C_old] old class positions
-    inputs: TaskInputs
+    labels: np.ndarray  # int32 [N] their positions
+    old_ids: np.ndarray  # int [C_old] old class positions (the pseudo-feature classes)
     key: jax.Array  # the task's key, replicated
+    inputs: TaskInputs  # replicated: what the method reads
 
 
-def check_losses(
-    pending: list[tuple[int, jax.Array]],
-    task: int,
-    done: list[float],
-    report: Callable[[list[int], np.ndarray], None] | None = None,
-) -> None:
+def check_losses(pending: list[tuple[int, jax.Array]], task: int, done: list, report=None):
     """Fetches the losses of `pending` (step, loss) pairs into `done`, empties `pending`, and
-    passes (steps, losses) to `report` when given.
-
-    Raises NonFiniteLossError on the first NaN/Inf one.
-    """
+    passes (steps, losses) to `report` when given; NonFiniteLossError on the first NaN/Inf."""
     if not pending:
         return
     values = sharding.to_host(jnp.stack([loss for _, loss in pending]))
@@ -204,7 +178,7 @@ def check_losses(
 def train_task(
     method: Method,
     config: ml_collections.ConfigDict,
-    run: TaskRun,
+    view: TaskView,
     state: TrainState,
     mesh: Mesh,
     *,
@@ -231,49 +205,49 @@ def train_task(
     from tqdm.auto import tqdm  # noqa: PLC0415  (import cost only when training)
 
     epochs, every = int(config.train.epochs), int(config.train.checkpoint_every_steps)
-    epoch_steps = steps_per_epoch(len(run.labels), int(config.train.batch_size))
+    epoch_steps = steps_per_epoch(len(view.labels), int(config.train.batch_size))
     total = epochs * epoch_steps
     step_fn = train_step_fn(method, mesh)
     pending, last_loss, step = [], None, start_step  # pending: (step, loss) not yet checked
     losses_so_far = list(epoch_losses or [])
-    bar = tqdm(total=total, initial=start_step, desc=f"task {run.task}", disable=not progress)
-    report = _loss_reporter(config, run.task, epoch_steps, loss_callback)
+    bar = tqdm(total=total, initial=start_step, desc=f"task {view.task}", disable=not progress)
+    report = _loss_reporter(config, view.task, epoch_steps, loss_callback)
     try:
         for epoch in range(start_step // epoch_steps, epochs):
-            for batch, pseudo_ids in _epoch_batches(config, run, epoch, step, epoch_steps, mesh):
+            for batch, pseudo_ids in _epoch_batches(config, view, epoch, step, epoch_steps, mesh):
                 lr = learning_rate(config, step, epoch_steps)
                 scalars = sharding.replicate((pseudo_ids, np.int32(step), np.float32(lr)), mesh)
-                state, loss = step_fn(state, batch, *scalars, run.key, run.inputs)
+                state, loss = step_fn(state, batch, *scalars, view.key, view.inputs)
                 step += 1
                 pending.append((step, loss))
                 bar.update(1)
                 if save_step is not None and every and step % every == 0 and step < total:
-                    check_losses(pending, run.task, losses_so_far, report)
+                    check_losses(pending, view.task, losses_so_far, report)
                     save_step(step, state, losses_so_far)
                 if step_callback is not None:
-                    step_callback(run.task, step)
-            check_losses(pending, run.task, losses_so_far, report)
+                    step_callback(view.task, step)
+            check_losses(pending, view.task, losses_so_far, report)
             last_loss, losses_so_far = float(np.mean(losses_so_far)), []
             bar.set_postfix(loss=f"{last_loss:.4f}")
     except KeyboardInterrupt:
-        _save_on_interrupt(pending, run.task, step, total, state, save_step, losses_so_far, report)
+        _save_on_interrupt(pending, view.task, step, total, state, save_step, losses_so_far, report)
         raise
     finally:
         bar.close()
     return state, {"loss": last_loss, "steps": total}
 
 
-def _epoch_batches(config, run: TaskRun, epoch: int, step: int, epoch_steps: int, mesh: Mesh):
+def _epoch_batches(config, view: TaskView, epoch: int, step: int, epoch_steps: int, mesh: Mesh):
     """Yields the sharded (batch, pseudo-class ids [K]) of `epoch` from global step `step` on."""
     batch_size, seed = int(config.train.batch_size), int(config.seed)
     padded = sharding.padded_size(batch_size, mesh)
-    order = epoch_permutation(seed, run.task, epoch, len(run.labels))
+    order = epoch_permutation(seed, view.task, epoch, len(view.labels))
     per_batch = int(config.pseudo.classes_per_batch)
-    pseudo = pseudo_class_schedule(seed, run.task, epoch, run.old_ids, epoch_steps, per_batch)
+    pseudo = pseudo_class_schedule(seed, view.task, epoch, view.old_ids, epoch_steps, per_batch)
     for index in range(step - epoch * epoch_steps, epoch_steps):
         rows = order[index * batch_size : (index + 1) * batch_size]
         yield (
-            sharding.shard_batch(host_batch(run.features, run.labels, rows, padded), mesh),
+            sharding.shard_batch(host_batch(view.features, view.labels, rows, padded), mesh),
             pseudo[index],
         )
 

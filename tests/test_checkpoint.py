@@ -83,7 +83,8 @@ def test_half_written_checkpoint_is_not_a_finished_task(tmp_path):
 
 def test_class_stats_are_rebuilt_from_each_tasks_own_classes(tmp_path):
     # Task 0 adds 2 classes, task 1 adds 3 (3-d): each checkpoint holds its own rows only, and
-    # the restore concatenates them in task order, on another mesh than the one that saved.
+    # the restore puts them in place in arrays of all classes, on another mesh than the one that
+    # saved.
     four = sharding.make_mesh()
     one = sharding.replicated(sharding.make_mesh(jax.devices()[:1]))
     rng = np.random.default_rng(0)
@@ -101,18 +102,19 @@ def test_class_stats_are_rebuilt_from_each_tasks_own_classes(tmp_path):
     reopened = checkpoint.RunCheckpoints(tmp_path)
     assert reopened.task_shapes(1) == {"means": (3, 3), "chols": (3, 3, 3)}
     assert reopened.task_shapes(2) is None
-    rebuilt = checkpoint.restore_class_stats(reopened, 1, bounds, 3, one)
+    rebuilt = reopened.class_stats(1, bounds, 3, one)
     np.testing.assert_array_equal(rebuilt["means"], means)
     np.testing.assert_array_equal(rebuilt["chols"], chols)
-    first = checkpoint.restore_class_stats(reopened, 0, bounds, 3, one)
-    np.testing.assert_array_equal(first["chols"], chols[:2])
+    first = reopened.class_stats(0, bounds, 3, one)
+    np.testing.assert_array_equal(first["chols"][:2], chols[:2])
+    assert not first["means"][2:].any() and not first["chols"][2:].any()  # zero padding
     with pytest.raises(checkpoint.TaskCheckpointError, match="task checkpoint 2 .* holds no class"):
-        checkpoint.restore_class_stats(reopened, 2, [0, 2, 5, 6], 3, one)
+        reopened.class_stats(2, [0, 2, 5, 6], 3, one)
     with pytest.raises(checkpoint.TaskCheckpointError, match=r"task checkpoint 0 .* \(2, 3\)"):
-        checkpoint.restore_class_stats(reopened, 1, [0, 3, 5], 3, one)  # another split
+        reopened.class_stats(1, [0, 3, 5], 3, one)  # another split
     reopened.close()
     shutil.rmtree(tmp_path / "tasks" / "1" / "stats" / "d")  # damaged after it was committed
     damaged = checkpoint.RunCheckpoints(tmp_path)
     with pytest.raises(checkpoint.TaskCheckpointError, match="task checkpoint 1 .* unreadable"):
-        checkpoint.restore_class_stats(damaged, 1, bounds, 3, one)
+        damaged.class_stats(1, bounds, 3, one)
     damaged.close()

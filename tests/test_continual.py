@@ -154,7 +154,7 @@ def test_task_checkpoints_hold_only_their_own_classes_stats(reference, tmp_path)
                               "params/calib/bias"}  # fmt: skip
         assert not any(name.startswith("stats") for name in state)
     bounds, placement = stream.split.bounds, sharding.replicated(sharding.make_mesh())
-    rebuilt = checkpoint.restore_class_stats(checkpoints, 2, bounds, 32, placement)
+    rebuilt = checkpoints.class_stats(2, bounds, 32, placement)
     checkpoints.close()
     np.testing.assert_array_equal(rebuilt["means"], expected.stats.means)  # bitwise
     np.testing.assert_array_equal(rebuilt["chols"], expected.stats.chols)

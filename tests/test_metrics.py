@@ -1,6 +1,5 @@
 """Metrics on a 3-task example worked out by hand (values in the comments)."""
 
-import jax
 import numpy as np
 import pytest
 
@@ -61,16 +60,3 @@ def test_old_new_and_harmonic_mean_by_hand():
     assert metrics.harmonic_mean(0.0, 0.0) == 0.0
     first_old, _ = metrics.old_new_accuracy(PREDICTIONS[0], LABELS, num_old=0, num_seen=2)
     assert np.isnan(first_old)
-
-
-def test_accuracy_logits_preds_and_jit():
-    logits = np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5], [0.0, 0.0, 1.0]])
-    labels = np.array([1, 0, 0, 2])
-    assert float(metrics.accuracy(logits, labels)) == 75.0
-    assert float(jax.jit(metrics.accuracy)(logits.argmax(-1), labels)) == 75.0
-    assert float(metrics.accuracy(logits, labels, percent=False)) == 0.75
-    assert float(metrics.accuracy(logits, labels, mask=np.array([1, 1, 1, 0]))) == pytest.approx(
-        200 / 3
-    )
-    with pytest.raises(ValueError, match="do not match"):
-        metrics.accuracy(np.zeros(3), labels)

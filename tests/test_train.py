@@ -148,20 +148,18 @@ def test_train_task_runs_every_row_and_flags_nan(tmp_path):
     mesh = sharding.make_mesh()
     rng = np.random.default_rng(1)
     features = (3 * rng.standard_normal((15, D))).astype(np.float32)
-    run = train.TaskRun(
-        task=1, features=features, labels=rng.integers(3, 5, 15).astype(np.int32),
-        old_ids=np.arange(3), inputs=sharding.replicate(inputs, mesh),
-        key=sharding.replicate(jax.random.PRNGKey(0), mesh),
-    )  # fmt: skip
+    labels = rng.integers(3, 5, 15).astype(np.int32)
+    key, inputs = sharding.replicate((jax.random.PRNGKey(0), inputs), mesh)
+    view = train.TaskView(1, features, labels, np.arange(3), key, inputs)
     state = sharding.replicate(train.TrainState(params, train.optimizer().init(params)), mesh)
     method = methods.CalibratedHeadMethod(head, settings, fusion_rules=(), trains=True)
     seen = []
     state, info = train.train_task(
-        method, config, run, state, mesh, progress=False, step_callback=lambda t, s: seen.append(s)
+        method, config, view, state, mesh, progress=False, step_callback=lambda t, s: seen.append(s)
     )
     assert info["steps"] == 6 and seen == [1, 2, 3, 4, 5, 6]  # ceil(15 / 6) = 3 per epoch
     assert np.isfinite(info["loss"])
-    bad = train.TaskRun(**{**run.__dict__, "features": features * np.inf})
+    bad = view._replace(features=features * np.inf)
     state = sharding.replicate(train.TrainState(params, train.optimizer().init(params)), mesh)
     with pytest.raises(train.NonFiniteLossError, match="task 1, step 1"):
         train.train_task(method, config, bad, state, mesh, progress=False)
