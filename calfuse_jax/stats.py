@@ -3,8 +3,7 @@
 Old classes have no stored images (DESIGN.md §2): after each task we keep, per class c, the mean
 `mu_c` and covariance `Sigma_c = cov_c + eps * I` of its frozen features `f0` (optionally shrunk),
 and its Cholesky factor `L_c` (computed once, `Sigma_c = L_c L_c^T`). Later tasks draw
-pseudo-features `mu_c + L_c z`, `z ~ N(0, I)`. `ClassStats` grows by task without recomputing old
-classes.
+pseudo-features `mu_c + L_c z`, `z ~ N(0, I)`; old classes' statistics are never recomputed.
 """
 
 from __future__ import annotations
@@ -146,40 +145,6 @@ class ClassStats:
 
     means: jax.Array
     chols: jax.Array
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.means.shape[0])
-
-    @classmethod
-    def empty(cls, dim: int) -> ClassStats:
-        """No classes yet: means [0, D], chols [0, D, D]."""
-        return cls(jnp.zeros((0, dim), jnp.float32), jnp.zeros((0, dim, dim), jnp.float32))
-
-    def extend(self, new_means: jax.Array, new_chols: jax.Array) -> ClassStats:
-        """Appends the next task's classes (positions C..C+K-1) without touching old ones.
-
-        Args:
-          new_means: [K, D]; new_chols: [K, D, D].
-        """
-        dim = self.means.shape[1]
-        if new_means.ndim != 2 or new_means.shape[1] != dim:
-            raise ValueError(f"new_means must be [K, {dim}], got {new_means.shape}")
-        if new_chols.shape != (new_means.shape[0], dim, dim):
-            raise ValueError(f"new_chols must be [{new_means.shape[0]}, {dim}, {dim}]")
-        return ClassStats(
-            jnp.concatenate([self.means, jnp.asarray(new_means, self.means.dtype)]),
-            jnp.concatenate([self.chols, jnp.asarray(new_chols, self.chols.dtype)]),
-        )
-
-    def to_dict(self) -> dict[str, np.ndarray]:
-        """NumPy arrays for checkpointing."""
-        return {"means": np.asarray(self.means), "chols": np.asarray(self.chols)}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ClassStats:
-        """Inverse of `to_dict`."""
-        return cls(jnp.asarray(data["means"]), jnp.asarray(data["chols"]))
 
 
 def sample_pseudo(

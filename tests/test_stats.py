@@ -141,28 +141,6 @@ def test_sample_pseudo_mean_and_cov_within_sampling_error():
     assert not np.allclose(np.asarray(other), np.asarray(feats))
 
 
-def test_class_stats_storage_grows_by_task():
-    dim = 3
-    store = stats.ClassStats.empty(dim)
-    assert store.num_classes == 0
-    rng = np.random.default_rng(5)
-    task0 = (rng.normal(size=(2, dim)), np.stack([np.eye(dim)] * 2))
-    task1 = (rng.normal(size=(3, dim)), np.stack([2 * np.eye(dim)] * 3))
-    store = store.extend(*map(jnp.asarray, task0))
-    first = store.means
-    store = store.extend(*map(jnp.asarray, task1))
-    assert store.num_classes == 5
-    np.testing.assert_array_equal(np.asarray(store.means[:2]), np.asarray(first))
-    np.testing.assert_allclose(np.asarray(store.chols[4]), 2 * np.eye(dim))
-    restored = stats.ClassStats.from_dict(store.to_dict())
-    np.testing.assert_array_equal(np.asarray(restored.chols), np.asarray(store.chols))
-    assert len(jax.tree.leaves(store)) == 2  # a pytree: passes through jit and Orbax
-    doubled = jax.jit(lambda s: jax.tree.map(lambda x: 2 * x, s))(store)
-    assert isinstance(doubled, stats.ClassStats)
-    with pytest.raises(ValueError, match="new_means must be"):
-        store.extend(jnp.zeros((1, dim + 1)), jnp.zeros((1, dim + 1, dim + 1)))
-
-
 def test_hard_pairs_by_hand():
     # Unit vectors at known distances: ||e0 - e1|| = sqrt(2) ~ 1.414, text 3 is 0.1 from text 0.
     text = np.zeros((4, 3))
