@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from calfuse_jax import calibration, fusion, methods, metrics, sharding, stats, train
+from calfuse_jax import calibration, fusion, interrupt, methods, metrics, sharding, stats, train
 from calfuse_jax.checkpoint import (
     RunCheckpoints,
     TaskCheckpointError,
@@ -371,7 +371,8 @@ def run_continual(
       ValueError on bad inputs, ConfigMismatchError for a foreign workdir, TaskCheckpointError
       when resuming needs an earlier task checkpoint that is missing or damaged (each holds only
       its own classes' statistics), NonFiniteLossError when the loss turns NaN/Inf (the last
-      good checkpoint is kept). KeyboardInterrupt is re-raised after a step checkpoint is saved.
+      good checkpoint is kept). Ctrl-C or SIGTERM stops the run at the next step (or task) with
+      a step checkpoint saved and raises `interrupt.Interrupted`, a KeyboardInterrupt.
     """
     run = _open_run(
         stream, text_features, config, workdir, overwrite, mesh, logit_scale,
@@ -381,8 +382,10 @@ def run_continual(
         carry, start = _resume(run)
         if run.writer:
             write_results(run.workdir, carry["rows"], carry["accuracy"])
-        for task in range(start, run.num_tasks):
-            carry = _run_task(run, task, carry)
+        with interrupt.deferred():  # a signal stops the run between steps or tasks, saved
+            for task in range(start, run.num_tasks):
+                interrupt.stop_if_requested(f"before task {task} (the tasks before it are saved)")
+                carry = _run_task(run, task, carry)
     except NonFiniteLossError as error:
         logger.error("%s", error)
         raise

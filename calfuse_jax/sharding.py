@@ -124,3 +124,26 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def same_on_every_process(key: str, value: str, timeout_s: float) -> None:
+    """Checks that every process of a multi-process run passes the same `value` under `key`,
+    through the coordination service's key-value store (not a collective, so a dead or different
+    peer cannot hang it). Raises ValueError naming a process that differs, TimeoutError when one
+    has not reported within `timeout_s`; a no-op in one process."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # noqa: PLC0415  (the client orbax uses too)
+
+    client = distributed.global_state.client
+    client.key_value_set(f"{key}/{jax.process_index()}", value)
+    for other in range(jax.process_count()):
+        try:
+            theirs = client.blocking_key_value_get(f"{key}/{other}", int(timeout_s * 1000))
+        except jax.errors.JaxRuntimeError as err:
+            raise TimeoutError(
+                f"process {other} did not report within {timeout_s:g} s (it died or is stuck)"
+            ) from err
+        if theirs != value:
+            here = jax.process_index()
+            raise ValueError(f"process {other} runs another config or command than process {here}")

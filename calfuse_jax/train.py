@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from calfuse_jax import sharding
+from calfuse_jax import interrupt, sharding
 from calfuse_jax.methods import Method, TaskInputs
 
 logger = logging.getLogger("calfuse_jax")
@@ -220,8 +220,9 @@ def train_task(
     Args:
       state: params and optimiser state matching `start_step`, replicated.
       save_step: `save_step(step, state, epoch_losses)` every `checkpoint_every_steps` steps and
-        on KeyboardInterrupt (the current epoch's losses so far, so a resumed run reports the
-        same epoch loss); `epoch_losses`: those losses when resuming from a step checkpoint.
+        on KeyboardInterrupt or a stop `interrupt.requested()` between steps (the current
+        epoch's losses so far, so a resumed run reports the same epoch loss); `epoch_losses`:
+        those losses when resuming from a step checkpoint.
       step_callback: `fn(task, completed_steps)` after every step; loss_callback: `fn(task,
         steps, losses, lrs)` as losses reach the host (each epoch and step checkpoint).
 
@@ -247,6 +248,8 @@ def train_task(
                 step += 1
                 pending.append((step, loss))
                 bar.update(1)
+                if (signum := interrupt.requested()) and step < total:  # else the task ends
+                    raise interrupt.Interrupted(signum)  # a step checkpoint is saved below
                 if save_step is not None and every and step % every == 0 and step < total:
                     check_losses(pending, run.task, losses_so_far, report)
                     save_step(step, state, losses_so_far)
@@ -255,8 +258,11 @@ def train_task(
             check_losses(pending, run.task, losses_so_far, report)
             last_loss, losses_so_far = float(np.mean(losses_so_far)), []
             bar.set_postfix(loss=f"{last_loss:.4f}")
-    except KeyboardInterrupt:
-        _save_on_interrupt(pending, run.task, step, total, state, save_step, losses_so_far, report)
+    except KeyboardInterrupt as error:
+        where = _save_on_interrupt(pending, run.task, step, total, state, save_step, losses_so_far,
+                                   report)  # fmt: skip
+        if isinstance(error, interrupt.Interrupted):
+            error.where = where
         raise
     finally:
         bar.close()
@@ -290,13 +296,16 @@ def _loss_reporter(config, task: int, epoch_steps: int, loss_callback):
     return report
 
 
-def _save_on_interrupt(pending, task, step, total, state, save_step, losses, report) -> None:
-    """Ctrl-C: keep the work done so far as a step checkpoint (unless it is unusable)."""
+def _save_on_interrupt(pending, task, step, total, state, save_step, losses, report) -> str:
+    """Ctrl-C or SIGTERM: keeps the work done so far as a step checkpoint (unless it is
+    unusable); returns where the run stopped and what was saved, for the message."""
+    where = f"at task {task}, step {step} of {total}"
     if save_step is None or not 0 < step < total:
-        return
+        return where
     if any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(state)):
         logger.warning("interrupted inside a step; no step checkpoint written for task %d", task)
-        return
+        return where
     check_losses(pending, task, losses, report)
     logger.warning("interrupted at task %d step %d; saving a step checkpoint", task, step)
     save_step(step, state, losses)
+    return f"{where} (step checkpoint saved)"
