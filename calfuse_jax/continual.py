@@ -384,7 +384,8 @@ def run_continual(
             write_results(run.workdir, carry["rows"], carry["accuracy"])
         with interrupt.deferred():  # a signal stops the run between steps or tasks, saved
             for task in range(start, run.num_tasks):
-                interrupt.stop_if_requested(f"before task {task} (the tasks before it are saved)")
+                if signum := interrupt.requested():
+                    raise interrupt.Interrupted(signum, f"before task {task} (earlier ones saved)")
                 carry = _run_task(run, task, carry)
     except NonFiniteLossError as error:
         logger.error("%s", error)

@@ -27,15 +27,11 @@ _depth = 0  # > 0 inside deferred(): signals are recorded, not raised
 
 
 class Interrupted(KeyboardInterrupt):
-    """A run stopped by `signum`; `where` says what was saved (set by the loop that stopped)."""
+    """A run stopped by `signum` (exit code 128 + signum); `where`: what was saved."""
 
     def __init__(self, signum: int, where: str = ""):
         super().__init__(signum, where)
         self.signum, self.where = signum, where
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
     def __str__(self) -> str:
         return f"{signal.Signals(self.signum).name} {self.where}".strip()
@@ -48,8 +44,10 @@ def _handle(signum: int, frame) -> None:
 
 
 @contextlib.contextmanager
-def _installed(signals) -> Iterator[None]:
-    previous = {signum: signal.signal(signum, _handle) for signum in signals}
+def installed() -> Iterator[None]:
+    """Within: SIGINT and SIGTERM raise `Interrupted` (inside `deferred()` they are recorded);
+    the handlers found are back afterwards. Main thread only."""
+    previous = {signum: signal.signal(signum, _handle) for signum in SIGNALS}
     try:
         yield
     finally:
@@ -58,23 +56,17 @@ def _installed(signals) -> Iterator[None]:
                 signal.signal(signum, handler)
 
 
-def raising() -> contextlib.AbstractContextManager:
-    """Within: SIGINT and SIGTERM raise `Interrupted` (inside `deferred()` they are recorded).
-    For a command's main thread."""
-    return _installed(SIGNALS)
-
-
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
-    """Within: SIGINT and SIGTERM are recorded for `requested()` instead of raising; the handlers
-    found are back afterwards. Outside the main thread (no signals arrive there) a no-op."""
+    """Within: SIGINT and SIGTERM are recorded for `requested()` instead of raising. Outside
+    the main thread (no signals arrive there) a no-op."""
     global _depth
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     if _depth == 0:
         _received.clear()
-    with _installed(SIGNALS):
+    with installed():
         _depth += 1
         try:
             yield
@@ -90,10 +82,3 @@ def requested() -> int | None:
     if jax.process_count() > 1:  # ~3 ms over gloo on CPU; a step is far longer on a cluster
         local = int(np.max(multihost_utils.process_allgather(np.int32(local))))
     return local or None
-
-
-def stop_if_requested(where: str) -> None:
-    """Raises `Interrupted(signal, where)` when `requested()` says so."""
-    signum = requested()
-    if signum is not None:
-        raise Interrupted(signum, where)

@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 import optax
 from jax.sharding import Mesh
+from tqdm.auto import tqdm
 
 from calfuse_jax import interrupt, sharding
 from calfuse_jax.methods import Method, TaskInputs
@@ -220,23 +221,20 @@ def train_task(
     Args:
       state: params and optimiser state matching `start_step`, replicated.
       save_step: `save_step(step, state, epoch_losses)` every `checkpoint_every_steps` steps and
-        on KeyboardInterrupt or a stop `interrupt.requested()` between steps (the current
-        epoch's losses so far, so a resumed run reports the same epoch loss); `epoch_losses`:
-        those losses when resuming from a step checkpoint.
+        on KeyboardInterrupt or `interrupt.requested()` (the epoch's losses so far, so a resumed
+        run reports the same epoch loss); `epoch_losses`: those when resuming mid-task.
       step_callback: `fn(task, completed_steps)` after every step; loss_callback: `fn(task,
         steps, losses, lrs)` as losses reach the host (each epoch and step checkpoint).
 
     Returns (final state, {`loss`: mean of the last epoch, `steps`}); raises NonFiniteLossError
     on a NaN/Inf loss (checked every epoch and before every step checkpoint).
     """
-    from tqdm.auto import tqdm  # noqa: PLC0415  (import cost only when training)
-
     epochs, every = int(config.train.epochs), int(config.train.checkpoint_every_steps)
     epoch_steps = steps_per_epoch(len(run.labels), int(config.train.batch_size))
     total = epochs * epoch_steps
     step_fn = train_step_fn(method, mesh)
     pending, last_loss, step = [], None, start_step  # pending: (step, loss) not yet checked
-    losses_so_far = list(epoch_losses or [])
+    losses = list(epoch_losses or [])
     bar = tqdm(total=total, initial=start_step, desc=f"task {run.task}", disable=not progress)
     report = _loss_reporter(config, run.task, epoch_steps, loss_callback)
     try:
@@ -248,21 +246,18 @@ def train_task(
                 step += 1
                 pending.append((step, loss))
                 bar.update(1)
-                if (signum := interrupt.requested()) and step < total:  # else the task ends
-                    raise interrupt.Interrupted(signum)  # a step checkpoint is saved below
+                if (signum := interrupt.requested()) and step < total:  # saved below
+                    raise interrupt.Interrupted(signum)  # (after the last step, the task ends)
                 if save_step is not None and every and step % every == 0 and step < total:
-                    check_losses(pending, run.task, losses_so_far, report)
-                    save_step(step, state, losses_so_far)
+                    check_losses(pending, run.task, losses, report)
+                    save_step(step, state, losses)
                 if step_callback is not None:
                     step_callback(run.task, step)
-            check_losses(pending, run.task, losses_so_far, report)
-            last_loss, losses_so_far = float(np.mean(losses_so_far)), []
+            check_losses(pending, run.task, losses, report)
+            last_loss, losses = float(np.mean(losses)), []
             bar.set_postfix(loss=f"{last_loss:.4f}")
-    except KeyboardInterrupt as error:
-        where = _save_on_interrupt(pending, run.task, step, total, state, save_step, losses_so_far,
-                                   report)  # fmt: skip
-        if isinstance(error, interrupt.Interrupted):
-            error.where = where
+    except KeyboardInterrupt as error:  # an Interrupted learns where it stopped, what is saved
+        _save_stopped(error, (run.task, step, total), state, save_step, losses, pending, report)
         raise
     finally:
         bar.close()
@@ -296,16 +291,16 @@ def _loss_reporter(config, task: int, epoch_steps: int, loss_callback):
     return report
 
 
-def _save_on_interrupt(pending, task, step, total, state, save_step, losses, report) -> str:
-    """Ctrl-C or SIGTERM: keeps the work done so far as a step checkpoint (unless it is
-    unusable); returns where the run stopped and what was saved, for the message."""
+def _save_stopped(error, stopped, state, save_step, losses, pending, report) -> None:
+    """Ctrl-C or SIGTERM, between steps (`interrupt.deferred` keeps signals out of a step and
+    its donated state): keeps the work so far as a step checkpoint; an `Interrupted` learns
+    where the run stopped and what was saved."""
+    task, step, total = stopped
     where = f"at task {task}, step {step} of {total}"
-    if save_step is None or not 0 < step < total:
-        return where
-    if any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(state)):
-        logger.warning("interrupted inside a step; no step checkpoint written for task %d", task)
-        return where
-    check_losses(pending, task, losses, report)
-    logger.warning("interrupted at task %d step %d; saving a step checkpoint", task, step)
-    save_step(step, state, losses)
-    return f"{where} (step checkpoint saved)"
+    if save_step is not None and 0 < step < total:
+        check_losses(pending, task, losses, report)
+        logger.warning("interrupted at task %d step %d; saving a step checkpoint", task, step)
+        save_step(step, state, losses)
+        where += " (step checkpoint saved)"
+    if isinstance(error, interrupt.Interrupted):
+        error.where = where

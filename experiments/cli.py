@@ -37,7 +37,7 @@ NOT_NAMING = (*RESUME_SAFE, "seeds", "seed")
 # another run or in use: the library's and the configs' errors are ValueErrors): one paragraph,
 # no traceback, exit 2. A NaN/Inf loss exits 3 (the config was valid, the run diverged).
 USER_ERRORS = (UserError, ValueError, FileNotFoundError, FileExistsError)
-EXIT_USER_ERROR, EXIT_NON_FINITE, EXIT_INTERRUPTED = 2, 3, 130
+EXIT_USER_ERROR, EXIT_NON_FINITE = 2, 3  # a signal: 128 + its number (130 Ctrl-C, 143 SIGTERM)
 
 CHATTY_LOGGERS = ("absl", "orbax", "jax._src", "matplotlib")  # per-save INFO lines drown ours
 
@@ -254,7 +254,7 @@ def main_guard(
 
     setup_console(args.quiet)  # each run.log keeps INFO
     try:
-        with interrupt.raising():  # SIGTERM too; the training loop stops at a step boundary
+        with interrupt.installed():  # SIGTERM too; the training loop stops at a step boundary
             start_distributed(args)
             config = apply_overrides(load_config(args.config), overrides)
             check_same_run(args, config)
@@ -267,7 +267,7 @@ def main_guard(
         if isinstance(error, KeyboardInterrupt):
             by = f" by {error}" if isinstance(error, interrupt.Interrupted) else ""
             print(f"interrupted{by}: run the same command again to resume", file=sys.stderr)
-            return getattr(error, "exit_code", EXIT_INTERRUPTED)
+            return 128 + getattr(error, "signum", 2)  # a plain KeyboardInterrupt: SIGINT's
         if isinstance(error, NonFiniteLossError):
             print(non_finite_message(error, args.workdir), file=sys.stderr)
             return EXIT_NON_FINITE

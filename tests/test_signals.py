@@ -35,7 +35,7 @@ def test_signals_stop_at_a_step_boundary_and_resume_bit_identical(reference, tmp
         )  # fmt: skip
     # The first signal names the stop; it is seen after the next step (5), which is saved.
     assert isinstance(stopped.value, interrupt.Interrupted)
-    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert stopped.value.signum == signal.SIGTERM
     assert str(stopped.value) == "SIGTERM at task 1, step 5 of 9 (step checkpoint saved)"
     assert (tmp_path / "checkpoints" / "steps" / str(1 * STRIDE + 5)).exists()
     assert {s: signal.getsignal(s) for s in interrupt.SIGNALS} == before

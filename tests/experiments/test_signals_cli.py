@@ -24,7 +24,7 @@ COMMAND = [sys.executable, "-m", "experiments.run", "--config", "synthetic:smoke
            "--config.train.epochs=2", "--config.train.checkpoint_every_steps=1"]  # fmt: skip
 STOPPED = re.compile(
     r"interrupted by (SIG\w+)(?: at task (\d+), step (\d+) of \d+ \(step checkpoint saved\)"
-    r"| before task (\d+) \(the tasks before it are saved\))?"
+    r"| before task (\d+) \(earlier ones saved\))?"
     r": run the same command again to resume\n$"
 )
 EXIT_WITHIN = 20.0  # seconds from the (first) signal to the exit
