@@ -30,6 +30,7 @@ from calfuse_jax import calibration, fusion, methods, metrics, rundir, sharding,
 from calfuse_jax.checkpoint import RunCheckpoints, TaskCheckpointError, abstract_like
 from calfuse_jax.config import resolve_method
 from calfuse_jax.data.stream import FeatureStream
+from calfuse_jax.interrupt import Interrupted, deferred, requested
 from calfuse_jax.metrics import ContinualResult
 from calfuse_jax.rundir import ConfigMismatchError
 from calfuse_jax.train import NonFiniteLossError, TrainState
@@ -336,7 +337,8 @@ def run_continual(
       ValueError on bad inputs, ConfigMismatchError for a foreign workdir, TaskCheckpointError
       when resuming needs an earlier task checkpoint that is missing or damaged (each holds only
       its own classes' statistics), NonFiniteLossError when the loss turns NaN/Inf (the last
-      good checkpoint is kept). KeyboardInterrupt is re-raised after a step checkpoint is saved.
+      good checkpoint is kept). Ctrl-C or SIGTERM stops the run at the next step (or task) with
+      a step checkpoint saved and raises `interrupt.Interrupted`, a KeyboardInterrupt.
     """
     run = _open_run(
         stream, text_features, config, workdir, overwrite, mesh, logit_scale,
@@ -346,8 +348,11 @@ def run_continual(
         state, start = _resume(run)
         if sharding.is_primary():
             rundir.write_results(run.workdir, list(state.rows), state.accuracy)
-        for task in range(start, run.stream.split.num_tasks):
-            state = _run_task(run, task, state)
+        with deferred():  # a signal stops the run between steps or tasks, saved
+            for task in range(start, run.stream.split.num_tasks):
+                if signum := requested():
+                    raise Interrupted(signum, f"before task {task} (earlier ones saved)")
+                state = _run_task(run, task, state)
     except NonFiniteLossError as error:
         logger.error("%s", error)
         raise

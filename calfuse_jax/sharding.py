@@ -4,7 +4,7 @@ Batches are split along their first axis with `NamedSharding(mesh, P("data"))`; 
 optimiser state and class statistics are replicated with `NamedSharding(mesh, P())`. The same code
 runs on 1 CPU, several fake CPU devices, 8 GPUs or a multi-host TPU slice: under
 `jax.distributed.initialize()` every process builds the same global batch on the host and hands
-JAX only the rows its own devices hold (`jax.make_array_from_process_local_data`).
+JAX only the rows its own devices hold (`jax.make_array_from_callback`).
 """
 
 from __future__ import annotations
@@ -43,16 +43,10 @@ def padded_size(n: int, mesh: Mesh) -> int:
     return max(size, -(-n // size) * size)
 
 
-def _local_rows(mesh: Mesh, global_rows: int) -> slice:
-    """The contiguous rows of a `P("data")` array held by this process's devices."""
-    sharding = data_sharding(mesh)
-    index_map = sharding.addressable_devices_indices_map((global_rows,))
-    starts = [idx[0].start or 0 for idx in index_map.values()]
-    stops = [global_rows if idx[0].stop is None else idx[0].stop for idx in index_map.values()]
-    lo, hi = min(starts), max(stops)
-    if sum(b - a for a, b in zip(starts, stops, strict=True)) != hi - lo:
-        raise ValueError("this process's devices do not hold a contiguous block of the batch")
-    return slice(lo, hi)
+def _place(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    # Each process builds only its own devices' shards from its copy of the global array, so no
+    # host transfers another host's part (one code path for one process or many).
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 def shard_batch(batch, mesh: Mesh):
@@ -64,8 +58,7 @@ def shard_batch(batch, mesh: Mesh):
       mesh: the `data` mesh.
 
     Returns:
-      The same pytree of global `jax.Array`s sharded `P("data")`. Each process hands JAX only its
-      own rows, so no host holds or transfers another host's part.
+      The same pytree of global `jax.Array`s sharded `P("data")`.
     """
     sharding = data_sharding(mesh)
 
@@ -76,10 +69,7 @@ def shard_batch(batch, mesh: Mesh):
                 f"batch of {x.shape[0]} rows does not split over {mesh.devices.size} devices; "
                 "pad it with `padded_size` and mask the padding"
             )
-        if jax.process_count() == 1:
-            return jax.device_put(x, sharding)
-        rows = _local_rows(mesh, x.shape[0])
-        return jax.make_array_from_process_local_data(sharding, x[rows], x.shape)
+        return _place(x, sharding)
 
     return jax.tree.map(place, batch)
 
@@ -89,15 +79,11 @@ def replicate(tree, mesh: Mesh):
     sharding = replicated(mesh)
 
     def place(x):
-        if isinstance(x, jax.Array):
-            if x.sharding == sharding:
-                return x
-            if not x.is_fully_addressable:  # a global array: let XLA move it
-                return jax.device_put(x, sharding)
-        x = np.asarray(x)
-        if jax.process_count() == 1:
-            return jax.device_put(x, sharding)
-        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jax.device_put(x, sharding)  # a global array: let XLA move it
+        return _place(np.asarray(x), sharding)
 
     return jax.tree.map(place, tree)
 
@@ -124,3 +110,25 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def same_on_every_process(key: str, value: str, timeout_s: float) -> None:
+    """Checks that every process passes the same `value` under `key` through the coordination
+    service's key-value store (not a collective: a dead or different peer cannot hang it).
+    ValueError names a process that differs; TimeoutError one silent for `timeout_s`."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # noqa: PLC0415  (the client orbax uses too)
+
+    client = distributed.global_state.client
+    client.key_value_set(f"{key}/{jax.process_index()}", value)
+    for other in range(jax.process_count()):
+        try:
+            theirs = client.blocking_key_value_get(f"{key}/{other}", int(timeout_s * 1000))
+        except jax.errors.JaxRuntimeError as err:
+            raise TimeoutError(
+                f"process {other} did not report within {timeout_s:g} s (it died or is stuck)"
+            ) from err
+        if theirs != value:
+            here = jax.process_index()
+            raise ValueError(f"process {other} runs another config or command than process {here}")

@@ -23,8 +23,9 @@ import ml_collections
 import numpy as np
 import optax
 from jax.sharding import Mesh
+from tqdm.auto import tqdm
 
-from calfuse_jax import sharding
+from calfuse_jax import interrupt, sharding
 from calfuse_jax.methods import Method, TaskInputs
 
 logger = logging.getLogger("calfuse_jax")
@@ -194,22 +195,20 @@ def train_task(
     Args:
       state: params and optimiser state matching `start_step`, replicated.
       save_step: `save_step(step, state, epoch_losses)` every `checkpoint_every_steps` steps and
-        on KeyboardInterrupt (the current epoch's losses so far, so a resumed run reports the
-        same epoch loss); `epoch_losses`: those losses when resuming from a step checkpoint.
+        on KeyboardInterrupt or `interrupt.requested()` (the epoch's losses so far, so a resumed
+        run reports the same epoch loss); `epoch_losses`: those when resuming mid-task.
       step_callback: `fn(task, completed_steps)` after every step; loss_callback: `fn(task,
         steps, losses, lrs)` as losses reach the host (each epoch and step checkpoint).
 
     Returns (final state, {`loss`: mean of the last epoch, `steps`}); raises NonFiniteLossError
     on a NaN/Inf loss (checked every epoch and before every step checkpoint).
     """
-    from tqdm.auto import tqdm  # noqa: PLC0415  (import cost only when training)
-
     epochs, every = int(config.train.epochs), int(config.train.checkpoint_every_steps)
     epoch_steps = steps_per_epoch(len(view.labels), int(config.train.batch_size))
     total = epochs * epoch_steps
     step_fn = train_step_fn(method, mesh)
     pending, last_loss, step = [], None, start_step  # pending: (step, loss) not yet checked
-    losses_so_far = list(epoch_losses or [])
+    losses = list(epoch_losses or [])
     bar = tqdm(total=total, initial=start_step, desc=f"task {view.task}", disable=not progress)
     report = _loss_reporter(config, view.task, epoch_steps, loss_callback)
     try:
@@ -221,16 +220,18 @@ def train_task(
                 step += 1
                 pending.append((step, loss))
                 bar.update(1)
+                if (signum := interrupt.requested()) and step < total:  # saved below
+                    raise interrupt.Interrupted(signum)  # (after the last step, the task ends)
                 if save_step is not None and every and step % every == 0 and step < total:
-                    check_losses(pending, view.task, losses_so_far, report)
-                    save_step(step, state, losses_so_far)
+                    check_losses(pending, view.task, losses, report)
+                    save_step(step, state, losses)
                 if step_callback is not None:
                     step_callback(view.task, step)
-            check_losses(pending, view.task, losses_so_far, report)
-            last_loss, losses_so_far = float(np.mean(losses_so_far)), []
+            check_losses(pending, view.task, losses, report)
+            last_loss, losses = float(np.mean(losses)), []
             bar.set_postfix(loss=f"{last_loss:.4f}")
-    except KeyboardInterrupt:
-        _save_on_interrupt(pending, view.task, step, total, state, save_step, losses_so_far, report)
+    except KeyboardInterrupt as error:  # an Interrupted learns where it stopped, what is saved
+        _save_stopped(error, (view.task, step, total), state, save_step, losses, pending, report)
         raise
     finally:
         bar.close()
@@ -264,13 +265,16 @@ def _loss_reporter(config, task: int, epoch_steps: int, loss_callback):
     return report
 
 
-def _save_on_interrupt(pending, task, step, total, state, save_step, losses, report) -> None:
-    """Ctrl-C: keep the work done so far as a step checkpoint (unless it is unusable)."""
-    if save_step is None or not 0 < step < total:
-        return
-    if any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(state)):
-        logger.warning("interrupted inside a step; no step checkpoint written for task %d", task)
-        return
-    check_losses(pending, task, losses, report)
-    logger.warning("interrupted at task %d step %d; saving a step checkpoint", task, step)
-    save_step(step, state, losses)
+def _save_stopped(error, stopped, state, save_step, losses, pending, report) -> None:
+    """Ctrl-C or SIGTERM, between steps (`interrupt.deferred` keeps signals out of a step and
+    its donated state): keeps the work so far as a step checkpoint; an `Interrupted` learns
+    where the run stopped and what was saved."""
+    task, step, total = stopped
+    where = f"at task {task}, step {step} of {total}"
+    if save_step is not None and 0 < step < total:
+        check_losses(pending, task, losses, report)
+        logger.warning("interrupted at task %d step %d; saving a step checkpoint", task, step)
+        save_step(step, state, losses)
+        where += " (step checkpoint saved)"
+    if isinstance(error, interrupt.Interrupted):
+        error.where = where

@@ -11,16 +11,19 @@ from __future__ import annotations
 import argparse
 import errno
 import hashlib
+import json
 import logging
 import os
 import pathlib
 import re
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
 
+from calfuse_jax import interrupt, sharding
 from calfuse_jax.rundir import RESUME_SAFE
 from experiments import pipeline
 from experiments.configs import apply_overrides, load_config
@@ -35,7 +38,7 @@ NOT_NAMING = (*RESUME_SAFE, "seeds", "seed")
 # another run or in use: the library's and the configs' errors are ValueErrors): one paragraph,
 # no traceback, exit 2. A NaN/Inf loss exits 3 (the config was valid, the run diverged).
 USER_ERRORS = (UserError, ValueError, FileNotFoundError, FileExistsError)
-EXIT_USER_ERROR, EXIT_NON_FINITE, EXIT_INTERRUPTED = 2, 3, 130
+EXIT_USER_ERROR, EXIT_NON_FINITE = 2, 3  # a signal: 128 + its number (130 Ctrl-C, 143 SIGTERM)
 # Writes that fail because of the disk or its permissions: exit 2 as well, naming the file.
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 DISK_FIX = (
@@ -107,7 +110,7 @@ def enable_compile_cache(config: ml_collections.ConfigDict) -> pathlib.Path | No
 
 
 def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
-    """--distributed [--coordinator HOST:PORT --num-processes N --process-id I]."""
+    """--distributed [--coordinator HOST:PORT --num-processes N --process-id I --peer-timeout S]."""
     group = parser.add_argument_group(
         "multi-process runs (one process per host or GPU; process 0 writes the results)"
     )
@@ -120,10 +123,23 @@ def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address and port")
     group.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
     group.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1")
+    group.add_argument(
+        "--peer-timeout", type=float, default=300.0, metavar="S",
+        help="exit 2 when the other processes have not all joined, or told their config, "
+        "within S seconds (default: %(default)s)",
+    )  # fmt: skip
+
+
+# HOST:PORT with a name, an IPv4 address or a bracketed IPv6 address, and a port 1-65535.
+COORDINATOR = re.compile(r"(\[[0-9a-fA-F:.]+\]|[\w.-]+):([1-9]\d{0,4})")
 
 
 def start_distributed(args: argparse.Namespace) -> None:
-    """Joins the multi-process JAX runtime when `args.distributed` (before any device is used)."""
+    """Joins the multi-process JAX runtime when `args.distributed` (before any device is used).
+
+    Joining waits for every process; one that is not there after `--peer-timeout` seconds ends
+    the command with exit 2 and a paragraph (JAX itself would abort minutes later, saying only
+    that "another task died")."""
     manual = {
         "--coordinator": ("coordinator_address", args.coordinator),
         "--num-processes": ("num_processes", args.num_processes),
@@ -139,19 +155,65 @@ def start_distributed(args: argparse.Namespace) -> None:
         raise UserError(
             f"--process-id {index} with --num-processes {count}: the id must be in 0..N-1"
         )
+    found = COORDINATOR.fullmatch(args.coordinator or "")
+    if args.coordinator is not None and not (found and int(found[2]) < 65536):
+        raise UserError(
+            f"--coordinator {args.coordinator!r} is not HOST:PORT: give process 0's host name or "
+            "address and a free port, e.g. --coordinator 10.0.0.1:12345 ([::1]:12345 for IPv6)"
+        )
     import jax
 
     # CPU processes need a cross-process collective implementation; GPU and TPU ignore this flag.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # SIGTERM stays with calfuse_jax.interrupt (stop after the same step everywhere, saved):
+    # JAX's preemption notifier would swallow it, and Orbax's saves consume its sync point.
+    jax.config.update("jax_enable_preemption_service", False)
+    watchdog = threading.Timer(args.peer_timeout, _give_up_joining, (args,))
+    watchdog.daemon = True
+    watchdog.start()
     try:
-        jax.distributed.initialize(**{name: v for name, v in manual.values() if v is not None})
-    except (RuntimeError, ValueError) as err:
+        jax.distributed.initialize(
+            **{name: v for name, v in manual.values() if v is not None},
+            initialization_timeout=int(args.peer_timeout) + 60,  # ours speaks first
+        )
+    except (RuntimeError, ValueError, IndexError) as err:
         raise UserError(
             f"jax.distributed.initialize failed: {err}. Outside TPU pods and SLURM, pass "
             "--coordinator HOST:PORT --num-processes N --process-id I to every process"
         ) from err
+    finally:
+        watchdog.cancel()
     log.info("process %d of %d, %d devices in all", jax.process_index(), jax.process_count(),
              jax.device_count())  # fmt: skip
+
+
+def _give_up_joining(args: argparse.Namespace) -> None:
+    """The joining watchdog: JAX's connect cannot be interrupted, so the process exits here."""
+    where = f" at {args.coordinator}" if args.coordinator else ""
+    print(
+        f"error: not every process joined the run{where} within --peer-timeout "
+        f"{args.peer_timeout:g} s. Start every process with the same --coordinator and "
+        "--num-processes (and its own --process-id), or raise --peer-timeout",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(EXIT_USER_ERROR)
+
+
+def check_same_run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
+    """Under --distributed, compares this process's config and flags with every other's before
+    the first collective (a mismatch would hang in it); UserError (exit 2) when one differs or
+    does not report within --peer-timeout."""
+    if not args.distributed:
+        return
+    local = {"process_id", "coordinator", "quiet", "traceback", "peer_timeout"}
+    flags = {k: v for k, v in sorted(vars(args).items()) if k not in local}
+    text = json.dumps(flags, default=str) + config.to_json_best_effort(sort_keys=True)
+    digest = hashlib.sha1(text.encode()).hexdigest()
+    try:
+        sharding.same_on_every_process("calfuse/run", digest, args.peer_timeout)
+    except (TimeoutError, ValueError) as err:
+        raise UserError(f"{err}; every process must run the same command") from err
 
 
 def setup_console(quiet: bool) -> None:
@@ -191,24 +253,28 @@ def main_guard(
     args: argparse.Namespace, overrides: Sequence[str], body: Callable[[Any], int]
 ) -> int:
     """Sets up the console (and `--distributed`), loads `--config` with its overrides, runs
-    `body(config)` and returns its exit status; a user error (2), a NaN/Inf loss (3) or Ctrl-C
-    (130) prints one paragraph instead of a traceback (unless `args.traceback`). `args.workdir`,
-    once `body` has set it, names where the last good checkpoint is kept."""
+    `body(config)` and returns its exit status; a user error (2), a NaN/Inf loss (3), Ctrl-C
+    (130) or SIGTERM (143) prints one paragraph instead of a traceback (unless
+    `args.traceback`). `args.workdir`, once `body` has set it, names where the last good
+    checkpoint is kept."""
     from calfuse_jax.train import NonFiniteLossError  # imports jax: after the flags are parsed
 
     setup_console(args.quiet)  # each run.log keeps INFO
     try:
-        start_distributed(args)
-        config = apply_overrides(load_config(args.config), overrides)
-        if args.quiet:
-            config.progress = False
-        return body(config)
+        with interrupt.installed():  # SIGTERM too; the training loop stops at a step boundary
+            start_distributed(args)
+            config = apply_overrides(load_config(args.config), overrides)
+            check_same_run(args, config)
+            if args.quiet:
+                config.progress = False
+            return body(config)
     except (NonFiniteLossError, *USER_ERRORS, KeyboardInterrupt) as error:
         if args.traceback:
             raise
         if isinstance(error, KeyboardInterrupt):
-            print("interrupted: run the same command again to resume", file=sys.stderr)
-            return EXIT_INTERRUPTED
+            by = f" by {error}" if isinstance(error, interrupt.Interrupted) else ""
+            print(f"interrupted{by}: run the same command again to resume", file=sys.stderr)
+            return 128 + getattr(error, "signum", 2)  # a plain KeyboardInterrupt: SIGINT's
         if isinstance(error, NonFiniteLossError):
             print(non_finite_message(error, args.workdir), file=sys.stderr)
             return EXIT_NON_FINITE

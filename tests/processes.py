@@ -19,15 +19,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_processes(
-    command: Callable[[int, int], Sequence[str]], count: int = 2, timeout: float = 240
-) -> list[str]:
-    """Runs `command(process_id, port)` for every process at once; returns their combined
-    stdout/stderr logs after asserting that each exited 0 (its log's tail is the message)."""
+def start_processes(command: Callable[[int, int], Sequence[str]], count: int = 2) -> list:
+    """Starts `command(process_id, port)` for every process at once (one CPU device each, this
+    checkout first on the path); their stdout and stderr go to one text pipe each."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
     port = free_port()
-    workers = [
+    return [
         subprocess.Popen(
             list(command(pid, port)),
             cwd=REPO,
@@ -38,6 +36,14 @@ def run_processes(
         )  # fmt: skip
         for pid in range(count)
     ]
+
+
+def run_processes(
+    command: Callable[[int, int], Sequence[str]], count: int = 2, timeout: float = 240
+) -> list[str]:
+    """Runs `command(process_id, port)` for every process at once; returns their combined
+    stdout/stderr logs after asserting that each exited 0 (its log's tail is the message)."""
+    workers = start_processes(command, count)
     logs = []
     try:
         for worker in workers:
