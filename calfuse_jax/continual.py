@@ -131,6 +131,10 @@ def _start_task(run: _Run, task: int, state: ContinualState):
     eps, shrinkage = float(config.stats.cov_eps), config.stats.shrinkage
     means, covs = stats.class_stats(features, labels, np.arange(old, seen), eps, shrinkage)
     means, chols = sharding.replicate((means, stats.cholesky_factors(covs)), run.mesh)
+    hint = (
+        "raise config.stats.cov_eps (a covariance is not positive-definite) or check the features"
+    )
+    train.check_finite((means, chols), task, "the class statistics (means, Cholesky factors)", hint)
     means, chols = state.means.at[old:seen].set(means), state.chols.at[old:seen].set(chols)
     inputs = methods.TaskInputs(
         text=run.text,
@@ -241,6 +245,8 @@ def _run_task(run: _Run, task: int, state: ContinualState) -> ContinualState:
         rules, bias = run.method.fusion_rules, float(config.fusion.mix_bias)
         params = fusion.fuse_params(state.params, params, rules, bias)
         params = sharding.replicate(params, run.mesh)  # keep one layout for every compiled use
+        hint = "check config.fusion.mix_bias and config.fusion.rules"
+        train.check_finite(params, task, "the fused head parameters", hint)  # before the save
     features, labels = run.stream.seen(task, "test")
     # One batch size for the whole run (the largest test set), so one compiled evaluation.
     batch_size = min(int(config.train.eval_batch_size), len(run.stream.test_labels))

@@ -32,14 +32,35 @@ logger = logging.getLogger("calfuse_jax")
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or Inf; `task` and `step` say where (step is 1-based)."""
+    """A value of the run became NaN or Inf: the training loss at `task`, `step` (1-based), or
+    another `quantity` (step None), with `hint` as the likely fix."""
 
-    def __init__(self, task: int, step: int, value: float):
-        self.task, self.step, self.value = task, step, value
-        super().__init__(
-            f"loss is {value} at task {task}, step {step}; the run stopped and the last good "
-            "checkpoint is kept. Lower config.train.lr or check the features for NaN/Inf."
+    LOSS_HINT = "lower config.train.lr or check the features for NaN/Inf"
+
+    def __init__(self, task, step, value, quantity="the training loss", hint=LOSS_HINT):
+        self.task, self.step, self.value, self.quantity, self.hint = (
+            task,
+            step,
+            value,
+            quantity,
+            hint,
         )
+        where = f"task {task}" + ("" if step is None else f", step {step}")
+        super().__init__(
+            f"{quantity} became {value} at {where}; the run stopped and the last good "
+            f"checkpoint is kept: {hint}"
+        )
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)]).all()
+
+
+def check_finite(tree, task: int, quantity: str, hint: str) -> None:
+    """Raises NonFiniteLossError naming `quantity` when a leaf of `tree` holds NaN/Inf."""
+    if not sharding.to_host(_all_finite(tree)):
+        raise NonFiniteLossError(task, None, "NaN/Inf", quantity, hint)
 
 
 class TrainState(NamedTuple):

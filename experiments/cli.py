@@ -289,14 +289,16 @@ def main_guard(
 
 
 def non_finite_message(error: FloatingPointError, workdir: str | None) -> str:
-    """One paragraph for a NaN/Inf training loss (`calfuse_jax.train.NonFiniteLossError`)."""
+    """One paragraph for a NaN/Inf value of the run (`calfuse_jax.train.NonFiniteLossError`)."""
     task, step = getattr(error, "task", "?"), getattr(error, "step", "?")
-    value = getattr(error, "value", "NaN/Inf")
+    quantity = getattr(error, "quantity", "the training loss")
+    hint = getattr(error, "hint", "lower --config.train.lr or check the features for NaN/Inf")
+    at = f"task {task}" + ("" if step is None else f", step {step}")
     where = f" in {workdir}" if workdir else ""
     return (
-        f"error: the training loss became {value} at task {task}, step {step}, so the run "
+        f"error: {quantity} became {getattr(error, 'value', 'NaN/Inf')} at {at}, so the run "
         f"stopped. The last good checkpoint{where} is kept: running the same command again "
-        "retries from it. If the loss diverges again, lower --config.train.lr or check the "
-        "features for NaN/Inf, with a new --workdir (or --overwrite to move this run aside). "
+        f"retries from it. If it happens again, {hint.replace('config.', '--config.')}, with a "
+        "new --workdir (or --overwrite to move this run aside). "
         "(run with --traceback for the full trace)"
     )

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from calfuse_jax import checkpoint, sharding, train
+from calfuse_jax import checkpoint, fusion, sharding, train
 from calfuse_jax.config import method_config
 from calfuse_jax.continual import (
     ConfigMismatchError,
@@ -225,6 +225,31 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(reference, tmp_path, monk
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
     monkeypatch.setattr(train, "host_batch", original)  # the fault is gone: resume finishes
     _assert_same_run(run_continual(stream, text, tiny_config(), tmp_path, progress=False), expected)
+
+
+def test_non_finite_statistics_or_fused_params_stop_before_the_task_is_saved(tmp_path, monkeypatch):
+    """CF-16: a NaN/Inf that is not the loss stops the run like one, names what went non-finite
+    and leaves the previous task checkpoint as the last one (never a NaN head saved as good)."""
+    stream, text = tiny_stream()
+    config = tiny_config(epochs=1)
+    huge = stream.train_features.copy()  # finite, but its covariance overflows float32
+    huge[stream.split.to_positions(stream.train_labels) >= 5] *= 1e30
+    with pytest.raises(NonFiniteLossError, match="the class statistics") as error:
+        run_continual(_replace(stream, train_features=huge), text, config, tmp_path / "s")
+    assert (error.value.task, error.value.step) == (1, None) and "cov_eps" in error.value.hint
+    assert sorted(p.name for p in (tmp_path / "s" / "checkpoints" / "tasks").iterdir()) == ["0"]
+
+    fuse = fusion.fuse_params  # the fault: fusion yields an Inf weight on task 2
+    monkeypatch.setattr(
+        fusion,
+        "fuse_params",
+        lambda old, new, *a: jax.tree.map(lambda x: x * np.inf, fuse(old, new, *a)),
+    )
+    with pytest.raises(NonFiniteLossError, match="the fused head parameters") as error:
+        run_continual(stream, text, config, tmp_path / "f", progress=False)
+    assert error.value.task == 1 and "mix_bias" in error.value.hint
+    assert sorted(p.name for p in (tmp_path / "f" / "checkpoints" / "tasks").iterdir()) == ["0"]
+    assert len((tmp_path / "f" / "metrics.jsonl").read_text().splitlines()) == 1
 
 
 # The method works. Margins come from measured runs of exactly this setup (seeds fixed):
