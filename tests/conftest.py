@@ -5,7 +5,10 @@ can compare a 1-device mesh with a 4-device mesh in one process. Single-device c
 device 0. Nothing here touches the network.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
@@ -16,6 +19,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Datasets fetched in tests come from a fixture's server on 127.0.0.1 (tests/data/test_download.py);
 # any other fetch meets a closed local port and fails at once instead of reaching the internet.
 os.environ.setdefault("CALFUSE_MIRROR", "http://127.0.0.1:9")
+# One persistent XLA compilation cache for this session and every process it starts (they inherit
+# the environment): runs of the same tiny configs in-process, in CLI subprocesses, notebook kernels
+# and distributed workers then compile each program once. Every compile is stored (the head's
+# programs compile well under JAX's 1 s default threshold). Removed when the session ends.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="calfuse-tests-xla-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 import jax.numpy as jnp  # noqa: E402  (after XLA_FLAGS: jax must see the fake devices)

@@ -168,7 +168,9 @@ def method_grid(tmp_path_factory):
     workdir, cache = root / "grid", root / "cache"
     args = ["--config", "synthetic", "--preset", "method", "--seeds", "0,1"]
     args += ["--workdir", str(workdir), f"--config.cache_dir={cache}", "-q", *TINY]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    # Without the suite's shared cache (tests/conftest.py), so that ablate picks its own folder.
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["PYTHONPATH"] = str(REPO)
     done = subprocess.run(
         [sys.executable, "-m", "experiments.ablate", *args],
         cwd=REPO,
