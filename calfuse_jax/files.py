@@ -9,8 +9,10 @@ plain `open(path, "w")` / `mkdir` would give: 0o666 / 0o777 minus the process um
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -67,12 +69,21 @@ def atomic_write(path: str | os.PathLike, mode: str, write: Callable[[IO], None]
         raise
 
 
-def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
-    """A new empty folder in `parent` (to fill, then rename into place) with `mkdir`'s mode."""
+@contextlib.contextmanager
+def temp_dir(parent: str | os.PathLike, prefix: str) -> Iterator[Path]:
+    """A new empty folder in `parent` (to fill, then rename into place) with `mkdir`'s mode;
+    removed if the body fails. A library error that lost its errno on a full disk (safetensors')
+    becomes OSError(ENOSPC), so the CLI reports it as the disk's problem."""
     Path(parent).mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
     share_like_open(folder)
-    return folder
+    try:
+        yield folder
+    except BaseException as error:
+        shutil.rmtree(folder, ignore_errors=True)
+        if not isinstance(error, OSError) and "No space left on device" in str(error):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder)) from error
+        raise
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ from calfuse_jax.data.images import ImageDataset
 from calfuse_jax.data.protocol import TaskSplit, make_split, seeded_order
 from calfuse_jax.data.stream import FeatureStream
 from calfuse_jax.feature_cache import checksums_match, weights_id, write_checksums
-from calfuse_jax.files import make_temp_dir, share_like_open, waiting_lock
+from calfuse_jax.files import share_like_open, temp_dir, waiting_lock
 from experiments.configs import validate
 
 log = logging.getLogger(__name__)
@@ -191,12 +191,12 @@ def model_path(config: ml_collections.ConfigDict) -> str:
     with lock if is_primary() else contextlib.nullcontext():
         if is_primary() and not checksums_match(folder):  # unfinished, damaged or old
             # Written next to the target and renamed, so an interrupted write never looks finished.
-            tmp = make_temp_dir(folder.parent, prefix=".tmp-")
-            clip.random_checkpoint(tmp, variant=variant, seed=config.model.seed)
-            share_like_open(tmp)  # safetensors writes its file 0600
-            write_checksums(tmp)
-            shutil.rmtree(folder, ignore_errors=True)  # ours, regenerated identically
-            os.replace(tmp, folder)
+            with temp_dir(folder.parent, prefix=".tmp-") as tmp:
+                clip.random_checkpoint(tmp, variant=variant, seed=config.model.seed)
+                share_like_open(tmp)  # safetensors writes its file 0600
+                write_checksums(tmp)
+                shutil.rmtree(folder, ignore_errors=True)  # ours, regenerated identically
+                os.replace(tmp, folder)
             log.info("wrote a random-weight %s CLIP checkpoint to %s", variant, folder)
     barrier("calfuse_random_checkpoint")
     return str(folder)

@@ -1,6 +1,6 @@
 """Damaged or hostile inputs and a disk that refuses a write, met by `python -m experiments.run`:
 exit 2 with one paragraph naming the file and the fix, never a traceback (review cases EN-3,
-EN-5, SE-1, FI-18, EN-7, EN-10)."""
+EN-5, SE-1, FI-18, FI-19, EN-7, EN-10)."""
 
 import errno
 import os
@@ -81,3 +81,18 @@ def test_a_read_only_workdir_parent_is_exit_2(tmp_path, capsys):
         parent.chmod(0o755)
     err = capsys.readouterr().err
     assert f"cannot write {parent / 'run'}" in err and "Traceback" not in err
+
+
+def test_a_full_disk_while_writing_random_weights_leaves_no_debris(tmp_path, capsys, monkeypatch):
+    """FI-19: safetensors reports a full disk in its own error type, without errno."""
+    from safetensors import SafetensorError
+
+    def full(folder, **kwargs):
+        (folder / "model.safetensors").write_bytes(b"\0" * 100)  # a part was written
+        raise SafetensorError('IoError(Os { code: 28, message: "No space left on device" })')
+
+    monkeypatch.setattr(clip, "random_checkpoint", full)
+    assert run_demo(tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err
+    assert not list((tmp_path / "cache" / "models").glob(".tmp-*"))  # the partial folder is gone
