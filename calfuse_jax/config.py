@@ -15,7 +15,7 @@ import operator
 import ml_collections
 
 from calfuse_jax import methods
-from calfuse_jax.calibration import GATE_MODES, HEAD_INITS, SCHEDULES
+from calfuse_jax.calibration import GATES, HEAD_INITS, SCHEDULES
 
 METHODS = tuple(methods.REGISTRY)  # the registered methods (`methods.REGISTRY`)
 
@@ -28,7 +28,7 @@ FIELDS = {
     "seed": (0, "x >= 0"),
     "logit_scale": (100.0, "x > 0"),  # CLIP's exp(logit_scale); overwritten from the checkpoint
     "head.init": ("pytorch", HEAD_INITS),  # pytorch (uniform +-1/sqrt(d)) | identity
-    "calibration.mode": ("dynamic", GATE_MODES),
+    "calibration.mode": ("dynamic", GATES),  # live: a registered gate mode is accepted
     "calibration.value": (0.5, "0 <= x <= 1"),  # g for `fixed`
     "calibration.schedule": ("linear", SCHEDULES),  # linear (g_first -> g_last) | old_fraction
     "calibration.g_first": (0.0, "0 <= x <= 1"),
