@@ -250,14 +250,21 @@ REGISTRY: dict[str, Entry] = {
 
 
 def check_switches(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError on switches of the resolved config that cannot work together, and on
-    fusion rules that do not parse. Distillation runs on the pseudo-features of the K old classes
-    of each batch, so `loss.kd_weight > 0` needs K > 0."""
+    """Raises ValueError on switches of the resolved config that cannot work together, on an
+    empty RanPAC ridge range, and on fusion rules that do not parse. Distillation runs on the
+    pseudo-features of the K old classes of each batch, so `loss.kd_weight > 0` needs K > 0."""
     if float(config.loss.kd_weight) > 0 and int(config.pseudo.classes_per_batch) <= 0:
         raise ValueError(
             f"loss.kd_weight={config.loss.kd_weight} needs pseudo.classes_per_batch >= 1: "
             "distillation runs on the pseudo-features of old classes, and "
             "pseudo.classes_per_batch=0 draws none; set pseudo.classes_per_batch (e.g. 2) or "
             "loss.kd_weight=0"
+        )
+    exponents = tuple(config.ranpac.ridge_exponents) if "ranpac" in config else (0, 0)
+    if len(exponents) != 2 or exponents[0] > exponents[1]:
+        raise ValueError(
+            f"ranpac.ridge_exponents={exponents} must be (first, last) with first <= last: the "
+            "ridge candidates are 10^k for k = first..last; set e.g. "
+            "--config.ranpac.ridge_exponents='(-8, 13)'"
         )
     fusion.parse_rules(config.fusion.rules)
