@@ -13,6 +13,7 @@ from calfuse_jax import ranpac
 from calfuse_jax.config import method_config
 from calfuse_jax.continual import run_continual
 from calfuse_jax.data.synthetic import make_synthetic_stream
+from experiments import ablate, grids
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +163,14 @@ def test_joint_trains_on_every_seen_class(stream, tmp_path):
     # 75, 150, 225 rows of the seen classes: 2 epochs of ceil(rows / 32) steps.
     assert [row["steps"] for row in result.rows] == [6, 10, 16]
     assert result.summary["last"] > 0
+
+
+def test_baselines_preset_from_the_command_line(tmp_path, capsys):
+    # The preset on a small stream: every baseline runs and gets a row of the table.
+    args = ["--config", "synthetic:smoke", "--preset", "baselines", "--seeds", "0"]
+    args += ["--workdir", str(tmp_path), "--no-compile-cache", "-q", "--config.train.epochs=1"]
+    assert ablate.main([*args, "--config.ranpac.dim=300"]) == 0
+    rows = capsys.readouterr().out
+    for method in grids.BASELINES:
+        assert f"| {method} |" in rows
+    assert (tmp_path / "comparison.png").is_file()
