@@ -1,15 +1,16 @@
 """The frozen-feature baselines (ncm, ncm+text, fecam, ranpac) and the joint upper bound.
 
-Each method runs end to end through `run_continual`, and its accuracy after every task is
+Each baseline runs end to end through `run_continual`, and its accuracy after every task is
 checked against an independent NumPy transcription of the paper's formula on the same stream;
-RanPAC's accumulated solution is checked against the batch ridge solution on all seen rows.
+RanPAC's accumulated solution is checked against the batch ridge solution on all seen rows; the
+`baselines` preset runs from the command line, joint on every seen class's rows.
 """
 
 import jax
 import numpy as np
 import pytest
 
-from calfuse_jax import ranpac
+from calfuse_jax import ranpac, rundir
 from calfuse_jax.config import method_config
 from calfuse_jax.continual import run_continual
 from calfuse_jax.data.synthetic import make_synthetic_stream
@@ -157,16 +158,9 @@ def test_holdout_mask_holds_out_the_paper_share_of_real_rows():
     assert held.sum() == 97 - int(0.8 * 97) and not held[~valid].any()
 
 
-def test_joint_trains_on_every_seen_class(stream, tmp_path):
-    fields = {"train.epochs": 2, "train.batch_size": 32}
-    result = run(stream, tmp_path, "joint", **fields)
-    # 75, 150, 225 rows of the seen classes: 2 epochs of ceil(rows / 32) steps.
-    assert [row["steps"] for row in result.rows] == [6, 10, 16]
-    assert result.summary["last"] > 0
-
-
 def test_baselines_preset_from_the_command_line(tmp_path, capsys):
-    # The preset on a small stream: every baseline runs and gets a row of the table.
+    # The preset on a small stream: every baseline runs and gets a row of the table, and joint
+    # trains on every seen class's rows: 150, 300, 450, 600 rows of 4 tasks, batch 128, 1 epoch.
     args = ["--config", "synthetic:smoke", "--preset", "baselines", "--seeds", "0"]
     args += ["--workdir", str(tmp_path), "--no-compile-cache", "-q", "--config.train.epochs=1"]
     assert ablate.main([*args, "--config.ranpac.dim=300"]) == 0
@@ -174,3 +168,5 @@ def test_baselines_preset_from_the_command_line(tmp_path, capsys):
     for method in grids.BASELINES:
         assert f"| {method} |" in rows
     assert (tmp_path / "comparison.png").is_file()
+    (metrics,) = tmp_path.glob("method-joint/**/metrics.jsonl")
+    assert [row["steps"] for row in rundir.read_metrics(metrics.parent)] == [2, 3, 4, 5]
