@@ -61,6 +61,12 @@ FIELDS = {
     # experiment config: decided from the data (experiments.pipeline.with_data_fields).
     "continual.initial": (10, "x >= 0"),
     "continual.increment": (10, "x >= 0"),
+    # The frozen-feature baselines (methods ncm+text, fecam, ranpac): each paper's default.
+    "ncm.text_weight": (0.5, "0 <= x <= 1"),  # ncm+text: w in (1 - w) cos(f, mean) + w cos(f, text)
+    "fecam.tukey": (1.0, "x > 0"),  # Tukey power beta, 1 = off (the paper: 0.5, ReLU features)
+    "ranpac.dim": (10_000, "x >= 1"),  # M random features (G is 4 M^2 bytes)
+    "ranpac.holdout": (0.2, "0 < x < 1"),  # share of each task's rows that scores the ridges
+    "ranpac.ridge_exponents": ((-8, 13), "-30 <= x <= 30"),  # lambda = 10^k, k first..last
 }
 
 

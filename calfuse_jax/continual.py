@@ -118,6 +118,12 @@ def _hard_pairs(text: np.ndarray, bounds, pseudo) -> tuple[np.ndarray, np.ndarra
     return pairs, mask
 
 
+def _training_rows(run: _Run, task: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows `task` trains on: its own, or every seen class's for a `joint` method."""
+    joint = getattr(run.method, "joint", False)
+    return (run.stream.seen if joint else run.stream.task)(task, "train")
+
+
 def _start_task(run: _Run, task: int, state: ContinualState):
     """(`state` with the statistics of `task`'s classes filled in, the task's `TaskView`).
 
@@ -127,7 +133,7 @@ def _start_task(run: _Run, task: int, state: ContinualState):
     """
     bounds, config = run.stream.split.bounds, run.config
     old, seen = int(bounds[task]), int(bounds[task + 1])
-    features, labels = run.stream.task(task, "train")
+    features, labels = _training_rows(run, task)
     eps, shrinkage = float(config.stats.cov_eps), config.stats.shrinkage
     means, covs = stats.class_stats(features, labels, np.arange(old, seen), eps, shrinkage)
     means, chols = sharding.replicate((means, stats.cholesky_factors(covs)), run.mesh)
@@ -220,7 +226,7 @@ def _train(run: _Run, view: train.TaskView, params) -> tuple[Any, dict]:
     if run.loss_callback is not None:
         # Steps counted across tasks, so every task's curve continues the previous one.
         epochs, batch_size = int(run.config.train.epochs), int(run.config.train.batch_size)
-        sizes = [len(run.stream.task(t, "train")[1]) for t in range(task)]
+        sizes = [len(_training_rows(run, t)[1]) for t in range(task)]
         offset = sum(epochs * train.steps_per_epoch(n, batch_size) for n in sizes)
 
         def report(task, steps, losses, lrs):
@@ -239,6 +245,9 @@ def _run_task(run: _Run, task: int, state: ContinualState) -> ContinualState:
     split, config = run.stream.split, run.config
     state, view = _start_task(run, task, state)
     started = time.perf_counter()
+    if hasattr(run.method, "update"):  # closed-form state (FeCAM, RanPAC), once per task
+        params = run.method.update(state.params, view.features, view.labels, view.key, view.inputs)
+        state = state.replace(params=sharding.replicate(params, run.mesh))
     params, info = _train(run, view, state.params)
     train_seconds = time.perf_counter() - started
     if task > 0 and run.method.trains:
@@ -298,7 +307,9 @@ def _open_run(stream, text_features, config, workdir, overwrite, mesh, logit_sca
         *_hard_pairs(text, stream.split.bounds, config.pseudo),
         config=config,
         mesh=mesh,
-        method=methods.REGISTRY[config.method].build(config, stream.dim, scale),
+        method=methods.REGISTRY[config.method].build(
+            config, stream.dim, scale, stream.split.num_classes
+        ),
         fingerprint=doc["fingerprint"],
         checkpoints=RunCheckpoints(workdir / "checkpoints"),
         workdir=workdir,

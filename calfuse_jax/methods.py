@@ -1,15 +1,23 @@
 """The method seam: what the training step, the evaluation and the task loop call.
 
 A method is a hashable object (`Method`; jit caches one compiled step and evaluation per method).
-`REGISTRY` maps `config.method` to an `Entry`: a `build(config, dim, logit_scale)` that makes
-the method, and the config fields its preset sets (`config.resolve_method` applies them).
-CalFuse, RAPF, finetune and zero-shot are four presets of the one `CalibratedHeadMethod`; a new
-method is a module with its own class plus one line here (see README, "Extending").
+Two optional members: `update(params, features [N, D], labels [N], rng, inputs) -> params`, which
+the loop calls once per task with the task's training rows before it trains (closed-form
+methods: FeCAM's Gaussians, RanPAC's Gram matrix), and `joint = True`, which makes the loop train
+on the rows of every class seen so far instead of the task's own (the `joint` upper bound).
+
+`REGISTRY` maps `config.method` to an `Entry`: a `build(config, dim, logit_scale, num_classes)`
+that makes the method, and the config fields its preset sets (`config.resolve_method` applies
+them). CalFuse, RAPF, finetune, zero-shot and joint are presets of the one
+`CalibratedHeadMethod`; ncm, ncm+text, fecam and ranpac are the frozen-feature baselines of
+`prototypes`, `fecam` and `ranpac`. A new method is a module with its own class plus one line
+here (see README, "Extending").
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
@@ -19,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from calfuse_jax import calibration, fusion, losses, stats
+from calfuse_jax import calibration, fecam, fusion, losses, prototypes, ranpac, stats
 
 
 class Method(Protocol):
@@ -178,14 +186,16 @@ class CalibratedHeadMethod:
     settings: StepSettings
     fusion_rules: tuple[fusion.Rule, ...]
     trains: bool
+    joint: bool = False  # train on the real rows of every seen class (the `joint` upper bound)
 
     @classmethod
-    def build(cls, config: ml_collections.ConfigDict, dim: int, logit_scale: float):
+    def build(cls, config, dim: int, logit_scale: float, num_classes: int, joint: bool = False):
         return cls(
             head=make_head(config, dim),
             settings=step_settings(config, logit_scale),
             fusion_rules=fusion.parse_rules(config.fusion.rules),
             trains=int(config.train.epochs) > 0,
+            joint=joint,
         )
 
     def init(self, key: jax.Array):
@@ -203,7 +213,7 @@ class CalibratedHeadMethod:
 class Entry(NamedTuple):
     """A registered method: its constructor and its preset (flat config names -> values)."""
 
-    build: Callable[[ml_collections.ConfigDict, int, float], Method]
+    build: Callable[[ml_collections.ConfigDict, int, float, int], Method]
     preset: dict[str, Any]
 
 
@@ -225,18 +235,36 @@ REGISTRY: dict[str, Entry] = {
         {"train.epochs": 0, "fusion.rules": _KEEP_NEW}
         | {"calibration.mode": "fixed", "calibration.value": 1.0},
     ),
+    # The frozen-feature baselines (closed form, no training) and the joint upper bound.
+    "ncm": Entry(prototypes.NearestClassMean.build, {"train.epochs": 0, "ncm.text_weight": 0.0}),
+    "ncm+text": Entry(prototypes.NearestClassMean.build, {"train.epochs": 0}),
+    "fecam": Entry(fecam.FeCAM.build, {"train.epochs": 0}),
+    "ranpac": Entry(ranpac.RanPAC.build, {"train.epochs": 0}),
+    # The CalFuse head on the real features of every seen class: no pseudo-features, no fusion.
+    "joint": Entry(
+        functools.partial(_HEAD, joint=True),
+        {"fusion.rules": _KEEP_NEW, "loss.kd_weight": 0.0}
+        | {"pseudo.classes_per_batch": 0, "pseudo.hard_weight": 0.0},
+    ),
 }
 
 
 def check_switches(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError on switches of the resolved config that cannot work together, and on
-    fusion rules that do not parse. Distillation runs on the pseudo-features of the K old classes
-    of each batch, so `loss.kd_weight > 0` needs K > 0."""
+    """Raises ValueError on switches of the resolved config that cannot work together, on an
+    empty RanPAC ridge range, and on fusion rules that do not parse. Distillation runs on the
+    pseudo-features of the K old classes of each batch, so `loss.kd_weight > 0` needs K > 0."""
     if float(config.loss.kd_weight) > 0 and int(config.pseudo.classes_per_batch) <= 0:
         raise ValueError(
             f"loss.kd_weight={config.loss.kd_weight} needs pseudo.classes_per_batch >= 1: "
             "distillation runs on the pseudo-features of old classes, and "
             "pseudo.classes_per_batch=0 draws none; set pseudo.classes_per_batch (e.g. 2) or "
             "loss.kd_weight=0"
+        )
+    exponents = tuple(config.ranpac.ridge_exponents) if "ranpac" in config else (0, 0)
+    if len(exponents) != 2 or exponents[0] > exponents[1]:
+        raise ValueError(
+            f"ranpac.ridge_exponents={exponents} must be (first, last) with first <= last: the "
+            "ridge candidates are 10^k for k = first..last; set e.g. "
+            "--config.ranpac.ridge_exponents='(-8, 13)'"
         )
     fusion.parse_rules(config.fusion.rules)

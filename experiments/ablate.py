@@ -213,8 +213,15 @@ def plot_comparison(cells: Sequence[CellResult], path: pathlib.Path, title: str 
     ax = fig.subplots()
     for offset, key in ((height / 2, "avg"), (-height / 2, "last")):
         means, stds = _metric(cells, key)
+        # Each cell in its method's colour (Avg solid, Last hatched); joint's bars dashed.
+        styles = [results.method_style(result.cell.label) for result in cells]
         bars = ax.barh(y + offset, means - start, height, left=start, xerr=stds, capsize=2,
-                       label=results.METRIC_TITLES[key])  # fmt: skip
+                       label=results.METRIC_TITLES[key], hatch="//" if key == "last" else None,
+                       color=[st.get("color", f"C{key == 'last'}") for st in styles],
+                       edgecolor="white")  # fmt: skip
+        for bar, st in zip(bars, styles, strict=True):
+            if st.get("linestyle") == "--":
+                bar.set(fill=False, edgecolor=st["color"], linestyle="--")
         ax.bar_label(bars, labels=[f"{m:.1f}" for m in means], fontsize=7, padding=3)
     ax.set_yticks(y)
     ax.set_yticklabels([result.cell.label for result in cells], fontsize=8)

@@ -1,6 +1,7 @@
 """Ablation grids: named presets and `key=v1,v2` axes, expanded into one cell per combination.
 
-    method             every method of `config.METHODS`, each with its own preset settings
+    method             CalFuse, RAPF, finetune, zero-shot, each with its own preset settings
+    baselines          the frozen-feature baselines (issue 14) and the joint upper bound
     calfuse_ablation   CalFuse with gate mode x adapter fusion x distillation on/off (30 cells)
 
 A grid is a tuple of axes `(key, values)`: `key` is a dotted config field (`calibration.mode`) and
@@ -26,8 +27,10 @@ Axis = tuple[str, tuple[str, ...]]
 # its weight, so 1.0 (the same weight as the hinge) is this grid's choice; --grid changes it.
 KD_ON = "1.0"
 
+BASELINES = ("ncm", "ncm+text", "fecam", "ranpac", "joint")  # issue 14; joint: an upper bound
 PRESETS: dict[str, tuple[Axis, ...]] = {
-    "method": (("method", METHODS),),
+    "method": (("method", tuple(m for m in METHODS if m not in BASELINES)),),
+    "baselines": (("method", BASELINES),),
     "calfuse_ablation": (
         ("method", ("calfuse",)),
         ("calibration.mode", GATE_MODES),

@@ -156,6 +156,24 @@ def _figure(figsize: tuple[float, float]) -> Any:
     return Figure(figsize=figsize, dpi=120)
 
 
+# One colour per method in every chart (curves, bars, reports); joint, an upper bound and not a
+# class-incremental method, is drawn dashed.
+METHOD_COLORS = {
+    "calfuse": "tab:blue", "rapf": "tab:orange", "finetune": "tab:red", "zeroshot": "tab:gray",
+    "ncm": "tab:green", "ncm+text": "tab:olive", "fecam": "tab:purple", "ranpac": "tab:brown",
+    "joint": "black",
+}  # fmt: skip
+
+
+def method_style(label: str) -> dict:
+    """matplotlib keywords (color, linestyle) of the method named as a word of `label` (a cell
+    label `ranpac`, a report label `synthetic ranpac (3 seeds)`); {} for any other label."""
+    method = next((word for word in label.split() if word in METHOD_COLORS), None)
+    if method is None:
+        return {}
+    return {"color": METHOD_COLORS[method], "linestyle": "--" if method == "joint" else "-"}
+
+
 def plot_accuracy_curves(
     curves: Sequence[tuple[str, dict]], path: str | os.PathLike, title: str = ""
 ) -> None:
@@ -170,10 +188,11 @@ def plot_accuracy_curves(
         y = np.asarray(summary["seen_accuracy"], dtype=float)
         avg = summary.get("avg")
         name = f"{label} (Avg {avg:.1f})" if avg is not None else label
-        ax.plot(x, y, marker="o", markersize=3, label=name)
+        style = method_style(label)
+        ax.plot(x, y, marker="o", markersize=3, label=name, **style)
         if "seen_accuracy_std" in summary:
             std = np.asarray(summary["seen_accuracy_std"], dtype=float)
-            ax.fill_between(x, y - std, y + std, alpha=0.2)
+            ax.fill_between(x, y - std, y + std, alpha=0.2, color=style.get("color"))
     if curves and len(curves[0][1]["seen_classes"]) <= 20:
         ax.set_xticks(curves[0][1]["seen_classes"])
     ax.set_xlabel("classes seen")

@@ -13,7 +13,11 @@ EXPECTED = {
     "rapf": ("none", 0.5, ("adapter/kernel=svd", "calib/.*=keep_new"), 15, 2, 1.0, 0.5),
     "finetune": ("none", 0.5, (".*=keep_new",), 15, 0, 0.0, 0.0),
     "zeroshot": ("fixed", 1.0, (".*=keep_new",), 0, 2, 1.0, 0.5),  # plain CLIP: g = 1 is n(f0)
-}
+    # The closed-form baselines only stop training; joint trains without pseudo-features.
+    **{m: ("dynamic", 0.5, ("adapter/kernel=qr", "calib/.*=keep_new"), 0, 2, 1.0, 0.5)
+       for m in ("ncm", "ncm+text", "fecam", "ranpac")},
+    "joint": ("dynamic", 0.5, (".*=keep_new",), 15, 0, 0.0, 0.0),
+}  # fmt: skip
 
 
 def switches(c):
