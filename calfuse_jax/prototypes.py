@@ -1,10 +1,10 @@
 """Nearest class mean on the frozen features (SimpleCIL, Zhou et al., IJCV 2024), and its CLIP
 variant that also scores the class text embeddings.
 
-SimpleCIL's prototype of a class is the mean of its frozen training embeddings, and an image goes
-to the seen class whose prototype is the most cosine-similar. The task loop keeps exactly these
-means (`TaskInputs.means`, one row per class position, filled before a task is evaluated), so
-the method has no parameters and no training steps. `ncm+text` scores
+A class's prototype is the mean of the L2-normalised frozen embeddings of its training images,
+set once when the class arrives (`update`; the parameters are the [C, D] prototypes, zero rows
+before a class arrives), and an image goes to the seen class whose prototype is the most
+cosine-similar; there are no training steps. `ncm+text` scores
 `(1 - w) cos(f, mean_c) + w cos(f, text_c)`, with w = `config.ncm.text_weight`.
 """
 
@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from calfuse_jax.calibration import normalize
 
@@ -28,16 +30,28 @@ def ncm_logits(f0: jax.Array, means: jax.Array, text: jax.Array, text_weight: fl
 class NearestClassMean:
     """SimpleCIL (text_weight 0) or ncm+text; see the module docstring."""
 
+    dim: int
+    num_classes: int
     text_weight: float = 0.0
     trains = False  # the loop runs no steps and no fusion
     fusion_rules = ()
 
     @classmethod
     def build(cls, config, dim, logit_scale, num_classes):
-        return cls(float(config.ncm.text_weight))
+        return cls(dim, num_classes, float(config.ncm.text_weight))
 
     def init(self, key):
-        return {}
+        return {"prototypes": jnp.zeros((self.num_classes, self.dim))}
+
+    def update(self, params, features, labels, rng, inputs):
+        """Sets the prototypes of the classes in `labels` (int [N] positions) from their
+        features [N, D] (host arrays)."""
+        ids, index = np.unique(labels, return_inverse=True)
+        unit = np.asarray(normalize(jnp.asarray(features, jnp.float32)))
+        sums = np.zeros((len(ids), unit.shape[1]), np.float64)
+        np.add.at(sums, index, unit)
+        means = (sums / np.bincount(index)[:, None]).astype(np.float32)
+        return {"prototypes": params["prototypes"].at[ids].set(means)}
 
     def logits(self, params, f0, inputs):
-        return ncm_logits(f0, inputs.means, inputs.text, self.text_weight)
+        return ncm_logits(f0, params["prototypes"], inputs.text, self.text_weight)

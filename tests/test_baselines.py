@@ -61,7 +61,7 @@ def unit(x):
 @pytest.mark.parametrize("method, weight", [("ncm", 0.0), ("ncm+text", 0.3)])
 def test_ncm_matches_numpy(stream, tmp_path, method, weight):
     result = run(stream, tmp_path, method, **{"ncm.text_weight": 0.3})
-    protos = unit(np.stack([class_rows(stream, c).mean(0) for c in range(15)]))
+    protos = unit(np.stack([unit(class_rows(stream, c)).mean(0) for c in range(15)]))
     text = unit(stream[1][stream[0].split.class_order].astype(np.float64))
 
     def scores(test, seen):

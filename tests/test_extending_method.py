@@ -13,19 +13,19 @@ from readme_blocks import blocks
 
 from calfuse_jax import methods
 
-# README's three blocks: the new module calfuse_jax/ncm.py, the line added to `REGISTRY` in
+# README's three blocks: the new module calfuse_jax/stored_mean.py, the line added to `REGISTRY` in
 # calfuse_jax/methods.py, and selecting it.
 NCM_MODULE, REGISTRY_LINE, RUN = blocks("Adding a method")
 
 
 @pytest.fixture
 def ncm_method(monkeypatch):
-    """Installs the example as `calfuse_jax.ncm` and its registry entry (both removed after)."""
-    module = types.ModuleType("calfuse_jax.ncm")
+    """Installs the example as `calfuse_jax.stored_mean` and its registry entry (removed after)."""
+    module = types.ModuleType("calfuse_jax.stored_mean")
     monkeypatch.setitem(sys.modules, module.__name__, module)
-    exec(compile(NCM_MODULE, "calfuse_jax/ncm.py", "exec"), vars(module))
-    entry = eval("{" + REGISTRY_LINE + "}", {"Entry": methods.Entry, "ncm": module})
-    monkeypatch.setitem(methods.REGISTRY, "ncm", entry["ncm"])
+    exec(compile(NCM_MODULE, "calfuse_jax/stored_mean.py", "exec"), vars(module))
+    entry = eval("{" + REGISTRY_LINE + "}", {"Entry": methods.Entry, "stored_mean": module})
+    monkeypatch.setitem(methods.REGISTRY, "stored-mean", entry["stored-mean"])
 
 
 def numpy_ncm_accuracy(stream) -> np.ndarray:
