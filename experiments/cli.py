@@ -241,12 +241,32 @@ def setup_console(quiet: bool) -> None:
     console.calfuse_console = True
     console.setLevel(logging.WARNING if quiet else logging.INFO)
     console.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        _ConsoleFormat("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     )
     root.addHandler(console)
+    logging.raiseExceptions = False  # a log file on a full disk must not print tracebacks
     root.setLevel(logging.INFO)
     for chatty in CHATTY_LOGGERS:
         logging.getLogger(chatty).setLevel(logging.WARNING)
+
+
+class _ConsoleFormat(logging.Formatter):
+    """One short line for another library's error (Orbax's savers on a full disk log each failure
+    with a traceback and a long TensorStore spec, and the main thread reports the error itself);
+    our own records, and every record in run.log, keep their traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info and not record.name.startswith(("calfuse_jax", "experiments")):
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
+            return super().format(record)[:300]
+        return super().format(record)
+
+
+def _quiet_exit() -> None:
+    """After a disk error is reported: the threads and exit handlers of libraries that still try
+    to write (tensorboardX's flush) fail the same way; keep their tracebacks off the console."""
+    threading.excepthook = lambda args: None
+    sys.unraisablehook = lambda unraisable: None
 
 
 def main_guard(
@@ -283,6 +303,7 @@ def main_guard(
     except OSError as error:  # a full or read-only disk: the user frees space or picks a folder
         if args.traceback or error.errno not in DISK_ERRNOS:
             raise
+        _quiet_exit()
         where = f"cannot write {error.filename}" if error.filename else "a write failed"
         print(f"error: {where}: {error.strerror}. {DISK_FIX}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -5,6 +5,8 @@ EN-5, SE-1, FI-18, FI-19, EN-7, EN-10)."""
 import errno
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -96,3 +98,22 @@ def test_a_full_disk_while_writing_random_weights_leaves_no_debris(tmp_path, cap
     err = capsys.readouterr().err
     assert "No space left on device" in err and "Traceback" not in err
     assert not list((tmp_path / "cache" / "models").glob(".tmp-*"))  # the partial folder is gone
+
+
+def test_a_real_full_disk_is_one_paragraph(tmp_path):
+    """FI-18 on a real 300 KB file system (needs root to mount it): exit 2 and our paragraph;
+    the Orbax savers' own errors are one line each, with no traceback."""
+    disk = tmp_path / "full"
+    disk.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(disk)]
+    if os.geteuid() != 0 or subprocess.run(mount, capture_output=True).returncode:
+        pytest.skip("mounting a small file system needs root")
+    try:
+        command = [sys.executable, "-m", "experiments.run", "--config", "synthetic:smoke", "-q",
+                   "--workdir", str(disk / "run"), "--config.train.epochs=1"]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+    assert done.returncode == 2, done.stderr
+    assert "No space left on device. Free disk space" in done.stderr.splitlines()[-1]
+    assert "Traceback" not in done.stderr, done.stderr
