@@ -1,8 +1,17 @@
 """calfuse_jax: class-incremental learning with frozen CLIP, a calibration gate and QR fusion.
 
 Pure functions for ablations live in `calibration`, `fusion`, `stats`, `losses` and `metrics`;
-`clip` loads and runs the frozen encoders; `continual.run_continual` drives a whole task stream.
+`clip` loads and runs the frozen encoders; `continual.run_continual` drives a whole task stream;
+`load_classifier(workdir)` turns a finished run into an image classifier (`classifier`).
 Submodules are imported on demand so that `import calfuse_jax` stays cheap.
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name == "load_classifier":  # imported on first use, like the submodules
+        from calfuse_jax.classifier import load_classifier
+
+        return load_classifier
+    raise AttributeError(f"module 'calfuse_jax' has no attribute {name!r}")

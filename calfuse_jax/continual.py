@@ -289,6 +289,13 @@ def _save_task(run: _Run, task: int, state: ContinualState) -> None:
         rundir.write_results(run.workdir, list(state.rows), state.accuracy)
 
 
+def unit_rows(text: np.ndarray) -> np.ndarray:
+    """float32 [C, D] rows of `text` scaled to unit length (zero rows stay zero): the text
+    embeddings the head sees (`load_classifier` rebuilds them so)."""
+    text = np.asarray(text, np.float32)
+    return text / np.maximum(np.linalg.norm(text, axis=1, keepdims=True), 1e-12)
+
+
 def _open_run(stream, text_features, config, workdir, overwrite, mesh, logit_scale, **hooks):
     """The `_Run` of `run_continual`'s arguments: checks the inputs, claims `workdir` for this
     config (`rundir.prepare_workdir`) and logs the fusion plan; `hooks`: progress, callbacks."""
@@ -299,8 +306,7 @@ def _open_run(stream, text_features, config, workdir, overwrite, mesh, logit_sca
     doc = rundir.config_fingerprint(config, stream, scale)
     rundir.prepare_workdir(workdir, doc, overwrite)
     mesh = mesh if mesh is not None else sharding.make_mesh()
-    text = np.asarray(stream.text_by_position(text_features), np.float32)
-    text = text / np.maximum(np.linalg.norm(text, axis=1, keepdims=True), 1e-12)  # 0 stays 0
+    text = unit_rows(stream.text_by_position(text_features))
     run = _Run(
         stream,
         sharding.replicate(text, mesh),

@@ -67,23 +67,28 @@ def make_image_encoder(model, params, mesh, compute_dtype) -> Callable[[np.ndarr
     float32 split the same way. Pixels are not donated: the output has another shape, so XLA
     could not reuse their buffer anyway.
     """
-    if "dtype" in {f.name for f in dataclasses.fields(model)}:
-        model = model.clone(dtype=compute_dtype)
-    jitted = _jitted_encoder(model, mesh)
+    jitted = _jitted_encoder(with_compute_dtype(model, compute_dtype), mesh)
     device_params = sharding.replicate(params, mesh)
     return lambda pixels: jitted(device_params, sharding.shard_batch(pixels, mesh))
+
+
+def with_compute_dtype(model, compute_dtype):
+    """`model` computing in `compute_dtype` (a module without a `dtype` field as it is)."""
+    if "dtype" in {f.name for f in dataclasses.fields(model)}:
+        return model.clone(dtype=compute_dtype)
+    return model
+
+
+def encode_images(model, params, pixels: jax.Array) -> jax.Array:
+    """pixels [B, S, S, 3] -> float32 features [B, D] (traceable; jit it, or a caller's jit)."""
+    return model.apply({"params": params}, pixels, method=model.encode_image).astype(jnp.float32)
 
 
 @functools.lru_cache(maxsize=8)
 def _jitted_encoder(model, mesh):
     """One compiled encoder per (module, mesh): a second dataset (the test split) reuses it."""
-
-    def encode(p, pixels):
-        out = model.apply({"params": p}, pixels, method=model.encode_image)
-        return out.astype(jnp.float32)
-
     return jax.jit(
-        encode,
+        functools.partial(encode_images, model),
         in_shardings=(sharding.replicated(mesh), sharding.data_sharding(mesh)),
         out_shardings=sharding.data_sharding(mesh),
     )
