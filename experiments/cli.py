@@ -25,7 +25,7 @@ import ml_collections
 
 from calfuse_jax import interrupt, sharding
 from calfuse_jax.rundir import RESUME_SAFE
-from experiments import pipeline
+from experiments import peers, pipeline
 from experiments.configs import apply_overrides, load_config
 from experiments.pipeline import UserError
 
@@ -287,7 +287,8 @@ def main_guard(
             check_same_run(args, config)
             if args.quiet:
                 config.progress = False
-            return body(config)
+            with peers.watched(args):  # another process dying ends this one with a paragraph
+                return body(config)
     except (NonFiniteLossError, *USER_ERRORS, KeyboardInterrupt) as error:
         if args.traceback:
             raise

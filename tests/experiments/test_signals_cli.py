@@ -17,7 +17,7 @@ import pytest
 from processes import free_port, start_processes
 
 from calfuse_jax.checkpoint import STEP_STRIDE
-from experiments import cli, run
+from experiments import cli, peers, run
 
 # 4 tasks x 2 epochs x 2 steps, a step checkpoint after every step: much of training is saving.
 COMMAND = [sys.executable, "-m", "experiments.run", "--config", "synthetic:smoke", "-q",
@@ -164,3 +164,22 @@ def test_malformed_coordinator_is_a_user_error(tmp_path, capsys, address):
     err = capsys.readouterr().err
     assert f"--coordinator {address!r} is not HOST:PORT" in err and "Traceback" not in err
     assert not (tmp_path / "w").exists()
+
+
+def test_distributed_peer_killed_is_reported_and_the_relaunch_resumes(tmp_path):
+    # kill -9 of process 1 mid-training: process 0 prints one paragraph within seconds and
+    # exits EXIT_PEER_LOST (not JAX's abort 134 ~90 s later); both relaunched, the run finishes.
+    cache, workdir = tmp_path / "cache", tmp_path / "run"
+    workers = launch(workdir, cache, count=2)
+    wait_for(lambda: newest_step(workdir) > 0, "step checkpoint")
+    workers[1].kill()
+    killed = time.monotonic()
+    code, output = workers[0].wait(timeout=60), workers[0].communicate()[0]
+    took = time.monotonic() - killed
+    assert code == peers.EXIT_PEER_LOST and took < peers.SILENT_S + 5, (took, output)
+    assert "Traceback" not in output and "Check failure" not in output, output
+    assert output.endswith(peers.lost_message(1, str(workdir)) + "\n"), output
+    relaunched = launch(workdir, cache, count=2)
+    outputs = [(w.wait(timeout=240), w.communicate()[0]) for w in relaunched]
+    assert [c for c, _ in outputs] == [0, 0], outputs
+    assert len(json.loads((workdir / "summary.json").read_text())["accuracy_matrix"]) == 4
