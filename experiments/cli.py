@@ -273,10 +273,10 @@ def main_guard(
     args: argparse.Namespace, overrides: Sequence[str], body: Callable[[Any], int]
 ) -> int:
     """Sets up the console (and `--distributed`), loads `--config` with its overrides, runs
-    `body(config)` and returns its exit status; a user error (2), a NaN/Inf loss (3), Ctrl-C
-    (130) or SIGTERM (143) prints one paragraph instead of a traceback (unless
-    `args.traceback`). `args.workdir`, once `body` has set it, names where the last good
-    checkpoint is kept."""
+    `body(config)` and returns its exit status; a user error (2), a NaN/Inf value (3), a dead
+    `--distributed` peer (75, `peers`), Ctrl-C (130) or SIGTERM (143) prints one paragraph
+    instead of a traceback (unless `args.traceback`). `args.workdir`, once `body` has set it,
+    names where the last good checkpoint is kept."""
     from calfuse_jax.train import NonFiniteLossError  # imports jax: after the flags are parsed
 
     setup_console(args.quiet)  # each run.log keeps INFO

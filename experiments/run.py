@@ -12,7 +12,7 @@ Running the same command again resumes an interrupted run (finished tasks come f
 features from the cache); a workdir that holds a different config is refused unless `--overwrite`
 (more seeds are not a different config: only the new ones run), and so is a second command on a
 workdir in use. Exit codes (`cli.main_guard`): 2 for a user error, 3 for a NaN/Inf loss (the last
-good checkpoint is kept), 130 for Ctrl-C.
+good checkpoint is kept), 75 when a `--distributed` peer died, 130 / 143 for SIGINT / SIGTERM.
 From Python: `run_experiment(load_config("synthetic"), "runs/x")` returns the summary dict.
 
 `--distributed` starts one process per host (or GPU) of a multi-process JAX run: it calls
@@ -312,7 +312,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status: 0 done, 2 a user error (bad config, missing
-    files, a workdir of another run or in use), 3 a NaN/Inf loss, 130 interrupted."""
+    files, a workdir of another run or in use), 3 a NaN/Inf value, 75 a lost peer, 130/143 a
+    signal."""
     args, overrides = parse_args(argv)
     return cli.main_guard(args, overrides, lambda config: _main(args, config, overrides))
 
