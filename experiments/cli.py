@@ -267,6 +267,7 @@ def _quiet_exit() -> None:
     to write (tensorboardX's flush) fail the same way; keep their tracebacks off the console."""
     threading.excepthook = lambda args: None
     sys.unraisablehook = lambda unraisable: None
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # Orbax's failed save tasks, at GC
 
 
 def main_guard(

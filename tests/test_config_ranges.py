@@ -6,6 +6,7 @@ with nothing written."""
 import ml_collections
 import pytest
 
+from calfuse_jax import methods
 from calfuse_jax.config import check_ranges, method_config, resolve_method
 from calfuse_jax.continual import run_continual
 from calfuse_jax.data.synthetic import make_synthetic_stream
@@ -89,7 +90,7 @@ def test_show_config_prints_each_rule(capsys):
     assert "fusion.mix_bias = 0.6  # 0 <= x <= 1" in lines
     assert "train.lr = 0.001  # x > 0" in lines
     assert "synthetic.dim = 64  # x >= 1" in lines
-    assert "method = 'calfuse'  # one of calfuse, rapf, finetune, zeroshot" in lines
+    assert f"method = 'calfuse'  # one of {', '.join(methods.REGISTRY)}" in lines
 
 
 def test_a_variant_is_not_undone_by_smoke():

@@ -80,7 +80,7 @@ def test_bad_grid_specs(specs, message):
 
 
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(grids.GridError, match="method, calfuse_ablation"):
+    with pytest.raises(grids.GridError, match="method, baselines, calfuse_ablation"):
         grids.preset("methods")
 
 
