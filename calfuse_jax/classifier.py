@@ -178,10 +178,8 @@ def load_classifier(
 ) -> Classifier:
     """The classifier of the run in `workdir` after task `task` (default: its last, and the
     run must be finished), with the CLIP weights `weights` (default: where the run found them).
-
-    Raises ClassifierError (a ValueError) for a missing or unfinished run, a task that is not
-    finished, and CLIP weights that cannot be found or whose sha256 is not the run's.
-    """
+    Raises ClassifierError (a ValueError) for a missing or unfinished run or task, and for CLIP
+    weights that cannot be found or whose sha256 is not the run's."""
     workdir = Path(workdir).expanduser().absolute()
     provenance = _read_run(workdir)
     bounds = np.asarray(provenance["task_bounds"])
@@ -195,10 +193,8 @@ def load_classifier(
         mesh = sharding.make_mesh()
         placement, num_tasks = sharding.replicated(mesh), len(bounds) - 1
         accuracy = jax.ShapeDtypeStruct((num_tasks, num_tasks), np.float32)
-        abstract = {
-            "params": jax.eval_shape(method.init, jax.random.PRNGKey(0)),
-            "accuracy": accuracy,
-        }
+        init = jax.eval_shape(method.init, jax.random.PRNGKey(0))
+        abstract = {"params": init, "accuracy": accuracy}
         params = checkpoints.restore_task(task, abstract_like(abstract, placement))["params"]
         class_stats = checkpoints.class_stats(task, bounds, dim, placement)
     finally:
