@@ -264,7 +264,12 @@ class _ConsoleFormat(logging.Formatter):
 
 def _quiet_exit() -> None:
     """After a disk error is reported: the threads and exit handlers of libraries that still try
-    to write (tensorboardX's flush) fail the same way; keep their tracebacks off the console."""
+    to write (tensorboardX's flush) fail the same way; keep their tracebacks off the console.
+    Only when this process is the command (`python -m experiments.<name>`), which exits next: a
+    caller in the same interpreter (a notebook, a test) keeps its hooks."""
+    command = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if command is None or not command.name.startswith("experiments."):
+        return
     threading.excepthook = lambda args: None
     sys.unraisablehook = lambda unraisable: None
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # Orbax's failed save tasks, at GC
