@@ -229,7 +229,10 @@ def train_task(
     total = epochs * epoch_steps
     step_fn = train_step_fn(method, mesh)
     pending, last_loss, step = [], None, start_step  # pending: (step, loss) not yet checked
-    losses = list(epoch_losses or [])
+    # The saved losses of the epoch `start_step` is in (none at an epoch boundary: a step
+    # checkpoint there holds the finished epoch's).
+    within = start_step % epoch_steps
+    losses = list(epoch_losses or [])[-within:] if within else []
     bar = tqdm(total=total, initial=start_step, desc=f"task {view.task}", disable=not progress)
     report = _loss_reporter(config, view.task, epoch_steps, loss_callback)
     try:

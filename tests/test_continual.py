@@ -94,13 +94,15 @@ def test_reference_run_writes_its_files(reference):
     assert [r["steps"] for r in rows] == [9, 9, 9]
 
 
-def test_resume_mid_task_is_bit_identical(reference, tmp_path):
+@pytest.mark.parametrize("step", [4, 6])  # mid-epoch, and at the end of epoch 2 of 3
+def test_resume_mid_task_is_bit_identical(reference, tmp_path, step):
     stream, text, expected, _ = reference
-    with pytest.raises(KeyboardInterrupt):  # Ctrl-C inside task 1 (the second task), step 4
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C inside task 1 (the second task)
         run_continual(
-            stream, text, tiny_config(), tmp_path, progress=False, step_callback=_interrupt_at(1, 4)
-        )
-    assert (tmp_path / "checkpoints" / "steps" / str(1 * 10_000_000 + 4)).exists()
+            stream, text, tiny_config(), tmp_path, progress=False,
+            step_callback=_interrupt_at(1, step),
+        )  # fmt: skip
+    assert (tmp_path / "checkpoints" / "steps" / str(1 * 10_000_000 + step)).exists()
     result = run_continual(stream, text, tiny_config(), tmp_path, progress=False)
     _assert_same_run(result, expected)
 
