@@ -34,7 +34,8 @@ import orbax.checkpoint as ocp
 from calfuse_jax import sharding
 
 STEP_STRIDE = 10_000_000  # step checkpoint id = task * STEP_STRIDE + step
-LAYOUT = 2  # 1: the state also held `curves` and `key` (no `layout` field in the meta)
+LAYOUT = 3  # 1: the state also held `curves` and `key` (no `layout` field in the meta); 2: the
+# host-driven loop (NumPy batch orders, step checkpoints inside an epoch)
 
 
 class TaskCheckpointError(ValueError):

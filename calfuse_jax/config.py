@@ -55,7 +55,9 @@ FIELDS = {
     "train.lr": (1e-3, "x > 0"),
     "train.milestones": ((4, 10), "x >= 0"),  # epochs where lr is multiplied by lr_decay
     "train.lr_decay": (0.1, "x > 0"),
-    "train.checkpoint_every_steps": (0, "x >= 0"),  # 0: only task checkpoints; >0 also steps
+    # 0: only task checkpoints; N > 0: also a step checkpoint at the end of each epoch that
+    # passes a multiple of N steps
+    "train.checkpoint_every_steps": (0, "x >= 0"),
     "train.eval_batch_size": (1024, "x >= 1"),
     # Classes in the first task (B0: equal to the increment) and per later task; 0 in an
     # experiment config: decided from the data (experiments.pipeline.with_data_fields).

@@ -80,6 +80,7 @@ class _Run:
     fingerprint: str
     checkpoints: RunCheckpoints
     workdir: Path
+    capacity: int  # training rows of the largest task, padded to the mesh (one epoch shape)
     progress: bool
     step_callback: Callable[[int, int], None] | None
     loss_callback: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None] | None
@@ -124,6 +125,16 @@ def _training_rows(run: _Run, task: int) -> tuple[np.ndarray, np.ndarray]:
     return (run.stream.seen if joint else run.stream.task)(task, "train")
 
 
+def _training_sizes(stream: FeatureStream, method) -> list[int]:
+    """How many rows each task trains on (`_training_rows`' lengths, from the labels only)."""
+    positions, bounds = stream.split.to_positions(stream.train_labels), stream.split.bounds
+    joint = getattr(method, "joint", False)
+    return [
+        int(np.sum((positions >= (0 if joint else lo)) & (positions < hi)))
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+
+
 def _start_task(run: _Run, task: int, state: ContinualState):
     """(`state` with the statistics of `task`'s classes filled in, the task's `TaskView`).
 
@@ -131,7 +142,8 @@ def _start_task(run: _Run, task: int, state: ContinualState):
     are there before training: a method may read the new classes' (e.g. NCM), while the step
     samples old classes only. The teacher is the previous task's head, `state.params`.
     """
-    bounds, config = run.stream.split.bounds, run.config
+    split, config = run.stream.split, run.config
+    bounds = split.bounds
     old, seen = int(bounds[task]), int(bounds[task + 1])
     features, labels = _training_rows(run, task)
     eps, shrinkage = float(config.stats.cov_eps), config.stats.shrinkage
@@ -155,7 +167,7 @@ def _start_task(run: _Run, task: int, state: ContinualState):
     key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), task)
     key, inputs = sharding.replicate((key, inputs), run.mesh)
     features, labels = np.asarray(features, np.float32), labels.astype(np.int32)
-    view = train.TaskView(task, features, labels, np.arange(old), key, inputs)
+    view = train.TaskView(task, split.num_tasks, features, labels, run.capacity, key, inputs)
     return state.replace(means=means, chols=chols), view
 
 
@@ -197,18 +209,17 @@ def _fresh_train_state_fn(mesh: Mesh):
     return jax.jit(fresh, out_shardings=sharding.replicated(mesh))
 
 
-def _start_state(run: _Run, task: int, params) -> tuple[TrainState, int, list[float]]:
-    """(state, step, losses of the epoch so far) to start `task` from: fresh, or its newest step
-    checkpoint."""
+def _start_state(run: _Run, task: int, params) -> tuple[TrainState, int]:
+    """(state, step) to start `task` from: fresh, or its newest step checkpoint."""
     fresh = _fresh_train_state_fn(run.mesh)(params)
     latest = run.checkpoints.latest_step()
     if latest is None or latest[0] != task:
-        return fresh, 0, []
+        return fresh, 0
     abstract = abstract_like(fresh._asdict(), sharding.replicated(run.mesh))
     state, meta = run.checkpoints.restore_step(task, latest[1], abstract)
     _check_meta(run, meta, f"step checkpoint {latest}")
     logger.info("resuming task %d at step %d", task, latest[1])
-    return TrainState(**state), latest[1], list(meta.get("epoch_losses", []))
+    return TrainState(**state), latest[1]
 
 
 def _train(run: _Run, view: train.TaskView, params) -> tuple[Any, dict]:
@@ -216,17 +227,17 @@ def _train(run: _Run, view: train.TaskView, params) -> tuple[Any, dict]:
     if not run.method.trains:
         return params, {"loss": None, "steps": 0}
     task = view.task
-    state, start, losses = _start_state(run, task, params)
+    state, start = _start_state(run, task, params)
 
-    def save_step(step: int, state: TrainState, epoch_losses: list[float]) -> None:
-        meta = dict(task=task, step=step, fingerprint=run.fingerprint, epoch_losses=epoch_losses)
+    def save_step(step: int, state: TrainState) -> None:
+        meta = dict(task=task, step=step, fingerprint=run.fingerprint)
         run.checkpoints.save_step(task, step, state._asdict(), meta)
 
     report = None
     if run.loss_callback is not None:
         # Steps counted across tasks, so every task's curve continues the previous one.
         epochs, batch_size = int(run.config.train.epochs), int(run.config.train.batch_size)
-        sizes = [len(_training_rows(run, t)[1]) for t in range(task)]
+        sizes = _training_sizes(run.stream, run.method)[:task]
         offset = sum(epochs * train.steps_per_epoch(n, batch_size) for n in sizes)
 
         def report(task, steps, losses, lrs):
@@ -234,7 +245,7 @@ def _train(run: _Run, view: train.TaskView, params) -> tuple[Any, dict]:
 
     state, info = train.train_task(
         run.method, run.config, view, state, run.mesh,
-        start_step=start, save_step=save_step, epoch_losses=losses,
+        start_step=start, save_step=save_step,
         step_callback=run.step_callback, loss_callback=report, progress=run.progress,
     )  # fmt: skip
     return state.params, info
@@ -307,18 +318,20 @@ def _open_run(stream, text_features, config, workdir, overwrite, mesh, logit_sca
     rundir.prepare_workdir(workdir, doc, overwrite)
     mesh = mesh if mesh is not None else sharding.make_mesh()
     text = unit_rows(stream.text_by_position(text_features))
+    method = methods.REGISTRY[config.method].build(
+        config, stream.dim, scale, stream.split.num_classes
+    )
     run = _Run(
         stream,
         sharding.replicate(text, mesh),
         *_hard_pairs(text, stream.split.bounds, config.pseudo),
         config=config,
         mesh=mesh,
-        method=methods.REGISTRY[config.method].build(
-            config, stream.dim, scale, stream.split.num_classes
-        ),
+        method=method,
         fingerprint=doc["fingerprint"],
         checkpoints=RunCheckpoints(workdir / "checkpoints"),
         workdir=workdir,
+        capacity=sharding.padded_size(max(_training_sizes(stream, method)), mesh),
         **hooks,
     )
     plan = fusion.fusion_plan(jax.eval_shape(lambda: _initial_params(run)), run.method.fusion_rules)
@@ -350,9 +363,9 @@ def run_continual(
       mesh: device mesh with a `data` axis (default: all devices).
       progress: tqdm progress bars.
       logit_scale: CLIP's logit scale; None takes `config.logit_scale`.
-      step_callback: `fn(task, completed_steps)` after every training step (tests, monitoring).
-      loss_callback: `fn(task, steps, losses, lrs)` as the training losses reach the host (each
-        epoch and step checkpoint); `steps` count across tasks (1 + the steps of earlier tasks
+      step_callback: `fn(task, completed_steps)` after every training epoch (tests, monitoring).
+      loss_callback: `fn(task, steps, losses, lrs)` as the training losses reach the host (after
+        each epoch); `steps` count across tasks (1 + the steps of earlier tasks
         for task t's first), `lrs` are the learning rates those steps used. A resumed run
         reports from the step it restarts at.
 
@@ -360,7 +373,7 @@ def run_continual(
       ValueError on bad inputs, ConfigMismatchError for a foreign workdir, TaskCheckpointError
       when resuming needs an earlier task checkpoint that is missing or damaged (each holds only
       its own classes' statistics), NonFiniteLossError when the loss turns NaN/Inf (the last
-      good checkpoint is kept). Ctrl-C or SIGTERM stops the run at the next step (or task) with
+      good checkpoint is kept). Ctrl-C or SIGTERM stops the run at the next epoch (or task) with
       a step checkpoint saved and raises `interrupt.Interrupted`, a KeyboardInterrupt.
     """
     run = _open_run(
@@ -371,7 +384,7 @@ def run_continual(
         state, start = _resume(run)
         if sharding.is_primary():
             rundir.write_results(run.workdir, list(state.rows), state.accuracy)
-        with deferred():  # a signal stops the run between steps or tasks, saved
+        with deferred():  # a signal stops the run between epochs or tasks, saved
             for task in range(start, run.stream.split.num_tasks):
                 if signum := requested():
                     raise Interrupted(signum, f"before task {task} (earlier ones saved)")

@@ -1,12 +1,13 @@
-"""Ctrl-C (SIGINT) and SIGTERM as a request to stop at the next step boundary.
+"""Ctrl-C (SIGINT) and SIGTERM as a request to stop at the next epoch boundary.
 
 A `KeyboardInterrupt` raised at whatever bytecode a signal lands on can leave a donated train
 state deleted, tear an Orbax save or abandon an XLA compile. Inside `deferred()` (the task loop of
 `run_continual`) the two signals only record themselves; the training loop asks `requested()`
-between steps, saves a step checkpoint and raises `Interrupted`, a `KeyboardInterrupt`, so
-callers that catch that (notebooks, the CLI's exit 130/143) keep working. Signals that come while
-stopping (during the save) wait for it. In a multi-process run `requested()` is a small
-collective (the processes' signals, gathered), so every process stops after the same step.
+between epochs (each one device program), saves a step checkpoint and raises `Interrupted`, a
+`KeyboardInterrupt`, so callers that catch that (notebooks, the CLI's exit 130/143) keep working.
+Signals that come while stopping (during the save, or on the way out) are recorded, not raised.
+In a multi-process run `requested()` is a small collective (the processes' signals, gathered),
+so every process stops after the same epoch.
 """
 
 from __future__ import annotations
@@ -38,20 +39,27 @@ class Interrupted(KeyboardInterrupt):
 
 
 def _handle(signum: int, frame) -> None:
-    if _depth == 0:
-        raise Interrupted(signum)
     _received.append(signum)
+    if _depth == 0 and len(_received) == 1:  # not while a stop is already under way
+        raise Interrupted(signum)
 
 
 @contextlib.contextmanager
-def installed() -> Iterator[None]:
-    """Within: SIGINT and SIGTERM raise `Interrupted` (inside `deferred()` they are recorded);
-    the handlers found are back afterwards. Main thread only."""
+def installed(ignore_after_stop: bool = False) -> Iterator[None]:
+    """Within: SIGINT and SIGTERM raise `Interrupted` (inside `deferred()` they are recorded,
+    and so is any signal after the one that stops the run); the handlers found are back
+    afterwards, or, with `ignore_after_stop` (a command about to exit) after a stop, both
+    signals are ignored from then on, so a second Ctrl-C cannot cut the exit short. Main
+    thread only."""
+    if signal.getsignal(signal.SIGINT) is not _handle:  # the outermost: no stop under way yet
+        _received.clear()
     previous = {signum: signal.signal(signum, _handle) for signum in SIGNALS}
     try:
         yield
     finally:
         for signum, handler in previous.items():
+            if ignore_after_stop and _received:
+                handler = signal.SIG_IGN
             if handler is not None:  # None: a handler not set from Python, which cannot be put back
                 signal.signal(signum, handler)
 
@@ -75,10 +83,10 @@ def deferred() -> Iterator[None]:
 
 
 def requested() -> int | None:
-    """The signal to stop for now, or None. Called between steps; in a multi-process run every
+    """The signal to stop for now, or None. Called between epochs; in a multi-process run every
     process calls it at the same points, as it is a collective there (the largest signal number
     any process got: all processes stop together, with one exit code)."""
     local = _received[0] if _received else 0
-    if jax.process_count() > 1:  # ~3 ms over gloo on CPU; a step is far longer on a cluster
+    if jax.process_count() > 1:  # ~3 ms over gloo on CPU, once an epoch
         local = int(np.max(multihost_utils.process_allgather(np.int32(local))))
     return local or None

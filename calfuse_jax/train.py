@@ -1,13 +1,17 @@
-"""One task's training of the head on frozen features: Optax Adam, one jitted step, data parallel.
+"""One task's training of the head on frozen features: Optax Adam, one device program per epoch.
 
-Every batch is the task's real features plus pseudo-features of K old classes and samples of the
-old class of every hard pair, drawn inside the step from the stored Gaussians (DESIGN.md §2). The
-batch is split over the mesh's `data` axis and the head replicated, so XLA inserts the gradient
-all-reduce; the global batch (`config.train.batch_size`, rounded up to a multiple of the device
-count) does not depend on the device count, and the ragged last batch is padded with a zero
-mask, not dropped. Data order and pseudo-class lists come from NumPy generators seeded by
-(seed, task, epoch) and step randomness is `fold_in(task_key, step)`, so a run is a pure function
-of (config, seed, data) and a resumed run replays exactly."""
+The task's features and labels go to the device once (rows sharded over the mesh's `data` axis,
+padded to the run's largest task so every task shares one compile); an epoch is a `fori_loop`
+over its steps that gathers each batch on the device from the epoch's row order. Every batch is
+the task's real features plus pseudo-features of K old classes and samples of the old class of
+every hard pair, drawn inside the step from the stored Gaussians (DESIGN.md §2). The batch is
+split over `data` and the head replicated, so XLA inserts the gradient all-reduce; the global
+batch (`config.train.batch_size`, rounded up to a multiple of the device count) does not depend on
+the device count, and the ragged last batch is padded with a zero mask, not dropped. Row orders
+and pseudo-class lists are drawn from `fold_in(key, epoch)` and step randomness from
+`fold_in(key, step)` of the task's keys (`task_keys`), so a run is a pure function of (config,
+seed, data) and a run resumed at an epoch boundary replays exactly. The host only reads each
+epoch's losses, checks signals and writes step checkpoints between epochs."""
 
 from __future__ import annotations
 
@@ -75,16 +79,23 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     return -(-num_examples // batch_size)
 
 
-def learning_rate(config: ml_collections.ConfigDict, step: int, epoch_steps: int) -> float:
-    """`lr * lr_decay ** (number of milestone epochs already reached)` at 0-based `step`."""
-    epoch = step // epoch_steps
-    passed = sum(epoch >= int(m) for m in config.train.milestones)
-    return float(config.train.lr) * float(config.train.lr_decay) ** passed
+def lr_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """The learning rate by epoch: `lr`, times `lr_decay` at each milestone epoch (an Optax
+    piecewise-constant schedule; a milestone listed twice decays twice). The same settings give
+    the same object, so the compiled epoch that closes over it is shared."""
+    milestones = tuple(sorted(int(m) for m in config.train.milestones))
+    return _schedule(float(config.train.lr), float(config.train.lr_decay), milestones)
+
+
+@functools.lru_cache(maxsize=64)
+def _schedule(lr: float, decay: float, milestones: tuple[int, ...]) -> optax.Schedule:
+    counts = collections.Counter(milestones)
+    return optax.piecewise_constant_schedule(lr, {m: decay**n for m, n in counts.items()})
 
 
 def optimizer() -> optax.GradientTransformation:
-    """Adam's moment scaling; the step multiplies by `-learning_rate(...)` (a traced scalar), so
-    the schedule never enters the compiled step."""
+    """Adam's moment scaling; the step multiplies by `-lr_schedule(config)(epoch)`, computed in
+    the program from the traced epoch, so one compile serves every epoch."""
     return optax.scale_by_adam()
 
 
@@ -92,7 +103,6 @@ TRACES: collections.Counter = collections.Counter()  # traces of the jitted func
 
 
 def _train_step(state: TrainState, batch, pseudo_ids, step, lr, key, inputs, method):
-    TRACES["train_step"] += 1
     rng = jax.random.fold_in(key, step)
     grad_fn = jax.value_and_grad(method.loss, has_aux=True)
     (loss, _), grads = grad_fn(state.params, batch, pseudo_ids, rng, inputs)
@@ -101,12 +111,85 @@ def _train_step(state: TrainState, batch, pseudo_ids, step, lr, key, inputs, met
     return TrainState(optax.apply_updates(state.params, updates), opt_state), loss
 
 
+def task_keys(key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(step, order, pseudo) keys of a task from its key: a step's randomness is
+    `fold_in(step_key, step)`, an epoch's row order and pseudo-class list
+    `fold_in(order_key | pseudo_key, epoch)`, so a run replays exactly from any epoch."""
+    step_key, order_key, pseudo_key = jax.random.split(key, 3)
+    return step_key, order_key, pseudo_key
+
+
+def _valid_first(key: jax.Array, count, capacity: int) -> jax.Array:
+    """int32 [capacity]: a uniformly random order of 0..count-1, then count..capacity-1."""
+    scores = jax.random.uniform(key, (capacity,))
+    return jnp.argsort(jnp.where(jnp.arange(capacity) < count, scores, 2.0)).astype(jnp.int32)
+
+
+def epoch_order(order_key: jax.Array, epoch, count, capacity: int) -> jax.Array:
+    """The order of the task's `count` training rows (of `capacity` slots) in `epoch`."""
+    return _valid_first(jax.random.fold_in(order_key, epoch), count, capacity)
+
+
+def pseudo_class_schedule(pseudo_key, epoch, num_old, steps: int, per_batch: int, classes: int):
+    """int32 [steps, max(K, 1)]: the old classes (positions 0..num_old-1) of each batch, cycled
+    from a list reshuffled every epoch, so an epoch reaches every old class once before any
+    repeats; zeros when there are none (task 0) or K is 0."""
+    order = _valid_first(jax.random.fold_in(pseudo_key, epoch), num_old, classes)
+    slots = jnp.arange(steps * max(per_batch, 1)).reshape(steps, -1)
+    return order[slots % jnp.maximum(num_old, 1)]
+
+
+class TaskData(NamedTuple):
+    """A task's training rows on the device, padded to the run's `capacity` rows (one shape, one
+    compile for every task): features [capacity, D] and positions int32 [capacity] sharded over
+    `data` (zero past `count`), `count` int32 replicated."""
+
+    features: jax.Array
+    labels: jax.Array
+    count: jax.Array
+
+
+def _epoch(state, data: TaskData, epoch, key, inputs, *, method, shape, schedule, mesh):
+    """One epoch as one device program: `ceil(count / B)` steps in a `fori_loop`, each batch
+    gathered from the epoch's order. Returns (state, losses [max steps], 0 past the epoch)."""
+    TRACES["train_step"] += 1
+    batch_size, padded, per_batch = shape
+    capacity, classes = data.features.shape[0], inputs.text.shape[0]
+    max_steps = steps_per_epoch(capacity, batch_size)
+    step_key, order_key, pseudo_key = task_keys(key)
+    steps = (data.count + batch_size - 1) // batch_size
+    order = epoch_order(order_key, epoch, data.count, capacity)
+    pseudo = pseudo_class_schedule(
+        pseudo_key, epoch, inputs.ctx.num_old, max_steps, per_batch, classes
+    )
+    lr = schedule(epoch)
+    rows_sharding = sharding.data_sharding(mesh)
+
+    def body(index, carry):
+        state, losses = carry
+        slot = index * batch_size + jnp.arange(padded)
+        valid = (jnp.arange(padded) < batch_size) & (slot < data.count)
+        rows = order[jnp.minimum(slot, capacity - 1)]
+        batch = (
+            jnp.where(valid[:, None], data.features[rows], 0.0),
+            jnp.where(valid, data.labels[rows], 0),
+            valid.astype(jnp.float32),
+        )
+        batch = jax.lax.with_sharding_constraint(batch, rows_sharding)
+        step = epoch * steps + index
+        state, loss = _train_step(state, batch, pseudo[index], step, lr, step_key, inputs, method)
+        return state, losses.at[index].set(loss)
+
+    return jax.lax.fori_loop(0, steps, body, (state, jnp.zeros(max_steps, jnp.float32)))
+
+
 @functools.lru_cache(maxsize=16)
-def train_step_fn(method: Method, mesh: Mesh):
-    """The jitted step `(state, batch, pseudo_ids, step, lr, key, inputs) -> (state, loss)`,
-    `state` donated, outputs replicated; cached, so every task of a run shares one compile."""
-    step = functools.partial(_train_step, method=method)
-    return jax.jit(step, donate_argnums=(0,), out_shardings=sharding.replicated(mesh))
+def epoch_fn(method: Method, mesh: Mesh, shape: tuple[int, int, int], schedule: optax.Schedule):
+    """The jitted epoch `(state, data, epoch, key, inputs) -> (state, losses)`, `state` donated,
+    outputs replicated; cached, so every task and epoch of a run shares one compile.
+    `shape`: (batch size, batch size padded to the mesh, K pseudo-classes per batch)."""
+    fn = functools.partial(_epoch, method=method, shape=shape, schedule=schedule, mesh=mesh)
+    return jax.jit(fn, donate_argnums=(0,), out_shardings=sharding.replicated(mesh))
 
 
 def _eval_counts(params, batch, inputs: TaskInputs, method: Method):
@@ -145,22 +228,6 @@ def evaluate(method: Method, params, features, labels, inputs: TaskInputs, mesh,
     return correct, total
 
 
-def epoch_permutation(seed: int, task: int, epoch: int, n: int) -> np.ndarray:
-    """The order of the task's N training rows in epoch `epoch` (a pure function of its args)."""
-    return np.random.default_rng([seed, task, epoch, 0]).permutation(n)
-
-
-def pseudo_class_schedule(
-    seed: int, task: int, epoch: int, old_ids: np.ndarray, steps: int, per_batch: int
-) -> np.ndarray:
-    """int32 [steps, K]: old classes of each batch, cycled from a list reshuffled every epoch."""
-    if per_batch == 0 or len(old_ids) == 0:
-        return np.zeros((steps, max(per_batch, 1)), np.int32)
-    order = np.random.default_rng([seed, task, epoch, 1]).permutation(np.asarray(old_ids))
-    slots = np.arange(steps * per_batch).reshape(steps, per_batch) % len(order)
-    return order[slots].astype(np.int32)
-
-
 def host_batch(features, labels, rows: np.ndarray, padded: int):
     """(features [Bp, D], labels int32 [Bp], mask float32 [Bp]); rows past len(rows) masked."""
     x = np.zeros((padded, features.shape[1]), np.float32)
@@ -174,27 +241,22 @@ class TaskView(NamedTuple):
     """One task as `train_task` sees it (built by `continual`)."""
 
     task: int
+    num_tasks: int
     features: np.ndarray  # [N, D] the task's training features
     labels: np.ndarray  # int32 [N] their positions
-    old_ids: np.ndarray  # int [C_old] old class positions (the pseudo-feature classes)
+    capacity: int  # rows of the run's largest task, padded to the mesh (one shape per run)
     key: jax.Array  # the task's key, replicated
     inputs: TaskInputs  # replicated: what the method reads
 
 
-def check_losses(pending: list[tuple[int, jax.Array]], task: int, done: list, report=None):
-    """Fetches the losses of `pending` (step, loss) pairs into `done`, empties `pending`, and
-    passes (steps, losses) to `report` when given; NonFiniteLossError on the first NaN/Inf."""
-    if not pending:
-        return
-    values = sharding.to_host(jnp.stack([loss for _, loss in pending]))
-    bad = np.flatnonzero(~np.isfinite(values))
-    steps = [step for step, _ in pending]
-    pending.clear()
-    if bad.size:
-        raise NonFiniteLossError(task, steps[bad[0]], float(values[bad[0]]))
-    done.extend(float(v) for v in values)
-    if report is not None:
-        report(steps, values)
+def task_data(view: TaskView, mesh: Mesh) -> TaskData:
+    """The view's training rows on the device, zero-padded to `view.capacity` rows."""
+    count = len(view.labels)
+    features = np.zeros((view.capacity, view.features.shape[1]), np.float32)
+    labels = np.zeros((view.capacity,), np.int32)
+    features[:count], labels[:count] = view.features, view.labels
+    rows = sharding.shard_batch((features, labels), mesh)
+    return TaskData(*rows, sharding.replicate(np.int32(count), mesh))
 
 
 def train_task(
@@ -205,100 +267,80 @@ def train_task(
     mesh: Mesh,
     *,
     start_step: int = 0,
-    save_step: Callable[[int, TrainState, list[float]], None] | None = None,
-    epoch_losses: list[float] | None = None,
+    save_step: Callable[[int, TrainState], None] | None = None,
     step_callback: Callable[[int, int], None] | None = None,
-    loss_callback: Callable[[int, list[int], np.ndarray, np.ndarray], None] | None = None,
+    loss_callback: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None] | None = None,
     progress: bool = True,
 ) -> tuple[TrainState, dict]:
-    """Trains `method` on one task from `start_step` (0, or a step checkpoint's step).
+    """Trains `method` on one task from `start_step` (0, or a step checkpoint's epoch boundary).
+
+    Every epoch is one device program (`epoch_fn`); between epochs the host reads the epoch's
+    losses (a NaN/Inf stops the run naming its step), and, before the task's end, stops on
+    Ctrl-C/SIGTERM (`interrupt.requested()`) or a KeyboardInterrupt from a callback with a step
+    checkpoint saved, and saves one when the epoch passed a multiple of `checkpoint_every_steps`.
 
     Args:
       state: params and optimiser state matching `start_step`, replicated.
-      save_step: `save_step(step, state, epoch_losses)` every `checkpoint_every_steps` steps and
-        on KeyboardInterrupt or `interrupt.requested()` (the epoch's losses so far, so a resumed
-        run reports the same epoch loss); `epoch_losses`: those when resuming mid-task.
-      step_callback: `fn(task, completed_steps)` after every step; loss_callback: `fn(task,
-        steps, losses, lrs)` as losses reach the host (each epoch and step checkpoint).
+      save_step: `save_step(step, state)` for those step checkpoints.
+      step_callback: `fn(task, completed_steps)` after every epoch; loss_callback: `fn(task,
+        steps, losses, lrs)` with the epoch's steps (1-based), losses and learning rates.
 
-    Returns (final state, {`loss`: mean of the last epoch, `steps`}); raises NonFiniteLossError
-    on a NaN/Inf loss (checked every epoch and before every step checkpoint).
+    Returns (final state, {`loss`: mean of the last epoch, `steps`}); raises NonFiniteLossError.
     """
-    epochs, every = int(config.train.epochs), int(config.train.checkpoint_every_steps)
-    epoch_steps = steps_per_epoch(len(view.labels), int(config.train.batch_size))
-    total = epochs * epoch_steps
-    step_fn = train_step_fn(method, mesh)
-    pending, last_loss, step = [], None, start_step  # pending: (step, loss) not yet checked
-    # The saved losses of the epoch `start_step` is in (none at an epoch boundary: a step
-    # checkpoint there holds the finished epoch's).
-    within = start_step % epoch_steps
-    losses = list(epoch_losses or [])[-within:] if within else []
-    bar = tqdm(total=total, initial=start_step, desc=f"task {view.task}", disable=not progress)
-    report = _loss_reporter(config, view.task, epoch_steps, loss_callback)
+    batch_size, epochs = int(config.train.batch_size), int(config.train.epochs)
+    epoch_steps = steps_per_epoch(len(view.labels), batch_size)
+    total, every = epochs * epoch_steps, int(config.train.checkpoint_every_steps)
+    if start_step % epoch_steps:
+        raise ValueError(f"start_step {start_step} is not an epoch boundary ({epoch_steps} steps)")
+    per_batch = max(int(config.pseudo.classes_per_batch), 1)
+    shape = (batch_size, sharding.padded_size(batch_size, mesh), per_batch)
+    schedule = lr_schedule(config)
+    run_epoch, data = epoch_fn(method, mesh, shape, schedule), task_data(view, mesh)
+    name = f"task {view.task} ({view.task + 1}/{view.num_tasks})"
+    bar = tqdm(total=total, initial=start_step, desc=name, disable=not progress, smoothing=0)
+    step, loss = start_step, None
     try:
         for epoch in range(start_step // epoch_steps, epochs):
-            for batch, pseudo_ids in _epoch_batches(config, view, epoch, step, epoch_steps, mesh):
-                lr = learning_rate(config, step, epoch_steps)
-                scalars = sharding.replicate((pseudo_ids, np.int32(step), np.float32(lr)), mesh)
-                state, loss = step_fn(state, batch, *scalars, view.key, view.inputs)
-                step += 1
-                pending.append((step, loss))
-                bar.update(1)
-                if (signum := interrupt.requested()) and step < total:  # saved below
-                    raise interrupt.Interrupted(signum)  # (after the last step, the task ends)
-                if save_step is not None and every and step % every == 0 and step < total:
-                    check_losses(pending, view.task, losses, report)
-                    save_step(step, state, losses)
-                if step_callback is not None:
-                    step_callback(view.task, step)
-            check_losses(pending, view.task, losses, report)
-            last_loss, losses = float(np.mean(losses)), []
-            bar.set_postfix(loss=f"{last_loss:.4f}")
+            here = sharding.replicate(np.int32(epoch), mesh)
+            state, losses = run_epoch(state, data, here, view.key, view.inputs)
+            steps, losses = step + np.arange(1, epoch_steps + 1), sharding.to_host(losses)
+            losses = losses[:epoch_steps]
+            if (bad := np.flatnonzero(~np.isfinite(losses))).size:
+                raise NonFiniteLossError(view.task, int(steps[bad[0]]), float(losses[bad[0]]))
+            done, step, loss = step, int(steps[-1]), float(np.mean(losses))
+            if loss_callback is not None:
+                loss_callback(view.task, steps, losses, np.full(epoch_steps, schedule(epoch)))
+            _advance(bar, epoch_steps, loss, first=done == start_step)
+            if step < total and (signum := interrupt.requested()):
+                raise interrupt.Interrupted(signum)  # saved below
+            if step < total and save_step is not None and every and step // every > done // every:
+                save_step(step, state)
+            if step_callback is not None:
+                step_callback(view.task, step)
     except KeyboardInterrupt as error:  # an Interrupted learns where it stopped, what is saved
-        _save_stopped(error, (view.task, step, total), state, save_step, losses, pending, report)
+        _save_stopped(error, (view.task, step, total), state, save_step)
         raise
     finally:
         bar.close()
-    return state, {"loss": last_loss, "steps": total}
+    return state, {"loss": loss, "steps": total}
 
 
-def _epoch_batches(config, view: TaskView, epoch: int, step: int, epoch_steps: int, mesh: Mesh):
-    """Yields the sharded (batch, pseudo-class ids [K]) of `epoch` from global step `step` on."""
-    batch_size, seed = int(config.train.batch_size), int(config.seed)
-    padded = sharding.padded_size(batch_size, mesh)
-    order = epoch_permutation(seed, view.task, epoch, len(view.labels))
-    per_batch = int(config.pseudo.classes_per_batch)
-    pseudo = pseudo_class_schedule(seed, view.task, epoch, view.old_ids, epoch_steps, per_batch)
-    for index in range(step - epoch * epoch_steps, epoch_steps):
-        rows = order[index * batch_size : (index + 1) * batch_size]
-        yield (
-            sharding.shard_batch(host_batch(view.features, view.labels, rows, padded), mesh),
-            pseudo[index],
-        )
+def _advance(bar, steps: int, loss: float, first: bool) -> None:
+    bar.update(steps)
+    bar.set_postfix(loss=f"{loss:.4f}")
+    if first and not bar.disable:  # the ETA leaves the first epoch (the compile) out
+        bar.start_t, bar.initial = bar._time(), bar.n
 
 
-def _loss_reporter(config, task: int, epoch_steps: int, loss_callback):
-    """`report(steps, losses)` for `check_losses`: adds the steps' learning rates and the task."""
-    if loss_callback is None:
-        return None
-
-    def report(steps: list[int], values: np.ndarray) -> None:
-        lrs = np.array([learning_rate(config, s - 1, epoch_steps) for s in steps])
-        loss_callback(task, steps, values, lrs)
-
-    return report
-
-
-def _save_stopped(error, stopped, state, save_step, losses, pending, report) -> None:
-    """Ctrl-C or SIGTERM, between steps (`interrupt.deferred` keeps signals out of a step and
+def _save_stopped(error, stopped, state, save_step) -> None:
+    """Ctrl-C or SIGTERM, between epochs (`interrupt.deferred` keeps signals out of an epoch and
     its donated state): keeps the work so far as a step checkpoint; an `Interrupted` learns
     where the run stopped and what was saved."""
     task, step, total = stopped
     where = f"at task {task}, step {step} of {total}"
     if save_step is not None and 0 < step < total:
-        check_losses(pending, task, losses, report)
         logger.warning("interrupted at task %d step %d; saving a step checkpoint", task, step)
-        save_step(step, state, losses)
+        save_step(step, state)
         where += " (step checkpoint saved)"
     if isinstance(error, interrupt.Interrupted):
         error.where = where

@@ -262,13 +262,18 @@ class _ConsoleFormat(logging.Formatter):
         return super().format(record)
 
 
+def _is_command() -> bool:
+    """Whether this process is an experiments command (`python -m experiments.<name>`)."""
+    command = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return command is not None and command.name.startswith("experiments.")
+
+
 def _quiet_exit() -> None:
     """After a disk error is reported: the threads and exit handlers of libraries that still try
     to write (tensorboardX's flush) fail the same way; keep their tracebacks off the console.
     Only when this process is the command (`python -m experiments.<name>`), which exits next: a
     caller in the same interpreter (a notebook, a test) keeps its hooks."""
-    command = getattr(sys.modules.get("__main__"), "__spec__", None)
-    if command is None or not command.name.startswith("experiments."):
+    if not _is_command():
         return
     threading.excepthook = lambda args: None
     sys.unraisablehook = lambda unraisable: None
@@ -287,7 +292,9 @@ def main_guard(
 
     setup_console(args.quiet)  # each run.log keeps INFO
     try:
-        with interrupt.installed():  # SIGTERM too; the training loop stops at a step boundary
+        # SIGTERM too; the training loop stops at an epoch boundary; once stopped, the command
+        # ignores further signals on its way out.
+        with interrupt.installed(ignore_after_stop=_is_command()):
             start_distributed(args)
             config = apply_overrides(load_config(args.config), overrides)
             check_same_run(args, config)

@@ -6,6 +6,7 @@ import logging
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -94,7 +95,7 @@ def test_reference_run_writes_its_files(reference):
     assert [r["steps"] for r in rows] == [9, 9, 9]
 
 
-@pytest.mark.parametrize("step", [4, 6])  # mid-epoch, and at the end of epoch 2 of 3
+@pytest.mark.parametrize("step", [3, 6])  # after epochs 1 and 2 of 3 (3 steps each)
 def test_resume_mid_task_is_bit_identical(reference, tmp_path, step):
     stream, text, expected, _ = reference
     with pytest.raises(KeyboardInterrupt):  # Ctrl-C inside task 1 (the second task)
@@ -109,16 +110,18 @@ def test_resume_mid_task_is_bit_identical(reference, tmp_path, step):
 
 def test_resume_from_periodic_step_checkpoint_after_a_crash(reference, tmp_path):
     stream, text, expected, _ = reference
-    config = tiny_config(checkpoint_every_steps=4)  # a neutral field: same run fingerprint
+    # A neutral field (same run fingerprint): saves at the ends of epochs that pass a multiple
+    # of 4 steps (3 steps an epoch: after steps 6 and 9, but 9 ends the task).
+    config = tiny_config(checkpoint_every_steps=4)
 
     def crash(task, step):
-        if (task, step) == (1, 6):
+        if (task, step) == (1, 9):
             raise RuntimeError("simulated crash")  # not Ctrl-C: nothing is saved on the way out
 
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_continual(stream, text, config, tmp_path, progress=False, step_callback=crash)
     steps = [p.name for p in (tmp_path / "checkpoints" / "steps").iterdir() if p.name.isdigit()]
-    assert steps == [str(1 * 10_000_000 + 4)]  # the newest periodic one only
+    assert steps == [str(1 * 10_000_000 + 6)]  # the newest periodic one only
     _assert_same_run(run_continual(stream, text, config, tmp_path, progress=False), expected)
 
 
@@ -126,7 +129,7 @@ def test_resume_after_first_task_is_bit_identical(reference, tmp_path):
     stream, text, expected, _ = reference
     with pytest.raises(KeyboardInterrupt):
         run_continual(
-            stream, text, tiny_config(), tmp_path, progress=False, step_callback=_interrupt_at(1, 1)
+            stream, text, tiny_config(), tmp_path, progress=False, step_callback=_interrupt_at(1, 3)
         )
     # Drop the step checkpoint: the run now looks killed right after task 0 was saved.
     shutil.rmtree(tmp_path / "checkpoints" / "steps")
@@ -209,23 +212,23 @@ def test_jitted_functions_trace_once_per_run(reference):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(reference, tmp_path, monkeypatch):
     stream, text, expected, _ = reference
-    poisoned = {"on": False}
-    original = train.host_batch
+    original = train._train_step
 
-    def host_batch(features, labels, rows, padded):
-        x, y, mask = original(features, labels, rows, padded)
-        return (x * np.nan if poisoned["on"] else x), y, mask
+    def poisoned(state, batch, pseudo_ids, step, lr, key, inputs, method):
+        # NaN features from the third step (0-based step 2) of task 1 on: a real NaN loss.
+        features, labels, mask = batch
+        features = jnp.where((inputs.ctx.task == 1) & (step >= 2), jnp.nan, features)
+        return original(state, (features, labels, mask), pseudo_ids, step, lr, key, inputs, method)
 
-    def callback(task, step):
-        poisoned["on"] = task == 1 and step >= 2  # batches from the third step of task 1 on
-
-    monkeypatch.setattr(train, "host_batch", host_batch)
+    monkeypatch.setattr(train, "_train_step", poisoned)
+    train.epoch_fn.cache_clear()  # trace the epoch again, with the poisoned step
     with pytest.raises(NonFiniteLossError, match=r"task 1, step 3") as error:
-        run_continual(stream, text, tiny_config(), tmp_path, progress=False, step_callback=callback)
+        run_continual(stream, text, tiny_config(), tmp_path, progress=False)
     assert (error.value.task, error.value.step) == (1, 3)
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "tasks").iterdir()) == ["0"]
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
-    monkeypatch.setattr(train, "host_batch", original)  # the fault is gone: resume finishes
+    monkeypatch.setattr(train, "_train_step", original)  # the fault is gone: resume finishes
+    train.epoch_fn.cache_clear()
     _assert_same_run(run_continual(stream, text, tiny_config(), tmp_path, progress=False), expected)
 
 

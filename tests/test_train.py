@@ -109,27 +109,34 @@ def test_first_task_switches_old_class_terms_off():
 
 def test_learning_rate_schedule():
     config = method_config()  # lr 1e-3, x0.1 at epochs 4 and 10
-    lrs = [train.learning_rate(config, step, epoch_steps=5) for step in (0, 19, 20, 49, 50, 74)]
-    np.testing.assert_allclose(lrs, [1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5], rtol=1e-12)
+    schedule = train.lr_schedule(config)
+    lrs = [float(schedule(epoch)) for epoch in (0, 3, 4, 9, 10, 14)]
+    np.testing.assert_allclose(lrs, [1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5], rtol=1e-6)
+    config.train.milestones = (4, 4)  # listed twice: decays twice, as lr * decay ** count
+    assert float(train.lr_schedule(config)(4)) == pytest.approx(1e-5)
 
 
-def test_epoch_order_is_seeded_and_reshuffled():
-    a = train.epoch_permutation(0, 1, 0, 50)
-    np.testing.assert_array_equal(a, train.epoch_permutation(0, 1, 0, 50))
-    assert sorted(a) == list(range(50))
-    assert not np.array_equal(a, train.epoch_permutation(0, 1, 1, 50))
-    assert not np.array_equal(a, train.epoch_permutation(0, 2, 0, 50))
+def test_epoch_order_is_seeded_and_reshuffled_and_keeps_padding_last():
+    _, order_key, _ = train.task_keys(jax.random.PRNGKey(0))
+    a = np.asarray(train.epoch_order(order_key, 0, 50, 64))
+    np.testing.assert_array_equal(a, train.epoch_order(order_key, 0, 50, 64))
+    assert sorted(a[:50]) == list(range(50)) and list(a[50:]) == list(range(50, 64))
+    assert not np.array_equal(a, train.epoch_order(order_key, 1, 50, 64))
+    other = train.task_keys(jax.random.PRNGKey(1))[1]
+    assert not np.array_equal(a, train.epoch_order(other, 0, 50, 64))
 
 
 def test_pseudo_classes_cycle_through_every_old_class_each_epoch():
-    old = np.arange(7)
-    first = train.pseudo_class_schedule(0, 1, 0, old, steps=10, per_batch=2)
-    second = train.pseudo_class_schedule(0, 1, 1, old, steps=10, per_batch=2)
+    _, _, key = train.task_keys(jax.random.PRNGKey(0))
+    first = np.asarray(train.pseudo_class_schedule(key, 0, 7, steps=10, per_batch=2, classes=12))
+    second = np.asarray(train.pseudo_class_schedule(key, 1, 7, steps=10, per_batch=2, classes=12))
     assert first.shape == (10, 2)
     # ceil(7 / 2) = 4 batches visit every old class once (the 8th slot starts the next cycle).
     assert sorted(first.reshape(-1)[:7]) == list(range(7))
     np.testing.assert_array_equal(first.reshape(-1)[7:14], first.reshape(-1)[:7])
     assert not np.array_equal(first, second)  # reshuffled every epoch
+    none = train.pseudo_class_schedule(key, 0, 0, steps=3, per_batch=0, classes=12)
+    np.testing.assert_array_equal(none, np.zeros((3, 1)))  # task 0: no old class
 
 
 def test_host_batch_pads_and_masks():
@@ -141,25 +148,64 @@ def test_host_batch_pads_and_masks():
     np.testing.assert_array_equal(mask, [1, 1, 0, 0])
 
 
-def test_train_task_runs_every_row_and_flags_nan(tmp_path):
-    head, settings, params, inputs, _ = _setup(kd_weight=0.0)
+def _task(mesh, features, labels, kd_weight=0.0):
+    head, settings, params, inputs, _ = _setup(kd_weight=kd_weight)
+    key, inputs = sharding.replicate((jax.random.PRNGKey(0), inputs), mesh)
+    capacity = sharding.padded_size(20, mesh)  # more slots than rows, as a smaller task has
+    view = train.TaskView(1, 3, features, labels, capacity, key, inputs)
+    state = sharding.replicate(train.TrainState(params, train.optimizer().init(params)), mesh)
+    method = methods.CalibratedHeadMethod(head, settings, fusion_rules=(), trains=True)
+    return method, view, state
+
+
+def _host_replay(method, config, view, state):
+    """The same task, one jitted step at a time from the host, each batch built with NumPy
+    from the same orders: what the device's epoch program must reproduce."""
+    batch_size, epochs = config.train.batch_size, config.train.epochs
+    steps = train.steps_per_epoch(len(view.labels), batch_size)
+    step_key, order_key, pseudo_key = train.task_keys(view.key)
+    step_fn = jax.jit(train._train_step, static_argnames="method")
+    losses = []
+    for epoch in range(epochs):
+        order = np.asarray(train.epoch_order(order_key, epoch, len(view.labels), view.capacity))
+        pseudo = train.pseudo_class_schedule(pseudo_key, epoch, 3, steps, 2, C)
+        lr = train.lr_schedule(config)(epoch)
+        for index in range(steps):
+            rows = order[index * batch_size : (index + 1) * batch_size]
+            rows = rows[rows < len(view.labels)]
+            batch = train.host_batch(view.features, view.labels, rows, batch_size)
+            step = epoch * steps + index
+            state, loss = step_fn(state, batch, pseudo[index], step, lr, step_key, view.inputs,
+                                  method=method)  # fmt: skip
+            losses.append(float(loss))
+    return state, losses
+
+
+def test_train_task_runs_every_row_as_the_host_replay_and_flags_nan():
     config = method_config()
     config.train.update(epochs=2, batch_size=6, milestones=(1,))
-    mesh = sharding.make_mesh()
+    config.pseudo.classes_per_batch = 2
+    mesh = sharding.make_mesh(jax.devices()[:1])
     rng = np.random.default_rng(1)
     features = (3 * rng.standard_normal((15, D))).astype(np.float32)
     labels = rng.integers(3, 5, 15).astype(np.int32)
-    key, inputs = sharding.replicate((jax.random.PRNGKey(0), inputs), mesh)
-    view = train.TaskView(1, features, labels, np.arange(3), key, inputs)
-    state = sharding.replicate(train.TrainState(params, train.optimizer().init(params)), mesh)
-    method = methods.CalibratedHeadMethod(head, settings, fusion_rules=(), trains=True)
-    seen = []
+    method, view, state = _task(mesh, features, labels)
+    expected, expected_losses = _host_replay(method, config, view, state)
+    method, view, state = _task(mesh, features, labels)
+    seen, reported = [], []
     state, info = train.train_task(
-        method, config, view, state, mesh, progress=False, step_callback=lambda t, s: seen.append(s)
-    )
-    assert info["steps"] == 6 and seen == [1, 2, 3, 4, 5, 6]  # ceil(15 / 6) = 3 per epoch
-    assert np.isfinite(info["loss"])
+        method, config, view, state, mesh, progress=False,
+        step_callback=lambda t, s: seen.append(s),
+        loss_callback=lambda t, steps, losses, lrs: reported.append((steps, losses, lrs)),
+    )  # fmt: skip
+    assert info["steps"] == 6 and seen == [3, 6]  # ceil(15 / 6) = 3 steps per epoch
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(expected.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.concatenate([r[1] for r in reported]), expected_losses, 1e-6)
+    assert info["loss"] == pytest.approx(np.mean(expected_losses[3:]), rel=1e-6)
+    np.testing.assert_array_equal(np.concatenate([r[0] for r in reported]), np.arange(1, 7))
+    np.testing.assert_allclose(np.concatenate([r[2] for r in reported]), [1e-3] * 3 + [1e-4] * 3)
     bad = view._replace(features=features * np.inf)
-    state = sharding.replicate(train.TrainState(params, train.optimizer().init(params)), mesh)
+    method, _, state = _task(mesh, features, labels)
     with pytest.raises(train.NonFiniteLossError, match="task 1, step 1"):
         train.train_task(method, config, bad, state, mesh, progress=False)

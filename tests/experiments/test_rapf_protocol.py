@@ -2,6 +2,7 @@
 hand from RAPF's code (linlany/RAPF at 81d41df), and whether the pseudo-class schedule of the last
 task reaches every old class in every epoch with the dataset's real training-set sizes."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -129,12 +130,14 @@ def classes_reached_per_epoch(config) -> list[int]:
     old = int(split.bounds[task])
     images = last_task_images(config, split.class_order[old:])
     steps = train.steps_per_epoch(images, int(config.train.batch_size))
-    reached = []
+    reached, per_batch = [], config.pseudo.classes_per_batch
+    task_key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), task)  # as continual's
+    pseudo_key = train.task_keys(task_key)[2]
     for epoch in range(int(config.train.epochs)):
-        schedule = train.pseudo_class_schedule(
-            int(config.seed), task, epoch, np.arange(old), steps, config.pseudo.classes_per_batch
-        )
-        assert schedule.shape == (steps, config.pseudo.classes_per_batch)
+        schedule = np.asarray(train.pseudo_class_schedule(
+            pseudo_key, epoch, old, steps, per_batch, split.num_classes
+        ))  # fmt: skip
+        assert schedule.shape == (steps, per_batch)
         reached.append(len(set(schedule.ravel().tolist()) & set(range(old))))
     return reached
 

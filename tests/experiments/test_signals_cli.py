@@ -19,7 +19,7 @@ from processes import free_port, start_processes
 from calfuse_jax.checkpoint import STEP_STRIDE
 from experiments import cli, peers, run
 
-# 4 tasks x 2 epochs x 2 steps, a step checkpoint after every step: much of training is saving.
+# 4 tasks x 2 epochs x 2 steps, a step checkpoint after every epoch: much of training is saving.
 COMMAND = [sys.executable, "-m", "experiments.run", "--config", "synthetic:smoke", "-q",
            "--config.train.epochs=2", "--config.train.checkpoint_every_steps=1"]  # fmt: skip
 STOPPED = re.compile(
