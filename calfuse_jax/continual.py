@@ -279,8 +279,8 @@ def _run_task(run: _Run, task: int, state: ContinualState) -> ContinualState:
     state = state.replace(params=params, accuracy=accuracy, rows=(*state.rows, row))
     _save_task(run, task, state)
     logger.info(
-        "task %d/%d: seen-class accuracy %.2f%% (old %.2f, new %.2f), %.1fs",
-        task + 1, split.num_tasks, *curve, train_seconds,
+        "task %d (%d/%d): seen-class accuracy %.2f%% (old %.2f, new %.2f), %.1fs",
+        task, task + 1, split.num_tasks, *curve, train_seconds,
     )  # fmt: skip
     return state
 
