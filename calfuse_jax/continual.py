@@ -100,25 +100,6 @@ def _fresh_state(run: _Run) -> ContinualState:
     return ContinualState(_initial_params(run), means, chols, accuracy)
 
 
-def _hard_pairs(text: np.ndarray, bounds, pseudo) -> tuple[np.ndarray, np.ndarray]:
-    """(pairs int32 [T, P, 2], mask float32 [T, P]): each task's hard pairs (old, new), padded
-    to the largest count so that every task has one shape; none on task 0 or with the hinge off
-    (`pseudo.hard_weight` 0)."""
-    threshold, on = float(pseudo.hard_threshold), float(pseudo.hard_weight) > 0
-    found = [
-        stats.hard_pairs(text, np.arange(old), np.arange(old, seen), threshold)
-        if on
-        else np.zeros((0, 2), np.int64)
-        for old, seen in zip(bounds[:-1], bounds[1:], strict=True)
-    ]
-    size = max(max(len(p) for p in found), 1)
-    pairs = np.zeros((len(found), size, 2), np.int32)
-    mask = np.zeros((len(found), size), np.float32)
-    for task, task_pairs in enumerate(found):
-        pairs[task, : len(task_pairs)], mask[task, : len(task_pairs)] = task_pairs, 1.0
-    return pairs, mask
-
-
 def _training_rows(run: _Run, task: int) -> tuple[np.ndarray, np.ndarray]:
     """The rows `task` trains on: its own, or every seen class's for a `joint` method."""
     joint = getattr(run.method, "joint", False)
@@ -201,8 +182,7 @@ def _resume(run: _Run) -> tuple[ContinualState, int]:
 
 @functools.lru_cache(maxsize=8)
 def _fresh_train_state_fn(mesh: Mesh):
-    # A copy of the params: the step donates its state, and the carried params are still needed
-    # (fusion base, distillation teacher).
+    # A copy: the step donates its state, and the params are still needed (fusion, teacher).
     def fresh(params):
         return TrainState(jax.tree.map(jnp.copy, params), train.optimizer().init(params))
 
@@ -222,45 +202,58 @@ def _start_state(run: _Run, task: int, params) -> tuple[TrainState, int]:
     return TrainState(**state), latest[1]
 
 
-def _train(run: _Run, view: train.TaskView, params) -> tuple[Any, dict]:
-    """Trains `view`'s task from `params`; returns (params, info)."""
-    if not run.method.trains:
-        return params, {"loss": None, "steps": 0}
-    task = view.task
-    state, start = _start_state(run, task, params)
+def step_saver(run: _Run, task: int) -> Callable[[int, TrainState], None]:
+    """`save_step(step, state)`: a step checkpoint of `task` in `run`'s workdir."""
 
     def save_step(step: int, state: TrainState) -> None:
         meta = dict(task=task, step=step, fingerprint=run.fingerprint)
         run.checkpoints.save_step(task, step, state._asdict(), meta)
 
-    report = None
-    if run.loss_callback is not None:
-        # Steps counted across tasks, so every task's curve continues the previous one.
-        epochs, batch_size = int(run.config.train.epochs), int(run.config.train.batch_size)
-        sizes = _training_sizes(run.stream, run.method)[:task]
-        offset = sum(epochs * train.steps_per_epoch(n, batch_size) for n in sizes)
+    return save_step
 
-        def report(task, steps, losses, lrs):
-            run.loss_callback(task, offset + np.asarray(steps), losses, lrs)
 
+def loss_report(run: _Run, task: int):
+    """`run.loss_callback` with steps counted across tasks (each task's curve continues the
+    previous one), or None."""
+    if run.loss_callback is None:
+        return None
+    epochs, batch_size = int(run.config.train.epochs), int(run.config.train.batch_size)
+    sizes = _training_sizes(run.stream, run.method)[:task]
+    offset = sum(epochs * train.steps_per_epoch(n, batch_size) for n in sizes)
+
+    def report(task, steps, losses, lrs):
+        run.loss_callback(task, offset + np.asarray(steps), losses, lrs)
+
+    return report
+
+
+def _train(run: _Run, view: train.TaskView, params) -> tuple[Any, dict]:
+    """Trains `view`'s task from `params`; returns (params, info)."""
+    if not run.method.trains:
+        return params, {"loss": None, "steps": 0}
+    state, start = _start_state(run, view.task, params)
     state, info = train.train_task(
         run.method, run.config, view, state, run.mesh,
-        start_step=start, save_step=save_step,
-        step_callback=run.step_callback, loss_callback=report, progress=run.progress,
+        start_step=start, save_step=step_saver(run, view.task), step_callback=run.step_callback,
+        loss_callback=loss_report(run, view.task), progress=run.progress,
     )  # fmt: skip
     return state.params, info
 
 
 def _run_task(run: _Run, task: int, state: ContinualState) -> ContinualState:
     """Statistics -> train -> fuse -> evaluate -> checkpoint for one task; returns the new state."""
-    split, config = run.stream.split, run.config
     state, view = _start_task(run, task, state)
     started = time.perf_counter()
     if hasattr(run.method, "update"):  # closed-form state (FeCAM, RanPAC), once per task
         params = run.method.update(state.params, view.features, view.labels, view.key, view.inputs)
         state = state.replace(params=sharding.replicate(params, run.mesh))
     params, info = _train(run, view, state.params)
-    train_seconds = time.perf_counter() - started
+    return finish_task(run, state, view, params, info, time.perf_counter() - started)
+
+
+def finish_task(run: _Run, state: ContinualState, view, params, info, train_seconds: float):
+    """Fuse -> evaluate -> checkpoint once `view`'s task trained `params`; the new state."""
+    split, config, task = run.stream.split, run.config, view.task
     if task > 0 and run.method.trains:
         rules, bias = run.method.fusion_rules, float(config.fusion.mix_bias)
         params = fusion.fuse_params(state.params, params, rules, bias)
@@ -279,8 +272,9 @@ def _run_task(run: _Run, task: int, state: ContinualState) -> ContinualState:
     state = state.replace(params=params, accuracy=accuracy, rows=(*state.rows, row))
     _save_task(run, task, state)
     logger.info(
-        "task %d (%d/%d): seen-class accuracy %.2f%% (old %.2f, new %.2f), %.1fs",
+        "task %d (%d/%d): seen-class accuracy %.2f%% (old %.2f, new %.2f), %.1fs%s",
         task, task + 1, split.num_tasks, *curve, train_seconds,
+        f" (seed {int(config.seed)})" if view.seeds else "",
     )  # fmt: skip
     return state
 
@@ -324,7 +318,7 @@ def _open_run(stream, text_features, config, workdir, overwrite, mesh, logit_sca
     run = _Run(
         stream,
         sharding.replicate(text, mesh),
-        *_hard_pairs(text, stream.split.bounds, config.pseudo),
+        *stats.task_hard_pairs(text, stream.split.bounds, config.pseudo),
         config=config,
         mesh=mesh,
         method=method,
@@ -364,10 +358,9 @@ def run_continual(
       progress: tqdm progress bars.
       logit_scale: CLIP's logit scale; None takes `config.logit_scale`.
       step_callback: `fn(task, completed_steps)` after every training epoch (tests, monitoring).
-      loss_callback: `fn(task, steps, losses, lrs)` as the training losses reach the host (after
-        each epoch); `steps` count across tasks (1 + the steps of earlier tasks
-        for task t's first), `lrs` are the learning rates those steps used. A resumed run
-        reports from the step it restarts at.
+      loss_callback: `fn(task, steps, losses, lrs)` after each epoch; `steps` count across tasks
+        (task t starts at 1 + the earlier tasks' steps), `lrs` are the learning rates those steps
+        used. A resumed run reports from the step it restarts at.
 
     Raises:
       ValueError on bad inputs, ConfigMismatchError for a foreign workdir, TaskCheckpointError
@@ -394,6 +387,11 @@ def run_continual(
         raise
     finally:
         run.checkpoints.close()
+    return result_of(run, state)
+
+
+def result_of(run: _Run, state: ContinualState) -> ContinualResult:
+    """The `ContinualResult` of a finished `state`, on the host."""
     host = sharding.to_host(state)
     class_stats = stats.ClassStats(host.means, host.chols)
     return metrics.continual_result(

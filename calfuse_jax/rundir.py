@@ -43,6 +43,7 @@ RESUME_SAFE = (
     "dataset.mirror",
     "outputs.plots",
     "outputs.tensorboard",
+    "outputs.seeds_together",
     "train.checkpoint_every_steps",
     "train.eval_batch_size",
 )

@@ -183,12 +183,20 @@ def _epoch(state, data: TaskData, epoch, key, inputs, *, method, shape, schedule
     return jax.lax.fori_loop(0, steps, body, (state, jnp.zeros(max_steps, jnp.float32)))
 
 
+# Seeds of one run share the task's data and statistics; only the head they start from (the
+# distillation teacher, their previous task's) differs, besides their state and key.
+SEED_AXES = TaskInputs(None, None, None, None, None, None, 0, None)
+
+
 @functools.lru_cache(maxsize=16)
-def epoch_fn(method: Method, mesh: Mesh, shape: tuple[int, int, int], schedule: optax.Schedule):
+def epoch_fn(method: Method, mesh: Mesh, shape: tuple, schedule: optax.Schedule, seeds=False):
     """The jitted epoch `(state, data, epoch, key, inputs) -> (state, losses)`, `state` donated,
     outputs replicated; cached, so every task and epoch of a run shares one compile.
-    `shape`: (batch size, batch size padded to the mesh, K pseudo-classes per batch)."""
+    `shape`: (batch size, batch size padded to the mesh, K pseudo-classes per batch). `seeds`:
+    vmapped over a leading seed axis of `state`, `key` and `inputs.teacher` (`SEED_AXES`)."""
     fn = functools.partial(_epoch, method=method, shape=shape, schedule=schedule, mesh=mesh)
+    if seeds:
+        fn = jax.vmap(fn, in_axes=(0, None, None, 0, SEED_AXES))
     return jax.jit(fn, donate_argnums=(0,), out_shardings=sharding.replicated(mesh))
 
 
@@ -245,8 +253,9 @@ class TaskView(NamedTuple):
     features: np.ndarray  # [N, D] the task's training features
     labels: np.ndarray  # int32 [N] their positions
     capacity: int  # rows of the run's largest task, padded to the mesh (one shape per run)
-    key: jax.Array  # the task's key, replicated
-    inputs: TaskInputs  # replicated: what the method reads
+    key: jax.Array  # the task's key, replicated ([S, ...] for `seeds`)
+    inputs: TaskInputs  # replicated: what the method reads (`SEED_AXES` stacked for `seeds`)
+    seeds: tuple[int, ...] = ()  # several seeds trained together (vmapped), or () for one
 
 
 def task_data(view: TaskView, mesh: Mesh) -> TaskData:
@@ -285,7 +294,11 @@ def train_task(
       step_callback: `fn(task, completed_steps)` after every epoch; loss_callback: `fn(task,
         steps, losses, lrs)` with the epoch's steps (1-based), losses and learning rates.
 
-    Returns (final state, {`loss`: mean of the last epoch, `steps`}); raises NonFiniteLossError.
+    With `view.seeds`, the state has a leading seed axis and every seed trains in the same
+    programs; losses reach `loss_callback` as [S, n].
+
+    Returns (final state, {`loss`: mean of the last epoch (a list per seed), `steps`}); raises
+    NonFiniteLossError.
     """
     batch_size, epochs = int(config.train.batch_size), int(config.train.epochs)
     epoch_steps = steps_per_epoch(len(view.labels), batch_size)
@@ -295,22 +308,24 @@ def train_task(
     per_batch = max(int(config.pseudo.classes_per_batch), 1)
     shape = (batch_size, sharding.padded_size(batch_size, mesh), per_batch)
     schedule = lr_schedule(config)
-    run_epoch, data = epoch_fn(method, mesh, shape, schedule), task_data(view, mesh)
+    run_epoch = epoch_fn(method, mesh, shape, schedule, seeds=bool(view.seeds))
+    data = task_data(view, mesh)
     name = f"task {view.task} ({view.task + 1}/{view.num_tasks})"
+    if view.seeds:
+        name += f", seeds {','.join(map(str, view.seeds))}"
     bar = tqdm(total=total, initial=start_step, desc=name, disable=not progress, smoothing=0)
     step, loss = start_step, None
     try:
         for epoch in range(start_step // epoch_steps, epochs):
             here = sharding.replicate(np.int32(epoch), mesh)
             state, losses = run_epoch(state, data, here, view.key, view.inputs)
-            steps, losses = step + np.arange(1, epoch_steps + 1), sharding.to_host(losses)
-            losses = losses[:epoch_steps]
-            if (bad := np.flatnonzero(~np.isfinite(losses))).size:
-                raise NonFiniteLossError(view.task, int(steps[bad[0]]), float(losses[bad[0]]))
-            done, step, loss = step, int(steps[-1]), float(np.mean(losses))
+            steps = step + np.arange(1, epoch_steps + 1)
+            losses = sharding.to_host(losses)[..., :epoch_steps]  # [n], or [S, n] for seeds
+            _check_losses(view, steps, losses)
+            done, step, loss = step, int(steps[-1]), np.mean(losses, axis=-1)
             if loss_callback is not None:
                 loss_callback(view.task, steps, losses, np.full(epoch_steps, schedule(epoch)))
-            _advance(bar, epoch_steps, loss, first=done == start_step)
+            _advance(bar, epoch_steps, float(np.mean(loss)), first=done == start_step)
             if step < total and (signum := interrupt.requested()):
                 raise interrupt.Interrupted(signum)  # saved below
             if step < total and save_step is not None and every and step // every > done // every:
@@ -322,7 +337,19 @@ def train_task(
         raise
     finally:
         bar.close()
+    loss = None if loss is None else (loss.tolist() if view.seeds else float(loss))
     return state, {"loss": loss, "steps": total}
+
+
+def _check_losses(view: TaskView, steps: np.ndarray, losses: np.ndarray) -> None:
+    """NonFiniteLossError at the first step (and seed) whose loss is NaN/Inf."""
+    bad = ~np.isfinite(np.atleast_2d(losses))  # [S, n]
+    if bad.any():
+        index = int(np.flatnonzero(bad.any(axis=0))[0])
+        row = int(np.flatnonzero(bad[:, index])[0])
+        quantity = "the training loss" + (f" of seed {view.seeds[row]}" if view.seeds else "")
+        value = float(np.atleast_2d(losses)[row, index])
+        raise NonFiniteLossError(view.task, int(steps[index]), value, quantity)
 
 
 def _advance(bar, steps: int, loss: float, first: bool) -> None:

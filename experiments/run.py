@@ -141,7 +141,8 @@ def environment() -> dict:
 
 
 def wants_output(config: ml_collections.ConfigDict, name: str) -> bool:
-    """`config.outputs.<name>` (plots, tensorboard); True for configs without an `outputs` block."""
+    """`config.outputs.<name>` (plots, tensorboard, seeds_together); True for configs without
+    an `outputs` block."""
     outputs = config.get("outputs") or {}
     return bool(outputs.get(name, True))
 
@@ -151,6 +152,34 @@ def run_seed(config: ml_collections.ConfigDict, prepared: Prepared, workdir) -> 
     summary (also summary.json)."""
     from calfuse_jax.continual import run_continual
 
+    with _seed_files(config, prepared, workdir) as curves:
+        result = run_continual(
+            prepared.stream, prepared.text_features, config, str(workdir),
+            overwrite=False,  # an --overwrite already moved the old run aside
+            progress=config.progress, logit_scale=prepared.logit_scale, loss_callback=curves,
+        )  # fmt: skip
+        return _seed_summary(config, prepared, workdir, result)
+
+
+def run_seeds_together(runs: list, prepared: Prepared) -> list[dict]:
+    """`run_seed` of every (config, workdir) of `runs`, training them together
+    (`calfuse_jax.seeds.run_seeds`); each seed's run.log also holds the others' lines."""
+    from calfuse_jax.seeds import run_seeds
+
+    with contextlib.ExitStack() as stack:
+        curves = [stack.enter_context(_seed_files(c, prepared, w)) for c, w in runs]
+        configs, workdirs = [c for c, _ in runs], [pathlib.Path(w) for _, w in runs]
+        found = run_seeds(
+            prepared.stream, prepared.text_features, configs, workdirs,
+            progress=configs[0].progress, logit_scale=prepared.logit_scale, loss_callbacks=curves,
+        )  # fmt: skip
+        return [_seed_summary(c, prepared, w, r) for (c, w), r in zip(runs, found, strict=True)]
+
+
+@contextlib.contextmanager
+def _seed_files(config: ml_collections.ConfigDict, prepared: Prepared, workdir):
+    """Around one seed's run: its run.log, config.json and provenance; yields its loss
+    callback (TensorBoard curves, or None)."""
     workdir = pathlib.Path(workdir)
     primary = is_primary()  # multi-process runs: process 0 writes, all compute
     with _log_file(workdir) if primary else contextlib.nullcontext():
@@ -170,32 +199,27 @@ def run_seed(config: ml_collections.ConfigDict, prepared: Prepared, workdir) -> 
         if primary and wants_output(config, "tensorboard"):
             curves = results.TrainingCurves(workdir)
         try:
-            result = run_continual(
-                prepared.stream,
-                prepared.text_features,
-                config,
-                str(workdir),
-                overwrite=False,  # an --overwrite already moved the old run aside
-                progress=config.progress,
-                logit_scale=prepared.logit_scale,
-                loss_callback=curves,
-            )
+            yield curves
         finally:
             if curves is not None:
                 curves.close()
-        seen = prepared.stream.split.bounds[1:]
-        summary = results.make_summary(
-            dict(result.summary), result.accuracy_matrix, result.seen_accuracy, seen
-        )
-        summary.update(method=config.method, seed=config.seed, config=config.name)
-        if primary:
-            rundir.write_json(workdir / "summary.json", summary)
-            if wants_output(config, "tensorboard"):
-                results.write_tensorboard(workdir, rundir.read_metrics(workdir), summary)
-            if wants_output(config, "plots"):
-                title = f"{config.name} {config.method} (seed {config.seed})"
-                results.write_plots(workdir, summary, title)
-        log.info("Avg %.2f  Last %.2f  -> %s", summary["avg"], summary["last"], workdir)
+
+
+def _seed_summary(config, prepared: Prepared, workdir, result) -> dict:
+    """A finished seed's summary.json, TensorBoard scalars and plots; returns the summary."""
+    seen = prepared.stream.split.bounds[1:]
+    summary = results.make_summary(
+        dict(result.summary), result.accuracy_matrix, result.seen_accuracy, seen
+    )
+    summary.update(method=config.method, seed=config.seed, config=config.name)
+    if is_primary():
+        rundir.write_json(workdir / "summary.json", summary)
+        if wants_output(config, "tensorboard"):
+            results.write_tensorboard(workdir, rundir.read_metrics(workdir), summary)
+        if wants_output(config, "plots"):
+            title = f"{config.name} {config.method} (seed {config.seed})"
+            results.write_plots(workdir, summary, title)
+    log.info("Avg %.2f  Last %.2f  -> %s", summary["avg"], summary["last"], workdir)
     return summary
 
 
@@ -273,13 +297,17 @@ def _run_seeds(config, workdir: pathlib.Path, overwrite: bool, prepared: Prepare
         rundir.write_json(workdir / rundir.CONFIG_FILE, config.to_dict())  # marks the folder ours
     if len(finished) < len(runs):
         prepared = prepared or prepare(config)
+    pending, together = [(c, d) for c, d in runs if d not in finished], {}
+    if len(pending) > 1 and wants_output(config, "seeds_together"):
+        found = run_seeds_together(pending, prepared)
+        together = dict(zip([d for _, d in pending], found, strict=True))
     summaries = []
     for seed_config, seed_dir in runs:
         if seed_dir in finished:
             log.info("seed %d: finished earlier in %s, reused", seed_config.seed, seed_dir)
             summaries.append(finished[seed_dir])
         else:
-            summaries.append(run_seed(seed_config, prepared, seed_dir))
+            summaries.append(together.get(seed_dir) or run_seed(seed_config, prepared, seed_dir))
     summary = results.aggregate(summaries)
     summary.update(method=config.method, config=config.name)
     if is_primary():

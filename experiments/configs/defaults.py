@@ -79,6 +79,9 @@ FIELDS = {
     # so a resume may flip them (calfuse_jax.rundir.RESUME_SAFE); grids turn both off per cell.
     "outputs.plots": (True, None),  # accuracy_curve.png, accuracy_matrix.png
     "outputs.tensorboard": (True, None),  # tensorboard/ event files
+    # Several --config.seeds train together, one vmapped program (calfuse_jax.seeds); False:
+    # one after another. Results agree within float error, so a resume may change it.
+    "outputs.seeds_together": (True, None),
 }
 # The rules of the reader options the dataset files set (`dataset.options.*`).
 OPTION_RULES = {

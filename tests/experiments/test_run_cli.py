@@ -196,7 +196,8 @@ def fake_run_continual(stream, text_features, config, workdir, **kwargs):
 
 def test_several_seeds_write_one_folder_each_and_mean_std(tmp_path, monkeypatch):
     monkeypatch.setattr(calfuse_jax.continual, "run_continual", fake_run_continual)
-    config = apply_overrides(load_config("synthetic:smoke"), ["seeds=0,1,2", "progress=false"])
+    overrides = ["seeds=0,1,2", "progress=false", "outputs.seeds_together=false"]
+    config = apply_overrides(load_config("synthetic:smoke"), overrides)
     summary = run.run_experiment(config, tmp_path / "multi")
     for seed in (0, 1, 2):
         seed_summary = rundir.read_json(tmp_path / "multi" / f"seed_{seed}" / "summary.json")
@@ -205,6 +206,18 @@ def test_several_seeds_write_one_folder_each_and_mean_std(tmp_path, monkeypatch)
     assert summary["avg"] == pytest.approx(74.0) and summary["avg_std"] == pytest.approx(1.0)
     assert rundir.read_json(tmp_path / "multi" / "summary.json")["seeds"] == [0, 1, 2]
     assert (tmp_path / "multi" / "accuracy_curve.png").is_file()
+
+
+def test_seeds_trained_together_give_the_summary_of_seeds_one_after_another(tmp_path):
+    summaries = {}
+    for together in ("true", "false"):
+        overrides = ["seeds=0,1", "progress=false", f"outputs.seeds_together={together}"]
+        config = apply_overrides(load_config("synthetic:smoke"), overrides)
+        summaries[together] = run.run_experiment(config, tmp_path / together)
+    for key in ("avg", "avg_std", "last", "last_std", "forgetting"):
+        assert summaries["true"][key] == pytest.approx(summaries["false"][key], abs=1e-4), key
+    log = (tmp_path / "true" / "seed_1" / "run.log").read_text()
+    assert "(seed 0)" in log and "(seed 1)" in log  # trained together: one log for both
 
 
 @pytest.mark.slow
@@ -286,7 +299,9 @@ def test_more_seeds_run_only_the_new_ones(tmp_path, monkeypatch):
         return fake_run_continual(stream, text_features, config, workdir, **kwargs)
 
     monkeypatch.setattr(calfuse_jax.continual, "run_continual", counting_run)
-    base = apply_overrides(load_config("synthetic:smoke"), ["progress=false"])
+    base = apply_overrides(
+        load_config("synthetic:smoke"), ["progress=false", "outputs.seeds_together=false"]
+    )
     workdir = tmp_path / "multi"
     run.run_experiment(apply_overrides(base, ["seeds=0,1"]), workdir)
     seed_0 = (workdir / "seed_0" / "summary.json").read_bytes()
