@@ -369,24 +369,26 @@ def run_continual(
       good checkpoint is kept). Ctrl-C or SIGTERM stops the run at the next epoch (or task) with
       a step checkpoint saved and raises `interrupt.Interrupted`, a KeyboardInterrupt.
     """
-    run = _open_run(
-        stream, text_features, config, workdir, overwrite, mesh, logit_scale,
-        progress=progress, step_callback=step_callback, loss_callback=loss_callback,
-    )  # fmt: skip
-    try:
-        state, start = _resume(run)
-        if sharding.is_primary():
-            rundir.write_results(run.workdir, list(state.rows), state.accuracy)
-        with deferred():  # a signal stops the run between epochs or tasks, saved
+    # A signal (also one while the run opens, restores or compiles) stops it between epochs or
+    # tasks, saved: never a KeyboardInterrupt inside JAX or Orbax.
+    with deferred():
+        run = _open_run(
+            stream, text_features, config, workdir, overwrite, mesh, logit_scale,
+            progress=progress, step_callback=step_callback, loss_callback=loss_callback,
+        )  # fmt: skip
+        try:
+            state, start = _resume(run)
+            if sharding.is_primary():
+                rundir.write_results(run.workdir, list(state.rows), state.accuracy)
             for task in range(start, run.stream.split.num_tasks):
                 if signum := requested():
                     raise Interrupted(signum, f"before task {task} (earlier ones saved)")
                 state = _run_task(run, task, state)
-    except NonFiniteLossError as error:
-        logger.error("%s", error)
-        raise
-    finally:
-        run.checkpoints.close()
+        except NonFiniteLossError as error:
+            logger.error("%s", error)
+            raise
+        finally:
+            run.checkpoints.close()
     return result_of(run, state)
 
 

@@ -33,6 +33,7 @@ logger = logging.getLogger("calfuse_jax")
 NOT_COMPARED = ("seed", "seeds", "progress")  # what may differ between the seeds run together
 
 
+@deferred()  # a signal, also while opening or compiling, stops every seed at a saved point
 def run_seeds(
     stream: FeatureStream,
     text_features: np.ndarray,
@@ -113,11 +114,10 @@ def _run_together(runs, resumed) -> list[ContinualResult]:
     if sharding.is_primary():
         for run, state in zip(runs, states, strict=True):
             continual.rundir.write_results(run.workdir, list(state.rows), state.accuracy)
-    with deferred():  # a signal stops every seed between epochs or tasks, saved
-        for task in range(start, runs[0].stream.split.num_tasks):
-            if signum := requested():
-                raise Interrupted(signum, f"before task {task} (earlier ones saved)")
-            states = _run_task_together(runs, task, states)
+    for task in range(start, runs[0].stream.split.num_tasks):
+        if signum := requested():
+            raise Interrupted(signum, f"before task {task} (earlier ones saved)")
+        states = _run_task_together(runs, task, states)
     return [continual.result_of(run, state) for run, state in zip(runs, states, strict=True)]
 
 
