@@ -369,9 +369,7 @@ def run_continual(
       good checkpoint is kept). Ctrl-C or SIGTERM stops the run at the next epoch (or task) with
       a step checkpoint saved and raises `interrupt.Interrupted`, a KeyboardInterrupt.
     """
-    # A signal (also one while the run opens, restores or compiles) stops it between epochs or
-    # tasks, saved: never a KeyboardInterrupt inside JAX or Orbax.
-    with deferred():
+    with deferred():  # a signal, even while opening or compiling, stops at a saved point
         run = _open_run(
             stream, text_features, config, workdir, overwrite, mesh, logit_scale,
             progress=progress, step_callback=step_callback, loss_callback=loss_callback,

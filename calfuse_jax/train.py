@@ -283,10 +283,10 @@ def train_task(
 ) -> tuple[TrainState, dict]:
     """Trains `method` on one task from `start_step` (0, or a step checkpoint's epoch boundary).
 
-    Every epoch is one device program (`epoch_fn`); between epochs the host reads the epoch's
-    losses (a NaN/Inf stops the run naming its step), and, before the task's end, stops on
-    Ctrl-C/SIGTERM (`interrupt.requested()`) or a KeyboardInterrupt from a callback with a step
-    checkpoint saved, and saves one when the epoch passed a multiple of `checkpoint_every_steps`.
+    Each epoch is one device program (`epoch_fn`); after it the host checks the losses (a NaN
+    names its step), stops on Ctrl-C/SIGTERM or a callback's KeyboardInterrupt with a step
+    checkpoint saved, and saves one past each multiple of `checkpoint_every_steps`. With
+    `view.seeds` the state has a leading seed axis: seeds train together, losses are [S, n].
 
     Args:
       state: params and optimiser state matching `start_step`, replicated.
@@ -294,26 +294,15 @@ def train_task(
       step_callback: `fn(task, completed_steps)` after every epoch; loss_callback: `fn(task,
         steps, losses, lrs)` with the epoch's steps (1-based), losses and learning rates.
 
-    With `view.seeds`, the state has a leading seed axis and every seed trains in the same
-    programs; losses reach `loss_callback` as [S, n].
-
-    Returns (final state, {`loss`: mean of the last epoch (a list per seed), `steps`}); raises
-    NonFiniteLossError.
+    Returns (state, {`loss`: the last epoch's mean (a list per seed), `steps`}).
     """
     batch_size, epochs = int(config.train.batch_size), int(config.train.epochs)
     epoch_steps = steps_per_epoch(len(view.labels), batch_size)
     total, every = epochs * epoch_steps, int(config.train.checkpoint_every_steps)
     if start_step % epoch_steps:
         raise ValueError(f"start_step {start_step} is not an epoch boundary ({epoch_steps} steps)")
-    per_batch = max(int(config.pseudo.classes_per_batch), 1)
-    shape = (batch_size, sharding.padded_size(batch_size, mesh), per_batch)
-    schedule = lr_schedule(config)
-    run_epoch = epoch_fn(method, mesh, shape, schedule, seeds=bool(view.seeds))
-    data = task_data(view, mesh)
-    name = f"task {view.task} ({view.task + 1}/{view.num_tasks})"
-    if view.seeds:
-        name += f", seeds {','.join(map(str, view.seeds))}"
-    bar = tqdm(total=total, initial=start_step, desc=name, disable=not progress, smoothing=0)
+    run_epoch, schedule = _epoch_program(method, config, mesh, bool(view.seeds))
+    data, bar = task_data(view, mesh), _bar(view, total, start_step, progress)
     step, loss = start_step, None
     try:
         for epoch in range(start_step // epoch_steps, epochs):
@@ -350,6 +339,21 @@ def _check_losses(view: TaskView, steps: np.ndarray, losses: np.ndarray) -> None
         quantity = "the training loss" + (f" of seed {view.seeds[row]}" if view.seeds else "")
         value = float(np.atleast_2d(losses)[row, index])
         raise NonFiniteLossError(view.task, int(steps[index]), value, quantity)
+
+
+def _epoch_program(method: Method, config, mesh: Mesh, seeds: bool):
+    """(`epoch_fn` of `config`'s batch shape and schedule, the schedule)."""
+    batch_size, per_batch = int(config.train.batch_size), int(config.pseudo.classes_per_batch)
+    shape = (batch_size, sharding.padded_size(batch_size, mesh), max(per_batch, 1))
+    schedule = lr_schedule(config)
+    return epoch_fn(method, mesh, shape, schedule, seeds=seeds), schedule
+
+
+def _bar(view: TaskView, total: int, start_step: int, progress: bool) -> tqdm:
+    name = f"task {view.task} ({view.task + 1}/{view.num_tasks})"
+    if view.seeds:
+        name += f", seeds {','.join(map(str, view.seeds))}"
+    return tqdm(total=total, initial=start_step, desc=name, disable=not progress, smoothing=0)
 
 
 def _advance(bar, steps: int, loss: float, first: bool) -> None:

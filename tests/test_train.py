@@ -226,8 +226,8 @@ def test_progress_bar_names_the_task_as_the_log_and_leaves_the_compile_out_of_it
     compiled = train.epoch_fn
     calls = []
 
-    def slow_first_epoch(*args):
-        run_epoch = compiled(*args)
+    def slow_first_epoch(*args, **kwargs):
+        run_epoch = compiled(*args, **kwargs)
 
         def timed(*inputs):
             time.sleep(1.5 if not calls else 0.02)  # a 1.5 s "compile", then fast epochs
