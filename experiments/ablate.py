@@ -217,7 +217,7 @@ def plot_comparison(cells: Sequence[CellResult], path: pathlib.Path, title: str 
         styles = [results.method_style(result.cell.label) for result in cells]
         bars = ax.barh(y + offset, means - start, height, left=start, xerr=stds, capsize=2,
                        label=results.METRIC_TITLES[key], hatch="//" if key == "last" else None,
-                       color=[st.get("color", f"C{key == 'last'}") for st in styles],
+                       color=[st.get("color", f"C{int(key == 'last')}") for st in styles],
                        edgecolor="white")  # fmt: skip
         for bar, st in zip(bars, styles, strict=True):
             if st.get("linestyle") == "--":

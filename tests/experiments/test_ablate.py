@@ -121,8 +121,9 @@ def test_default_workdir_is_stable_and_names_the_grid():
 # --- the table from hand-made summaries ----------------------------------------------------------
 
 
-def fake_cell(tmp_path, method, lasts):
-    """A CellResult whose summary is the mean ± std of per-seed summaries with the given Last."""
+def fake_cell(tmp_path, method, lasts, key="method"):
+    """A CellResult whose summary is the mean ± std of per-seed summaries with the given Last
+    (its grid `key` set to `method`)."""
     per_seed = []
     for seed, last in enumerate(lasts):
         seen = np.array([90.0, last])
@@ -134,7 +135,7 @@ def fake_cell(tmp_path, method, lasts):
             [5, 10],
         )
         per_seed.append(dict(summary, seed=seed))
-    cell = grids.Cell({"method": method}, ("method",))
+    cell = grids.Cell({key: method}, (key,))
     return ablate.CellResult(cell, tmp_path / cell.name, results.aggregate(per_seed), False)
 
 
@@ -155,6 +156,14 @@ def test_table_csv_and_plot_hold_mean_and_std(tmp_path):
     assert float(rows[0]["last_std"]) == pytest.approx(np.std([80, 70], ddof=1))
     for name in ("comparison.png", "accuracy_curve.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cells_that_are_not_methods_plot_in_the_default_colours(tmp_path):
+    """A grid over another key (the calfuse_ablation preset's gate modes) has no method colours:
+    Avg and Last take matplotlib's first two (an invalid colour name once stopped that preset)."""
+    cells = [fake_cell(tmp_path, m, [80.0, 70.0], "calibration.mode") for m in ("none", "fixed")]
+    ablate.plot_comparison(cells, tmp_path / "comparison.png")
+    assert (tmp_path / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # --- end to end: the method grid on the synthetic benchmark --------------------------------------
