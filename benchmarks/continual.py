@@ -8,8 +8,10 @@ the same work as a CalFuse run on CIFAR-100 B0 Inc10 after feature extraction. R
 split into compilation (XLA backend compiles, summed from JAX's monitoring events) and the rest,
 plus per-phase figures (training steps, checkpoints) and peak memory (the device's peak bytes in
 use where JAX reports it, and the process's peak RSS), XLA's FLOP count of one training step
-and the FLOP rate the training loops reach. `--seeds 0,1,2` runs the seeds one after another in
-one process (they share the compiled programs). Goal on a 2-core CPU: <= 60 s.
+and the FLOP rate the training loops reach. `--seeds 0,1,2` trains the seeds together, one
+vmapped program (`calfuse_jax.seeds.run_seeds`, as `experiments.run` does); `--one-by-one` runs
+them one after another in one process (sharing the compiled programs). Goal on a 2-core CPU:
+<= 60 s.
 `--method ranpac` measures RanPAC at `--config.ranpac.dim` M = 10,000 (`--ranpac-dim`).
 """
 
@@ -36,6 +38,7 @@ from calfuse_jax import train  # noqa: E402
 from calfuse_jax.config import method_config  # noqa: E402
 from calfuse_jax.continual import run_continual  # noqa: E402
 from calfuse_jax.data.synthetic import make_synthetic_stream  # noqa: E402
+from calfuse_jax.seeds import run_seeds  # noqa: E402
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 TRACE_EVENT = "/jax/core/compile/tracing_duration"
@@ -50,8 +53,8 @@ def capture_epoch_shapes(seen: list) -> None:
     """Records the abstract arguments of the first compiled epoch (for XLA's FLOP count)."""
     compiled = train.epoch_fn
 
-    def capturing(*settings):
-        run_epoch = compiled(*settings)
+    def capturing(*settings, **options):
+        run_epoch = compiled(*settings, **options)
 
         def call(*args):
             if not seen:
@@ -83,7 +86,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--method", default="calfuse")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds, run one after another")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds, trained together")
+    parser.add_argument("--one-by-one", action="store_true", help="seeds one after another")
     parser.add_argument("--ranpac-dim", type=int, default=10_000, help="RanPAC's M")
     parser.add_argument("--cpu-devices", type=int, default=1, help="fake XLA CPU devices")
     parser.add_argument("--workdir", default=None, help="run folder to keep (default: a temp one)")
@@ -111,33 +115,45 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         workdir = Path(args.workdir or scratch)
         started, cpu_started = time.perf_counter(), os.times()
-        for seed in seeds:
-            config.seed = seed
-            folder = workdir / f"seed_{seed}" if len(seeds) > 1 else workdir
-            result = run_continual(stream, text, config, folder, progress=False)
+        folders = [workdir / f"seed_{s}" if len(seeds) > 1 else workdir for s in seeds]
+        configs = [config.copy_and_resolve_references() for _ in seeds]
+        for c, seed in zip(configs, seeds, strict=True):
+            c.seed = seed
+        if len(seeds) > 1 and not args.one_by_one:
+            found = run_seeds(stream, text, configs, folders, progress=False)
+        else:
+            found = [
+                run_continual(stream, text, c, f, progress=False)
+                for c, f in zip(configs, folders, strict=True)
+            ]
         wall, cpu_ended = time.perf_counter() - started, os.times()
         checkpoint_bytes = folder_bytes(workdir)
     # CPU seconds used by this process: on a shared machine, wall time also counts waiting.
     cpu = (cpu_ended.user + cpu_ended.system) - (cpu_started.user + cpu_started.system)
     compile_s = durations[COMPILE_EVENT]
-    train_s = sum(row["train_seconds"] for row in result.rows)
-    steps = sum(row["steps"] for row in result.rows)
+    result = found[-1]
+    # Seeds trained together share their time (each row holds its share): sum over the seeds.
+    train_s = sum(row["train_seconds"] for r in found for row in r.rows)
+    steps = sum(row["steps"] for row in result.rows)  # per seed
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}, {os.cpu_count()} cores, "
           f"load average {load}")  # fmt: skip
     print(f"data: {len(stream.train_labels)} train / {len(stream.test_labels)} test, "
           f"{args.dim}-d, {args.tasks} tasks, {args.epochs} epochs, {steps} steps, "
-          f"{len(seeds)} seed(s)")  # fmt: skip
+          f"{len(seeds)} seed(s){' one by one' if args.one_by_one else ''}")  # fmt: skip
     tracing = durations[TRACE_EVENT]
     print(f"wall {wall:.1f} s = compile {compile_s:.1f} s (+ tracing {tracing:.1f} s)"
           f" + run {wall - compile_s - tracing:.1f} s")  # fmt: skip
-    print(f"last seed: training loops {train_s:.1f} s ({1e3 * train_s / max(steps, 1):.2f} "
-          f"ms/step incl. compile); stats, fusion, eval, checkpoints "
-          f"{wall / len(seeds) - train_s:.1f} s (per seed, average)")  # fmt: skip
+    print(
+        f"training loops {train_s:.1f} s ({1e3 * train_s / max(steps, 1):.2f} ms per step of "
+        f"all seeds, incl. compile); stats, fusion, eval, checkpoints {wall - train_s:.1f} s"
+    )
     flops = flops_per_step(seen)
     if steps and train_s:
-        print(f"XLA: {flops / 1e6:.0f} MFLOP per step -> {flops * steps / train_s / 1e9:.1f} "
-              "GFLOP/s in the last seed's training loops")  # fmt: skip
+        together = len(seeds) > 1 and not args.one_by_one  # one program steps every seed
+        total = flops * steps * (1 if together else len(seeds))
+        print(f"XLA: {flops / 1e6:.0f} MFLOP per step (of the program) -> "
+              f"{total / train_s / 1e9:.1f} GFLOP/s in the training loops")  # fmt: skip
     print(f"process CPU time {cpu:.1f} s (user + system, all threads)")
     print(f"checkpoints folder {checkpoint_bytes / 2**20:.1f} MiB on disk")
     device_peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
