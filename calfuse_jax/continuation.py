@@ -88,8 +88,20 @@ def extend_stream(old: FeatureStream, old_text, new: FeatureStream, new_text):
     return stream, np.concatenate([old_text, new_text])
 
 
+def finished_run(workdir: str | os.PathLike) -> tuple[int, dict]:
+    """(number of tasks, meta of its last task) of the finished run in `workdir` (read only);
+    ContinuationError when it has no finished task or is unfinished."""
+    workdir = Path(workdir).absolute()
+    if not (workdir / "checkpoints" / "tasks").is_dir():
+        raise ContinuationError(f"{workdir} holds no run with finished tasks (no checkpoints/)")
+    checkpoints = RunCheckpoints(workdir / "checkpoints")
+    try:
+        return _finished_run(checkpoints, workdir)
+    finally:
+        checkpoints.close()
+
+
 def _finished_run(checkpoints: RunCheckpoints, workdir: Path) -> tuple[int, dict]:
-    """(number of tasks, meta of its last task) of the finished run in `workdir`."""
     finished = checkpoints.finished_tasks()
     if not finished:
         raise ContinuationError(f"{workdir} holds no finished task: train the run first")
@@ -178,11 +190,7 @@ def seed_continuation(
         raise ContinuationError(f"continue {old_workdir} into another folder, never into itself")
     config = resolve_method(config)
     scale = float(config.logit_scale if logit_scale is None else logit_scale)
-    old = RunCheckpoints(old_workdir / "checkpoints")
-    try:
-        num_tasks, meta = _finished_run(old, old_workdir)
-    finally:
-        old.close()
+    num_tasks, meta = finished_run(old_workdir)
     split = stream.split
     if split.num_tasks <= num_tasks:
         raise ContinuationError(
@@ -224,6 +232,8 @@ def _seed(old_workdir: Path, stream, config, workdir: Path, scale: float, mesh, 
         "method": build(config, stream.dim, scale, split.num_classes),
         "method_old": build(config, stream.dim, scale, int(split.bounds[num_tasks])),
     }  # fmt: skip
+    if sharding.is_primary():
+        workdir.mkdir(parents=True, exist_ok=True)
     rundir.prepare_workdir(workdir, doc, overwrite=False)  # refuses another run's folder
     # Written aside and renamed: an interrupted copy is never taken for the continued run.
     partial = workdir / "checkpoints.partial"

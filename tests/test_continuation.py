@@ -2,18 +2,22 @@
 go (library), and `python -m experiments.run --continue-from` with an image folder of new classes
 (the old folder untouched, clashing class names refused with exit 2)."""
 
+import shlex
 
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
-from calfuse_jax import rundir
+from calfuse_jax import load_classifier, rundir
 from calfuse_jax.config import method_config
 from calfuse_jax.continual import run_continual
 from calfuse_jax.continuation import ContinuationError, continue_run
 from calfuse_jax.data.protocol import TaskSplit
 from calfuse_jax.data.stream import FeatureStream
 from calfuse_jax.data.synthetic import make_synthetic_stream
+from experiments import run
+from tests.readme_blocks import blocks
 
 
 def six_tasks():
@@ -78,3 +82,69 @@ def test_a_continued_run_equals_the_whole_stream_in_one_go(tmp_path):
     with pytest.raises(ContinuationError, match="has 5 tasks and the run"):
         continue_run(old, five_of(stream), text, small_config(), tmp_path / "o", progress=False)
     assert not (tmp_path / "other").exists() and not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """A finished two-task demo run (random tiny CLIP, shapes images) and its files' bytes."""
+    root = tmp_path_factory.mktemp("continue")
+    workdir = root / "demo-calfuse"
+    overrides = [f"cache_dir={root}/cache", "continual.initial=5", "continual.increment=5"]
+    args = ["--config", "demo:smoke", "--workdir", str(workdir), "-q"]
+    assert run.main(args + [f"--config.{o}" for o in overrides]) == 0
+    return workdir, files_of(workdir)
+
+
+def files_of(folder):
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def image_folder(root, names):
+    """ROOT/<name>/<i>.png: 10 tiny images per class, a different mean colour per class."""
+    rng = np.random.default_rng(1)
+    for label, name in enumerate(names):
+        (root / name).mkdir(parents=True)
+        for i in range(10):
+            pixels = rng.integers(0, 60, (16, 16, 3)) + 40 * label
+            Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{i}.png")
+
+
+def test_readme_continues_the_demo_with_an_image_folder(demo_run, tmp_path, monkeypatch):
+    old, before = demo_run
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "demo-calfuse").symlink_to(old)
+    image_folder(tmp_path / "my_new_classes", ["blob", "zig_zag"])
+    (command,) = blocks("Continuing a run with new classes")
+    argv = shlex.split(command.replace("\\\n", " "))
+    assert argv[:3] == ["python", "-m", "experiments.run"]
+    assert run.main([*argv[3:], "-q"]) == 0
+    new = tmp_path / "runs" / "demo-calfuse+folder-my_new_classes"
+    assert files_of(old) == before  # the old run is only read
+    provenance = rundir.read_json(new / "provenance.json")
+    assert provenance["continued_from"]["run"] == str(tmp_path / "runs" / "demo-calfuse")
+    assert provenance["continued_from"]["added_names"] == ["blob", "zig zag"]
+    assert provenance["task_bounds"] == [0, 5, 10, 11, 12]  # folder: ceil(2 / 5) = 1 per task
+    assert provenance["prompts"]["class_names"][10:] == ["blob", "zig zag"]
+    config = rundir.read_json(new / "config.json")
+    assert config["name"] == "demo:smoke+folder-my_new_classes" and config["continuation"]["run"]
+    # The old tasks' rows are the old run's; the new ones add rows and columns.
+    old_rows = rundir.read_json(old / "summary.json")["accuracy_matrix"]
+    matrix = rundir.read_json(new / "summary.json")["accuracy_matrix"]
+    assert len(matrix) == 4 and [r[:2] for r in matrix[:2]] == [r[:2] for r in old_rows]
+    assert all(v is not None for v in matrix[3])
+    classifier = load_classifier(new)
+    assert classifier.names[10:] == ("blob", "zig zag") and len(classifier.labels) == 12
+
+
+def test_clashing_class_names_and_other_fields_exit_2(demo_run, tmp_path, capsys):
+    old, before = demo_run
+    image_folder(tmp_path / "more", ["circle", "blob"])  # circle: one of the demo's shapes
+    root, new = f"--config.dataset.root={tmp_path}/more", str(tmp_path / "new")
+    base = ["--continue-from", str(old), "--config", "folder", root, "--workdir", new]
+    assert run.main(base) == 2
+    err = capsys.readouterr().err
+    assert "'circle'" in err and "already exist" in err and "Traceback" not in err, err
+    assert run.main([*base, "--config.train.epochs=3"]) == 2
+    assert "--config.train.epochs=3: a continued run keeps" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists() and files_of(old) == before
