@@ -89,7 +89,8 @@ def demo_run(tmp_path_factory):
     """A finished two-task demo run (random tiny CLIP, shapes images) and its files' bytes."""
     root = tmp_path_factory.mktemp("continue")
     workdir = root / "demo-calfuse"
-    overrides = [f"cache_dir={root}/cache", "continual.initial=5", "continual.increment=5"]
+    overrides = [f"cache_dir={root}/cache", "continual.initial=5", "continual.increment=5",
+                 "dataset.max_per_class=6", "train.epochs=1"]  # fmt: skip
     args = ["--config", "demo:smoke", "--workdir", str(workdir), "-q"]
     assert run.main(args + [f"--config.{o}" for o in overrides]) == 0
     return workdir, files_of(workdir)
