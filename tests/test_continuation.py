@@ -3,6 +3,7 @@ go (library), and `python -m experiments.run --continue-from` with an image fold
 (the old folder untouched, clashing class names refused with exit 2)."""
 
 import shlex
+import shutil
 
 import jax
 import numpy as np
@@ -148,4 +149,11 @@ def test_clashing_class_names_and_other_fields_exit_2(demo_run, tmp_path, capsys
     assert "'circle'" in err and "already exist" in err and "Traceback" not in err, err
     assert run.main([*base, "--config.train.epochs=3"]) == 2
     assert "--config.train.epochs=3: a continued run keeps" in capsys.readouterr().err
+    partial = tmp_path / "partial"
+    shutil.copytree(old, partial)
+    shutil.rmtree(partial / "checkpoints" / "tasks" / "1")
+    image_folder(tmp_path / "fresh", ["blob"])
+    fresh = f"--config.dataset.root={tmp_path}/fresh"
+    assert run.main(["--continue-from", str(partial), "--config", "folder", fresh]) == 2
+    assert "is unfinished (finished tasks [0] of 0..1)" in capsys.readouterr().err
     assert not (tmp_path / "new").exists() and files_of(old) == before
