@@ -86,10 +86,10 @@ class _Run:
     loss_callback: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None] | None
 
 
-def _initial_params(run: _Run):
-    """Head params from `config.seed`, replicated."""
-    key = jax.random.fold_in(jax.random.PRNGKey(int(run.config.seed)), 1_000_003)
-    return jax.jit(run.method.init, out_shardings=sharding.replicated(run.mesh))(key)
+def initial_params(method: methods.Method, config, mesh: Mesh):
+    """`method`'s head params from `config.seed`, replicated (the start of every run)."""
+    key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 1_000_003)
+    return jax.jit(method.init, out_shardings=sharding.replicated(mesh))(key)
 
 
 def _fresh_state(run: _Run) -> ContinualState:
@@ -97,7 +97,7 @@ def _fresh_state(run: _Run) -> ContinualState:
     means = jnp.zeros((split.num_classes, dim), device=placement)
     chols = jnp.zeros((split.num_classes, dim, dim), device=placement)
     accuracy = np.full((split.num_tasks, split.num_tasks), np.nan, np.float32)
-    return ContinualState(_initial_params(run), means, chols, accuracy)
+    return ContinualState(initial_params(run.method, run.config, run.mesh), means, chols, accuracy)
 
 
 def _training_rows(run: _Run, task: int) -> tuple[np.ndarray, np.ndarray]:
@@ -328,7 +328,8 @@ def _open_run(stream, text_features, config, workdir, overwrite, mesh, logit_sca
         capacity=sharding.padded_size(max(_training_sizes(stream, method)), mesh),
         **hooks,
     )
-    plan = fusion.fusion_plan(jax.eval_shape(lambda: _initial_params(run)), run.method.fusion_rules)
+    params = jax.eval_shape(lambda: initial_params(run.method, run.config, run.mesh))
+    plan = fusion.fusion_plan(params, run.method.fusion_rules)
     logger.info("fusion after each task (fusion.rules):\n%s", fusion.format_plan(plan))
     return run
 

@@ -332,6 +332,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     parser.add_argument(
         "--show-config", action="store_true", help="print every config key and value, then exit"
     )
+    parser.add_argument(
+        "--continue-from", metavar="RUN",
+        help="a finished run to continue with --config's classes as further tasks (new folder "
+        "RUN+<config name>, or --workdir)",
+    )  # fmt: skip
     parser.add_argument("--traceback", action="store_true", help="show tracebacks of user errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress")
     add_distributed_flags(parser)
@@ -350,9 +355,14 @@ def _main(args: argparse.Namespace, config: ml_collections.ConfigDict, overrides
     if args.show_config:
         print(format_config(resolve_method(config)))
         return 0
-    config = with_data_fields(config)  # a folder config counts its classes
-    args.workdir = args.workdir or default_workdir(args.config, config, overrides)
-    summary = run_experiment(config, args.workdir, overwrite=args.overwrite)
+    if args.continue_from:  # `config` gives the new classes (experiments/continuation.py)
+        from experiments.continuation import continue_experiment
+
+        config, summary = continue_experiment(args, config, overrides)
+    else:
+        config = with_data_fields(config)  # a folder config counts its classes
+        args.workdir = args.workdir or default_workdir(args.config, config, overrides)
+        summary = run_experiment(config, args.workdir, overwrite=args.overwrite)
     barrier("calfuse_run_finished")  # no process exits while process 0 still writes
     if is_primary():  # the other processes of a --distributed run computed the same numbers
         print(results.markdown_table([(f"{config.name} {config.method}", summary)]), end="")
