@@ -103,10 +103,13 @@ def compile_cache(tmp_path_factory):
 def test_signals_stop_with_a_step_checkpoint_and_resume_identical(tmp_path):
     rng, cache = random.Random(2024), tmp_path / "cache"
     reference, stopped = tmp_path / "reference", tmp_path / "stopped"
-    (uninterrupted,) = launch(reference, cache)
+    # 6 epochs a task (48 steps, 24 step checkpoints): an epoch is one device program, so with
+    # the module's compile cache 2 epochs left too little training for the SIGTERM to land in.
+    longer = "--config.train.epochs=6"
+    (uninterrupted,) = launch(reference, cache, longer)
 
     # Ctrl-C while the first step compiles (or just before training begins).
-    (worker,) = launch(stopped, cache)
+    (worker,) = launch(stopped, cache, longer)
     log = stopped / "run.log"
     wait_for(lambda: log.exists() and "fusion after each task" in log.read_text(), "training")
     time.sleep(rng.uniform(0.0, 1.0))
@@ -116,12 +119,12 @@ def test_signals_stop_with_a_step_checkpoint_and_resume_identical(tmp_path):
 
     # The same command resumes; SIGTERM mid-training, then a Ctrl-C soon after (often during
     # the step checkpoint's save, which it waits for); then the same command runs to the end.
-    (worker,) = launch(stopped, cache)
+    (worker,) = launch(stopped, cache, longer)
     wait_for(lambda: newest_step(stopped) > seen, "new step checkpoint")
     time.sleep(rng.uniform(0.0, 0.6))
     ((code, output),) = stop([worker], rng, signal.SIGTERM, then=signal.SIGINT)
     assert (check_stopped(code, output, signal.SIGTERM, stopped) or 0) > seen
-    (worker,) = launch(stopped, cache)
+    (worker,) = launch(stopped, cache, longer)
     assert worker.wait(timeout=240) == 0, worker.communicate()[0]
     for name in ("summary.json", "accuracy_matrix.csv"):
         assert (stopped / name).read_bytes() == (reference / name).read_bytes(), name
