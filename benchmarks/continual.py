@@ -50,8 +50,8 @@ def capture_epoch_shapes(seen: list) -> None:
     """Records the abstract arguments of the first compiled epoch (for XLA's FLOP count)."""
     compiled = train.epoch_fn
 
-    def capturing(*settings):
-        run_epoch = compiled(*settings)
+    def capturing(*settings, **options):
+        run_epoch = compiled(*settings, **options)
 
         def call(*args):
             if not seen:
