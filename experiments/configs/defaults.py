@@ -75,7 +75,8 @@ FIELDS = {
     "features.batch_size": (256, "x >= 1"),
     # Where CLIP preprocessing runs: "host" (threads), "device" (uint8 images to the device,
     # resized inside the jitted encoder; sources whose images share one size, e.g. CIFAR) or
-    # "auto" (device for those sources). Equal pixels either way; each path has its own cache.
+    # "auto" (device for those sources). Equal pixels either way; each path has its own cache,
+    # and a resume may change it (calfuse_jax.rundir.RESUME_SAFE).
     "features.preprocess": ("auto", PREPROCESS_PATHS),
     # None: $CALFUSE_CACHE, else ~/.cache/calfuse_jax. Shared by every method and seed.
     "cache_dir": (config_dict.placeholder(str), None),
