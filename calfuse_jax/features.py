@@ -11,9 +11,11 @@ cache and anything that changes the numbers changes the key. An image that canno
 stops the extraction with `ImageDecodeError` naming the file.
 
 Extraction: batches are decoded and preprocessed on host threads (PIL releases the GIL) a few
-batches ahead of the device, padded to one fixed batch shape (the encoder is traced once), split
-over all devices of a `data` mesh (`NamedSharding`), encoded by one jitted function, and shown on a
-tqdm bar with images/s and ETA. Compute dtype: bfloat16 on GPU/TPU, float32 on CPU, unless given.
+batches ahead of the device (a source whose images share one size, `ds.fixed_size`, sends uint8
+[B, H, W, 3] instead, preprocessed inside the jitted encoder: `preprocess.device_preprocess`),
+padded to one batch shape (one trace), split over the devices of a `data` mesh (`NamedSharding`),
+encoded by one jitted function, and shown on a tqdm bar with images/s and ETA. Compute dtype:
+bfloat16 on GPU/TPU, float32 on CPU, unless given.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ from calfuse_jax.feature_cache import (
 # v2: 16-bit images are scaled to 8 bits instead of clipped at 255 (`data.images.pil_to_rgb`);
 # the version is in the cache key, so an entry extracted from saturated pixels is never reused.
 PREPROCESS_VERSION = "clip-bicubic-shortside-centercrop-meanstd-v2"
+# Device path: equal pixels, but another XLA program (sums may round differently): its own key.
+DEVICE_PREPROCESS_VERSION = PREPROCESS_VERSION + "+device-pil-fixedpoint-v1"
+PREPROCESS_PATHS = ("auto", "host", "device")  # auto: device for fixed-size sources
 TEXT_VERSION = "text-normalised-template-mean-v1"
 
 
@@ -60,14 +65,17 @@ def default_compute_dtype() -> jnp.dtype:
     return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
 
 
-def make_image_encoder(model, params, mesh, compute_dtype) -> Callable[[np.ndarray], jax.Array]:
+def make_image_encoder(
+    model, params, mesh, compute_dtype, device_size: int | None = None
+) -> Callable[[np.ndarray], jax.Array]:
     """host pixels float32 [B, H, W, 3] (B a multiple of the mesh size) -> features [B, D].
 
     One jitted function; parameters replicated once, pixels split over the `data` axis, output
     float32 split the same way. Pixels are not donated: the output has another shape, so XLA
-    could not reuse their buffer anyway.
+    could not reuse their buffer anyway. With `device_size` S the pixels are uint8 images
+    [B, H, W, 3] of any one size, preprocessed to [B, S, S, 3] inside the same function.
     """
-    jitted = _jitted_encoder(with_compute_dtype(model, compute_dtype), mesh)
+    jitted = _jitted_encoder(with_compute_dtype(model, compute_dtype), mesh, device_size)
     device_params = sharding.replicate(params, mesh)
     return lambda pixels: jitted(device_params, sharding.shard_batch(pixels, mesh))
 
@@ -79,16 +87,22 @@ def with_compute_dtype(model, compute_dtype):
     return model
 
 
-def encode_images(model, params, pixels: jax.Array) -> jax.Array:
-    """pixels [B, S, S, 3] -> float32 features [B, D] (traceable; jit it, or a caller's jit)."""
+def encode_images(model, params, pixels: jax.Array, device_size: int | None = None) -> jax.Array:
+    """pixels [B, S, S, 3] -> float32 features [B, D] (traceable; jit it, or a caller's jit).
+    With `device_size` S: pixels are uint8 images [B, H, W, 3], `device_preprocess`ed first."""
+    if device_size is not None:
+        from calfuse_jax.preprocess import device_preprocess
+
+        pixels = device_preprocess(pixels, device_size)
     return model.apply({"params": params}, pixels, method=model.encode_image).astype(jnp.float32)
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_encoder(model, mesh):
-    """One compiled encoder per (module, mesh): a second dataset (the test split) reuses it."""
+def _jitted_encoder(model, mesh, device_size: int | None = None):
+    """One compiled encoder per (module, mesh, path): a second dataset (the test split) reuses
+    it (the device path compiles once per input image size)."""
     return jax.jit(
-        functools.partial(encode_images, model),
+        functools.partial(encode_images, model, device_size=device_size),
         in_shardings=(sharding.replicated(mesh), sharding.data_sharding(mesh)),
         out_shardings=sharding.data_sharding(mesh),
     )
@@ -102,10 +116,20 @@ def _fetch(array: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
-def _host_batch(ds, indices, preprocess, image_size: int, batch: int) -> np.ndarray:
-    """Decode + preprocess `indices`, zero-padded to `batch` rows: float32 [batch, S, S, 3]."""
-    pixels = np.asarray(preprocess(ds.load_batch(indices), image_size), dtype=np.float32)
-    return np.pad(pixels, [(0, batch - len(indices))] + [(0, 0)] * (pixels.ndim - 1))
+def _host_batch(ds, indices, plan: _Plan) -> np.ndarray:
+    """Decode + preprocess `indices`, zero-padded to `plan.batch` rows: float32 [batch, S, S, 3]
+    (device path: the decoded uint8 [batch, H, W, 3], preprocessed by the encoder)."""
+    if plan.preprocess is None:
+        pixels = np.stack(ds.load_batch(indices))
+        if pixels.shape[1:] != (*ds.fixed_size, 3) or pixels.dtype != np.uint8:
+            raise ValueError(
+                f"{ds.identity!r} says its images are uint8 {ds.fixed_size} (fixed_size) but "
+                f"gave {pixels.dtype} {pixels.shape[1:]}; run with preprocess_path='host' "
+                "(--config.features.preprocess=host)"
+            )
+    else:
+        pixels = np.asarray(plan.preprocess(ds.load_batch(indices), plan.image_size), np.float32)
+    return np.pad(pixels, [(0, plan.batch - len(indices))] + [(0, 0)] * (pixels.ndim - 1))
 
 
 def _model_fields(model) -> dict:
@@ -113,8 +137,19 @@ def _model_fields(model) -> dict:
     return {"model": type(model).__name__, "arch": repr(arch) if arch is not None else None}
 
 
-def _resolve_preprocess(preprocess: Callable | None) -> tuple[Callable, str]:
-    """(function, version for the cache key): `clip.preprocess` unless a custom one is given."""
+def _resolve_preprocess(preprocess: Callable | None, path: str, ds) -> tuple[Callable | None, str]:
+    """(host function, or None: on the device; version for the cache key); see `image_features`."""
+    if path not in PREPROCESS_PATHS:
+        raise ValueError(f"preprocess_path must be one of {PREPROCESS_PATHS}, got {path!r}")
+    fixed = getattr(ds, "fixed_size", None) is not None
+    if path == "device" and (preprocess is not None or not fixed):
+        why = "a custom preprocess runs on the host" if fixed else "its images differ in size"
+        raise ValueError(
+            f"preprocess_path='device' cannot preprocess {ds.identity!r} ({why}); use 'host' "
+            "or 'auto' (--config.features.preprocess=auto)"
+        )
+    if preprocess is None and fixed and path != "host":
+        return None, DEVICE_PREPROCESS_VERSION
     if preprocess is None:
         from calfuse_jax.preprocess import preprocess
 
@@ -139,6 +174,7 @@ def image_features(
     chunk_size: int | None = None,
     num_workers: int | None = None,
     preprocess: Callable | None = None,
+    preprocess_path: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Frozen image features of every item of `ds`, cached under `cache_dir`.
 
@@ -152,15 +188,19 @@ def image_features(
       mesh: a `data` mesh; default all devices.
       compute_dtype: encoder compute dtype; default `default_compute_dtype()`.
       chunk_size: images per resumable chunk file (default about 4096, a multiple of the batch).
-      num_workers: host threads decoding/preprocessing ahead of the device (default <= 8).
+      num_workers: host threads decoding/preprocessing ahead of the device (default: the cores
+        this process may use, `default_workers()`).
       preprocess: `(images, image_size) -> float32 [B, S, S, 3]`; default `clip.preprocess`.
+      preprocess_path: "host" (threads run `preprocess`), "device" (uint8 images to the device,
+        `preprocess.device_preprocess` in the encoder; needs `ds.fixed_size`, equal pixels) or
+        "auto" (device when `ds.fixed_size` and no custom `preprocess`). Part of the key.
 
     Returns:
       features float32 [N, D] (not normalised) and labels int64 [N] (== `ds.labels`).
     """
     if len(ds) == 0:
         raise ValueError(f"dataset {ds.identity!r} is empty: nothing to encode")
-    preprocess, preprocess_version = _resolve_preprocess(preprocess)
+    preprocess, preprocess_version = _resolve_preprocess(preprocess, preprocess_path, ds)
     image_size = int(image_size or model.image_size)
     mesh = mesh or sharding.make_mesh()
     compute_dtype = jnp.dtype(compute_dtype or default_compute_dtype())
@@ -177,7 +217,8 @@ def image_features(
                 return cached[0], cached[1]
             warnings.warn(f"feature cache {folder} holds other labels; recomputing", stacklevel=2)
         atomic_write_json(folder / "key.json", fields)  # for people browsing the cache
-        encoder = lambda: make_image_encoder(model, params, mesh, compute_dtype)  # noqa: E731
+        on_device = None if preprocess else image_size  # None: float pixels from the host
+        encoder = lambda: make_image_encoder(model, params, mesh, compute_dtype, on_device)
         features = _extract_chunks(ds, folder / "chunks", encoder, plan, progress)
         if sharding.is_primary():
             write_verified(folder, {"features.npy": features, "labels.npy": labels}, fields)
@@ -196,7 +237,7 @@ def _locked(folder: Path):
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-    preprocess: Callable
+    preprocess: Callable | None  # None: uint8 images to the device (`device_preprocess`)
     image_size: int
     batch: int  # rows per encoder call, a multiple of the device count
     chunk: int  # rows per resumable chunk file, a multiple of `batch`
@@ -207,7 +248,12 @@ class _Plan:
         """`image_features`' arguments (None: the defaults) made into a plan."""
         batch = min(sharding.padded_size(batch_size, mesh), sharding.padded_size(total, mesh))
         chunk = max(1, (chunk_size or max(4096, batch)) // batch) * batch
-        return cls(preprocess, image_size, batch, chunk, workers or min(8, os.cpu_count() or 1))
+        return cls(preprocess, image_size, batch, chunk, workers or default_workers())
+
+
+def default_workers() -> int:
+    """Host decoding threads: the cores this process may use (PIL and NumPy release the GIL)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _extract_chunks(ds, chunk_dir: Path, make_encoder, plan: _Plan, progress: bool) -> np.ndarray:
@@ -256,7 +302,7 @@ def _encode_jobs(ds, jobs, bounds, encoder, plan: _Plan, bar):
 
         def submit(job):
             rows = range(job[1], min(job[1] + batch, bounds[job[0]][1]))
-            return pool.submit(_host_batch, ds, rows, plan.preprocess, plan.image_size, batch)
+            return pool.submit(_host_batch, ds, rows, plan)
 
         ahead = collections.deque(submit(job) for job in jobs[: plan.workers + 1])
         next_job = len(ahead)

@@ -4,12 +4,20 @@ Same steps and arithmetic as OpenAI CLIP / transformers' `CLIPImageProcessor` (P
 bicubic resize on uint8 RGB so that the short side equals `image_size` (long side
 `int(size * long / short)`), crop the centre (offsets `(h - size) // 2`), scale by 1/255 in float64,
 then `(x - mean) / std` in float32. Output is channels-last, ready for `encode_image`.
+
+`device_preprocess` does the same inside a jitted function, for sources whose images all have one
+size (CIFAR-style uint8 arrays): only uint8 [B, H, W, 3] crosses to the device. It replays PIL's
+fixed-point arithmetic (`ImagingResample`: bicubic a=-0.5 taps normalised in float64, rounded to
+22-bit integers; horizontal pass first, each pass rounded and clipped to uint8), computing only
+the rows and columns the crop keeps, and normalises through a 256-entry table of `normalize`, so
+its pixels equal `preprocess`'s bit for bit (tests/test_device_preprocess.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
@@ -62,3 +70,76 @@ def preprocess(images: Sequence, image_size: int) -> np.ndarray:
         return np.zeros((0, image_size, image_size, 3), np.float32)
     crops = np.stack([resize_and_crop(image, image_size) for image in images])
     return normalize(crops)
+
+
+_PRECISION_BITS = 22  # Pillow's PRECISION_BITS (32 - 8 - 2) for 8-bit images
+
+
+def _bicubic(x: np.ndarray) -> np.ndarray:
+    """Pillow's `bicubic_filter` (a = -0.5), support 2."""
+    x, a = np.abs(x), -0.5
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+def pil_taps(in_size: int, out_size: int, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pillow's resampling taps for outputs `first .. first + count - 1` of `in_size -> out_size`.
+
+    Returns (indices int32 [count, K], weights int32 [count, K]) with output o = sum_k
+    in[indices[o, k]] * weights[o, k] in 22-bit fixed point (`precompute_coeffs` and
+    `normalize_coeffs_8bpc` of Pillow's Resample.c); unused taps have weight 0 and index 0.
+    """
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = 2.0 * filterscale
+    ksize = int(np.ceil(support)) * 2 + 1
+    indices = np.zeros((count, ksize), np.int32)
+    weights = np.zeros((count, ksize), np.int32)
+    for row, out in enumerate(range(first, first + count)):
+        center = (out + 0.5) * scale
+        low = max(int(center - support + 0.5), 0)
+        high = min(int(center + support + 0.5), in_size)
+        taps = np.arange(low, high)
+        w = _bicubic((taps - center + 0.5) / filterscale)
+        w = w / w.sum() if w.sum() != 0.0 else w
+        fixed = np.where(w < 0, -0.5 + w * (1 << _PRECISION_BITS), 0.5 + w * (1 << _PRECISION_BITS))
+        indices[row, : len(taps)] = taps
+        weights[row, : len(taps)] = fixed.astype(np.int64)  # C's (int) cast truncates to zero
+    return indices, weights
+
+
+def _resample_axis(pixels: jnp.ndarray, axis: int, in_size: int, out_size: int, first: int,
+                   count: int) -> jnp.ndarray:  # fmt: skip
+    """One Pillow pass along `axis` of int32 [B, H, W, 3] in 0..255, outputs first..+count."""
+    if in_size == out_size:  # Pillow skips the pass; its taps would be the identity
+        return jnp.take(pixels, jnp.arange(first, first + count), axis=axis)
+    indices, weights = pil_taps(in_size, out_size, first, count)
+    low, high = int(indices.min()), int((indices + (weights != 0)).max())
+    pixels = jnp.take(pixels, jnp.arange(low, high), axis=axis)  # only the rows the crop reads
+    shape = [1] * pixels.ndim
+    shape[axis] = count
+    total = jnp.full((), 1 << (_PRECISION_BITS - 1), jnp.int32)  # Pillow's rounding offset
+    for k in range(indices.shape[1]):
+        tap = jnp.take(pixels, jnp.asarray(np.maximum(indices[:, k] - low, 0)), axis=axis)
+        total = total + tap * jnp.asarray(weights[:, k]).reshape(shape)
+    return jnp.clip(total >> _PRECISION_BITS, 0, 255)  # Pillow's clip8
+
+
+def device_resize_and_crop(images: jnp.ndarray, image_size: int) -> jnp.ndarray:
+    """uint8 [B, H, W, 3] -> int32 [B, S, S, 3] in 0..255, equal to `resize_and_crop` per image."""
+    height, width = images.shape[1:3]
+    short, long = min(width, height), max(width, height)
+    new_long = int(image_size * long / short)
+    new_w, new_h = (image_size, new_long) if width <= height else (new_long, image_size)
+    top, left = (new_h - image_size) // 2, (new_w - image_size) // 2
+    pixels = images.astype(jnp.int32)
+    pixels = _resample_axis(pixels, 2, width, new_w, left, image_size)  # horizontal first
+    return _resample_axis(pixels, 1, height, new_h, top, image_size)
+
+
+def device_preprocess(images: jnp.ndarray, image_size: int) -> jnp.ndarray:
+    """uint8 [B, H, W, 3] -> float32 [B, S, S, 3], equal to `preprocess` (traceable; jit it)."""
+    crops = device_resize_and_crop(images, image_size)
+    table = jnp.asarray(normalize(np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, 1)))
+    return table[crops, jnp.arange(3)]  # [256, 3] looked up per channel

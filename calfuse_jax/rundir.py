@@ -32,11 +32,13 @@ from calfuse_jax.files import atomic_write
 
 # The one list of fields a resumed run may change: where things are and how they are shown
 # (experiments' fields), and the training loop's checkpoint cadence and evaluation batch, which
-# change neither the maths nor the data order.
+# change neither the maths nor the data order. Where preprocessing runs gives equal pixels (the
+# encoder's rounding may differ: the run fingerprint's feature digest still refuses such a resume).
 RESUME_SAFE = (
     "progress",
     "cache_dir",
     "features.batch_size",
+    "features.preprocess",
     "dataset.root",
     "dataset.data_dir",
     "dataset.download",

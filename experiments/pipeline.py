@@ -212,6 +212,7 @@ class FirstPerClass(ImageDataset):
         self.labels = labels[self._index]
         self.class_names = dataset.class_names
         self.identity = f"{dataset.identity}|first{n}perclass"
+        self.fixed_size = getattr(dataset, "fixed_size", None)
 
     def load(self, i: int) -> Any:
         return self._dataset.load(int(self._index[i]))
@@ -316,6 +317,7 @@ def _prepare_images(config: ml_collections.ConfigDict) -> Prepared:
         encoded += features.image_features(
             dataset, model, params, cache_dir=cache, weights_id=weights, image_size=image_size,
             batch_size=config.features.batch_size, progress=config.progress,
+            preprocess_path=config.features.preprocess,
         )  # fmt: skip
     names = prompt_names(config, train.class_names)
     templates = tuple(config.prompt.templates)

@@ -7,6 +7,8 @@ Every reader returns an object with the same small interface (`ImageDataset`):
     ds.identity     str, stable description for cache keys (dataset, split, source, hash of the
                     sorted relative file list and labels), the same on every machine
     len(ds); ds.load(i) -> uint8 [H, W, 3]; ds.load_batch(indices) -> list of arrays
+    ds.fixed_size   (H, W) when every image has that size (arrays in memory), else None: such
+                    sources may be preprocessed on the device (`features.image_features`)
 
 Each reader module declares a `DatasetEntry` (what `registry.load_dataset` needs to know). Readers
 here take a class-per-folder tree (`folder_split`, the `folder` dataset) or arrays in memory;
@@ -39,6 +41,7 @@ class ImageDataset:
     labels: np.ndarray
     class_names: tuple[str, ...]
     identity: str
+    fixed_size: tuple[int, int] | None = None  # (H, W) of every image, when all share one
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -206,6 +209,10 @@ class ArrayDataset(ImageDataset):
         self.identity = (
             f"{description}/n={len(self.labels)}/data={content_hash(self.images, self.labels)}"
         )
+
+    @property
+    def fixed_size(self) -> tuple[int, int]:
+        return tuple(self.images.shape[1:3])
 
     def load(self, index: int) -> np.ndarray:
         return to_rgb(self.images[index])

@@ -30,6 +30,7 @@ class ShapesDataset(ImageDataset):
         num_classes = len(NAMES)
         self.labels = np.arange(num_per_class * num_classes, dtype=np.int64) % num_classes
         self.class_names = NAMES
+        self.fixed_size = (image_size, image_size)
         self.identity = (
             f"shapes/{split}/procedural/v{SHAPES_VERSION}/n={len(self.labels)},"
             f"size={image_size},seed={seed}"

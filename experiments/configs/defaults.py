@@ -19,6 +19,7 @@ from ml_collections import config_dict
 from calfuse_jax import config
 from calfuse_jax.config import METHODS
 from calfuse_jax.data.registry import SOURCES
+from calfuse_jax.features import PREPROCESS_PATHS
 
 # Continual-CLIP prompt (DESIGN.md §2); an ensemble averages the normalised embeddings.
 DEFAULT_TEMPLATES = ("a good photo of a {}.",)
@@ -72,6 +73,11 @@ FIELDS = {
     # "0" runs once into the workdir; "0,1,2" runs each seed into workdir/seed_k plus mean +- std.
     "seeds": ("0", None),
     "features.batch_size": (256, "x >= 1"),
+    # Where CLIP preprocessing runs: "host" (threads), "device" (uint8 images to the device,
+    # resized inside the jitted encoder; sources whose images share one size, e.g. CIFAR) or
+    # "auto" (device for those sources). Equal pixels either way; each path has its own cache,
+    # and a resume may change it (calfuse_jax.rundir.RESUME_SAFE).
+    "features.preprocess": ("auto", PREPROCESS_PATHS),
     # None: $CALFUSE_CACHE, else ~/.cache/calfuse_jax. Shared by every method and seed.
     "cache_dir": (config_dict.placeholder(str), None),
     "progress": (True, None),
