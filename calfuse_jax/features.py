@@ -46,13 +46,8 @@ from calfuse_jax.feature_cache import (
     save_chunk,
     write_verified,
 )
+from calfuse_jax.preprocess import device_preprocess, resolve_preprocess
 
-# v2: 16-bit images are scaled to 8 bits instead of clipped at 255 (`data.images.pil_to_rgb`);
-# the version is in the cache key, so an entry extracted from saturated pixels is never reused.
-PREPROCESS_VERSION = "clip-bicubic-shortside-centercrop-meanstd-v2"
-# Device path: equal pixels, but another XLA program (sums may round differently): its own key.
-DEVICE_PREPROCESS_VERSION = PREPROCESS_VERSION + "+device-pil-fixedpoint-v1"
-PREPROCESS_PATHS = ("auto", "host", "device")  # auto: device for fixed-size sources
 TEXT_VERSION = "text-normalised-template-mean-v1"
 
 
@@ -91,8 +86,6 @@ def encode_images(model, params, pixels: jax.Array, device_size: int | None = No
     """pixels [B, S, S, 3] -> float32 features [B, D] (traceable; jit it, or a caller's jit).
     With `device_size` S: pixels are uint8 images [B, H, W, 3], `device_preprocess`ed first."""
     if device_size is not None:
-        from calfuse_jax.preprocess import device_preprocess
-
         pixels = device_preprocess(pixels, device_size)
     return model.apply({"params": params}, pixels, method=model.encode_image).astype(jnp.float32)
 
@@ -137,28 +130,6 @@ def _model_fields(model) -> dict:
     return {"model": type(model).__name__, "arch": repr(arch) if arch is not None else None}
 
 
-def _resolve_preprocess(preprocess: Callable | None, path: str, ds) -> tuple[Callable | None, str]:
-    """(host function, or None: on the device; version for the cache key); see `image_features`."""
-    if path not in PREPROCESS_PATHS:
-        raise ValueError(f"preprocess_path must be one of {PREPROCESS_PATHS}, got {path!r}")
-    fixed = getattr(ds, "fixed_size", None) is not None
-    if path == "device" and (preprocess is not None or not fixed):
-        why = "a custom preprocess runs on the host" if fixed else "its images differ in size"
-        raise ValueError(
-            f"preprocess_path='device' cannot preprocess {ds.identity!r} ({why}); use 'host' "
-            "or 'auto' (--config.features.preprocess=auto)"
-        )
-    if preprocess is None and fixed and path != "host":
-        return None, DEVICE_PREPROCESS_VERSION
-    if preprocess is None:
-        from calfuse_jax.preprocess import preprocess
-
-        return preprocess, PREPROCESS_VERSION
-    # A custom function changes the numbers: key on its name.
-    name = getattr(preprocess, "__qualname__", repr(preprocess))
-    return preprocess, f"custom:{getattr(preprocess, '__module__', '')}.{name}"
-
-
 def image_features(
     ds,
     model,
@@ -181,11 +152,9 @@ def image_features(
     Args:
       ds: a dataset (`labels`, `identity`, `load_batch`; see `calfuse_jax.data.images`).
       model, params: a Linen module with `encode_image` ([B, S, S, 3] -> [B, D]) and its params.
-      cache_dir: root of the cache (shared by all runs).
-      weights_id: `weights_id(checkpoint)`; part of the key.
-      image_size: S; default `model.image_size`.
+      cache_dir, weights_id: the cache's root (shared by all runs); `weights_id(checkpoint)`.
+      image_size, mesh: S (default `model.image_size`); a `data` mesh (default all devices).
       batch_size: images per encoder call (rounded up to a multiple of the device count).
-      mesh: a `data` mesh; default all devices.
       compute_dtype: encoder compute dtype; default `default_compute_dtype()`.
       chunk_size: images per resumable chunk file (default about 4096, a multiple of the batch).
       num_workers: host threads decoding/preprocessing ahead of the device (default: the cores
@@ -200,7 +169,7 @@ def image_features(
     """
     if len(ds) == 0:
         raise ValueError(f"dataset {ds.identity!r} is empty: nothing to encode")
-    preprocess, preprocess_version = _resolve_preprocess(preprocess, preprocess_path, ds)
+    preprocess, preprocess_version = resolve_preprocess(preprocess, preprocess_path, ds)
     image_size = int(image_size or model.image_size)
     mesh = mesh or sharding.make_mesh()
     compute_dtype = jnp.dtype(compute_dtype or default_compute_dtype())
@@ -211,11 +180,8 @@ def image_features(
     folder = Path(cache_dir) / "images" / cache_key(fields)
     plan = _Plan.make(preprocess, image_size, len(ds), mesh, batch_size, chunk_size, num_workers)
     with _locked(folder):
-        cached = load_verified(folder, ("features.npy", "labels.npy"))
-        if cached is not None:
-            if np.array_equal(cached[1], labels):
-                return cached[0], cached[1]
-            warnings.warn(f"feature cache {folder} holds other labels; recomputing", stacklevel=2)
+        if (cached := _cached(folder, labels)) is not None:
+            return cached
         atomic_write_json(folder / "key.json", fields)  # for people browsing the cache
         on_device = None if preprocess else image_size  # None: float pixels from the host
         encoder = lambda: make_image_encoder(model, params, mesh, compute_dtype, on_device)
@@ -224,6 +190,15 @@ def image_features(
             write_verified(folder, {"features.npy": features, "labels.npy": labels}, fields)
             shutil.rmtree(folder / "chunks", ignore_errors=True)
     return features, labels
+
+
+def _cached(folder: Path, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The verified (features, labels) of the cache entry `folder` if it holds `labels`."""
+    cached = load_verified(folder, ("features.npy", "labels.npy"))
+    if cached is not None and not np.array_equal(cached[1], labels):
+        warnings.warn(f"feature cache {folder} holds other labels; recomputing", stacklevel=3)
+        return None
+    return None if cached is None else (cached[0], cached[1])
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ its pixels equal `preprocess`'s bit for bit (tests/test_device_preprocess.py).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +25,13 @@ from calfuse_jax.data.images import pil_to_rgb, to_rgb
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# v2: 16-bit images are scaled to 8 bits instead of clipped at 255 (`data.images.pil_to_rgb`);
+# the version is in the cache key, so an entry extracted from saturated pixels is never reused.
+PREPROCESS_VERSION = "clip-bicubic-shortside-centercrop-meanstd-v2"
+# Device path: equal pixels, but another XLA program (sums may round differently): its own key.
+DEVICE_PREPROCESS_VERSION = PREPROCESS_VERSION + "+device-pil-fixedpoint-v1"
+PREPROCESS_PATHS = ("auto", "host", "device")  # auto: device for fixed-size sources
 
 
 def _to_pil(image) -> Image.Image:
@@ -143,3 +150,24 @@ def device_preprocess(images: jnp.ndarray, image_size: int) -> jnp.ndarray:
     crops = device_resize_and_crop(images, image_size)
     table = jnp.asarray(normalize(np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, 1)))
     return table[crops, jnp.arange(3)]  # [256, 3] looked up per channel
+
+
+def resolve_preprocess(custom: Callable | None, path: str, ds) -> tuple[Callable | None, str]:
+    """(host function, or None: on the device; the version for the cache key) of
+    `features.image_features`' `preprocess` and `preprocess_path` arguments for `ds`."""
+    if path not in PREPROCESS_PATHS:
+        raise ValueError(f"preprocess_path must be one of {PREPROCESS_PATHS}, got {path!r}")
+    fixed = getattr(ds, "fixed_size", None) is not None
+    if path == "device" and (custom is not None or not fixed):
+        why = "a custom preprocess runs on the host" if fixed else "its images differ in size"
+        raise ValueError(
+            f"preprocess_path='device' cannot preprocess {ds.identity!r} ({why}); use 'host' "
+            "or 'auto' (--config.features.preprocess=auto)"
+        )
+    if custom is None and fixed and path != "host":
+        return None, DEVICE_PREPROCESS_VERSION
+    if custom is None:
+        return preprocess, PREPROCESS_VERSION
+    # A custom function changes the numbers: key on its name.
+    name = getattr(custom, "__qualname__", repr(custom))
+    return custom, f"custom:{getattr(custom, '__module__', '')}.{name}"

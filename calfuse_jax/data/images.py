@@ -188,9 +188,8 @@ class FileDataset(ImageDataset):
         self.class_names = tuple(class_names)
         if len(self.files) != len(self.labels):
             raise ValueError(f"{len(self.files)} files but {len(self.labels)} labels")
-        listing = "\n".join(
-            f"{f}\t{y}" for f, y in sorted(zip(self.files, self.labels.tolist(), strict=True))
-        )
+        pairs = sorted(zip(self.files, self.labels.tolist(), strict=True))
+        listing = "\n".join(f"{f}\t{y}" for f, y in pairs)
         self.identity = f"{description}/n={len(self.files)}/files={content_hash(listing)}"
 
     def load(self, index: int) -> np.ndarray:
@@ -206,13 +205,9 @@ class ArrayDataset(ImageDataset):
         self.class_names = tuple(class_names)
         if len(self.images) != len(self.labels):
             raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
-        self.identity = (
-            f"{description}/n={len(self.labels)}/data={content_hash(self.images, self.labels)}"
-        )
-
-    @property
-    def fixed_size(self) -> tuple[int, int]:
-        return tuple(self.images.shape[1:3])
+        digest = content_hash(self.images, self.labels)
+        self.identity = f"{description}/n={len(self.labels)}/data={digest}"
+        self.fixed_size = tuple(self.images.shape[1:3])
 
     def load(self, index: int) -> np.ndarray:
         return to_rgb(self.images[index])

@@ -19,7 +19,7 @@ from ml_collections import config_dict
 from calfuse_jax import config
 from calfuse_jax.config import METHODS
 from calfuse_jax.data.registry import SOURCES
-from calfuse_jax.features import PREPROCESS_PATHS
+from calfuse_jax.preprocess import PREPROCESS_PATHS
 
 # Continual-CLIP prompt (DESIGN.md §2); an ensemble averages the normalised embeddings.
 DEFAULT_TEMPLATES = ("a good photo of a {}.",)
