@@ -166,6 +166,34 @@ def test_cells_that_are_not_methods_plot_in_the_default_colours(tmp_path):
     assert (tmp_path / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_each_method_keeps_its_colour_in_every_chart_and_joint_is_dashed(tmp_path, monkeypatch):
+    """The report's curves (labels like 'synthetic ranpac (3 seeds)') and the grid's bars give a
+    method the same colour (results.METHOD_COLORS); `joint`, the upper bound, is dashed in both."""
+    from matplotlib.colors import to_hex
+    from matplotlib.figure import Figure
+
+    figures = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *args, **kwargs: figures.append(self))
+    methods = ["ranpac", "calfuse", "joint", "ncm"]
+    cells = [fake_cell(tmp_path, m, [80.0, 70.0]) for m in methods]
+    ablate.plot_comparison(cells, tmp_path / "comparison.png")
+    curves = [(f"synthetic {m} (2 seeds)", c.summary) for m, c in zip(methods, cells, strict=True)]
+    results.plot_accuracy_curves(curves[::-1], tmp_path / "curves.png")  # another order
+    bars, lines = figures[0].axes[0].patches, figures[1].axes[0].get_lines()
+    colour = {m: to_hex(results.METHOD_COLORS[m]) for m in methods}
+    assert len(set(colour.values())) == len(methods)
+    for line, method in zip(lines, methods[::-1], strict=True):
+        assert to_hex(line.get_color()) == colour[method], method
+        assert line.get_linestyle() == ("--" if method == "joint" else "-"), method
+    # Avg bars, then Last bars, each in grid order top to bottom (y = 3, 2, 1, 0).
+    for bar, method in zip(bars, methods * 2, strict=True):
+        if method == "joint":
+            assert not bar.get_fill() and bar.get_linestyle() == "--"
+            assert to_hex(bar.get_edgecolor()) == colour["joint"]
+        else:
+            assert to_hex(bar.get_facecolor()) == colour[method], method
+
+
 # --- end to end: the method grid on the synthetic benchmark --------------------------------------
 
 
