@@ -147,5 +147,5 @@ def test_two_processes_filling_one_entry_share_it(clean, tmp_path):
     folder = entry(cache)
     for feats in (here, there["features"]):
         assert_certifies(folder, feats)
-    # One device in the worker, four here: equal up to float rounding.
-    np.testing.assert_allclose(here, clean, atol=1e-6)
+    # One device in the worker, four here: equal up to fp32 rounding (relative ~5e-7 seen).
+    np.testing.assert_allclose(here, clean, rtol=1e-6, atol=1e-6)
