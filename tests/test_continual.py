@@ -50,7 +50,8 @@ def reference(tmp_path_factory):
     Also counts the traces of the jitted step and evaluation over the run's 27 steps and 3
     evaluations, with the compiled functions' caches emptied first (other modules share them).
     """
-    train.epoch_fn.cache_clear(), train.eval_counts_fn.cache_clear()
+    train.epoch_fn.cache_clear()
+    train.eval_counts_fn.cache_clear()
     stream, text = tiny_stream()
     workdir = tmp_path_factory.mktemp("reference")
     before = dict(train.TRACES)

@@ -8,7 +8,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from PIL import Image
+from image_folders import write_image_folder
 
 from calfuse_jax import load_classifier, rundir
 from calfuse_jax.config import method_config
@@ -103,12 +103,7 @@ def files_of(folder):
 
 def image_folder(root, names):
     """ROOT/<name>/<i>.png: 10 tiny images per class, a different mean colour per class."""
-    rng = np.random.default_rng(1)
-    for label, name in enumerate(names):
-        (root / name).mkdir(parents=True)
-        for i in range(10):
-            pixels = rng.integers(0, 60, (16, 16, 3)) + 40 * label
-            Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{i}.png")
+    write_image_folder(root, names, colour_step=40, seed=1)
 
 
 def test_readme_continues_the_demo_with_an_image_folder(demo_run, tmp_path, monkeypatch):

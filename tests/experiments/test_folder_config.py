@@ -3,9 +3,8 @@ and the demo config pointed at a folder failing with a message instead of a Type
 
 import os
 
-import numpy as np
 import pytest
-from PIL import Image
+from image_folders import write_image_folder
 
 from calfuse_jax import rundir
 from experiments import run
@@ -18,13 +17,7 @@ CLASSES = ("daisy", "red_rose", "tulip", "iris", "lily", "orchid")
 def flowers(tmp_path_factory):
     """ROOT/<class>/<i>.png: 6 classes x 10 tiny images, a different mean colour per class."""
     root = tmp_path_factory.mktemp("data") / "flowers"
-    rng = np.random.default_rng(0)
-    for label, name in enumerate(CLASSES):
-        (root / name).mkdir(parents=True)
-        for i in range(10):
-            pixels = rng.integers(0, 60, (16, 16, 3)) + 30 * label
-            Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{i}.png")
-    return root
+    return write_image_folder(root, CLASSES, colour_step=30, seed=0)
 
 
 @pytest.fixture(scope="module")
