@@ -23,6 +23,7 @@ holds, and its other files, are `calfuse_jax.rundir`'s.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,13 @@ def _checked(meta: dict, path: Path) -> dict:
             "the old results aside, or use another workdir"
         )
     return meta
+
+
+def task_meta(task: int, fingerprint: str, config: dict, rows: Sequence[dict]) -> dict:
+    """The JSON metadata of a task checkpoint: the run's fingerprint and config, and the metrics
+    rows of the tasks so far (what a resume checks and restores)."""
+    meta = {"task": task, "fingerprint": fingerprint, "config": config, "rows": list(rows)}
+    return json.loads(json.dumps(meta, default=str))
 
 
 class RunCheckpoints:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from flax import struct
 from jax.sharding import Mesh
 
 from calfuse_jax import calibration, fusion, methods, metrics, rundir, sharding, stats, train
-from calfuse_jax.checkpoint import RunCheckpoints, TaskCheckpointError, abstract_like
+from calfuse_jax.checkpoint import RunCheckpoints, TaskCheckpointError, abstract_like, task_meta
 from calfuse_jax.config import resolve_method
 from calfuse_jax.data.stream import FeatureStream
 from calfuse_jax.interrupt import Interrupted, deferred, requested
@@ -37,13 +36,8 @@ from calfuse_jax.train import NonFiniteLossError, TrainState
 
 logger = logging.getLogger("calfuse_jax")
 
-__all__ = [
-    "ConfigMismatchError",
-    "ContinualResult",
-    "NonFiniteLossError",
-    "TaskCheckpointError",
-    "run_continual",
-]
+__all__ = ["ConfigMismatchError", "ContinualResult", "NonFiniteLossError", "TaskCheckpointError",
+           "run_continual"]  # fmt: skip
 
 
 @struct.dataclass
@@ -67,8 +61,8 @@ class ContinualState:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Run:
-    """The constants of one `run_continual` call."""
+class Run:
+    """The constants of one `run_continual` call (`open_run`; `seeds` opens several)."""
 
     stream: FeatureStream
     text: jax.Array  # [C, D] unit text embeddings by position, replicated
@@ -92,7 +86,7 @@ def initial_params(method: methods.Method, config, mesh: Mesh):
     return jax.jit(method.init, out_shardings=sharding.replicated(mesh))(key)
 
 
-def _fresh_state(run: _Run) -> ContinualState:
+def _fresh_state(run: Run) -> ContinualState:
     split, dim, placement = run.stream.split, run.stream.dim, sharding.replicated(run.mesh)
     means = jnp.zeros((split.num_classes, dim), device=placement)
     chols = jnp.zeros((split.num_classes, dim, dim), device=placement)
@@ -100,7 +94,7 @@ def _fresh_state(run: _Run) -> ContinualState:
     return ContinualState(initial_params(run.method, run.config, run.mesh), means, chols, accuracy)
 
 
-def _training_rows(run: _Run, task: int) -> tuple[np.ndarray, np.ndarray]:
+def _training_rows(run: Run, task: int) -> tuple[np.ndarray, np.ndarray]:
     """The rows `task` trains on: its own, or every seen class's for a `joint` method."""
     joint = getattr(run.method, "joint", False)
     return (run.stream.seen if joint else run.stream.task)(task, "train")
@@ -116,7 +110,7 @@ def _training_sizes(stream: FeatureStream, method) -> list[int]:
     ]
 
 
-def _start_task(run: _Run, task: int, state: ContinualState):
+def start_task(run: Run, task: int, state: ContinualState):
     """(`state` with the statistics of `task`'s classes filled in, the task's `TaskView`).
 
     The statistics come from the frozen training features (training leaves them unchanged) and
@@ -144,6 +138,7 @@ def _start_task(run: _Run, task: int, state: ContinualState):
         pair_mask=run.pair_mask[task],
         teacher=state.params,
         teacher_ctx=calibration.task_context(bounds, max(task - 1, 0)),
+        floats=methods.step_floats(config),
     )
     key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), task)
     key, inputs = sharding.replicate((key, inputs), run.mesh)
@@ -152,7 +147,7 @@ def _start_task(run: _Run, task: int, state: ContinualState):
     return state.replace(means=means, chols=chols), view
 
 
-def _check_meta(run: _Run, meta: dict, what: str) -> None:
+def _check_meta(run: Run, meta: dict, what: str) -> None:
     if meta.get("fingerprint") != run.fingerprint:
         raise ConfigMismatchError(
             f"{what} in {run.workdir} was written by another configuration "
@@ -160,7 +155,7 @@ def _check_meta(run: _Run, meta: dict, what: str) -> None:
         )
 
 
-def _resume(run: _Run) -> tuple[ContinualState, int]:
+def resume(run: Run) -> tuple[ContinualState, int]:
     """The state after the last finished task (or a fresh one) and the next task index."""
     finished = run.checkpoints.finished_tasks()
     if not finished:
@@ -189,7 +184,7 @@ def _fresh_train_state_fn(mesh: Mesh):
     return jax.jit(fresh, out_shardings=sharding.replicated(mesh))
 
 
-def _start_state(run: _Run, task: int, params) -> tuple[TrainState, int]:
+def start_state(run: Run, task: int, params) -> tuple[TrainState, int]:
     """(state, step) to start `task` from: fresh, or its newest step checkpoint."""
     fresh = _fresh_train_state_fn(run.mesh)(params)
     latest = run.checkpoints.latest_step()
@@ -202,7 +197,7 @@ def _start_state(run: _Run, task: int, params) -> tuple[TrainState, int]:
     return TrainState(**state), latest[1]
 
 
-def step_saver(run: _Run, task: int) -> Callable[[int, TrainState], None]:
+def step_saver(run: Run, task: int) -> Callable[[int, TrainState], None]:
     """`save_step(step, state)`: a step checkpoint of `task` in `run`'s workdir."""
 
     def save_step(step: int, state: TrainState) -> None:
@@ -212,7 +207,7 @@ def step_saver(run: _Run, task: int) -> Callable[[int, TrainState], None]:
     return save_step
 
 
-def loss_report(run: _Run, task: int):
+def loss_report(run: Run, task: int):
     """`run.loss_callback` with steps counted across tasks (each task's curve continues the
     previous one), or None."""
     if run.loss_callback is None:
@@ -227,11 +222,11 @@ def loss_report(run: _Run, task: int):
     return report
 
 
-def _train(run: _Run, view: train.TaskView, params) -> tuple[Any, dict]:
+def _train(run: Run, view: train.TaskView, params) -> tuple[Any, dict]:
     """Trains `view`'s task from `params`; returns (params, info)."""
     if not run.method.trains:
         return params, {"loss": None, "steps": 0}
-    state, start = _start_state(run, view.task, params)
+    state, start = start_state(run, view.task, params)
     state, info = train.train_task(
         run.method, run.config, view, state, run.mesh,
         start_step=start, save_step=step_saver(run, view.task), step_callback=run.step_callback,
@@ -240,9 +235,9 @@ def _train(run: _Run, view: train.TaskView, params) -> tuple[Any, dict]:
     return state.params, info
 
 
-def _run_task(run: _Run, task: int, state: ContinualState) -> ContinualState:
+def _run_task(run: Run, task: int, state: ContinualState) -> ContinualState:
     """Statistics -> train -> fuse -> evaluate -> checkpoint for one task; returns the new state."""
-    state, view = _start_task(run, task, state)
+    state, view = start_task(run, task, state)
     started = time.perf_counter()
     if hasattr(run.method, "update"):  # closed-form state (FeCAM, RanPAC), once per task
         params = run.method.update(state.params, view.features, view.labels, view.key, view.inputs)
@@ -251,7 +246,7 @@ def _run_task(run: _Run, task: int, state: ContinualState) -> ContinualState:
     return finish_task(run, state, view, params, info, time.perf_counter() - started)
 
 
-def finish_task(run: _Run, state: ContinualState, view, params, info, train_seconds: float):
+def finish_task(run: Run, state: ContinualState, view, params, info, train_seconds: float):
     """Fuse -> evaluate -> checkpoint once `view`'s task trained `params`; the new state."""
     split, config, task = run.stream.split, run.config, view.task
     if task > 0 and run.method.trains:
@@ -274,12 +269,12 @@ def finish_task(run: _Run, state: ContinualState, view, params, info, train_seco
     logger.info(
         "task %d (%d/%d): seen-class accuracy %.2f%% (old %.2f, new %.2f), %.1fs%s",
         task, task + 1, split.num_tasks, *curve, train_seconds,
-        f" (seed {int(config.seed)})" if view.seeds else "",
+        f" ({view.members[0]})" if view.members else "",
     )  # fmt: skip
     return state
 
 
-def _save_task(run: _Run, task: int, state: ContinualState) -> None:
+def _save_task(run: Run, task: int, state: ContinualState) -> None:
     # Only the statistics of this task's classes: earlier ones are in earlier task checkpoints.
     old, seen = int(run.stream.split.bounds[task]), int(run.stream.split.bounds[task + 1])
     items = (
@@ -287,8 +282,7 @@ def _save_task(run: _Run, task: int, state: ContinualState) -> None:
         {"means": state.means[old:seen], "chols": state.chols[old:seen]},
     )
     saved, new_stats = sharding.replicate(items, run.mesh)
-    meta = {"task": task, "fingerprint": run.fingerprint, "config": run.config.to_dict()}
-    meta = json.loads(json.dumps(meta | {"rows": list(state.rows)}, default=str))
+    meta = task_meta(task, run.fingerprint, run.config.to_dict(), state.rows)
     run.checkpoints.save_task(task, saved, meta, new_stats=new_stats)
     if sharding.is_primary():
         rundir.write_results(run.workdir, list(state.rows), state.accuracy)
@@ -301,8 +295,8 @@ def unit_rows(text: np.ndarray) -> np.ndarray:
     return text / np.maximum(np.linalg.norm(text, axis=1, keepdims=True), 1e-12)
 
 
-def _open_run(stream, text_features, config, workdir, overwrite, mesh, logit_scale, **hooks):
-    """The `_Run` of `run_continual`'s arguments: checks the inputs, claims `workdir` for this
+def open_run(stream, text_features, config, workdir, overwrite, mesh, logit_scale, **hooks):
+    """The `Run` of `run_continual`'s arguments: checks the inputs, claims `workdir` for this
     config (`rundir.prepare_workdir`) and logs the fusion plan; `hooks`: progress, callbacks."""
     config = resolve_method(config)  # a bad fusion rule stops here, before anything is written
     stream.check(text_features)
@@ -315,7 +309,7 @@ def _open_run(stream, text_features, config, workdir, overwrite, mesh, logit_sca
     method = methods.REGISTRY[config.method].build(
         config, stream.dim, scale, stream.split.num_classes
     )
-    run = _Run(
+    run = Run(
         stream,
         sharding.replicate(text, mesh),
         *stats.task_hard_pairs(text, stream.split.bounds, config.pseudo),
@@ -371,12 +365,12 @@ def run_continual(
       a step checkpoint saved and raises `interrupt.Interrupted`, a KeyboardInterrupt.
     """
     with deferred():  # a signal, even while opening or compiling, stops at a saved point
-        run = _open_run(
+        run = open_run(
             stream, text_features, config, workdir, overwrite, mesh, logit_scale,
             progress=progress, step_callback=step_callback, loss_callback=loss_callback,
         )  # fmt: skip
         try:
-            state, start = _resume(run)
+            state, start = resume(run)
             if sharding.is_primary():
                 rundir.write_results(run.workdir, list(state.rows), state.accuracy)
             for task in range(start, run.stream.split.num_tasks):
@@ -391,7 +385,7 @@ def run_continual(
     return result_of(run, state)
 
 
-def result_of(run: _Run, state: ContinualState) -> ContinualResult:
+def result_of(run: Run, state: ContinualState) -> ContinualResult:
     """The `ContinualResult` of a finished `state`, on the host."""
     host = sharding.to_host(state)
     class_stats = stats.ClassStats(host.means, host.chols)

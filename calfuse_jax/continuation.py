@@ -17,7 +17,6 @@ order or data is refused instead of silently continued.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -28,7 +27,7 @@ import ml_collections
 import numpy as np
 
 from calfuse_jax import methods, rundir, sharding
-from calfuse_jax.checkpoint import RunCheckpoints, abstract_like
+from calfuse_jax.checkpoint import RunCheckpoints, abstract_like, task_meta
 from calfuse_jax.config import resolve_method
 from calfuse_jax.continual import initial_params, run_continual
 from calfuse_jax.data.protocol import TaskSplit
@@ -156,9 +155,8 @@ def _copy_tasks(old_dir: Path, target: Path, num_tasks: int, new_run: dict, mesh
                      "accuracy": grown}  # fmt: skip
             lo, hi = int(bounds[task]), int(bounds[task + 1])
             own = {name: class_stats[name][lo:hi] for name in ("means", "chols")}
-            meta = {"task": task, "fingerprint": new_run["fingerprint"], "config": config.to_dict(),
-                    "rows": old.task_meta(task)["rows"]}  # fmt: skip
-            meta = json.loads(json.dumps(meta, default=str))
+            rows = old.task_meta(task)["rows"]
+            meta = task_meta(task, new_run["fingerprint"], config.to_dict(), rows)
             state, own = sharding.replicate((state, own), mesh)
             new.save_task(task, state, meta, new_stats=own)
     finally:

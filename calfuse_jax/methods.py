@@ -46,6 +46,30 @@ class Method(Protocol):
         """(scalar, dict of terms) of one batch (see `loss_fn`); only called when it trains."""
 
 
+class StepFloats(NamedTuple):
+    """The float settings the step reads as traced float32 scalars, so runs that differ only in
+    these (and in what happens after training: `fusion.*`) share one compiled step and can train
+    together, vmapped over a leading axis (`calfuse_jax.seeds`). Their on/off switches (a weight
+    of 0) stay static, in `StepSettings`."""
+
+    lr: jax.Array  # train.lr, before the schedule's decays
+    kd_weight: jax.Array  # loss.kd_weight
+    kd_temperature: jax.Array  # loss.kd_temperature
+    hard_margin: jax.Array  # pseudo.hard_margin
+    hard_weight: jax.Array  # pseudo.hard_weight
+
+
+# The config fields of `StepFloats`, in its order.
+FLOAT_FIELDS = ("train.lr", "loss.kd_weight", "loss.kd_temperature")
+FLOAT_FIELDS += ("pseudo.hard_margin", "pseudo.hard_weight")
+
+
+def step_floats(config: ml_collections.ConfigDict) -> StepFloats:
+    """`config`'s `StepFloats` (NumPy float32 scalars)."""
+    values = (config[group][name] for group, name in (f.split(".") for f in FLOAT_FIELDS))
+    return StepFloats(*(np.float32(v) for v in values))
+
+
 class TaskInputs(NamedTuple):
     """What a method reads besides params and batch: constant during a task, replicated, and
     padded to all C classes of the stream, so the step compiles once per run.
@@ -56,9 +80,11 @@ class TaskInputs(NamedTuple):
         `num_old` = 0, on the first task, the old-class terms are off).
       means: [C, D] stored class means (zero rows for classes without statistics yet).
       chols: [C, D, D] their Cholesky factors.
-      pairs: int32 [P, 2] hard pairs (old i, new j), padded; pair_mask: float32 [P] 1 for real.
+      pairs: int32 [P, 2] hard pairs (old i, new j), padded (P = 0: the run has none);
+        pair_mask: float32 [P] 1 for real.
       teacher: previous task's head params (for distillation; the current ones on task 0).
       teacher_ctx: the previous task's context (this task's on task 0).
+      floats: the run's `StepFloats` (None where nothing trains).
     """
 
     text: jax.Array
@@ -69,19 +95,17 @@ class TaskInputs(NamedTuple):
     pair_mask: jax.Array
     teacher: Any
     teacher_ctx: calibration.TaskContext
+    floats: StepFloats | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class StepSettings:
-    """Static (hashable) choices of a run's step; changing one means a new trace."""
+    """Static (hashable) structure of a run's step; changing one means a new trace."""
 
     logit_scale: float
     pseudo_per_class: int  # floor(10 beta), 0 disables pseudo-features
     hard_per_class: int  # floor(20 beta), 0 disables the hinge
-    hard_margin: float
-    hard_weight: float
-    kd_weight: float
-    kd_temperature: float
+    use_kd: bool  # loss.kd_weight > 0
 
 
 def make_head(config: ml_collections.ConfigDict, dim: int) -> calibration.CalibratedHead:
@@ -97,16 +121,12 @@ def step_settings(config: ml_collections.ConfigDict, logit_scale: float):
     check_switches(config)
     beta = float(config.pseudo.beta)
     use_pseudo = int(config.pseudo.classes_per_batch) > 0
-    use_kd = float(config.loss.kd_weight) > 0
     use_hard = float(config.pseudo.hard_weight) > 0
     return StepSettings(
         logit_scale=float(logit_scale),
         pseudo_per_class=int(np.floor(10 * beta)) if use_pseudo else 0,
         hard_per_class=int(np.floor(20 * beta)) if use_hard else 0,
-        hard_margin=float(config.pseudo.hard_margin),
-        hard_weight=float(config.pseudo.hard_weight),
-        kd_weight=float(config.loss.kd_weight) if use_kd else 0.0,
-        kd_temperature=float(config.loss.kd_temperature),
+        use_kd=float(config.loss.kd_weight) > 0,
     )
 
 
@@ -119,7 +139,7 @@ def head_apply(head, params, f0, text, ctx, settings: StepSettings):
 def old_class_samples(rng, inputs: TaskInputs, pseudo_ids, settings: StepSettings):
     """(features [K*n_p + P*n_h, D], labels): n_p rows of each pseudo class, then n_h rows of
     the old class of each hard pair, in one Gaussian draw (a smaller compiled step)."""
-    n_p, n_h = settings.pseudo_per_class, settings.hard_per_class
+    n_p, n_h = settings.pseudo_per_class, _hard_rows(inputs, settings)
     block = math.gcd(n_p, n_h)  # gcd(n, 0) = n
     ids = []
     if n_p:
@@ -130,6 +150,11 @@ def old_class_samples(rng, inputs: TaskInputs, pseudo_ids, settings: StepSetting
     return stats.sample_pseudo(rng, inputs.means, inputs.chols, ids, block)
 
 
+def _hard_rows(inputs: TaskInputs, settings: StepSettings) -> int:
+    """Samples per hard pair: 0 with the hinge off or when no task of the run has a pair."""
+    return settings.hard_per_class if inputs.pairs.shape[0] else 0
+
+
 def loss_fn(params, batch, pseudo_ids, rng, inputs: TaskInputs, head, settings: StepSettings):
     """(total loss, dict of its terms) of one batch (DESIGN.md §2): CE on real + pseudo
     features, hinge on hard pairs, KD on the pseudo-features.
@@ -138,9 +163,11 @@ def loss_fn(params, batch, pseudo_ids, rng, inputs: TaskInputs, head, settings: 
     `pseudo_ids` int32 [K] the old classes whose pseudo-features join it, `rng` the step's key.
     """
     features, labels, mask = batch
+    floats = inputs.floats
     num_pseudo = pseudo_ids.shape[0] * settings.pseudo_per_class
     has_old = (inputs.ctx.num_old > 0).astype(jnp.float32)  # old-class terms are off on task 0
-    if settings.pseudo_per_class or settings.hard_per_class:
+    hard_rows = _hard_rows(inputs, settings)
+    if settings.pseudo_per_class or hard_rows:
         extra, extra_labels = old_class_samples(rng, inputs, pseudo_ids, settings)
         features = jnp.concatenate([features, extra])  # one pass of the head over everything
     logits, calibrated = head_apply(head, params, features, inputs.text, inputs.ctx, settings)
@@ -150,7 +177,7 @@ def loss_fn(params, batch, pseudo_ids, rng, inputs: TaskInputs, head, settings: 
         pseudo_mask = jnp.full((num_pseudo,), has_old)
         labels = jnp.concatenate([labels, extra_labels[:num_pseudo].astype(labels.dtype)])
         mask = jnp.concatenate([mask, pseudo_mask])
-        if settings.kd_weight:
+        if settings.use_kd:
             pseudo = extra[:num_pseudo]
             teacher, _ = head_apply(
                 head, inputs.teacher, pseudo, inputs.text, inputs.teacher_ctx, settings
@@ -158,22 +185,22 @@ def loss_fn(params, batch, pseudo_ids, rng, inputs: TaskInputs, head, settings: 
             kd = losses.distillation_loss(
                 logits[real : real + num_pseudo],
                 jax.lax.stop_gradient(teacher),
-                settings.kd_temperature,
+                floats.kd_temperature,
                 num_seen=inputs.ctx.num_old,
                 mask=pseudo_mask,
             )
-            terms["kd"] = settings.kd_weight * kd
+            terms["kd"] = floats.kd_weight * kd
     ce_rows = real + (num_pseudo if settings.pseudo_per_class else 0)
     terms["ce"] = losses.cross_entropy(
         logits[:ce_rows], labels, num_seen=inputs.ctx.num_seen, mask=mask
     )
-    if settings.hard_per_class:
-        n = settings.hard_per_class
+    if hard_rows:
+        n = hard_rows
         own = jnp.repeat(inputs.text[inputs.pairs[:, 0]], n, axis=0)  # [P * n, D]
         other = jnp.repeat(inputs.text[inputs.pairs[:, 1]], n, axis=0)
         pair_mask = jnp.repeat(inputs.pair_mask, n) * has_old
-        hinge = losses.hinge_loss(calibrated[ce_rows:], own, other, settings.hard_margin, pair_mask)
-        terms["hinge"] = settings.hard_weight * hinge
+        hinge = losses.hinge_loss(calibrated[ce_rows:], own, other, floats.hard_margin, pair_mask)
+        terms["hinge"] = floats.hard_weight * hinge
     return sum(terms.values()), terms
 
 

@@ -1,17 +1,22 @@
-"""Several seeds of one run trained together: one vmapped program over a leading seed axis.
+"""Runs of one stream trained together: one vmapped program over a leading axis of runs.
 
-Seeds of one configuration share the stream, the class statistics and every shape; only their
-head, its optimiser state and their keys differ. `run_seeds` keeps one `run_continual` run folder
-per seed (same files, checkpoints and resume rules), but trains each task of all seeds in the same
-epoch programs (`train.epoch_fn(..., seeds=True)`), so on an accelerator three seeds cost little
-more than one. The results equal the sequential runs within float error (the vmapped matmuls may
-sum in another order). Seeds that would resume at different points, and methods that do not
-train or set a closed-form state, run one after another instead.
+The seeds of a configuration, and grid cells that differ only in the step's float settings
+(`methods.FLOAT_FIELDS`: lr, the distillation and hinge weights, the temperature and margin) or in
+what happens after training (`fusion.rules`, `fusion.mix_bias`), share the stream, the class
+statistics and every shape; only their head, its optimiser state, their keys and their
+`StepFloats` differ. `run_seeds` keeps one `run_continual` run folder per run (same files,
+checkpoints and resume rules), but trains each task of the runs that agree in the same epoch
+programs (`train.epoch_fn(..., seeds=True)`), so on an accelerator three runs cost little more
+than one. The results equal the sequential runs within float error (the vmapped matmuls may sum in
+another order). Runs that differ in more, whose step has another structure (a weight switched off
+in one of them), that would resume at different points, or whose method does not train or sets a
+closed-form state, run one after another instead.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -23,17 +28,29 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from calfuse_jax import continual, sharding, train
+from calfuse_jax import continual, methods, rundir, sharding, train
 from calfuse_jax.data.stream import FeatureStream
 from calfuse_jax.interrupt import Interrupted, deferred, requested
 from calfuse_jax.metrics import ContinualResult
 
 logger = logging.getLogger("calfuse_jax")
 
-NOT_COMPARED = ("seed", "seeds", "progress")  # what may differ between the seeds run together
+# The config fields in which runs trained together may differ.
+TOGETHER = ("seed", "seeds", "name", "progress", *methods.FLOAT_FIELDS)
+TOGETHER += ("fusion.rules", "fusion.mix_bias")
 
 
-@deferred()  # a signal, also while opening or compiling, stops every seed at a saved point
+def together_key(config: ml_collections.ConfigDict) -> str:
+    """Runs of one stream whose resolved configs have the same key can train together: the
+    same config but for `TOGETHER`, and the same switches of the step (a weight of 0 turns
+    its term off, which changes the program)."""
+    flat = rundir.flat(rundir.jsonable(config.to_dict()))
+    key = {k: v for k, v in flat.items() if k not in TOGETHER}
+    key["terms on"] = [float(config.loss.kd_weight) > 0, float(config.pseudo.hard_weight) > 0]
+    return json.dumps(key, sort_keys=True, default=str)
+
+
+@deferred()  # a signal, also while opening or compiling, stops every run at a saved point
 def run_seeds(
     stream: FeatureStream,
     text_features: np.ndarray,
@@ -46,17 +63,21 @@ def run_seeds(
     logit_scale: float | None = None,
     loss_callbacks: Sequence[Callable | None] | None = None,
 ) -> list[ContinualResult]:
-    """Runs (or resumes) `configs` — one configuration but for its `seed` — into `workdirs`,
-    one folder each, as `run_continual(stream, text_features, configs[k], workdirs[k], ...)`
-    would one after another; `loss_callbacks[k]` is seed k's `loss_callback`. Raises what
-    `run_continual` raises (a NaN names the seed); ValueError when the configs differ in more
-    than the seed."""
-    _check_same_but_seed(configs)
+    """Runs (or resumes) `configs` on one stream into `workdirs`, one folder each, as
+    `run_continual(stream, text_features, configs[k], workdirs[k], ...)` would one after another;
+    `loss_callbacks[k]` is run k's `loss_callback`. Runs that can (see the module docstring)
+    train together, the others one after another. Raises what `run_continual` raises (a NaN
+    names the run: `seed 1`, or the settings that tell it apart)."""
     mesh = mesh if mesh is not None else sharding.make_mesh()
     callbacks = list(loss_callbacks or [None] * len(configs))
+    kwargs = dict(mesh=mesh, progress=progress, logit_scale=logit_scale)  # one after another
+    if len(configs) == 1:
+        run = continual.run_continual  # nothing to train together with
+        return [run(stream, text_features, configs[0], workdirs[0], overwrite=overwrite,
+                    loss_callback=callbacks[0], **kwargs)]  # fmt: skip
     hooks = dict(progress=progress, step_callback=None)
     runs = [
-        continual._open_run(
+        continual.open_run(
             stream,
             text_features,
             config,
@@ -69,44 +90,43 @@ def run_seeds(
         )  # fmt: skip
         for config, workdir, callback in zip(configs, workdirs, callbacks, strict=True)
     ]
+    results = {}
     try:
-        resumed = [continual._resume(run) for run in runs]
-        if _together(runs, resumed):
-            return _run_together(runs, resumed)
+        resumed = [continual.resume(run) for run in runs]
+        for group in _groups(runs, resumed):
+            found = _run_together([runs[k] for k in group], [resumed[k] for k in group])
+            results.update(zip(group, found, strict=True))
     except continual.NonFiniteLossError as error:
         logger.error("%s", error)
         raise
     finally:
         for run in runs:
             run.checkpoints.close()
-    kwargs = dict(mesh=mesh, progress=progress, logit_scale=logit_scale)  # one after another
-    return [
-        continual.run_continual(
-            stream, text_features, config, workdir, loss_callback=callback, **kwargs
-        )  # fmt: skip
-        for config, workdir, callback in zip(configs, workdirs, callbacks, strict=True)
-    ]
+    for k, (config, workdir, callback) in enumerate(zip(configs, workdirs, callbacks, strict=True)):
+        if k not in results:
+            results[k] = continual.run_continual(
+                stream, text_features, config, workdir, loss_callback=callback, **kwargs
+            )
+    return [results[k] for k in range(len(runs))]
 
 
-def _check_same_but_seed(configs: Sequence[ml_collections.ConfigDict]) -> None:
-    def rest(config):
-        return {k: v for k, v in config.to_dict().items() if k not in NOT_COMPARED}
+def _groups(runs, resumed) -> list[list[int]]:
+    """The indices of the runs that train together, in groups of two or more: a method that
+    trains (without a closed-form update), the same `together_key` and resume point."""
+    groups: dict[tuple, list[int]] = {}
+    for k, (run, (_, start)) in enumerate(zip(runs, resumed, strict=True)):
+        if run.method.trains and not hasattr(run.method, "update"):
+            latest = run.checkpoints.latest_step()
+            point = (start, latest[1] if latest and latest[0] == start else 0)
+            groups.setdefault((together_key(run.config), point), []).append(k)
+    return [members for members in groups.values() if len(members) > 1]
 
-    if any(rest(config) != rest(configs[0]) for config in configs):
-        raise ValueError("run_seeds takes configs that differ only in their seed")
 
-
-def _together(runs, resumed) -> bool:
-    """Whether the seeds can train together: a method that trains (without a closed-form
-    update) and every seed resuming at the same task and step."""
-    method = runs[0].method
-    if not method.trains or hasattr(method, "update") or len(runs) < 2:
-        return False
-    points = set()
-    for run, (_, start) in zip(runs, resumed, strict=True):
-        latest = run.checkpoints.latest_step()
-        points.add((start, latest[1] if latest and latest[0] == start else 0))
-    return len(points) == 1
+def _labels(runs) -> tuple[str, ...]:
+    """What tells each run apart from the others (e.g. `seed 1, kd_weight 0.5`)."""
+    flats = [rundir.flat(rundir.jsonable(run.config.to_dict())) for run in runs]
+    keys = [k for k in flats[0] if k != "seeds" and len({repr(f.get(k)) for f in flats}) > 1]
+    return tuple(", ".join(f"{k.rsplit('.', 1)[-1]} {f.get(k)}" for k in keys) for f in flats)
 
 
 def _run_together(runs, resumed) -> list[ContinualResult]:
@@ -137,22 +157,23 @@ def _take_fn(mesh: Mesh):
 
 
 def _run_task_together(runs, task: int, states: list) -> list:
-    """`continual._run_task` for every seed, their training as one vmapped program."""
+    """`continual._run_task` for every run, their training as one vmapped program."""
     mesh, first = runs[0].mesh, runs[0]
     started = time.perf_counter()
     states, views = zip(
-        *(continual._start_task(run, task, s) for run, s in zip(runs, states, strict=True)),
+        *(continual.start_task(run, task, s) for run, s in zip(runs, states, strict=True)),
         strict=True,
     )
     trained = [
-        continual._start_state(run, task, s.params) for run, s in zip(runs, states, strict=True)
+        continual.start_state(run, task, s.params) for run, s in zip(runs, states, strict=True)
     ]
     stack, take = _stack_fn(mesh), _take_fn(mesh)
-    teachers = stack([view.inputs.teacher for view in views])
+    teachers, floats = stack([(view.inputs.teacher, view.inputs.floats) for view in views])
+    labels = _labels(runs)
     view = views[0]._replace(
         key=stack([view.key for view in views]),
-        inputs=views[0].inputs._replace(teacher=teachers),
-        seeds=tuple(int(run.config.seed) for run in runs),
+        inputs=views[0].inputs._replace(teacher=teachers, floats=floats),
+        members=labels,
     )
     savers = [continual.step_saver(run, task) for run in runs]
     reports = [continual.loss_report(run, task) for run in runs]
@@ -164,16 +185,16 @@ def _run_task_together(runs, task: int, states: list) -> list:
     def report(task, steps, losses, lrs) -> None:
         for k, each in enumerate(reports):
             if each is not None:
-                each(task, steps, losses[k], lrs)
+                each(task, steps, losses[k], lrs[k])
 
     state, info = train.train_task(
         first.method, first.config, view, stack([state for state, _ in trained]), mesh,
         start_step=trained[0][1], save_step=save_step,
         loss_callback=report if any(reports) else None, progress=first.progress,
     )  # fmt: skip
-    seconds = (time.perf_counter() - started) / len(runs)  # the seeds share the time
+    seconds = (time.perf_counter() - started) / len(runs)  # the runs share the time
     return [
-        continual.finish_task(run, states[k], views[k]._replace(seeds=view.seeds),
+        continual.finish_task(run, states[k], views[k]._replace(members=(labels[k],)),
                               take(state.params, k), {**info, "loss": info["loss"][k]}, seconds)
         for k, run in enumerate(runs)
     ]  # fmt: skip

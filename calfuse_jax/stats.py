@@ -204,7 +204,7 @@ def hard_pairs(text_features, old_ids, new_ids, threshold: float) -> np.ndarray:
 def task_hard_pairs(text: np.ndarray, bounds, pseudo) -> tuple[np.ndarray, np.ndarray]:
     """(pairs int32 [T, P, 2], mask float32 [T, P]): each task's hard pairs (old, new), padded
     to the largest count so that every task has one shape; none on task 0 or with the hinge off
-    (`pseudo.hard_weight` 0)."""
+    (`pseudo.hard_weight` 0), and P = 0 when no task has any (the step then skips the hinge)."""
     threshold, on = float(pseudo.hard_threshold), float(pseudo.hard_weight) > 0
     found = [
         hard_pairs(text, np.arange(old), np.arange(old, seen), threshold)
@@ -212,7 +212,7 @@ def task_hard_pairs(text: np.ndarray, bounds, pseudo) -> tuple[np.ndarray, np.nd
         else np.zeros((0, 2), np.int64)
         for old, seen in zip(bounds[:-1], bounds[1:], strict=True)
     ]
-    size = max(max(len(p) for p in found), 1)
+    size = max(len(p) for p in found)
     pairs = np.zeros((len(found), size, 2), np.int32)
     mask = np.zeros((len(found), size), np.float32)
     for task, task_pairs in enumerate(found):

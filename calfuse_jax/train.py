@@ -81,16 +81,22 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 
 def lr_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     """The learning rate by epoch: `lr`, times `lr_decay` at each milestone epoch (an Optax
-    piecewise-constant schedule; a milestone listed twice decays twice). The same settings give
-    the same object, so the compiled epoch that closes over it is shared."""
+    piecewise-constant schedule; a milestone listed twice decays twice)."""
+    return decays(config)(float(config.train.lr))
+
+
+def decays(config: ml_collections.ConfigDict) -> Callable[[Any], optax.Schedule]:
+    """`lr -> schedule` of `config`'s decays and milestones. The epoch program calls it with the
+    traced `StepFloats.lr`, so runs that differ in `train.lr` share one compile; the same
+    settings give the same object, so the compiled epoch that closes over it is shared."""
     milestones = tuple(sorted(int(m) for m in config.train.milestones))
-    return _schedule(float(config.train.lr), float(config.train.lr_decay), milestones)
+    return _decays(float(config.train.lr_decay), milestones)
 
 
 @functools.lru_cache(maxsize=64)
-def _schedule(lr: float, decay: float, milestones: tuple[int, ...]) -> optax.Schedule:
-    counts = collections.Counter(milestones)
-    return optax.piecewise_constant_schedule(lr, {m: decay**n for m, n in counts.items()})
+def _decays(decay: float, milestones: tuple[int, ...]) -> Callable[[Any], optax.Schedule]:
+    scales = {m: decay**n for m, n in collections.Counter(milestones).items()}
+    return lambda lr: optax.piecewise_constant_schedule(lr, scales)
 
 
 def optimizer() -> optax.GradientTransformation:
@@ -151,7 +157,8 @@ class TaskData(NamedTuple):
 
 def _epoch(state, data: TaskData, epoch, key, inputs, *, method, shape, schedule, mesh):
     """One epoch as one device program: `ceil(count / B)` steps in a `fori_loop`, each batch
-    gathered from the epoch's order. Returns (state, losses [max steps], 0 past the epoch)."""
+    gathered from the epoch's order. Returns (state, losses [max steps], 0 past the epoch, the
+    steps' learning rates [max steps])."""
     TRACES["train_step"] += 1
     batch_size, padded, per_batch = shape
     capacity, classes = data.features.shape[0], inputs.text.shape[0]
@@ -162,7 +169,7 @@ def _epoch(state, data: TaskData, epoch, key, inputs, *, method, shape, schedule
     pseudo = pseudo_class_schedule(
         pseudo_key, epoch, inputs.ctx.num_old, max_steps, per_batch, classes
     )
-    lr = schedule(epoch)
+    lr = schedule(inputs.floats.lr)(epoch)
     rows_sharding = sharding.data_sharding(mesh)
 
     def body(index, carry):
@@ -180,20 +187,23 @@ def _epoch(state, data: TaskData, epoch, key, inputs, *, method, shape, schedule
         state, loss = _train_step(state, batch, pseudo[index], step, lr, step_key, inputs, method)
         return state, losses.at[index].set(loss)
 
-    return jax.lax.fori_loop(0, steps, body, (state, jnp.zeros(max_steps, jnp.float32)))
+    state, losses = jax.lax.fori_loop(0, steps, body, (state, jnp.zeros(max_steps, jnp.float32)))
+    return state, losses, jnp.full(max_steps, lr)
 
 
-# Seeds of one run share the task's data and statistics; only the head they start from (the
-# distillation teacher, their previous task's) differs, besides their state and key.
-SEED_AXES = TaskInputs(None, None, None, None, None, None, 0, None)
+# Runs trained together share the task's data and statistics; the head they start from (the
+# distillation teacher, their previous task's) and their step's floats differ, besides their
+# state and key.
+SEED_AXES = TaskInputs(None, None, None, None, None, None, 0, None, 0)
 
 
 @functools.lru_cache(maxsize=16)
-def epoch_fn(method: Method, mesh: Mesh, shape: tuple, schedule: optax.Schedule, seeds=False):
-    """The jitted epoch `(state, data, epoch, key, inputs) -> (state, losses)`, `state` donated,
-    outputs replicated; cached, so every task and epoch of a run shares one compile.
-    `shape`: (batch size, batch size padded to the mesh, K pseudo-classes per batch). `seeds`:
-    vmapped over a leading seed axis of `state`, `key` and `inputs.teacher` (`SEED_AXES`)."""
+def epoch_fn(method: Method, mesh: Mesh, shape: tuple, schedule: Callable, seeds=False):
+    """The jitted epoch `(state, data, epoch, key, inputs) -> (state, losses, lrs)`, `state`
+    donated, outputs replicated; cached, so every task and epoch of a run shares one compile.
+    `shape`: (batch size, batch size padded to the mesh, K pseudo-classes per batch);
+    `schedule`: `decays(config)`. `seeds`: vmapped over a leading axis of runs trained together
+    (`state`, `key`, `inputs.teacher` and `inputs.floats`: `SEED_AXES`)."""
     fn = functools.partial(_epoch, method=method, shape=shape, schedule=schedule, mesh=mesh)
     if seeds:
         fn = jax.vmap(fn, in_axes=(0, None, None, 0, SEED_AXES))
@@ -253,9 +263,9 @@ class TaskView(NamedTuple):
     features: np.ndarray  # [N, D] the task's training features
     labels: np.ndarray  # int32 [N] their positions
     capacity: int  # rows of the run's largest task, padded to the mesh (one shape per run)
-    key: jax.Array  # the task's key, replicated ([S, ...] for `seeds`)
-    inputs: TaskInputs  # replicated: what the method reads (`SEED_AXES` stacked for `seeds`)
-    seeds: tuple[int, ...] = ()  # several seeds trained together (vmapped), or () for one
+    key: jax.Array  # the task's key, replicated ([S, ...] for `members`)
+    inputs: TaskInputs  # replicated: what the method reads (`SEED_AXES` stacked for `members`)
+    members: tuple[str, ...] = ()  # labels of S runs trained together (vmapped), or () for one
 
 
 def task_data(view: TaskView, mesh: Mesh) -> TaskData:
@@ -286,7 +296,7 @@ def train_task(
     Each epoch is one device program (`epoch_fn`); after it the host checks the losses (a NaN
     names its step), stops on Ctrl-C/SIGTERM or a callback's KeyboardInterrupt with a step
     checkpoint saved, and saves one past each multiple of `checkpoint_every_steps`. With
-    `view.seeds` the state has a leading seed axis: seeds train together, losses are [S, n].
+    `view.members` the state has a leading axis of S runs trained together, losses are [S, n].
 
     Args:
       state: params and optimiser state matching `start_step`, replicated.
@@ -301,19 +311,19 @@ def train_task(
     total, every = epochs * epoch_steps, int(config.train.checkpoint_every_steps)
     if start_step % epoch_steps:
         raise ValueError(f"start_step {start_step} is not an epoch boundary ({epoch_steps} steps)")
-    run_epoch, schedule = _epoch_program(method, config, mesh, bool(view.seeds))
+    run_epoch = _epoch_program(method, config, mesh, bool(view.members))
     data, bar = task_data(view, mesh), _bar(view, total, start_step, progress)
     step, loss = start_step, None
     try:
         for epoch in range(start_step // epoch_steps, epochs):
             here = sharding.replicate(np.int32(epoch), mesh)
-            state, losses = run_epoch(state, data, here, view.key, view.inputs)
+            state, losses, lrs = run_epoch(state, data, here, view.key, view.inputs)
             steps = step + np.arange(1, epoch_steps + 1)
-            losses = sharding.to_host(losses)[..., :epoch_steps]  # [n], or [S, n] for seeds
+            losses, lrs = (x[..., :epoch_steps] for x in sharding.to_host((losses, lrs)))  # [S,] n
             _check_losses(view, steps, losses)
             done, step, loss = step, int(steps[-1]), np.mean(losses, axis=-1)
             if loss_callback is not None:
-                loss_callback(view.task, steps, losses, np.full(epoch_steps, schedule(epoch)))
+                loss_callback(view.task, steps, losses, lrs)
             _advance(bar, epoch_steps, float(np.mean(loss)), first=done == start_step)
             if step < total and (signum := interrupt.requested()):
                 raise interrupt.Interrupted(signum)  # saved below
@@ -326,7 +336,7 @@ def train_task(
         raise
     finally:
         bar.close()
-    loss = None if loss is None else (loss.tolist() if view.seeds else float(loss))
+    loss = None if loss is None else (loss.tolist() if view.members else float(loss))
     return state, {"loss": loss, "steps": total}
 
 
@@ -336,23 +346,22 @@ def _check_losses(view: TaskView, steps: np.ndarray, losses: np.ndarray) -> None
     if bad.any():
         index = int(np.flatnonzero(bad.any(axis=0))[0])
         row = int(np.flatnonzero(bad[:, index])[0])
-        quantity = "the training loss" + (f" of seed {view.seeds[row]}" if view.seeds else "")
+        quantity = "the training loss" + (f" of {view.members[row]}" if view.members else "")
         value = float(np.atleast_2d(losses)[row, index])
         raise NonFiniteLossError(view.task, int(steps[index]), value, quantity)
 
 
 def _epoch_program(method: Method, config, mesh: Mesh, seeds: bool):
-    """(`epoch_fn` of `config`'s batch shape and schedule, the schedule)."""
+    """`epoch_fn` of `config`'s batch shape and learning-rate decays."""
     batch_size, per_batch = int(config.train.batch_size), int(config.pseudo.classes_per_batch)
     shape = (batch_size, sharding.padded_size(batch_size, mesh), max(per_batch, 1))
-    schedule = lr_schedule(config)
-    return epoch_fn(method, mesh, shape, schedule, seeds=seeds), schedule
+    return epoch_fn(method, mesh, shape, decays(config), seeds=seeds)
 
 
 def _bar(view: TaskView, total: int, start_step: int, progress: bool) -> tqdm:
     name = f"task {view.task} ({view.task + 1}/{view.num_tasks})"
-    if view.seeds:
-        name += f", seeds {','.join(map(str, view.seeds))}"
+    if view.members:
+        name += f", {len(view.members)} runs together"
     return tqdm(total=total, initial=start_step, desc=name, disable=not progress, smoothing=0)
 
 

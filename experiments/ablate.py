@@ -9,6 +9,9 @@
 Every cell is one `run_experiment` (all its seeds) in `<workdir>/<cell name>/`, so each cell is an
 ordinary results folder that `experiments.report` also reads. All cells take their features from
 the same cache (`cache_dir` is not a grid key), so images are encoded once for the whole grid.
+Cells that differ only in the step's float settings (`train.lr`, `loss.kd_weight`, ...) or in the
+fusion (`fusion.rules`, `fusion.mix_bias`) train together with their seeds, one vmapped program
+(`calfuse_jax.seeds`; `--config.outputs.seeds_together=false` runs them one by one).
 Running the same command again skips finished cells and resumes an interrupted one. The grid
 writes, in `<workdir>`:
 
@@ -32,7 +35,7 @@ import json
 import logging
 import pathlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import ml_collections
 import numpy as np
@@ -49,7 +52,7 @@ from experiments.cli import (
 from experiments.configs import apply_overrides, catalog
 from experiments.grids import Axis, Cell, GridError, combine, expand, parse_grid, preset, short_key
 from experiments.pipeline import prepare, with_data_fields
-from experiments.run import run_experiment
+from experiments.run import run_experiments
 
 log = logging.getLogger("experiments.ablate")
 
@@ -125,35 +128,36 @@ def run_cells(
     workdir: str | pathlib.Path,
     seeds: str | None = None,
     overwrite: bool = False,
-    on_cell: Callable[[int, CellResult], None] | None = None,
     cell_outputs: bool = False,
 ) -> list[CellResult]:
-    """Runs (or skips, when finished) every cell into `workdir/<cell.name>`, in grid order.
+    """Runs (or skips, when finished) every cell into `workdir/<cell.name>`; returns them in grid
+    order.
 
     Cells whose data fields agree (`data_key`) share one `pipeline.prepare` result, so a grid
-    over method fields reads its features once. Each cell's own plots and TensorBoard files are
-    skipped unless `cell_outputs` (they took about a third of a small grid's time; the grid's
-    table and plots cover the comparison, and `experiments.report` redraws a cell's plots).
+    over method fields reads its features once, and run as one `run_experiments`, so the seeds
+    of cells that differ only in the step's floats or the fusion train together. Each cell's own
+    plots and TensorBoard files are skipped unless `cell_outputs` (they took about a third of a
+    small grid's time; the grid's table and plots cover the comparison, and `experiments.report`
+    redraws a cell's plots).
     """
     workdir = pathlib.Path(workdir)
-    done, prepared = [], {}
+    done, batches = {}, {}  # batches: data key -> indices of the cells to run
     for index, cell in enumerate(cells):
         config = with_data_fields(cell_config(base, cell, seeds, cell_outputs))
         folder = workdir / cell.name
         summary = None if overwrite else finished_summary(folder, config)
-        skipped = summary is not None
-        if skipped:
+        if summary is not None:
             log.info("[%d/%d] %s: finished earlier, skipped", index + 1, len(cells), cell.label)
+            done[index] = CellResult(cell, folder, summary, skipped=True)
         else:
             log.info("[%d/%d] %s -> %s", index + 1, len(cells), cell.label, folder)
-            key = data_key(config)
-            if key not in prepared:  # features load (or encode) once per dataset/split/model
-                prepared[key] = prepare(config)
-            summary = run_experiment(config, folder, overwrite=overwrite, prepared=prepared[key])
-        done.append(CellResult(cell, folder, summary, skipped))
-        if on_cell is not None:
-            on_cell(index, done[-1])
-    return done
+            batches.setdefault(data_key(config), []).append((index, config, folder))
+    for batch in batches.values():  # features load (or encode) once per dataset/split/model
+        items = [(config, folder) for _, config, folder in batch]
+        summaries = run_experiments(items, overwrite, prepare(items[0][0]))
+        for (index, _, folder), summary in zip(batch, summaries, strict=True):
+            done[index] = CellResult(cells[index], folder, summary, skipped=False)
+    return [done[index] for index in range(len(cells))]
 
 
 def _seed_count(summary: dict) -> int:

@@ -9,6 +9,7 @@ computes), the console logging both commands set up, and the persistent XLA comp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import hashlib
 import json
@@ -18,7 +19,7 @@ import pathlib
 import re
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import ml_collections
@@ -337,3 +338,28 @@ def non_finite_message(error: FloatingPointError, workdir: str | None) -> str:
         "new --workdir (or --overwrite to move this run aside). "
         "(run with --traceback for the full trace)"
     )
+
+
+@contextlib.contextmanager
+def log_file(workdir: pathlib.Path) -> Iterator[None]:
+    """Copies every log record of this run into workdir/run.log (appending across resumes)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(workdir / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    # Our INFO lines reach the file even when the caller (a notebook, pytest) left the root at
+    # WARNING; the levels are restored afterwards.
+    ours = [logging.getLogger(name) for name in ("experiments", "calfuse_jax")]
+    levels = [logger.level for logger in ours]
+    for logger in ours:
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+        for logger, level in zip(ours, levels, strict=True):
+            logger.setLevel(level)

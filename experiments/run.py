@@ -34,8 +34,9 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from importlib import metadata
+from typing import NamedTuple
 
 import ml_collections
 
@@ -43,16 +44,8 @@ from calfuse_jax import rundir
 from calfuse_jax.config import resolve_method
 from calfuse_jax.sharding import barrier, is_primary
 from experiments import cli, results
-from experiments.cli import (
-    add_distributed_flags,
-    parse_with_overrides,
-)
-from experiments.configs import (
-    catalog,
-    format_config,
-    seeds_of,
-    validate,
-)
+from experiments.cli import add_distributed_flags, parse_with_overrides
+from experiments.configs import catalog, format_config, seeds_of, validate
 from experiments.pipeline import Prepared, prepare, with_data_fields
 
 log = logging.getLogger("experiments.run")
@@ -89,31 +82,6 @@ def single_seed_run(workdir: pathlib.Path) -> int | None:
     return (rundir.readable_json(workdir / rundir.CONFIG_FILE) or {}).get("seed") if own else None
 
 
-@contextlib.contextmanager
-def _log_file(workdir: pathlib.Path) -> Iterator[None]:
-    """Copies every log record of this run into workdir/run.log (appending across resumes)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(workdir / "run.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.setLevel(logging.INFO)
-    root = logging.getLogger()
-    root.addHandler(handler)
-    # Our INFO lines reach the file even when the caller (a notebook, pytest) left the root at
-    # WARNING; the levels are restored afterwards.
-    ours = [logging.getLogger(name) for name in ("experiments", "calfuse_jax")]
-    levels = [logger.level for logger in ours]
-    for logger in ours:
-        if logger.getEffectiveLevel() > logging.INFO:
-            logger.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        handler.close()
-        for logger, level in zip(ours, levels, strict=True):
-            logger.setLevel(level)
-
-
 def environment() -> dict:
     """Package versions, devices, Python, host and the git commit of the code that ran."""
     import jax
@@ -141,29 +109,29 @@ def environment() -> dict:
 
 
 def wants_output(config: ml_collections.ConfigDict, name: str) -> bool:
-    """`config.outputs.<name>` (plots, tensorboard, seeds_together); True for configs without
+    """`config.outputs.<name>` (plots, tensorboard); True for configs without
     an `outputs` block."""
     outputs = config.get("outputs") or {}
     return bool(outputs.get(name, True))
 
 
+def trains_together(config: ml_collections.ConfigDict) -> bool:
+    """`outputs.seeds_together`: "true", "false", or "auto" (together unless on a CPU)."""
+    import jax
+
+    value = str((config.get("outputs") or {}).get("seeds_together", "auto")).lower()
+    return value == "true" or (value == "auto" and jax.default_backend() != "cpu")
+
+
 def run_seed(config: ml_collections.ConfigDict, prepared: Prepared, workdir) -> dict:
     """One seed of one method into `workdir` (checked with `claim_workdir` first); returns its
     summary (also summary.json)."""
-    from calfuse_jax.continual import run_continual
-
-    with _seed_files(config, prepared, workdir) as curves:
-        result = run_continual(
-            prepared.stream, prepared.text_features, config, str(workdir),
-            overwrite=False,  # an --overwrite already moved the old run aside
-            progress=config.progress, logit_scale=prepared.logit_scale, loss_callback=curves,
-        )  # fmt: skip
-        return _seed_summary(config, prepared, workdir, result)
+    return run_seeds_together([(config, workdir)], prepared)[0]
 
 
 def run_seeds_together(runs: list, prepared: Prepared) -> list[dict]:
-    """`run_seed` of every (config, workdir) of `runs`, training them together
-    (`calfuse_jax.seeds.run_seeds`); each seed's run.log also holds the others' lines."""
+    """The summaries of the (config, workdir) runs of `runs`, those that can train together
+    (`calfuse_jax.seeds.run_seeds`); each run.log also holds the others' lines."""
     from calfuse_jax.seeds import run_seeds
 
     with contextlib.ExitStack() as stack:
@@ -182,7 +150,7 @@ def _seed_files(config: ml_collections.ConfigDict, prepared: Prepared, workdir):
     callback (TensorBoard curves, or None)."""
     workdir = pathlib.Path(workdir)
     primary = is_primary()  # multi-process runs: process 0 writes, all compute
-    with _log_file(workdir) if primary else contextlib.nullcontext():
+    with cli.log_file(workdir) if primary else contextlib.nullcontext():
         try:
             finished = len(rundir.read_metrics(workdir))
         except rundir.RunFolderError as error:  # run_continual rewrites it from the checkpoints
@@ -252,24 +220,50 @@ def run_experiment(
     a grid over method fields may pass `prepared=pipeline.prepare(config)` to share them across
     runs too (it must come from a config with the same dataset, model, prompt and split fields).
     """
-    validate(config)
-    config = resolve_method(with_data_fields(config))
-    workdir = pathlib.Path(workdir)
-    rundir.refuse_foreign(workdir)  # before the lock, which would write into it
-    with rundir.lock(workdir):  # one process per workdir: a second one is refused at once
-        return _run_seeds(config, workdir, overwrite, prepared)
+    return run_experiments([(config, workdir)], overwrite, prepared)[0]
 
 
-def _run_seeds(config, workdir: pathlib.Path, overwrite: bool, prepared: Prepared | None) -> dict:
-    """`run_experiment` once `workdir` is locked."""
+def run_experiments(items, overwrite: bool = False, prepared: Prepared | None = None) -> list:
+    """`run_experiment` of every (config, workdir) of `items`, configs of one dataset, model,
+    prompt and split (one `prepared`); returns their summaries. With `outputs.seeds_together`
+    (`trains_together`), the seeds of all of them that can train together do
+    (`calfuse_jax.seeds`: the seeds of a config, and configs that differ only in the step's
+    floats or the fusion)."""
+    with contextlib.ExitStack() as stack:
+        plans = []
+        for config, workdir in items:
+            validate(config)
+            config, workdir = resolve_method(with_data_fields(config)), pathlib.Path(workdir)
+            rundir.refuse_foreign(workdir)  # before the lock, which would write into it
+            stack.enter_context(rundir.lock(workdir))  # one process per workdir
+            plans.append(_plan(config, workdir, overwrite))
+        barrier("calfuse_workdir_claimed")  # no process reads the folders while process 0 writes
+        for plan in plans:
+            if is_primary() and plan.runs[0][1] != plan.workdir:  # marks a seeds folder ours
+                rundir.write_json(plan.workdir / rundir.CONFIG_FILE, plan.config.to_dict())
+        pending = [run for plan in plans for run in plan.runs if run[1] not in plan.finished]
+        if pending:
+            prepared = prepared or prepare(plans[0].config)
+        done = _run_pending(pending, prepared)
+        return [_finish(plan, done) for plan in plans]
+
+
+class _Plan(NamedTuple):
+    config: ml_collections.ConfigDict
+    workdir: pathlib.Path
+    runs: list  # (config, folder) of each seed; [(config, workdir)] for one seed in workdir
+    finished: dict  # folder -> summary of the seeds that finished earlier (reused)
+
+
+def _plan(config, workdir: pathlib.Path, overwrite: bool) -> _Plan:
+    """Claims the locked `workdir` and its seed folders for `config`'s seeds."""
     seeds = seeds_of(config)
     alone = single_seed_run(workdir)
     seed_folders = workdir.is_dir() and any(_seed_folder(p) for p in workdir.iterdir())
     if len(seeds) == 1 and not seed_folders and alone in (None, seeds[0]):
         config.seed = seeds[0]
         claim_workdir(workdir, config.to_dict(), overwrite, ignore=("seeds",))  # fail fast
-        barrier("calfuse_workdir_claimed")  # no process reads the folder while process 0 writes
-        return run_seed(config, prepared or prepare(config), workdir)
+        return _Plan(config, workdir, [(config, workdir)], {})
     runs = []
     for seed in seeds:
         seed_config = ml_collections.ConfigDict(config.to_dict())
@@ -292,29 +286,43 @@ def _run_seeds(config, workdir: pathlib.Path, overwrite: bool, prepared: Prepare
             summary = rundir.readable_json(seed_dir / "summary.json")  # damaged: run it again
             if summary is not None:
                 finished[seed_dir] = summary
-    barrier("calfuse_workdir_claimed")  # no process reads the folders while process 0 writes
-    if is_primary():
-        rundir.write_json(workdir / rundir.CONFIG_FILE, config.to_dict())  # marks the folder ours
-    if len(finished) < len(runs):
-        prepared = prepared or prepare(config)
-    pending, together = [(c, d) for c, d in runs if d not in finished], {}
-    if len(pending) > 1 and wants_output(config, "seeds_together"):
-        found = run_seeds_together(pending, prepared)
-        together = dict(zip([d for _, d in pending], found, strict=True))
+    return _Plan(config, workdir, runs, finished)
+
+
+def _run_pending(pending: list, prepared: Prepared) -> dict:
+    """{folder: summary} of the (config, folder) seed runs of `pending`: those with the same
+    `seeds.together_key` (and `outputs.seeds_together`) together, the others one by one."""
+    from calfuse_jax.seeds import together_key
+
+    groups = {}
+    for config, folder in pending:
+        key = together_key(config) if trains_together(config) else str(folder)
+        groups.setdefault(key, []).append((config, folder))
+    done = {}
+    for group in groups.values():
+        found = run_seeds_together(group, prepared)
+        done.update(zip([folder for _, folder in group], found, strict=True))
+    return done
+
+
+def _finish(plan: _Plan, done: dict) -> dict:
+    """The summary of `plan`'s run: its one seed's, or its seeds' mean ± std (summary.json and
+    plots in its workdir)."""
+    if plan.runs[0][1] == plan.workdir:
+        return done[plan.workdir]
     summaries = []
-    for seed_config, seed_dir in runs:
-        if seed_dir in finished:
+    for seed_config, seed_dir in plan.runs:
+        if seed_dir in plan.finished:
             log.info("seed %d: finished earlier in %s, reused", seed_config.seed, seed_dir)
-            summaries.append(finished[seed_dir])
-        else:
-            summaries.append(together.get(seed_dir) or run_seed(seed_config, prepared, seed_dir))
+        summaries.append(plan.finished.get(seed_dir) or done[seed_dir])
     summary = results.aggregate(summaries)
+    config = plan.config
     summary.update(method=config.method, config=config.name)
     if is_primary():
-        rundir.write_json(workdir / "summary.json", summary)
+        rundir.write_json(plan.workdir / "summary.json", summary)
         if wants_output(config, "plots"):
-            title = f"{config.name} {config.method} ({len(seeds)} seeds)"
-            results.write_plots(workdir, summary, title)
+            title = f"{config.name} {config.method} ({len(plan.runs)} seeds)"
+            results.write_plots(plan.workdir, summary, title)
     return summary
 
 

@@ -1,6 +1,7 @@
 """Method presets: each method's resolved switches, written out by hand from DESIGN.md §2, so a
 preset cannot drift silently; the preset is the single place a method's switches are set."""
 
+import numpy as np
 import pytest
 
 from calfuse_jax import methods
@@ -72,7 +73,8 @@ def test_distillation_without_pseudo_features_is_refused():
     assert resolve_method(config).loss.kd_weight == 0.0
     config.method, config.loss.kd_weight = "calfuse", 0.0
     settings = methods.step_settings(resolve_method(config), logit_scale=100.0)
-    assert (settings.pseudo_per_class, settings.kd_weight) == (0, 0.0)
+    assert (settings.pseudo_per_class, settings.use_kd) == (0, False)
     config.pseudo.classes_per_batch, config.loss.kd_weight = 2, 0.5
     settings = methods.step_settings(resolve_method(config), logit_scale=100.0)
-    assert (settings.pseudo_per_class, settings.kd_weight) == (20, 0.5)  # floor(10 * beta 2)
+    assert (settings.pseudo_per_class, settings.use_kd) == (20, True)  # floor(10 * beta 2)
+    assert methods.step_floats(config).kd_weight == np.float32(0.5)  # traced, not static

@@ -44,6 +44,7 @@ def _setup(kd_weight=0.5):
         pair_mask=np.array([1, 1, 0], np.float32),
         teacher=teacher,
         teacher_ctx=calibration.task_context([0, 3, 5, 6], 0),
+        floats=methods.step_floats(config),
     )
     features = (3 * rng.standard_normal((5, D))).astype(np.float32)
     labels = np.array([3, 4, 3, 4, 0], np.int32)

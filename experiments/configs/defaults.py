@@ -85,9 +85,12 @@ FIELDS = {
     # so a resume may flip them (calfuse_jax.rundir.RESUME_SAFE); grids turn both off per cell.
     "outputs.plots": (True, None),  # accuracy_curve.png, accuracy_matrix.png
     "outputs.tensorboard": (True, None),  # tensorboard/ event files
-    # Several --config.seeds train together, one vmapped program (calfuse_jax.seeds); False:
-    # one after another. Results agree within float error, so a resume may change it.
-    "outputs.seeds_together": (True, None),
+    # Several --config.seeds (and grid cells that differ only in the step's floats or the
+    # fusion) train together as one vmapped program (calfuse_jax.seeds): "true"; "false": one
+    # after another; "auto": together on a GPU/TPU, one after another on a CPU, where the vmapped
+    # program is slower (benchmarks/continual.py, 3 seeds: 89 s together, 74 s one by one).
+    # Results agree within float error, so a resume may change it.
+    "outputs.seeds_together": ("auto", ("auto", "true", "false")),
 }
 # The rules of the reader options the dataset files set (`dataset.options.*`).
 OPTION_RULES = {

@@ -271,11 +271,11 @@ def test_rerun_skips_finished_cells_and_resumes_the_rest(method_grid, monkeypatc
     (workdir / "method-finetune" / "summary.json").rename(workdir / "finetune-summary.bak")
     calls = []
 
-    def recording_run(cell_config, folder, overwrite=False, prepared=None):
-        calls.append(Path(folder).name)
-        return rundir.read_json(workdir / "finetune-summary.bak")
+    def recording_run(items, overwrite=False, prepared=None):
+        calls.extend(Path(folder).name for _, folder in items)
+        return [rundir.read_json(workdir / "finetune-summary.bak") for _ in items]
 
-    monkeypatch.setattr(ablate, "run_experiment", recording_run)
+    monkeypatch.setattr(ablate, "run_experiments", recording_run)
     done = ablate.ablate(config, grids.preset("method"), workdir, seeds="0,1")
     assert calls == ["method-finetune"]
     assert [r.skipped for r in done] == [True, True, False, True]
@@ -296,3 +296,26 @@ def test_cli_usage_errors(capsys):
     assert "choose one of" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         ablate.main(["--config", "synthetic"])  # neither --preset nor --grid
+
+
+def test_cells_differing_in_step_floats_train_together_with_the_same_table(tmp_path):
+    """A grid over the learning rate and the fusion rule: its 4 cells x 2 seeds train as one
+    vmapped program (one trace of the epoch) and give the table of the cells run one by one."""
+    from calfuse_jax import train
+
+    axes = grids.parse_grid(
+        ["train.lr=0.001,0.003", "fusion.rules=adapter/kernel=qr,adapter/kernel=svd"]
+    )
+    tables = {}
+    for together in ("true", "false"):
+        overrides = ["synthetic.train_per_class=30", "train.epochs=3", "train.milestones=(2,)"]
+        overrides += ["progress=false", f"outputs.seeds_together={together}"]
+        config = apply_overrides(load_config("synthetic:smoke"), overrides)
+        train.epoch_fn.cache_clear()
+        before = train.TRACES["train_step"]
+        ablate.ablate(config, axes, tmp_path / together, seeds="0,1")
+        traces = train.TRACES["train_step"] - before
+        tables[together] = (tmp_path / together / "ablation.md").read_text().splitlines()[2:]
+        assert traces == (1 if together == "true" else 2)  # one by one: one per fusion rule
+    assert tables["true"] == tables["false"]
+    assert len({line.split("|")[4] for line in tables["true"] if line.startswith("| 0.0")}) > 1
