@@ -110,25 +110,30 @@ def _training_sizes(stream: FeatureStream, method) -> list[int]:
     ]
 
 
-def start_task(run: Run, task: int, state: ContinualState):
+def start_task(run: Run, task: int, state: ContinualState, shared: ContinualState | None = None):
     """(`state` with the statistics of `task`'s classes filled in, the task's `TaskView`).
 
     The statistics come from the frozen training features (training leaves them unchanged) and
     are there before training: a method may read the new classes' (e.g. NCM), while the step
     samples old classes only. The teacher is the previous task's head, `state.params`.
+    `shared`: the started state of another run of the same stream and `stats` settings (runs
+    trained together), whose statistics are taken instead of computed again.
     """
     split, config = run.stream.split, run.config
     bounds = split.bounds
     old, seen = int(bounds[task]), int(bounds[task + 1])
     features, labels = _training_rows(run, task)
-    eps, shrinkage = float(config.stats.cov_eps), config.stats.shrinkage
-    means, covs = stats.class_stats(features, labels, np.arange(old, seen), eps, shrinkage)
-    means, chols = sharding.replicate((means, stats.cholesky_factors(covs)), run.mesh)
-    hint = (
-        "raise config.stats.cov_eps (a covariance is not positive-definite) or check the features"
-    )
-    train.check_finite((means, chols), task, "the class statistics (means, Cholesky factors)", hint)
-    means, chols = state.means.at[old:seen].set(means), state.chols.at[old:seen].set(chols)
+    if shared is not None:
+        means, chols = shared.means, shared.chols
+    else:
+        eps, shrinkage = float(config.stats.cov_eps), config.stats.shrinkage
+        means, covs = stats.class_stats(features, labels, np.arange(old, seen), eps, shrinkage)
+        means, chols = sharding.replicate((means, stats.cholesky_factors(covs)), run.mesh)
+        hint = "raise config.stats.cov_eps (a covariance is not positive-definite) or check "
+        hint += "the features"
+        quantity = "the class statistics (means, Cholesky factors)"
+        train.check_finite((means, chols), task, quantity, hint)
+        means, chols = state.means.at[old:seen].set(means), state.chols.at[old:seen].set(chols)
     inputs = methods.TaskInputs(
         text=run.text,
         ctx=calibration.task_context(bounds, task),

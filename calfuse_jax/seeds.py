@@ -160,10 +160,10 @@ def _run_task_together(runs, task: int, states: list) -> list:
     """`continual._run_task` for every run, their training as one vmapped program."""
     mesh, first = runs[0].mesh, runs[0]
     started = time.perf_counter()
-    states, views = zip(
-        *(continual.start_task(run, task, s) for run, s in zip(runs, states, strict=True)),
-        strict=True,
-    )
+    begun = continual.start_task(first, task, states[0])  # the statistics, computed once
+    shared = [continual.start_task(run, task, s, shared=begun[0])
+              for run, s in zip(runs[1:], states[1:], strict=True)]  # fmt: skip
+    states, views = zip(begun, *shared, strict=True)
     trained = [
         continual.start_state(run, task, s.params) for run, s in zip(runs, states, strict=True)
     ]

@@ -100,7 +100,7 @@ def _decays(decay: float, milestones: tuple[int, ...]) -> Callable[[Any], optax.
 
 
 def optimizer() -> optax.GradientTransformation:
-    """Adam's moment scaling; the step multiplies by `-lr_schedule(config)(epoch)`, computed in
+    """Adam's moment scaling; the step multiplies by `-decays(config)(lr)(epoch)`, computed in
     the program from the traced epoch, so one compile serves every epoch."""
     return optax.scale_by_adam()
 

@@ -60,7 +60,7 @@ def _numpy_logits(params, f0, text, gate, scale, num_seen):
     return logits, f
 
 
-def numpy_loss(params, inputs, batch, pseudo_ids, kd_weight):
+def numpy_loss(params, inputs, batch, pseudo_ids, kd_weight, hinge_on=True):
     """DESIGN.md §2 written out in NumPy for zero covariances (pseudo-feature = class mean)."""
     features, labels, mask = batch
     text, means = np.asarray(inputs.text), np.asarray(inputs.means)
@@ -69,11 +69,13 @@ def numpy_loss(params, inputs, batch, pseudo_ids, kd_weight):
     y = np.concatenate([labels[mask > 0], pseudo_labels])
     logits, _ = _numpy_logits(params, x, text, 0.25, 10.0, 5)
     ce = -np.mean(_log_softmax(logits)[np.arange(len(y)), y])
-    pairs = np.asarray(inputs.pairs)[:2]
-    hard = means[np.repeat(pairs[:, 0], 4)]
-    _, f = _numpy_logits(params, hard, text, 0.25, 10.0, 5)
-    own, other = text[np.repeat(pairs[:, 0], 4)], text[np.repeat(pairs[:, 1], 4)]
-    hinge = np.mean(np.maximum((f * other).sum(1) - (f * own).sum(1) + 0.1, 0))
+    hinge = 0.0
+    if hinge_on:
+        pairs = np.asarray(inputs.pairs)[:2]
+        hard = means[np.repeat(pairs[:, 0], 4)]
+        _, f = _numpy_logits(params, hard, text, 0.25, 10.0, 5)
+        own, other = text[np.repeat(pairs[:, 0], 4)], text[np.repeat(pairs[:, 1], 4)]
+        hinge = np.mean(np.maximum((f * other).sum(1) - (f * own).sum(1) + 0.1, 0))
     student, _ = _numpy_logits(params, means[pseudo_labels], text, 0.25, 10.0, 3)
     teacher, _ = _numpy_logits(inputs.teacher, means[pseudo_labels], text, 0.0, 10.0, 3)
     log_s, log_t = _log_softmax(student[:, :3] / 2.0), _log_softmax(teacher[:, :3] / 2.0)
@@ -93,6 +95,20 @@ def test_loss_matches_numpy():
     )
     assert set(terms) == {"ce", "hinge", "kd"}
     expected = numpy_loss(params, inputs, batch, pseudo_ids, kd_weight=0.5)
+    np.testing.assert_allclose(float(loss), expected, rtol=2e-5)
+
+
+def test_a_run_without_hard_pairs_draws_no_hinge_rows():
+    # P = 0 (no task of the run has a pair): the step skips the hinge's samples and term instead
+    # of drawing rows for a padded, masked pair; the rest of the loss is unchanged.
+    head, settings, params, inputs, batch = _setup()
+    inputs = inputs._replace(pairs=np.zeros((0, 2), np.int32), pair_mask=np.zeros(0, np.float32))
+    pseudo_ids = np.array([2, 0], np.int32)
+    loss, terms = jax.jit(methods.loss_fn, static_argnums=(5, 6))(
+        params, batch, pseudo_ids, jax.random.PRNGKey(3), inputs, head, settings
+    )
+    assert set(terms) == {"ce", "kd"}
+    expected = numpy_loss(params, inputs, batch, pseudo_ids, kd_weight=0.5, hinge_on=False)
     np.testing.assert_allclose(float(loss), expected, rtol=2e-5)
 
 
