@@ -1,21 +1,8 @@
-"""Datasets that fetch themselves: a public file (`Resource`), `fetch` and `ensure_extracted`.
+"""Public files fetched into the data folder: `Resource`, `fetch` and `ensure_extracted`.
 
-    archive = fetch(cifar.ENTRY.archive, folder)            # folder/cifar-100-python.tar.gz
-    root = ensure_extracted(cub.ENTRY.archive, folder)      # folder/CUB_200_2011/
-
-Each dataset's entry (`images.DatasetEntry`) names its own resources, checksums included.
-
-A file is streamed into `<file>.part` (tqdm progress bar), resumed after an interruption with an
-HTTP Range request (a server answering 200 instead restarts it from byte 0), checked against its
-published checksum and only then renamed to `<file>`. An archive is unpacked into a temporary
-folder beside the target, renamed into place once complete; members with an absolute path, a `..`,
-a link leaving the folder, or a device are refused before anything is written, and tarfile's own
-`filter="data"` (Python >= 3.10.12 / 3.11.4) guards the extraction as well. One `filelock` lock
-per file keeps concurrent processes from writing the same file. `$CALFUSE_MIRROR` (or `mirror=`)
-replaces the public location by a base URL: the file is fetched as `<mirror>/<file name>`.
-
-Every failure raises `DownloadError` (a FileNotFoundError) with one paragraph naming the URL, the
-file and its checksum, and where a copy downloaded by hand goes (such a copy is verified and used).
+Downloads resume with HTTP Range, are verified against the published checksum before use, and
+unpack into a temporary folder renamed into place once complete (unsafe members refused first).
+Every failure raises `DownloadError` saying where a copy fetched by hand goes.
 """
 
 from __future__ import annotations
@@ -38,12 +25,10 @@ from calfuse_jax.files import waiting_lock
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # bytes per read while hashing
-# Bytes per network read: a broken connection loses the read in progress, so keep it small.
-STREAM_CHUNK = 1 << 16
+STREAM_CHUNK = 1 << 16  # bytes per network read (a broken connection loses the one in progress)
 TIMEOUT = (15, 60)  # seconds: connect, and between two reads
 MAX_ATTEMPTS = 5  # a broken connection is resumed while each attempt brings new bytes
-# tarfile's "data" filter where this Python has it (3.10.12+, 3.11.4+, 3.12); our own member
-# checks (`_unsafe`) run first either way.
+# tarfile's "data" filter where this Python has it; our own member checks (`_unsafe`) run first.
 _DATA_FILTER = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
 
 
@@ -64,8 +49,6 @@ class Resource:
 
 @dataclasses.dataclass(frozen=True)
 class _Job:
-    """One resource to bring into one folder, and how."""
-
     resource: Resource
     folder: Path
     mirror: str | None
@@ -78,9 +61,13 @@ class _Job:
 
     @property
     def url(self) -> str:
-        if self.mirror:
-            return f"{self.mirror.rstrip('/')}/{self.resource.file}"
-        return self.resource.url
+        return (
+            f"{self.mirror.rstrip('/')}/{self.resource.file}" if self.mirror else self.resource.url
+        )
+
+    def lock(self):
+        lock = self.folder / f".{self.resource.file}.lock"
+        return waiting_lock(lock, f"another process fetching {self.path}")
 
     def error(self, problem: str) -> DownloadError:
         r = self.resource
@@ -96,26 +83,22 @@ def fetch(
     resource: Resource, folder, *, mirror=None, download: bool = True, progress: bool = True
 ) -> Path:
     """`folder/<resource.file>`, verified; downloaded first when absent and `download` is set.
-
-    `mirror` (default $CALFUSE_MIRROR) replaces `resource.url` by `<mirror>/<resource.file>`.
-    """
+    `mirror` (default $CALFUSE_MIRROR) replaces `resource.url` by `<mirror>/<resource.file>`."""
     job = _job(resource, folder, mirror, download, progress)
-    with _lock(job):
+    with job.lock():
         return _fetch_locked(job)
 
 
 def ensure_extracted(
     resource: Resource, folder, *, mirror=None, download: bool = True, progress: bool = True
 ) -> Path:
-    """`folder/<resource.unpacks_to>`: fetched (see `fetch`), verified and unpacked when absent.
-
-    The folder only ever appears complete (renamed into place); the archive stays beside it.
-    """
+    """`folder/<resource.unpacks_to>`: fetched (see `fetch`), verified and unpacked when absent;
+    the folder only ever appears complete, the archive stays beside it."""
     job = _job(resource, folder, mirror, download, progress)
     target = job.folder / resource.unpacks_to
     if target.is_dir():
         return target
-    with _lock(job):
+    with job.lock():
         if not target.is_dir():  # else another process unpacked it while we waited
             _unpack(_fetch_locked(job), target, job)
     return target
@@ -142,11 +125,6 @@ def _job(resource, folder, mirror, download, progress) -> _Job:
             "at a writable folder"
         ) from err
     return job
-
-
-def _lock(job: _Job):
-    lock = job.folder / f".{job.resource.file}.lock"
-    return waiting_lock(lock, f"another process fetching {job.path}")
 
 
 def _fetch_locked(job: _Job) -> Path:
@@ -176,7 +154,6 @@ def _fetch_locked(job: _Job) -> Path:
 
 
 def _download(job: _Job, part: Path) -> None:
-    """Streams job.url into `part`, resuming after broken connections that brought new bytes."""
     for attempt in range(MAX_ATTEMPTS):
         start = part.stat().st_size if part.exists() else 0
         try:
@@ -222,11 +199,8 @@ def _reason(err: requests.RequestException) -> str:
 
 
 def _unpack(archive: Path, target: Path, job: _Job) -> None:
-    """Unpacks `archive` into a temporary folder, then renames its `target.name` folder to `target`.
-
-    Stale temporary folders are removed first: left by a killed run; we hold the lock, so no one
-    else writes there.
-    """
+    """Unpacks `archive` into a temporary folder, then renames its `target.name` to `target`."""
+    # Stale temporary folders, left by a killed run (we hold the lock: no one else writes there).
     for stale in target.parent.glob(f".{target.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
@@ -247,8 +221,7 @@ def _unpack(archive: Path, target: Path, job: _Job) -> None:
 
 def _checked_members(tar: tarfile.TarFile, archive: Path, job: _Job):
     for member in tar:
-        problem = _unsafe(member)
-        if problem:
+        if problem := _unsafe(member):
             raise job.error(f"{archive} holds {problem} ({member.name!r}); refusing to unpack it")
         yield member
 

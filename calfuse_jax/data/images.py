@@ -1,19 +1,5 @@
-"""Image datasets on disk: the common dataset interface, the registry's entry, the generic readers.
-
-Every reader returns an object with the same small interface (`ImageDataset`):
-
-    ds.labels       int64 [N], dataset labels (index into `ds.class_names`)
-    ds.class_names  tuple[str], by label
-    ds.identity     str, stable description for cache keys (dataset, split, source, hash of the
-                    sorted relative file list and labels), the same on every machine
-    len(ds); ds.load(i) -> uint8 [H, W, 3]; ds.load_batch(indices) -> list of arrays
-    ds.fixed_size   (H, W) when every image has that size (arrays in memory), else None: such
-                    sources may be preprocessed on the device (`features.image_features`)
-
-Each reader module declares a `DatasetEntry` (what `registry.load_dataset` needs to know). Readers
-here take a class-per-folder tree (`folder_split`, the `folder` dataset) or arrays in memory;
-`load_data_pickle` reads NumPy pickles safely; `seeded_class_split` splits 80/20 per class.
-"""
+"""Image datasets on disk: the common interface (`ImageDataset`), the registry's `DatasetEntry`,
+the class-per-folder readers, a safe NumPy unpickler and the seeded per-class split."""
 
 from __future__ import annotations
 
@@ -36,7 +22,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 
 
 class ImageDataset:
-    """Interface shared by all readers: labels, class names, identity, random access to images."""
+    """What every reader returns: int64 `labels` [N], `class_names` by label, `identity` (a
+    location-free description for cache keys) and random access to uint8 [H, W, 3] images."""
 
     labels: np.ndarray
     class_names: tuple[str, ...]
@@ -62,11 +49,9 @@ class ImageDataset:
 class DatasetEntry:
     """What `registry.load_dataset` knows about one dataset; each reader module declares its own.
 
-    `reader(root, split, **options)` reads files (the user's `root=`, else the `archive` fetched
-    into the data folder, else its `data_folder`); with `source` "package" or "procedural" it is
-    `reader(split, **options)`. `tfds` adds a prepared TFDS dataset as a source. `split_lists`:
-    option `split_protocol` -> a published list, fetched and passed as `split_file=` (the first is
-    the default; "seeded", no list, always exists).
+    `reader(root, split, **options)` reads files (`root=`, else the fetched `archive`, else
+    `data_folder`); with `source` "package" or "procedural" it is `reader(split, **options)`.
+    `split_lists`: split_protocol -> published list passed as `split_file=` (first: default).
     """
 
     name: str
@@ -100,16 +85,12 @@ def to_rgb(array: np.ndarray) -> np.ndarray:
 
 
 class ImageDecodeError(ValueError):
-    """An image file that cannot be decoded (truncated, empty, not an image, too large, a
-    symlink loop); the message names the file and the fix."""
+    """An image file that cannot be decoded; the message names the file and the fix."""
 
 
 def decode_image(path_or_file, name: str | None = None) -> np.ndarray:
-    """Decodes one image file (any PIL format, grayscale/palette/CMYK/alpha, 8 or 16 bits per
-    channel) to uint8 [H, W, 3]; `name` labels a file object in errors (default: its path).
-
-    Raises ImageDecodeError naming the file for anything PIL cannot decode.
-    """
+    """Decodes one image file (any PIL format and mode) to uint8 [H, W, 3]; `name` labels a file
+    object in errors. Raises ImageDecodeError naming the file for anything PIL cannot decode."""
     if name is None:
         name = os.fspath(path_or_file) if isinstance(path_or_file, str | os.PathLike) else None
     try:
@@ -124,13 +105,8 @@ def decode_image(path_or_file, name: str | None = None) -> np.ndarray:
 
 
 def pil_to_rgb(image: Image.Image) -> np.ndarray:
-    """A PIL image -> uint8 [H, W, 3]; 16-bit integer images are scaled to 8 bits, not clipped.
-
-    PIL's `convert("RGB")` clips the integer modes (I;16, I;16B, I) at 255, so a 16-bit PNG
-    would come out almost white. They keep their high byte instead (`x >> 8`, the values taken
-    as 16-bit and clipped to 0..65535 first): the reduction PIL itself applies to 16-bit RGB(A)
-    PNGs, so a 16-bit picture decodes to the same pixels whether it is stored grey or colour.
-    """
+    """A PIL image -> uint8 [H, W, 3]. 16-bit integer modes keep their high byte (PIL's own
+    reduction for 16-bit RGB PNGs) where `convert("RGB")` would clip them at 255."""
     if image.mode == "I" or image.mode.startswith("I;16"):
         wide = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
         return to_rgb((wide >> 8).astype(np.uint8))
@@ -152,20 +128,14 @@ def content_hash(*parts) -> str:
     return digest.hexdigest()[:16]
 
 
-_PICKLE_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("_codecs", "encode"),
+_PICKLE_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")} | {
+    (core, name)
+    for core in ("numpy.core.multiarray", "numpy._core.multiarray")
+    for name in ("_reconstruct", "scalar")
 }
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that only rebuilds NumPy arrays, dicts, lists, strings and numbers."""
-
     def find_class(self, module, name):
         if (module, name) in _PICKLE_GLOBALS:
             return super().find_class(module, name)
@@ -173,8 +143,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 def load_data_pickle(file, *, encoding: str = "bytes"):
-    """Loads a data pickle (binary file object) allowing only arrays and plain containers, so a
-    tampered archive cannot run code."""
+    """Loads a data pickle (binary file object) rebuilding only NumPy arrays and plain
+    containers, so a tampered archive cannot run code."""
     return _RestrictedUnpickler(file, encoding=encoding).load()
 
 
@@ -234,10 +204,7 @@ def list_class_folders(root: str, extensions=IMAGE_EXTENSIONS) -> dict[str, list
 def class_listing(
     classes: dict[str, list[str]], order: Sequence[str]
 ) -> tuple[list[str], list[int]]:
-    """Paths `<class>/<file>` and labels (index in `order`) of `classes` ({folder: file names}).
-
-    Classes in `order` without an entry in `classes` contribute no images.
-    """
+    """Paths `<class>/<file>` and labels (index in `order`) of `classes` ({folder: file names})."""
     files = [f"{c}/{f}" for c in order for f in classes.get(c, [])]
     labels = [i for i, c in enumerate(order) for _ in classes.get(c, [])]
     return files, labels
@@ -251,11 +218,10 @@ def folder_dataset(
     name: str = "folder",
     folders: Sequence[str] | None = None,
 ) -> FileDataset:
-    """A class-per-folder tree: `root/<class>/<image>`; labels follow sorted folder names.
+    """A class-per-folder tree `root/<class>/<image>`; labels follow sorted folder names.
 
-    `class_names` (optional) replaces the folder names as names, in sorted-folder order.
-    `folders` fixes the class list (and label order); a folder outside it is an error and a
-    class without a folder simply has no images here (a test split lacking a class).
+    `class_names` replaces the folder names, in sorted-folder order. `folders` fixes the classes
+    (and label order): a folder outside it is an error, a class without a folder has no images.
     """
     root = os.fspath(root)
     if not os.path.isdir(root):
@@ -290,12 +256,9 @@ def folder_split(
     seed: int = 0,
     train_fraction: float = 0.8,
 ) -> FileDataset:
-    """A user's class-per-folder dataset, split three ways depending on the layout:
-
-    `split="all"`: every image under `root/<class>/`. `root/train/<class>/` and
-    `root/test/<class>/` (or `val/`) present: those, with the label order of `train/`. Otherwise
-    the seeded per-class split of `root/<class>/` (`seeded_class_split(train_fraction, seed)`).
-    """
+    """A user's class-per-folder dataset: "all" images under `root/<class>/`; with
+    `root/train/` and `root/test/` (or `val/`), those (labels in `train/`'s order); else the
+    seeded per-class split of `root/<class>/`."""
     root = os.fspath(root)
     split = train_or_test(split, FOLDER.splits, "folder")
     if split == "all":
@@ -325,13 +288,8 @@ FOLDER = DatasetEntry(
 
 
 def seeded_class_split(labels: np.ndarray, *, train_fraction: float = 0.8, seed: int = 0):
-    """Per-class seeded split of item indices into (train, test), both sorted int64 arrays.
-
-    For each class (items in their given order) a `numpy.random.default_rng(seed)` permutation
-    (one generator, classes visited in increasing label order) puts the first
-    `round(train_fraction * n_c)` items in train, the rest in test. Deterministic for a fixed
-    file listing, seed and fraction; used for ImageNet-R and Animal-MNIST (no official split).
-    """
+    """Item indices split into (train, test), sorted int64: one `default_rng(seed)` permutes
+    each class in increasing label order; its first `round(train_fraction * n_c)` go to train."""
     if not 0.0 < train_fraction < 1.0:
         raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
     labels = np.asarray(labels)
@@ -347,11 +305,8 @@ def seeded_class_split(labels: np.ndarray, *, train_fraction: float = 0.8, seed:
 
 
 def read_split_file(path, split: str | None = None) -> set[str]:
-    """Relative image paths listed in a split file: first whitespace token of each line.
-
-    A file with the section lines `train` and `test` (RAPF's ImageNet-R list) holds both splits:
-    the entries under `split`'s line are returned. A file without them lists one split's images.
-    """
+    """Relative image paths listed in a split file (first token of each line). A file with
+    `train` and `test` section lines (RAPF's ImageNet-R list) gives `split`'s section."""
     sections: dict[str | None, set[str]] = {None: set()}
     current = None
     with open(path, encoding="utf-8") as f:
@@ -378,12 +333,9 @@ def read_split_file(path, split: str | None = None) -> set[str]:
 
 def subset(dataset: FileDataset, keep: np.ndarray, description: str) -> FileDataset:
     """The items `keep` (int indices) of `dataset`, under a new identity `description`."""
+    files = [dataset.files[i] for i in keep]
     return FileDataset(
-        dataset.root,
-        [dataset.files[i] for i in keep],
-        dataset.labels[keep],
-        dataset.class_names,
-        description=description,
+        dataset.root, files, dataset.labels[keep], dataset.class_names, description=description
     )
 
 
@@ -391,8 +343,7 @@ _SPLIT_NAMES = {"train": "train", "test": "test", "val": "test", "validation": "
 
 
 def train_or_test(split: str, splits: Sequence[str] = ("train", "test"), name: str = "") -> str:
-    """'train', or 'test' for 'test'/'val'/'validation' (or 'all' where `splits` has it); another
-    name is an error naming dataset `name`'s `splits`."""
+    """'train', or 'test' for 'test'/'val'/'validation' (or 'all' where `splits` has it)."""
     canonical = _SPLIT_NAMES.get(split)
     if canonical not in splits:
         raise ValueError(f"{name or 'the dataset'} has splits {tuple(splits)}; got {split!r}")

@@ -1,20 +1,8 @@
 """One entry point for every dataset: `load_dataset(name, split, root=..., source=...)`.
 
-    ds = load_dataset("cifar100", "train")                  # fetched into the data folder once
-    ds = load_dataset("cifar100", "train", root="~/data")   # your copy of the python archive
-    ds = load_dataset("imagenet_r", "test", source="tfds", data_dir="~/tensorflow_datasets",
-                      split_protocol="seeded")
-    ds = load_dataset("shapes", "train")                     # procedural, no files
-
-Each reader module declares its dataset's `images.DatasetEntry`; `DATASETS` collects them and
-`register(entry)` adds one of your own. Sources: `files` (archives, class-per-folder trees: the
-user's under `root`, else the public archive fetched on first use into
-`calfuse_jax.paths.data_root()`, see `data.download`), `tfds` (a prepared array_record TFDS
-dataset, read without TensorFlow), `package` (Animal-MNIST inside its wheel), `procedural`
-(shapes). `auto` picks `files` when `root` is given, else a prepared TFDS dataset when it can serve
-the options, else the data folder (fetching what is missing, unless download=False; ImageNet-2012
-is never fetched: its error says what to download and where). Every returned object has `labels`,
-`class_names`, `identity`, `len`, `load(i)` and `load_batch(indices)` (see `data.images`).
+Each reader module declares its `images.DatasetEntry`; `DATASETS` collects them and `register`
+adds one of your own. `auto` picks `files` when `root` is given, else a prepared TFDS dataset
+when it can serve the options, else the data folder (fetching what is missing).
 """
 
 from __future__ import annotations
@@ -31,10 +19,7 @@ DATASETS: dict[str, DatasetEntry] = {e.name: e for e in (
     cifar.ENTRY, imagenet.IMAGENET_R, imagenet.IMAGENET100, cub.ENTRY, animal_mnist.ENTRY,
     shapes.ENTRY, images.FOLDER,
 )}  # fmt: skip
-# Options a TFDS source takes; with split lists, only the "seeded" split_protocol.
-_TFDS_OPTIONS = ("seed", "train_fraction", "split_protocol")
-
-
+_TFDS_OPTIONS = ("seed", "train_fraction", "split_protocol")  # split_protocol: "seeded" only
 _BUILT_IN = frozenset(DATASETS)
 
 
@@ -60,24 +45,18 @@ def load_dataset(
     progress: bool = True,
     **options,
 ) -> images.ImageDataset:
-    """Opens dataset `name`'s `split` (see `DATASETS` for names, splits, sources and options).
+    """Opens dataset `name`'s `split` ("val"/"validation" mean "test"; some take "all").
 
     Args:
-      name: a key of `DATASETS` (the built-in ones, or one you `register`).
-      split: "train" or "test" ("val"/"validation" mean "test"); some take "all".
       root: the user's files (archive, folder tree); implies source="files".
       source: one of `SOURCES`.
       data_dir: TFDS data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets).
-      download: files without root=: fetch the public archive (and ImageNet-R's split list) into
-        `download_dir` when not there yet; False makes missing data an error. source="tfds":
-        let TFDS download and prepare (needs TensorFlow for these builders).
-      mirror: base URL serving the files instead of their public location (`<mirror>/<file>`);
-        default $CALFUSE_MIRROR.
-      cache_dir: the cache root (`paths.cache_root`): TFDS label scans go to its `tfds_labels/`.
-      download_dir: where fetched data lives (default `paths.data_root(cache_dir)`).
-      progress: show download progress bars.
-      **options: dataset options, e.g. split_protocol / seed / train_fraction / split_file for
-        imagenet_r.
+      download: fetch missing public files into `download_dir` (default
+        `paths.data_root(cache_dir)`); False makes missing data an error. With source="tfds":
+        let TFDS download and prepare (needs TensorFlow).
+      mirror: base URL serving the files as `<mirror>/<file>`; default $CALFUSE_MIRROR.
+      cache_dir: the cache root (`paths.cache_root`), holding the TFDS label scans.
+      **options: the entry's options, e.g. split_protocol / seed / train_fraction / split_file.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
@@ -94,15 +73,10 @@ def load_dataset(
         )
     if source != "files":
         return entry.reader(split, **options)
-    fetch = dict(
-        folder=download_dir or paths.data_root(cache_dir),
-        mirror=mirror,
-        download=download,
-        progress=progress,
-    )
+    folder = download_dir or paths.data_root(cache_dir)
+    fetch = dict(folder=folder, mirror=mirror, download=download, progress=progress)
     options = _split_file(entry, options, fetch)
-    if root is None:
-        root = _default_root(entry, fetch)
+    root = _default_root(entry, fetch) if root is None else root
     return entry.reader(os.path.expanduser(os.fspath(root)), split, **options)
 
 
@@ -112,8 +86,7 @@ def _protocol(entry: DatasetEntry, options: dict) -> str:
 
 
 def _split_file(entry: DatasetEntry, options: dict, fetch: dict) -> dict:
-    """`options` with split_protocol turned into split_file: its published list (fetched and
-    checked like an archive), or none for the seeded split; a given split_file wins."""
+    """`options` with split_protocol turned into split_file (its published list, fetched)."""
     protocol = _protocol(entry, options)
     options = {k: v for k, v in options.items() if k != "split_protocol"}
     if protocol not in (*entry.split_lists, "seeded"):
@@ -136,10 +109,9 @@ def _default_root(entry: DatasetEntry, fetch: dict):
 
 
 def _tfds_options(entry: DatasetEntry, options: dict) -> dict:
-    """The options a TFDS source takes (a split list's split is files-only); else ValueError."""
-    extra = sorted(set(options) - set(_TFDS_OPTIONS))
-    if _protocol(entry, options) != "seeded":
-        extra.append(f"split_protocol={_protocol(entry, options)!r}")
+    extra, protocol = sorted(set(options) - set(_TFDS_OPTIONS)), _protocol(entry, options)
+    if protocol != "seeded":
+        extra.append(f"split_protocol={protocol!r}")
     if extra:
         raise ValueError(
             f"{extra} only work with source='files'; TFDS gives {entry.name}'s seeded split only "
@@ -160,6 +132,4 @@ def _pick_source(entry: DatasetEntry, source: str, root, data_dir, options: dict
     if set(options) - set(_TFDS_OPTIONS) or _protocol(entry, options) != "seeded":
         return "files"  # asks what only the files give: a published split list, a split file
     data_dir = os.fspath(data_dir or tfds_source.default_data_dir())
-    if tfds_source.find_prepared(entry.tfds.tfds_name, data_dir) is not None:
-        return "tfds"
-    return "files"
+    return "files" if tfds_source.find_prepared(entry.tfds.tfds_name, data_dir) is None else "tfds"

@@ -1,18 +1,6 @@
-"""Prepared TFDS datasets read by random access (array_record), without TensorFlow.
-
-We open the prepared folder `DATA_DIR/<tfds name>/<version>/` with `tfds.builder_from_directory`
-(no builder code, no download attempt) and read records through `as_data_source` with the image
-left encoded (`SkipDecoding`); images are decoded with PIL on our host threads. Labels are read
-once per split (one pass over the records) and kept in a small `.npy` under the label cache, so a
-second open is instant.
-
-Measured with tensorflow-datasets 4.9.10: *reading* array_record needs no TensorFlow, but the
-catalog builders of `cifar100`, `imagenet_r`, `caltech_birds2011` and `imagenet2012` call
-`tf.io.gfile` / `tf.image` while *preparing*, so preparing needs TensorFlow once (any machine;
-the prepared folder can be copied). The errors below say exactly that and give the command.
-
-Each dataset's entry states its TFDS view (`TfdsSpec`): the TFDS name, the TFDS splits serving our
-train and test, the wnids kept from an ImageNet-1k label space, or a seeded split (ImageNet-R).
+"""Prepared TFDS datasets read by random access (array_record) without TensorFlow: images stay
+encoded until PIL decodes them on our threads, and labels are scanned once per split into a .npy.
+Preparing does need TensorFlow (the catalog builders call tf.io / tf.image); the errors say how.
 """
 
 from __future__ import annotations
@@ -41,7 +29,7 @@ from calfuse_jax.files import atomic_write
 
 @dataclasses.dataclass(frozen=True)
 class TfdsSpec:
-    """How a prepared TFDS dataset serves one of ours (see the module docstring)."""
+    """How a prepared TFDS dataset serves one of ours."""
 
     tfds_name: str
     splits: dict = dataclasses.field(default_factory=lambda: {"train": "train", "test": "test"})
@@ -114,7 +102,6 @@ def open_builder(tfds_name: str, data_dir: str | None = None, download: bool = F
 
 
 def _prepare(tfds_name: str, data_dir: str, missing) -> None:
-    """TFDS's download_and_prepare into `data_dir`; `missing(problem)` is the error to raise."""
     import importlib.util
 
     import tensorflow_datasets as tfds
@@ -132,17 +119,8 @@ def _prepare(tfds_name: str, data_dir: str, missing) -> None:
         ) from error
 
 
-def scan_labels(source, label_key: str = "label", batch: int = 1024) -> np.ndarray:
-    """int64 [N]: `label_key` of every record (images stay encoded, so this is I/O bound)."""
-    labels = np.empty(len(source), dtype=np.int64)
-    for start in range(0, len(source), batch):
-        records = source.__getitems__(list(range(start, min(start + batch, len(source)))))
-        labels[start : start + len(records)] = [int(r[label_key]) for r in records]
-    return labels
-
-
-def cached_labels(builder, tfds_split: str, source, label_cache) -> np.ndarray:
-    """`scan_labels` of `source`, kept in `label_cache` (a folder) as a .npy for the next open."""
+def cached_labels(builder, tfds_split: str, source, label_cache, batch: int = 1024) -> np.ndarray:
+    """int64 [N]: the label of every record of `source`, kept as a .npy in `label_cache`."""
     info = builder.info
     key = content_hash(info.name, str(info.version), tfds_split, len(source), info.config_name)
     path = os.path.join(label_cache, f"{info.name}-{tfds_split}-{key}.npy")
@@ -150,7 +128,10 @@ def cached_labels(builder, tfds_split: str, source, label_cache) -> np.ndarray:
         labels = np.load(path, allow_pickle=False)
         if labels.shape == (len(source),):
             return labels
-    labels = scan_labels(source)
+    labels = np.empty(len(source), dtype=np.int64)
+    for start in range(0, len(source), batch):  # images stay encoded: I/O bound
+        records = source.__getitems__(list(range(start, min(start + batch, len(source)))))
+        labels[start : start + len(records)] = [int(r["label"]) for r in records]
     atomic_write(path, "wb", lambda f: np.save(f, labels, allow_pickle=False))
     return labels
 
@@ -166,17 +147,15 @@ class TfdsDataset(ImageDataset):
         self.identity = (
             f"{description}/n={len(self.labels)}/items={content_hash(self.indices, self.labels)}"
         )
-        self._lock = threading.Lock()  # record reads serialised; decoding runs in parallel
-
-    def _records(self, positions: Sequence[int]) -> list:
-        with self._lock:
-            return self.source.__getitems__([int(self.indices[p]) for p in positions])
+        self._lock = threading.Lock()
 
     def load(self, index: int) -> np.ndarray:
         return self.load_batch([index])[0]
 
     def load_batch(self, indices: Sequence[int]) -> list[np.ndarray]:
-        return [_decode_record(r) for r in self._records(indices)]
+        with self._lock:  # record reads serialised; decoding runs in parallel
+            records = self.source.__getitems__([int(self.indices[p]) for p in indices])
+        return [_decode_record(r) for r in records]
 
 
 def _decode_record(record) -> np.ndarray:
@@ -196,8 +175,7 @@ def tfds_dataset(
     train_fraction: float = 0.8,
     cache_dir: str | os.PathLike | None = None,
 ) -> TfdsDataset:
-    """Dataset `entry` (one with a `tfds` spec) from its prepared TFDS dataset; label scans are
-    kept under `paths.cache_root(cache_dir)/tfds_labels`."""
+    """Dataset `entry` (one with a `tfds` spec) from its prepared TFDS dataset."""
     import tensorflow_datasets as tfds
 
     spec, split = entry.tfds, train_or_test(split, name=entry.name)
@@ -218,8 +196,7 @@ def tfds_dataset(
         position = {w: i for i, w in enumerate(spec.wnids)}
         mapping = np.asarray([position.get(w, -1) for w in tfds_names], dtype=np.int64)
         labels = mapping[labels]
-        indices = indices[labels >= 0]
-        labels = labels[labels >= 0]
+        indices, labels = indices[labels >= 0], labels[labels >= 0]
     description = f"{entry.name}/{split}/tfds/{spec.tfds_name}:{builder.info.version}"
     if spec.seeded_split:
         train, test = seeded_class_split(labels, train_fraction=train_fraction, seed=seed)
