@@ -1,12 +1,6 @@
-"""Animal-MNIST, from the `animal-mnist` wheel: no download besides the package.
-
-10,000 grayscale 28x28 silhouettes, 1,000 per class, of bear, bird, cat, cow, dog,
-elephant, giraffe, horse, sheep, zebra (labels 0-9 in that order: the package's description lists
-them alphabetically and a look at the images confirms the order). The wheel ships two gzipped
-pickles of NumPy arrays, `animal_mnist/data/Animal_MNIST/animal_{data,label}_version_3.gz`. We find
-them with `importlib.util.find_spec` (the package's own loader imports TensorFlow, so it is never
-imported) and read them with the restricted unpickler. There is no official split: a seeded
-per-class 80/20 split (`images.seeded_class_split`).
+"""Animal-MNIST: 10,000 grayscale 28x28 animal silhouettes read from the `animal-mnist` wheel's
+gzipped pickles (found with `find_spec`: the package's own loader imports TensorFlow). No official
+split: a seeded per-class 80/20 split.
 """
 
 from __future__ import annotations
@@ -25,9 +19,8 @@ from calfuse_jax.data.images import (
     train_or_test,
 )
 
+# Labels 0-9: the package lists them alphabetically, and the images confirm the order.
 NAMES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
-_DATA_FILE = "animal_data_version_3.gz"
-_LABEL_FILE = "animal_label_version_3.gz"
 
 
 def animal_mnist_files() -> tuple[str, str]:
@@ -41,7 +34,7 @@ def animal_mnist_files() -> tuple[str, str]:
             "which needs no files."
         )
     folder = os.path.join(list(spec.submodule_search_locations)[0], "data", "Animal_MNIST")
-    paths = (os.path.join(folder, _DATA_FILE), os.path.join(folder, _LABEL_FILE))
+    paths = tuple(os.path.join(folder, f"animal_{k}_version_3.gz") for k in ("data", "label"))
     absent = [p for p in paths if not os.path.isfile(p)]
     if absent:
         raise FileNotFoundError(

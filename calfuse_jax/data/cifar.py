@@ -1,9 +1,5 @@
-"""CIFAR-100 from the official python archive (`cifar-100-python.tar.gz` or its unpacked folder).
-
-Layout read: `cifar-100-python/{train,test,meta}`, pickles with `data` uint8 [N, 3072] (channel-
-planar 3x32x32 rows), `fine_labels`, `filenames`; `meta` holds `fine_label_names`. The pickles are
-read with `images.load_data_pickle`, which only rebuilds NumPy arrays and plain containers.
-"""
+"""CIFAR-100 from the official python archive (`cifar-100-python.tar.gz` or its unpacked folder):
+pickles `{train,test,meta}` read with the restricted `images.load_data_pickle`."""
 
 from __future__ import annotations
 
@@ -32,8 +28,8 @@ cifar-100-python/{train,test,meta}). Without root= it is fetched into the data f
 (calfuse_jax.paths.data_root). Or prepare the TFDS dataset `cifar100`."""
 
 
-def _text_keys(record: dict) -> dict:
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in record.items()}
+def _text(value):
+    return value.decode() if isinstance(value, bytes) else value
 
 
 _MEMBERS = ("train", "test", "meta")
@@ -62,9 +58,8 @@ def _open_members(root: str) -> dict[str, bytes]:
 
 
 def _unpickle(members: dict[str, bytes], name: str, root) -> dict:
-    """The pickle `name` of `members`; ValueError naming it when it is refused or damaged."""
     try:
-        return _text_keys(load_data_pickle(io.BytesIO(members[name])))
+        return {_text(k): v for k, v in load_data_pickle(io.BytesIO(members[name])).items()}
     except (pickle.UnpicklingError, EOFError, ValueError) as error:
         raise ValueError(
             f"cifar100: cifar-100-python/{name} under {os.fspath(root)!r} is not a CIFAR-100 "
@@ -82,7 +77,7 @@ def cifar100(root, split: str) -> ArrayDataset:
     if data.ndim != 2 or data.shape[1] != 3072:
         raise ValueError(f"cifar100 {split}: data has shape {data.shape}, expected [N, 3072]")
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # planar CHW -> HWC
-    names = [n.decode() if isinstance(n, bytes) else n for n in meta["fine_label_names"]]
+    names = [_text(n) for n in meta["fine_label_names"]]
     if tuple(names) != names_lib.CIFAR100:
         raise ValueError(f"cifar100 meta's {len(names)} fine_label_names are not CIFAR-100's 100")
     labels = np.asarray(record["fine_labels"], dtype=np.int64)
@@ -97,8 +92,7 @@ ENTRY = DatasetEntry(
     cifar100,
     names=names_lib.CIFAR100,
     tfds=TfdsSpec("cifar100", {"train": "train", "test": "test"}),
-    # md5 from torchvision's datasets/cifar.py (`CIFAR100.tgz_md5`), the value Avalanche and
-    # Mammoth use through torchvision.
+    # md5 from torchvision's datasets/cifar.py (`CIFAR100.tgz_md5`).
     archive=Resource(
         "cifar-100-python.tar.gz",
         "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",

@@ -1,12 +1,5 @@
-"""Class names of the benchmark datasets (tables in `names/*.txt`), and helpers for prompts.
-
-Names are in *label order*: entry `i` is the name of dataset label `i`, matching the readers in
-this package (CIFAR-100 fine labels in the archive's order; ImageNet-R and ImageNet-100 by sorted
-WordNet id, which is also how ImageNet-1k labels are numbered; CUB-200 by its `classes.txt` id).
-The ImageNet tables hold `(wnid, name)` pairs so that a folder tree or a TFDS ImageNet-1k label
-can be mapped to the benchmark's label by its wnid. Where the user's files carry names
-(`meta`, `classes.txt`, `LOC_synset_mapping.txt`), the readers prefer those and fall back here.
-"""
+"""Class names of the benchmark datasets in label order (tables in `names/*.txt`); the ImageNet
+tables hold `(wnid, name)` pairs, sorted by wnid (how ImageNet-1k labels are numbered)."""
 
 from __future__ import annotations
 
@@ -21,10 +14,8 @@ def _table(name: str, pairs: bool = False) -> tuple:
 
 
 CIFAR100 = _table("cifar100")  # fine labels, alphabetical as in the archive's `meta`
-IMAGENET_R = _table(
-    "imagenet_r", pairs=True
-)  # its 200 ImageNet classes as (wnid, name), sorted wnids
-IMAGENET100 = _table("imagenet100", pairs=True)  # (wnid, name), sorted wnids
+IMAGENET_R = _table("imagenet_r", pairs=True)  # its 200 ImageNet classes
+IMAGENET100 = _table("imagenet100", pairs=True)
 CUB200 = _table("cub200")  # by `classes.txt` id
 
 
@@ -46,10 +37,7 @@ def names(table: Sequence[tuple[str, str]]) -> tuple[str, ...]:
 
 
 def synset_names(path: str) -> dict[str, str]:
-    """Reads an ImageNet `LOC_synset_mapping.txt`-style file: `wnid name[, synonym...]` per line.
-
-    Returns wnid -> first name (`"n01440764 tench, Tinca tinca"` -> `{"n01440764": "tench"}`).
-    """
+    """wnid -> first name of an ImageNet `LOC_synset_mapping.txt` (`wnid name[, synonym...]`)."""
     mapping = {}
     with open(path, encoding="utf-8") as f:
         for line in f:

@@ -23,10 +23,7 @@ def _read_id_table(path) -> dict[int, str]:
 
 
 def cub200(root, split: str) -> FileDataset:
-    """CUB-200-2011 from its own files; official train/test split (`train_test_split.txt`).
-
-    Labels = class id - 1; names from `classes.txt` without the `001.` prefix.
-    """
+    """CUB-200-2011, official split; labels = class id - 1, names from `classes.txt`."""
     root, split = os.fspath(root), train_or_test(split, name="cub200")
     if os.path.isdir(os.path.join(root, "CUB_200_2011")):
         root = os.path.join(root, "CUB_200_2011")
@@ -57,8 +54,7 @@ ENTRY = DatasetEntry(
     cub200,
     names=names_lib.CUB200,
     tfds=TfdsSpec("caltech_birds2011", {"train": "train", "test": "test"}),
-    # sha256 (1,150,585,339 bytes) from tensorflow_datasets' url_checksums/caltech_birds2011.txt,
-    # for the CaltechDATA record the dataset page links to (data.caltech.edu/records/65de6-vp158).
+    # sha256 from tensorflow_datasets' url_checksums/caltech_birds2011.txt.
     archive=Resource(
         "CUB_200_2011.tgz",
         "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?download=1",

@@ -39,11 +39,7 @@ def imagenet_r(
 ) -> FileDataset:
     """ImageNet-R from its tarball layout (`imagenet-r/<wnid>/*.jpg`, 200 wnid folders).
 
-    Labels: index of the wnid in `class_names.IMAGENET_R` (sorted wnids). Split: `split_file`
-    (lines starting with `<wnid>/<file>`: this split's images, or, in RAPF's format, a `train`
-    line, the training images, a `test` line, the test images; see `images.read_split_file`) or
-    the seeded per-class 80/20 split of `seeded_class_split(train_fraction, seed)`.
-    `load_dataset("imagenet_r", ...)` passes RAPF's published list unless told otherwise.
+    Split: `split_file` (see `images.read_split_file`), else the seeded per-class split.
     """
     root, split = os.fspath(root), train_or_test(split, name="imagenet_r")
     if os.path.isdir(os.path.join(root, "imagenet-r")):
@@ -70,8 +66,7 @@ def imagenet_r(
 
 
 def _apply_split_file(dataset: FileDataset, split_file, split: str, description: str):
-    wanted = read_split_file(split_file, split)
-    # Accept entries with or without a leading "imagenet-r/" folder.
+    wanted = read_split_file(split_file, split)  # entries with or without "imagenet-r/"
     index = {f: i for i, f in enumerate(dataset.files)}
     keep = []
     for entry in sorted(wanted):
@@ -111,11 +106,8 @@ def _imagenet_val_labels() -> list[str]:
 def imagenet_subset(
     root, split: str, *, wnids: Sequence[str] | None = None, class_file=None, name="imagenet100"
 ) -> FileDataset:
-    """An ImageNet-2012 class subset (default: ImageNet-100 = the first 100 sorted wnids).
-
-    Labels follow the order of `wnids` (default `class_names.IMAGENET100`). `class_file`: a
-    text file with one wnid per line (first token) choosing another subset.
-    """
+    """An ImageNet-2012 class subset, labels in the order of `wnids` (default ImageNet-100) or
+    of `class_file` (one wnid per line, first token)."""
     if class_file is not None:
         with open(class_file, encoding="utf-8") as f:
             wnids = [line.split()[0] for line in f if line.strip()]
@@ -166,13 +158,12 @@ IMAGENET_R = DatasetEntry(
     imagenet_r,
     options=("split_protocol", "seed", "train_fraction", "split_file"),
     names=names_lib.names(names_lib.IMAGENET_R),
-    # TFDS's imagenet_r has one `test` split in ImageNet-1k labels: kept by wnid, split seeded.
+    # TFDS's imagenet_r: one `test` split in ImageNet-1k labels, kept by wnid and split seeded.
     tfds=TfdsSpec(
         "imagenet_r", {"train": "test", "test": "test"}, names_lib.wnids(names_lib.IMAGENET_R),
         seeded_split=True,
     ),
-    # sha256 (2,191,079,936 bytes) from tensorflow_datasets' datasets/imagenet_r/checksums.tsv,
-    # for the URL the dataset page (github.com/hendrycks/imagenet-r) links to.
+    # sha256 from tensorflow_datasets' datasets/imagenet_r/checksums.tsv.
     archive=Resource(
         "imagenet-r.tar",
         "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar",
@@ -180,8 +171,7 @@ IMAGENET_R = DatasetEntry(
         "sha256",
         "imagenet-r",
     ),
-    # RAPF's ImageNet-R train/test list at commit 81d41df: a `train` line, the training images
-    # (`wnid/file.jpg`), a `test` line, the test images. sha256 of that commit's file.
+    # RAPF's ImageNet-R train/test list at commit 81d41df (`train` and `test` sections).
     split_lists={
         "rapf": Resource(
             "imgr_train_test_split.txt",

@@ -1,9 +1,5 @@
-"""Class orders and task splits, built once, pure NumPy (the l2p bookkeeping).
-
-Everything downstream works in *positions*: position p is the p-th class of the class order, so
-task t owns the contiguous positions `[start_t, end_t)` and "all seen classes after task t" is
-simply `range(end_t)`. Dataset labels are mapped to positions once, here.
-"""
+"""Class orders and task splits, pure NumPy. Downstream works in *positions*: position p is the
+p-th class of the class order, so task t owns positions `[bounds[t], bounds[t + 1])`."""
 
 from __future__ import annotations
 
@@ -14,15 +10,10 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class TaskSplit:
-    """A class order cut into tasks.
+    """A class order cut into tasks."""
 
-    Attributes:
-      class_order: int [C], the dataset label at each position.
-      bounds: int [T + 1], task t owns positions `bounds[t]:bounds[t + 1]`.
-    """
-
-    class_order: np.ndarray
-    bounds: np.ndarray
+    class_order: np.ndarray  # int [C], the dataset label at each position
+    bounds: np.ndarray  # int [T + 1], task t owns positions `bounds[t]:bounds[t + 1]`
 
     @property
     def num_tasks(self) -> int:
@@ -50,11 +41,8 @@ class TaskSplit:
 
 
 def make_split(class_order, initial: int, increment: int) -> TaskSplit:
-    """Cuts `class_order` into a first task of `initial` classes, then tasks of `increment`.
-
-    B0 Inc10 on 100 classes is `make_split(order, 10, 10)`; B50 Inc10 is `make_split(order, 50,
-    10)`. A remainder smaller than `increment` becomes a shorter last task.
-    """
+    """Cuts `class_order` into a first task of `initial` classes, then tasks of `increment` (B50
+    Inc10 is `make_split(order, 50, 10)`); a remainder becomes a shorter last task."""
     order = np.asarray(class_order, dtype=np.int64)
     if order.ndim != 1 or len(np.unique(order)) != len(order):
         raise ValueError("class_order must be a 1-D list of distinct labels")

@@ -1,7 +1,4 @@
-"""Shapes: seeded coloured geometric shapes of 10 named classes, drawn on demand.
-
-Any size, no files at all: the offline demo's dataset (`experiments/configs/demo.py`).
-"""
+"""Shapes: seeded coloured geometric shapes of 10 classes drawn on demand, no files (the demo's)."""
 
 from __future__ import annotations
 
@@ -18,11 +15,8 @@ SHAPES_VERSION = 1  # bump when the drawing changes, so cached features are reco
 
 
 class ShapesDataset(ImageDataset):
-    """Procedural images: one of 10 shapes in a random colour, size, place and rotation.
-
-    Item `i` has label `i % 10` and is drawn from `default_rng([seed, split_id, i])`, so any
-    item can be made alone, in any order, on any machine, with the same pixels.
-    """
+    """Item `i`: shape `i % 10` in a colour, size, place and rotation drawn from
+    `default_rng([seed, split_id, i])`, so any item can be made alone with the same pixels."""
 
     def __init__(self, split: str, *, num_per_class: int = 50, image_size: int = 64, seed: int = 0):
         split = train_or_test(split, name="shapes")
@@ -39,6 +33,9 @@ class ShapesDataset(ImageDataset):
     def load(self, index: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, self.split_id, int(index)])
         return draw_shape(int(self.labels[index]), rng, self.image_size)
+
+
+_SIDES = {"square": 4, "triangle": 3, "hexagon": 6, "star": 5}
 
 
 def _polygon(cx, cy, radius, sides, angle, star=False):
@@ -66,17 +63,11 @@ def draw_shape(label: int, rng: np.random.Generator, size: int) -> np.ndarray:
         draw.ellipse(box, fill=colour)
     elif name == "ring":
         draw.ellipse(box, outline=colour, width=max(2, int(radius * 0.3)))
-    elif name == "square":
-        draw.polygon(_polygon(cx, cy, radius, 4, angle), fill=colour)
+    elif name in _SIDES:
+        draw.polygon(_polygon(cx, cy, radius, _SIDES[name], angle, name == "star"), fill=colour)
     elif name == "diamond":
         draw.polygon([(cx, cy - radius), (cx + radius * 0.6, cy), (cx, cy + radius),
                       (cx - radius * 0.6, cy)], fill=colour)  # fmt: skip
-    elif name == "triangle":
-        draw.polygon(_polygon(cx, cy, radius, 3, angle), fill=colour)
-    elif name == "hexagon":
-        draw.polygon(_polygon(cx, cy, radius, 6, angle), fill=colour)
-    elif name == "star":
-        draw.polygon(_polygon(cx, cy, radius, 5, angle, star=True), fill=colour)
     elif name == "cross":
         arm = radius * 0.35
         draw.rectangle((cx - radius, cy - arm, cx + radius, cy + arm), fill=colour)

@@ -11,27 +11,15 @@ from calfuse_jax.data.protocol import TaskSplit
 
 @dataclasses.dataclass(frozen=True)
 class FeatureStream:
-    """Per-image frozen CLIP features and labels, plus the task split.
+    """Per-image frozen CLIP features (not normalised) and dataset labels, plus the task split;
+    `task` and `seen` return labels mapped to positions (see `protocol`)."""
 
-    Labels are dataset labels; `task(t, 'train')` returns features with labels mapped to positions
-    (see `protocol`). Text features are indexed by dataset label, `text_by_position()` reorders
-    them.
-
-    Attributes:
-      train_features: float32 [N, D] image embeddings f0 (not normalised).
-      train_labels: int [N] dataset labels.
-      test_features: float32 [M, D].
-      test_labels: int [M].
-      split: the class order and task bounds.
-      class_names: optional names indexed by dataset label.
-    """
-
-    train_features: np.ndarray
-    train_labels: np.ndarray
-    test_features: np.ndarray
-    test_labels: np.ndarray
+    train_features: np.ndarray  # float32 [N, D]
+    train_labels: np.ndarray  # int [N]
+    test_features: np.ndarray  # float32 [M, D]
+    test_labels: np.ndarray  # int [M]
     split: TaskSplit
-    class_names: tuple[str, ...] | None = None
+    class_names: tuple[str, ...] | None = None  # by dataset label
 
     @property
     def dim(self) -> int:
@@ -39,20 +27,19 @@ class FeatureStream:
 
     def task(self, task: int, subset: str = "train") -> tuple[np.ndarray, np.ndarray]:
         """Features and positions of task `task`'s classes only: ([n, D], int [n])."""
-        lo, hi = self.split.bounds[task], self.split.bounds[task + 1]
-        return self._select(subset, lo, hi)
+        return self._select(subset, self.split.bounds[task], self.split.bounds[task + 1])
 
     def seen(self, task: int, subset: str = "test") -> tuple[np.ndarray, np.ndarray]:
         """Features and positions of every class seen after task `task`."""
         return self._select(subset, 0, self.split.bounds[task + 1])
 
-    def _select(self, subset: str, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-        if subset == "train":
-            features, labels = self.train_features, self.train_labels
-        elif subset == "test":
-            features, labels = self.test_features, self.test_labels
-        else:
+    def _subset(self, subset: str) -> tuple[np.ndarray, np.ndarray]:
+        if subset not in ("train", "test"):
             raise ValueError(f"subset must be 'train' or 'test', got {subset!r}")
+        return getattr(self, f"{subset}_features"), getattr(self, f"{subset}_labels")
+
+    def _select(self, subset: str, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        features, labels = self._subset(subset)
         positions = self.split.to_positions(labels)
         keep = (positions >= lo) & (positions < hi)
         return features[keep], positions[keep]
@@ -62,9 +49,8 @@ class FeatureStream:
         return np.asarray(text_features)[self.split.class_order]
 
     def check(self, text_features: np.ndarray) -> None:
-        """Raises ValueError on inputs that cannot make a valid run (before anything is written):
-        shapes, finite values, and every task holding enough samples of each class (2 training
-        rows for a covariance, 1 test row for accuracy)."""
+        """Raises ValueError on inputs that cannot make a valid run: shapes, finite values, and
+        every class of every task with 2 training rows (a covariance) and 1 test row."""
         split, dim = self.split, self.dim
         text = np.asarray(text_features)
         if self.test_features.ndim != 2 or self.test_features.shape[1] != dim:
@@ -82,10 +68,8 @@ class FeatureStream:
                 f"class order uses label {int(split.class_order.max())} but there are only "
                 f"{text.shape[0]} text embeddings (one per dataset label)"
             )
-        for subset, features, labels in (
-            ("train", self.train_features, self.train_labels),
-            ("test", self.test_features, self.test_labels),
-        ):
+        for subset in ("train", "test"):
+            features, labels = self._subset(subset)
             if len(features) != len(labels):
                 raise ValueError(f"{subset}: {len(features)} features but {len(labels)} labels")
             bad = np.flatnonzero(~np.isfinite(features).all(axis=1))

@@ -1,11 +1,6 @@
-"""A synthetic class-incremental benchmark whose answer we know.
-
-"CLIP-like" features: every class has a unit prototype; image features are the prototype seen
-through a fixed distortion shared by all classes (the domain gap a trained adapter can undo) plus
-isotropic noise, scaled to CLIP's typical norm; text features are the prototype plus a little
-noise, so zero-shot classification works partly but not fully. Some classes come in deliberately
-close pairs, so the hard-pair mechanism has work to do. Everything is drawn from one seed, in
-NumPy, in milliseconds.
+"""A seeded synthetic class-incremental benchmark: "CLIP-like" image features (unit class
+prototypes through a shared distortion, plus noise) and text features (prototypes plus a little
+noise), with some deliberately close class pairs for the hard-pair mechanism.
 """
 
 from __future__ import annotations
@@ -30,9 +25,8 @@ def class_prototypes(
     for i in range(close_pairs):
         anchor, partner = protos[2 * i], 2 * i + 1
         offset = rng.standard_normal(dim)
-        offset -= offset @ anchor * anchor  # orthogonal to the anchor
-        offset = _unit(offset)
-        # A unit vector at chord distance d from the anchor: angle theta with 2 sin(theta/2) = d.
+        offset = _unit(offset - offset @ anchor * anchor)  # orthogonal to the anchor
+        # At chord distance d from the anchor: the angle theta with 2 sin(theta/2) = d.
         theta = 2 * np.arcsin(pair_distance / 2)
         protos[partner] = np.cos(theta) * anchor + np.sin(theta) * offset
     return protos
@@ -55,24 +49,13 @@ def make_synthetic_stream(
 ) -> tuple[FeatureStream, np.ndarray]:
     """A seeded feature stream and text embeddings for `num_classes` classes.
 
-    Args:
-      num_classes, dim: classes and feature width.
-      train_per_class, test_per_class: images per class in each subset.
-      initial, increment: task split (B0 Inc10 is 10, 10).
-      seed: seeds every draw (prototypes, distortion, noise, class order).
-      noise: per-coordinate std of the image noise relative to the unit prototype, times
-        sqrt(dim) (so its norm is about `noise` whatever the width).
-      close_pairs: number of (2i, 2i+1) dataset-label pairs whose prototypes are close; their
-        text embeddings are close too, so they form hard pairs.
-      pair_distance: chord distance between the prototypes of a close pair.
-      text_noise: norm of the noise added to a prototype to make its text embedding.
-      distortion: strength of the shared random linear map between the text space and the image
-        space; 0 makes zero-shot nearly perfect, larger values leave more for the adapter to learn.
-      class_order: dataset labels in task order; default `seeded_order(num_classes, seed)`.
+    `noise`: norm of the image noise relative to the unit prototype; `close_pairs`: number of
+    (2i, 2i+1) label pairs `pair_distance` (chord) apart, text included; `text_noise`: norm of
+    the noise making a text embedding; `distortion`: strength of the shared linear map from text
+    to image space (0: zero-shot nearly perfect); `class_order` default `seeded_order`.
 
-    Returns:
-      (stream, text_features): a `FeatureStream` (labels are dataset labels; float32 features
-      of norm about 10) and float32 text embeddings [C, D] indexed by dataset label, unit norm.
+    Returns (stream, text): features of norm about 10, dataset labels, and float32 unit text
+    embeddings [C, D] by dataset label.
     """
     if 2 * close_pairs > num_classes:
         raise ValueError(f"close_pairs={close_pairs} needs at least {2 * close_pairs} classes")
