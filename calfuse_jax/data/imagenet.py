@@ -79,17 +79,16 @@ def _apply_split_file(dataset: FileDataset, split_file, split: str, description:
 
 def imagenet_help(root) -> str:
     """What to download for ImageNet-100 and where it goes (`root`: given, or the data folder's)."""
-    return (
-        "ImageNet-2012 is never downloaded automatically: its licence allows downloads only from\n"
-        "image-net.org after signing up (https://image-net.org/download-images.php). Download\n"
-        "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar and unpack them as\n"
-        f"    {root}/train/<wnid>/*.JPEG   (the train tar holds one tar per class: unpack each)\n"
-        f"    {root}/val/<wnid>/*.JPEG     (or the 50,000 flat ILSVRC2012_val_*.JPEG files,\n"
-        "labelled by TFDS's validation_labels.txt)\n"
-        "(the 100 classes of ImageNet-100 are enough; an optional LOC_synset_mapping.txt beside\n"
-        "train/ names the classes), then run again; a copy elsewhere: pass root=DIR\n"
-        "(--config.dataset.root=DIR). Or prepare the TFDS dataset `imagenet2012`."
-    )
+    return f"""\
+ImageNet-2012 is never downloaded automatically: its licence allows downloads only from
+image-net.org after signing up (https://image-net.org/download-images.php). Download
+ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar and unpack them as
+    {root}/train/<wnid>/*.JPEG   (the train tar holds one tar per class: unpack each)
+    {root}/val/<wnid>/*.JPEG     (or the 50,000 flat ILSVRC2012_val_*.JPEG files,
+labelled by TFDS's validation_labels.txt)
+(the 100 classes of ImageNet-100 are enough; an optional LOC_synset_mapping.txt beside
+train/ names the classes), then run again; a copy elsewhere: pass root=DIR
+(--config.dataset.root=DIR). Or prepare the TFDS dataset `imagenet2012`."""
 
 
 def _imagenet_val_labels() -> list[str]:
@@ -104,7 +103,7 @@ def _imagenet_val_labels() -> list[str]:
 
 
 def imagenet_subset(
-    root, split: str, *, wnids: Sequence[str] | None = None, class_file=None, name="imagenet100"
+    root, split: str, *, wnids: Sequence[str] | None = None, class_file=None
 ) -> FileDataset:
     """An ImageNet-2012 class subset, labels in the order of `wnids` (default ImageNet-100) or
     of `class_file` (one wnid per line, first token)."""
@@ -112,22 +111,27 @@ def imagenet_subset(
         with open(class_file, encoding="utf-8") as f:
             wnids = [line.split()[0] for line in f if line.strip()]
     wnids = list(wnids or names_lib.wnids(names_lib.IMAGENET100))
-    split = train_or_test(split, name=name)
+    split = train_or_test(split, name="imagenet100")
     split_dir = os.path.join(os.fspath(root), "train" if split == "train" else "val")
     if not os.path.isdir(split_dir):
-        raise missing_data_error(name, f"folder {split_dir!r} does not exist", imagenet_help(root))
-    files, labels = _imagenet_listing(split_dir, wnids, name)
+        problem = f"folder {split_dir!r} does not exist"
+        raise missing_data_error("imagenet100", problem, imagenet_help(root))
+    files, labels = _imagenet_listing(split_dir, wnids)
     table = dict(names_lib.IMAGENET100)
     mapping_file = os.path.join(os.fspath(root), "LOC_synset_mapping.txt")
     if os.path.exists(mapping_file):
         table.update(names_lib.synset_names(mapping_file))
     names = [table.get(w, w) for w in wnids]
     return FileDataset(
-        split_dir, files, labels, names, description=f"{name}/{split}/files/{content_hash(*wnids)}"
+        split_dir,
+        files,
+        labels,
+        names,
+        description=f"imagenet100/{split}/files/{content_hash(*wnids)}",
     )
 
 
-def _imagenet_listing(split_dir: str, wnids: list[str], name: str):
+def _imagenet_listing(split_dir: str, wnids: list[str]):
     root = os.path.dirname(split_dir)
     folders = list_class_folders(split_dir)
     if not folders:  # flat validation folder
@@ -136,14 +140,13 @@ def _imagenet_listing(split_dir: str, wnids: list[str], name: str):
         wnid_of = {f: truth[int(f.rsplit("_", 1)[-1].split(".")[0]) - 1] for f in flat}
         chosen = [(f, position[w]) for f, w in wnid_of.items() if w in position]
         if not chosen:
-            raise missing_data_error(
-                name, f"no images of the classes in {split_dir!r}", imagenet_help(root)
-            )
+            problem = f"no images of the classes in {split_dir!r}"
+            raise missing_data_error("imagenet100", problem, imagenet_help(root))
         return [f for f, _ in chosen], [y for _, y in chosen]
     missing = [w for w in wnids if w not in folders]
     if missing:
         raise missing_data_error(
-            name,
+            "imagenet100",
             f"{len(missing)} of {len(wnids)} class folders missing or empty in {split_dir!r} "
             f"(first: {missing[:5]})",
             imagenet_help(root),

@@ -14,16 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from calfuse_jax import paths
-from calfuse_jax.data.images import (
-    DatasetEntry,
-    ImageDataset,
-    content_hash,
-    decode_image,
-    missing_data_error,
-    seeded_class_split,
-    to_rgb,
-    train_or_test,
-)
+from calfuse_jax.data import images
 from calfuse_jax.files import atomic_write
 
 
@@ -44,21 +35,16 @@ def default_data_dir() -> str:
 
 
 def prepare_instructions(tfds_name: str, data_dir: str, manual: str = "") -> str:
-    lines = [
-        f"TFDS's `{tfds_name}` builder needs TensorFlow to *prepare* the data (once; reading needs",
-        "none). In any environment with TensorFlow (a separate venv is fine), run",
-        "    pip install tensorflow tensorflow-datasets importlib_resources",
-        f"    tfds build {tfds_name} --data_dir={data_dir} --file_format=array_record",
-    ]
-    if manual:
-        lines.append(f"with {manual}")
-    lines += [
-        f"then call again with data_dir={data_dir}. A dataset prepared as tfrecord converts with",
-        f"    tfds convert_format --dataset_version_dir={data_dir}/{tfds_name}/VERSION "
-        "--out_file_format=array_record",
-        'Or use the plain files instead: source="files", root=... (see calfuse_jax.data.registry).',
-    ]
-    return "\n".join(lines)
+    manual = f"with {manual}\n" if manual else ""
+    return f"""\
+TFDS's `{tfds_name}` builder needs TensorFlow to *prepare* the data (once; reading needs
+none). In any environment with TensorFlow (a separate venv is fine), run
+    pip install tensorflow tensorflow-datasets importlib_resources
+    tfds build {tfds_name} --data_dir={data_dir} --file_format=array_record
+{manual}then call again with data_dir={data_dir}. A dataset prepared as tfrecord converts with
+    tfds convert_format --dataset_version_dir={data_dir}/{tfds_name}/VERSION \
+--out_file_format=array_record
+Or use the plain files instead: source="files", root=... (see calfuse_jax.data.registry)."""
 
 
 def find_prepared(tfds_name: str, data_dir: str) -> str | None:
@@ -84,7 +70,7 @@ def open_builder(tfds_name: str, data_dir: str | None = None, download: bool = F
     data_dir = os.fspath(data_dir or default_data_dir())
 
     def missing(problem: str) -> FileNotFoundError:
-        return missing_data_error(
+        return images.missing_data_error(
             tfds_name, problem, prepare_instructions(tfds_name, data_dir, manual)
         )
 
@@ -122,7 +108,9 @@ def _prepare(tfds_name: str, data_dir: str, missing) -> None:
 def cached_labels(builder, tfds_split: str, source, label_cache, batch: int = 1024) -> np.ndarray:
     """int64 [N]: the label of every record of `source`, kept as a .npy in `label_cache`."""
     info = builder.info
-    key = content_hash(info.name, str(info.version), tfds_split, len(source), info.config_name)
+    key = images.content_hash(
+        info.name, str(info.version), tfds_split, len(source), info.config_name
+    )
     path = os.path.join(label_cache, f"{info.name}-{tfds_split}-{key}.npy")
     if os.path.exists(path):
         labels = np.load(path, allow_pickle=False)
@@ -136,7 +124,7 @@ def cached_labels(builder, tfds_split: str, source, label_cache, batch: int = 10
     return labels
 
 
-class TfdsDataset(ImageDataset):
+class TfdsDataset(images.ImageDataset):
     """Items `indices` of one TFDS data source; images decoded from their encoded bytes."""
 
     def __init__(self, source, indices, labels, class_names, *, description: str):
@@ -144,9 +132,8 @@ class TfdsDataset(ImageDataset):
         self.indices = np.asarray(indices, dtype=np.int64)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.class_names = tuple(class_names)
-        self.identity = (
-            f"{description}/n={len(self.labels)}/items={content_hash(self.indices, self.labels)}"
-        )
+        digest = images.content_hash(self.indices, self.labels)
+        self.identity = f"{description}/n={len(self.labels)}/items={digest}"
         self._lock = threading.Lock()
 
     def load(self, index: int) -> np.ndarray:
@@ -161,12 +148,12 @@ class TfdsDataset(ImageDataset):
 def _decode_record(record) -> np.ndarray:
     image = record["image"]
     if isinstance(image, (bytes, bytearray)):
-        return decode_image(io.BytesIO(image))
-    return to_rgb(image)  # already decoded (e.g. a mock source)
+        return images.decode_image(io.BytesIO(image))
+    return images.to_rgb(image)  # already decoded (e.g. a mock source)
 
 
 def tfds_dataset(
-    entry: DatasetEntry,
+    entry: images.DatasetEntry,
     split: str,
     *,
     data_dir: str | None = None,
@@ -178,7 +165,7 @@ def tfds_dataset(
     """Dataset `entry` (one with a `tfds` spec) from its prepared TFDS dataset."""
     import tensorflow_datasets as tfds
 
-    spec, split = entry.tfds, train_or_test(split, name=entry.name)
+    spec, split = entry.tfds, images.train_or_test(split, name=entry.name)
     builder = open_builder(spec.tfds_name, data_dir, download, spec.manual)
     tfds_split = spec.splits[split]
     if tfds_split not in builder.info.splits:
@@ -199,7 +186,7 @@ def tfds_dataset(
         indices, labels = indices[labels >= 0], labels[labels >= 0]
     description = f"{entry.name}/{split}/tfds/{spec.tfds_name}:{builder.info.version}"
     if spec.seeded_split:
-        train, test = seeded_class_split(labels, train_fraction=train_fraction, seed=seed)
+        train, test = images.seeded_class_split(labels, train_fraction=train_fraction, seed=seed)
         keep = train if split == "train" else test
         indices, labels = indices[keep], labels[keep]
         description += f"/seed={seed},frac={train_fraction}"
