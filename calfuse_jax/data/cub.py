@@ -31,10 +31,8 @@ def cub200(root, split: str) -> FileDataset:
     absent = [f for f in needed + ["images"] if not os.path.exists(os.path.join(root, f))]
     if absent:
         raise missing_data_error("cub200", f"missing {absent} under {root!r}", CUB_HELP)
-    images = _read_id_table(os.path.join(root, "images.txt"))
-    classes = _read_id_table(os.path.join(root, "image_class_labels.txt"))
-    is_train = _read_id_table(os.path.join(root, "train_test_split.txt"))
-    class_table = _read_id_table(os.path.join(root, "classes.txt"))
+    tables = (_read_id_table(os.path.join(root, f)) for f in needed)
+    images, classes, is_train, class_table = tables
     names = [class_table[i].strip().split(".", 1)[-1] for i in sorted(class_table)]
     want = 1 if split == "train" else 0
     ids = [i for i in sorted(images) if int(is_train[i].strip()) == want]

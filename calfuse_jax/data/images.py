@@ -188,13 +188,13 @@ def missing_data_error(dataset: str, problem: str, instructions: str) -> FileNot
     return FileNotFoundError(f"{dataset}: {problem}\n\nHow to fix:\n{instructions.strip()}")
 
 
-def list_class_folders(root: str, extensions=IMAGE_EXTENSIONS) -> dict[str, list[str]]:
+def list_class_folders(root: str) -> dict[str, list[str]]:
     """{folder name: sorted image file names} for every sub-folder of `root` holding images."""
     classes = {}
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
         if entry.is_dir() and not entry.name.startswith("."):
             files = sorted(
-                f for f in os.listdir(entry.path) if f.lower().endswith(tuple(extensions))
+                f for f in os.listdir(entry.path) if f.lower().endswith(IMAGE_EXTENSIONS)
             )
             if files:
                 classes[entry.name] = files
@@ -215,7 +215,6 @@ def folder_dataset(
     *,
     split: str = "all",
     class_names: Sequence[str] | None = None,
-    name: str = "folder",
     folders: Sequence[str] | None = None,
 ) -> FileDataset:
     """A class-per-folder tree `root/<class>/<image>`; labels follow sorted folder names.
@@ -225,13 +224,12 @@ def folder_dataset(
     """
     root = os.fspath(root)
     if not os.path.isdir(root):
-        raise missing_data_error(
-            name, f"folder {root!r} does not exist", "Pass root=DIR with one sub-folder per class."
-        )
+        problem = f"folder {root!r} does not exist"
+        raise missing_data_error("folder", problem, "Pass root=DIR with one sub-folder per class.")
     classes = list_class_folders(root)
     if not classes:
         raise missing_data_error(
-            name,
+            "folder",
             f"no class sub-folders with images under {root!r}",
             f"Lay the images out as {root}/<class name>/<image>.jpg (extensions: "
             f"{', '.join(IMAGE_EXTENSIONS)}).",
@@ -244,7 +242,7 @@ def folder_dataset(
         raise ValueError(f"{len(class_names)} class names for {len(folders)} class folders")
     files, labels = class_listing(classes, folders)
     return FileDataset(
-        root, files, labels, class_names or folders, description=f"{name}/{split}/files"
+        root, files, labels, class_names or folders, description=f"folder/{split}/files"
     )
 
 

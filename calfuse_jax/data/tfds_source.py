@@ -6,6 +6,7 @@ Preparing does need TensorFlow (the catalog builders call tf.io / tf.image); the
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import io
 import os
 import threading
@@ -49,11 +50,8 @@ Or use the plain files instead: source="files", root=... (see calfuse_jax.data.r
 
 def find_prepared(tfds_name: str, data_dir: str) -> str | None:
     """Newest `DATA_DIR/<name>[/<config>]/<version>` holding a `dataset_info.json`, or None."""
-    base = os.path.join(data_dir, tfds_name)
-    if not os.path.isdir(base):
-        return None
     found = []
-    for dirpath, _, filenames in os.walk(base):
+    for dirpath, _, filenames in os.walk(os.path.join(data_dir, tfds_name)):
         if "dataset_info.json" in filenames and "incomplete" not in dirpath:
             version = os.path.basename(dirpath)
             try:
@@ -76,7 +74,16 @@ def open_builder(tfds_name: str, data_dir: str | None = None, download: bool = F
 
     folder = find_prepared(tfds_name, data_dir)
     if folder is None and download:
-        _prepare(tfds_name, data_dir, missing)
+        if importlib.util.find_spec("tensorflow") is None:  # fail before a long download
+            raise missing(
+                "download=True asks TFDS to prepare the data, and its builder needs TensorFlow"
+            )
+        try:
+            builder = tfds.builder(tfds_name, data_dir=data_dir, file_format="array_record")
+            builder.download_and_prepare()
+        except ModuleNotFoundError as error:  # tensorflow, importlib_resources, ...
+            problem = f"preparing needs the module {error.name!r}, which is not installed"
+            raise missing(problem) from error
         folder = find_prepared(tfds_name, data_dir)
     if folder is None:
         raise missing(f"no prepared TFDS dataset under {os.path.join(data_dir, tfds_name)!r}")
@@ -85,24 +92,6 @@ def open_builder(tfds_name: str, data_dir: str | None = None, download: bool = F
     if "array_record" not in file_format:
         raise missing(f"{folder!r} is prepared as {file_format}; random access needs array_record")
     return builder
-
-
-def _prepare(tfds_name: str, data_dir: str, missing) -> None:
-    import importlib.util
-
-    import tensorflow_datasets as tfds
-
-    if importlib.util.find_spec("tensorflow") is None:  # fail before a long download, not after
-        raise missing(
-            "download=True asks TFDS to prepare the data, and its builder needs TensorFlow"
-        )
-    try:
-        builder = tfds.builder(tfds_name, data_dir=data_dir, file_format="array_record")
-        builder.download_and_prepare()
-    except ModuleNotFoundError as error:  # tensorflow, importlib_resources, ...
-        raise missing(
-            f"preparing needs the module {error.name!r}, which is not installed"
-        ) from error
 
 
 def cached_labels(builder, tfds_split: str, source, label_cache, batch: int = 1024) -> np.ndarray:
