@@ -11,13 +11,7 @@ import os
 
 import numpy as np
 
-from calfuse_jax.data.images import (
-    ArrayDataset,
-    DatasetEntry,
-    load_data_pickle,
-    seeded_class_split,
-    train_or_test,
-)
+from calfuse_jax.data import images
 
 # Labels 0-9: the package lists them alphabetically, and the images confirm the order.
 NAMES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
@@ -46,25 +40,25 @@ def animal_mnist_files() -> tuple[str, str]:
 
 def _read_array(path: str) -> np.ndarray:
     with gzip.open(path, "rb") as f:
-        return np.asarray(load_data_pickle(f, encoding="latin1"))
+        return np.asarray(images.load_data_pickle(f, encoding="latin1"))
 
 
-def animal_mnist(split: str, *, train_fraction: float = 0.8, seed: int = 0) -> ArrayDataset:
+def animal_mnist(split: str, *, train_fraction: float = 0.8, seed: int = 0) -> images.ArrayDataset:
     """Animal-MNIST `train` / `test` / `all`; images uint8 [28, 28] served as [28, 28, 3]."""
-    split = train_or_test(split, ENTRY.splits, "animal_mnist")
+    split = images.train_or_test(split, ENTRY.splits, "animal_mnist")
     data_path, label_path = animal_mnist_files()
-    images, labels = _read_array(data_path), _read_array(label_path).astype(np.int64)
-    if images.shape[1:] != (28, 28) or len(images) != len(labels):
-        raise ValueError(f"animal_mnist: unexpected arrays {images.shape}, {labels.shape}")
+    pixels, labels = _read_array(data_path), _read_array(label_path).astype(np.int64)
+    if pixels.shape[1:] != (28, 28) or len(pixels) != len(labels):
+        raise ValueError(f"animal_mnist: unexpected arrays {pixels.shape}, {labels.shape}")
     if split != "all":
-        train, test = seeded_class_split(labels, train_fraction=train_fraction, seed=seed)
+        train, test = images.seeded_class_split(labels, train_fraction=train_fraction, seed=seed)
         keep = train if split == "train" else test
-        images, labels = images[keep], labels[keep]
+        pixels, labels = pixels[keep], labels[keep]
     description = f"animal_mnist/{split}/package/seed={seed},frac={train_fraction}"
-    return ArrayDataset(images, labels, NAMES, description=description)
+    return images.ArrayDataset(pixels, labels, NAMES, description=description)
 
 
-ENTRY = DatasetEntry(
+ENTRY = images.DatasetEntry(
     "animal_mnist",
     "Animal-MNIST, 10 animal silhouettes, 28x28 grayscale, from the animal-mnist wheel",
     animal_mnist,

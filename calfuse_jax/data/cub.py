@@ -37,9 +37,8 @@ def cub200(root, split: str) -> FileDataset:
     want = 1 if split == "train" else 0
     ids = [i for i in sorted(images) if int(is_train[i].strip()) == want]
     files = [f"images/{images[i].strip()}" for i in ids]
-    lost = [
-        f for f in files[:: max(1, len(files) // 50)] if not os.path.exists(os.path.join(root, f))
-    ]
+    sample = files[:: max(1, len(files) // 50)]
+    lost = [f for f in sample if not os.path.exists(os.path.join(root, f))]
     if lost:
         raise missing_data_error("cub200", f"image files missing, e.g. {lost[:3]}", CUB_HELP)
     labels = [int(classes[i].strip()) - 1 for i in ids]

@@ -48,11 +48,8 @@ class ImageDataset:
 @dataclasses.dataclass(frozen=True)
 class DatasetEntry:
     """What `registry.load_dataset` knows about one dataset; each reader module declares its own.
-
-    `reader(root, split, **options)` reads files (`root=`, else the fetched `archive`, else
-    `data_folder`); with `source` "package" or "procedural" it is `reader(split, **options)`.
-    `split_lists`: split_protocol -> published list passed as `split_file=` (first: default).
-    """
+    `reader(root, split, **options)` reads files; with source "package" or "procedural" it is
+    `reader(split, **options)`."""
 
     name: str
     description: str
@@ -63,6 +60,7 @@ class DatasetEntry:
     names: tuple[str, ...] = ()  # class names by label, where fixed (TFDS labels are named by it)
     tfds: TfdsSpec | None = None
     archive: Resource | None = None
+    # split_protocol -> a published list, passed as `split_file=` (the first is the default)
     split_lists: dict[str, Resource] = dataclasses.field(default_factory=dict)
     data_folder: str = ""  # without an archive: the copy in the data folder read when no root=
     files_help: str = ""  # what root= must hold, when there is no default copy

@@ -47,16 +47,10 @@ def load_dataset(
 ) -> images.ImageDataset:
     """Opens dataset `name`'s `split` ("val"/"validation" mean "test"; some take "all").
 
-    Args:
-      root: the user's files (archive, folder tree); implies source="files".
-      source: one of `SOURCES`.
-      data_dir: TFDS data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets).
-      download: fetch missing public files into `download_dir` (default
-        `paths.data_root(cache_dir)`); False makes missing data an error. With source="tfds":
-        let TFDS download and prepare (needs TensorFlow).
-      mirror: base URL serving the files as `<mirror>/<file>`; default $CALFUSE_MIRROR.
-      cache_dir: the cache root (`paths.cache_root`), holding the TFDS label scans.
-      **options: the entry's options, e.g. split_protocol / seed / train_fraction / split_file.
+    `root`: the user's files (implies source="files"); `data_dir`: the TFDS data dir; `download`:
+    fetch missing public files into `download_dir` (default `paths.data_root(cache_dir)`), or let
+    TFDS prepare; `mirror`: base URL serving them (default $CALFUSE_MIRROR); `**options`: the
+    entry's options (split_protocol, seed, train_fraction, split_file...).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")

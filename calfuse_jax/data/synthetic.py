@@ -47,15 +47,11 @@ def make_synthetic_stream(
     distortion: float = 1.5,
     class_order: np.ndarray | None = None,
 ) -> tuple[FeatureStream, np.ndarray]:
-    """A seeded feature stream and text embeddings for `num_classes` classes.
+    """A seeded feature stream (features of norm about 10) and unit text embeddings [C, D].
 
-    `noise`: norm of the image noise relative to the unit prototype; `close_pairs`: number of
-    (2i, 2i+1) label pairs `pair_distance` (chord) apart, text included; `text_noise`: norm of
-    the noise making a text embedding; `distortion`: strength of the shared linear map from text
-    to image space (0: zero-shot nearly perfect); `class_order` default `seeded_order`.
-
-    Returns (stream, text): features of norm about 10, dataset labels, and float32 unit text
-    embeddings [C, D] by dataset label.
+    `noise`: norm of the image noise next to the unit prototype; `close_pairs`: number of (2i,
+    2i+1) label pairs `pair_distance` (chord) apart; `text_noise`: norm of the text noise;
+    `distortion`: strength of the shared map from text to image space (0: zero-shot works).
     """
     if 2 * close_pairs > num_classes:
         raise ValueError(f"close_pairs={close_pairs} needs at least {2 * close_pairs} classes")
