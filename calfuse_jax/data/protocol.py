@@ -51,9 +51,7 @@ def make_split(class_order, initial: int, increment: int) -> TaskSplit:
             f"need 0 < initial <= {len(order)} and increment > 0, got initial={initial}, "
             f"increment={increment}"
         )
-    bounds = [0, initial]
-    while bounds[-1] < len(order):
-        bounds.append(min(bounds[-1] + increment, len(order)))
+    bounds = [0, *range(initial, len(order), increment), len(order)]
     return TaskSplit(class_order=order, bounds=np.asarray(bounds, dtype=np.int64))
 
 

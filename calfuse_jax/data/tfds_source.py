@@ -161,11 +161,9 @@ def tfds_dataset(
         raise ValueError(
             f"{spec.tfds_name} has no split {tfds_split!r}: {list(builder.info.splits)}"
         )
-    source = builder.as_data_source(
-        split=tfds_split, decoders={"image": tfds.decode.SkipDecoding()}
-    )
-    label_cache = paths.cache_root(cache_dir) / "tfds_labels"
-    labels = cached_labels(builder, tfds_split, source, label_cache)
+    skip_decoding = {"image": tfds.decode.SkipDecoding()}
+    source = builder.as_data_source(split=tfds_split, decoders=skip_decoding)
+    labels = cached_labels(builder, tfds_split, source, paths.cache_root(cache_dir) / "tfds_labels")
     indices = np.arange(len(labels))
     if spec.wnids:  # ImageNet-1k label space -> the benchmark's classes, by wnid
         tfds_names = builder.info.features["label"].names
