@@ -21,8 +21,7 @@ class ShapesDataset(ImageDataset):
     def __init__(self, split: str, *, num_per_class: int = 50, image_size: int = 64, seed: int = 0):
         split = train_or_test(split, name="shapes")
         self.split_id, self.image_size, self.seed = ("train", "test").index(split), image_size, seed
-        num_classes = len(NAMES)
-        self.labels = np.arange(num_per_class * num_classes, dtype=np.int64) % num_classes
+        self.labels = np.arange(num_per_class * len(NAMES), dtype=np.int64) % len(NAMES)
         self.class_names = NAMES
         self.fixed_size = (image_size, image_size)
         self.identity = (
