@@ -70,14 +70,12 @@ def cifar100(root, split: str) -> images.ArrayDataset:
     data = np.asarray(record["data"], dtype=np.uint8)
     if data.ndim != 2 or data.shape[1] != 3072:
         raise ValueError(f"cifar100 {split}: data has shape {data.shape}, expected [N, 3072]")
-    pixels = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # planar CHW -> HWC
+    pixels = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # CHW -> HWC
     names = [_text(n) for n in meta["fine_label_names"]]
     if tuple(names) != names_lib.CIFAR100:
         raise ValueError(f"cifar100 meta's {len(names)} fine_label_names are not CIFAR-100's 100")
     labels = np.asarray(record["fine_labels"], dtype=np.int64)
-    return images.ArrayDataset(
-        np.ascontiguousarray(pixels), labels, names, description=f"cifar100/{split}/files"
-    )
+    return images.ArrayDataset(pixels, labels, names, description=f"cifar100/{split}/files")
 
 
 ENTRY = images.DatasetEntry(

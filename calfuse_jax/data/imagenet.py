@@ -122,13 +122,8 @@ def imagenet_subset(
     if os.path.exists(mapping_file):
         table.update(names_lib.synset_names(mapping_file))
     names = [table.get(w, w) for w in wnids]
-    return FileDataset(
-        split_dir,
-        files,
-        labels,
-        names,
-        description=f"imagenet100/{split}/files/{content_hash(*wnids)}",
-    )
+    description = f"imagenet100/{split}/files/{content_hash(*wnids)}"
+    return FileDataset(split_dir, files, labels, names, description=description)
 
 
 def _imagenet_listing(split_dir: str, wnids: list[str]):

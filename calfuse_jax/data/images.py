@@ -191,9 +191,8 @@ def list_class_folders(root: str) -> dict[str, list[str]]:
     classes = {}
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
         if entry.is_dir() and not entry.name.startswith("."):
-            files = sorted(
-                f for f in os.listdir(entry.path) if f.lower().endswith(IMAGE_EXTENSIONS)
-            )
+            names = os.listdir(entry.path)
+            files = sorted(f for f in names if f.lower().endswith(IMAGE_EXTENSIONS))
             if files:
                 classes[entry.name] = files
     return classes
