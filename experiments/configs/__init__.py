@@ -1,17 +1,17 @@
 """Experiment configs: `load_config("cifar100:inc5")`, `apply_overrides(config, ["x.y=3"])`.
 
-A config is a Python file with `get_config(arg=None) -> ConfigDict` (big_vision style). It is named
-either by module (`cifar100`, with an optional `:arg` variant) or by path (`my/exp.py[:arg]`).
-Overrides are `key=value` strings with dotted keys; each value is parsed to the type the field
-already has, and an unknown key or a value of the wrong type raises `ConfigError` naming the fix.
+A config is a file with `get_config(arg=None) -> ConfigDict` (big_vision style), named by module
+or path (`my/exp.py[:arg]`); an override's value is parsed to the type the field already has.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import importlib
 import importlib.util
+import operator
 import pathlib
 from collections.abc import Iterable
 from typing import Any
@@ -24,11 +24,9 @@ from experiments.configs import defaults, synthetic
 from experiments.configs.defaults import VARIANTS
 
 _FOLDER = pathlib.Path(__file__).parent
-# Every config file here but the shared defaults: a new file is listed by --help by itself.
 CONFIGS = tuple(sorted(p.stem for p in _FOLDER.glob("[!_]*.py") if p.stem != "defaults"))
 
-# Every rule a shipped config's field has (`calfuse_jax.config.FIELDS` and the tables of
-# `defaults` and `synthetic`); `validate` enforces them, --show-config prints them.
+# Every shipped config field's rule: `validate` enforces them, --show-config prints them.
 RULES = {**defaults.RULES, **config_rules(synthetic.FIELDS)}
 
 
@@ -79,8 +77,7 @@ def catalog() -> str:
 
 
 def format_config(config: ml_collections.ConfigDict) -> str:
-    """One `key = value  # rule` line per field (long tuples shortened), as --show-config prints
-    it."""
+    """One `key = value  # rule` line per field (long tuples shortened), for --show-config."""
     lines = []
     for key, value in flat_items(config):
         if isinstance(value, tuple) and len(value) > 12:
@@ -99,15 +96,10 @@ def _unknown_key(config: ml_collections.ConfigDict, key: str) -> ConfigError:
 
 
 def _parent(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
-    *path, leaf = key.split(".")
-    node = config
-    for part in path:
-        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-            raise _unknown_key(config, key)
-        node = node[part]
-    if leaf not in node or isinstance(node[leaf], ml_collections.ConfigDict):
+    if key not in dict(flat_items(config)):
         raise _unknown_key(config, key)
-    return node, leaf
+    *path, leaf = key.split(".")
+    return functools.reduce(operator.getitem, path, config), leaf
 
 
 def _parse_scalar(text: str, kind: type, key: str) -> Any:
