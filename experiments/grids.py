@@ -4,8 +4,6 @@ An axis is `(dotted config key, value texts)`; an axis with one value is a fixed
 cell. `experiments.ablate` runs the cells.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import itertools
 import re

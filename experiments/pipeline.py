@@ -4,8 +4,6 @@ Every process of a multi-process run calls `prepare` (the encoder runs on the gl
 feature cache and a random-weight checkpoint are written by process 0 only.
 """
 
-from __future__ import annotations
-
 import contextlib
 import copy
 import dataclasses
@@ -209,15 +207,10 @@ def load_split(config: ml_collections.ConfigDict, split: str) -> Any:
             f"{', '.join(known) or 'none'}. For your own class-per-folder images use "
             "`--config folder --config.dataset.root=DIR`, or a config of your own without them."
         )
-    sources = {k: d[k] for k in ("root", "source", "data_dir", "download", "mirror")}
+    where = {k: d[k] for k in ("root", "source", "data_dir", "download", "mirror")}
     try:
         dataset = load_dataset(
-            d.name,
-            split,
-            cache_dir=config.cache_dir,
-            progress=config.progress,
-            **sources,
-            **options,
+            d.name, split, cache_dir=config.cache_dir, progress=config.progress, **where, **options
         )
     except DownloadError as err:  # its one paragraph already names the URL, file and fix
         raise UserError(str(err)) from err

@@ -1,8 +1,6 @@
 """A results folder's summary.json, tensorboard/ events and PNG plots, from plain data (so
 `report` can rebuild them from the JSON alone); calfuse_jax.rundir owns the folder."""
 
-from __future__ import annotations
-
 import csv
 import math
 import os
@@ -23,8 +21,7 @@ def make_summary(
     summary: dict, accuracy_matrix: np.ndarray, seen_accuracy: np.ndarray, seen_classes: Sequence
 ) -> dict:
     """summary.json content: the scalar metrics (%), plus the matrix [T, T] and curve [T]."""
-    out = {key: summary.get(key) for key in METRICS if key in summary}
-    out.update({k: v for k, v in summary.items() if k not in out})
+    out = {key: summary[key] for key in METRICS if key in summary} | summary
     out["num_tasks"] = int(len(seen_accuracy))
     out["seen_classes"] = [int(c) for c in seen_classes]
     out["seen_accuracy"] = np.asarray(seen_accuracy, dtype=float).tolist()

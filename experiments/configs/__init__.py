@@ -4,8 +4,6 @@ A config is a file with `get_config(arg=None) -> ConfigDict` (big_vision style),
 or path (`my/exp.py[:arg]`); an override's value is parsed to the type the field already has.
 """
 
-from __future__ import annotations
-
 import copy
 import difflib
 import functools

@@ -7,8 +7,6 @@
 Values from DESIGN.md §3; training batch and K from RAPF (`RAPF_SPLITS`, DESIGN.md §4).
 """
 
-from __future__ import annotations
-
 import ml_collections
 
 from experiments.configs import defaults
@@ -24,9 +22,9 @@ CLASS_ORDER = (
 
 # RAPF's configs/class/cifar100_<initial>-<increment>.yaml; other splits take the first row.
 RAPF_SPLITS = {  # (initial, increment): (batch size, beta, mix_bias, threshold, shrinkage)
-    (10, 10): defaults.RapfSplit(100, 2, 0.6, 0.55, False),
-    (50, 10): defaults.RapfSplit(100, 2, 0.6, 0.55, False),
-    (50, 5): defaults.RapfSplit(50, 2, 0.6, 0.55, False),
+    (10, 10): (100, 2, 0.6, 0.55, False),
+    (50, 10): (100, 2, 0.6, 0.55, False),
+    (50, 5): (50, 2, 0.6, 0.55, False),
 }
 
 

@@ -6,8 +6,6 @@ Values from DESIGN.md §3 and RAPF (DESIGN.md §4); RAPF's YAML `margin: 0.2` is
 code, so the hinge margin stays 0.1.
 """
 
-from __future__ import annotations
-
 import ml_collections
 
 from experiments.configs import defaults
@@ -29,7 +27,7 @@ CLASS_ORDER = (
 
 # RAPF's configs/class/cub200_20-20.yaml, its only CUB-200 split; every other split takes it.
 RAPF_SPLITS = {  # (initial, increment): (batch size, beta, mix_bias, threshold, shrinkage)
-    (20, 20): defaults.RapfSplit(32, 1, 0.8, 0.65, True),
+    (20, 20): (32, 1, 0.8, 0.65, True),
 }
 
 

@@ -5,11 +5,8 @@
 Run-time defaults are typed placeholders (None), so `--config.x=y` still type-checks them.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import re
-from typing import NamedTuple
 
 import ml_collections
 from ml_collections import config_dict
@@ -83,23 +80,14 @@ def base_config() -> ml_collections.ConfigDict:
     return config.build(FIELDS, config.method_config())
 
 
-class RapfSplit(NamedTuple):
-    """RAPF's `configs/class/<dataset>_<initial>-<increment>.yaml` values (the rest of every
-    such config, and its code's constants, are `method_config()`'s defaults)."""
-
-    batch_size: int  # `train_batch_size` (its `batch_size` is the evaluation loader's)
-    beta: float  # pseudo.beta
-    mix_bias: float  # fusion.mix_bias
-    threshold: float  # pseudo.hard_threshold
-    shrinkage: bool  # stats.shrinkage
-
-
 def benchmark(
     name: str, num_classes: int, class_order, arg: str | None, splits: dict, classes_per_batch: int
 ) -> ml_collections.ConfigDict:
     """`base_config()` for the benchmark `name` with the variant `arg`: B0 with the increment of
-    the first key of `splits` (`(initial, increment) -> RapfSplit`) unless `arg` picks a split,
-    and RAPF's values of that split (else of the first). `classes_per_batch` is RAPF's K."""
+    the first key of `splits` unless `arg` picks a split, and RAPF's values of that split (else of
+    the first): `(initial, increment) -> (train_batch_size, beta, mix_bias, threshold, shrinkage)`
+    from RAPF's YAML configs (their other values are `method_config()`'s). K: `classes_per_batch`.
+    """
     c = base_config()
     c.name = c.dataset.name = name
     c.dataset.num_classes = num_classes
@@ -107,11 +95,11 @@ def benchmark(
     main = next(iter(splits))
     parse_arg(arg).apply(b0(c, main[1]))
     split = splits.get((c.continual.initial, c.continual.increment), splits[main])
-    c.train.batch_size = split.batch_size
-    c.pseudo.beta = float(split.beta)
-    c.fusion.mix_bias = float(split.mix_bias)
-    c.pseudo.hard_threshold = float(split.threshold)
-    c.stats.shrinkage = bool(split.shrinkage)
+    c.train.batch_size, beta, mix_bias, threshold, shrinkage = split
+    c.pseudo.beta = float(beta)
+    c.fusion.mix_bias = float(mix_bias)
+    c.pseudo.hard_threshold = float(threshold)
+    c.stats.shrinkage = bool(shrinkage)
     c.pseudo.classes_per_batch = int(classes_per_batch)
     return c
 

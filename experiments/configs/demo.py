@@ -7,8 +7,6 @@ The whole pipeline of a real benchmark with no network; random CLIP weights, so 
 CalFuse (zero-shot is chance).
 """
 
-from __future__ import annotations
-
 import ml_collections
 
 from experiments.configs import defaults

@@ -9,8 +9,6 @@ Layout: ROOT/<class>/<image> (split 80/20 per class), or ROOT/train/<class>/ and
 classes in sorted folder order, B0 Inc-k with k = ceil(C / 5), labelled `folder-<ROOT's name>`.
 """
 
-from __future__ import annotations
-
 import ml_collections
 
 from experiments.configs import defaults

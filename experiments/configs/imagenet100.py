@@ -6,8 +6,6 @@
 Data: an ImageNet-2012 train/val tree (or a prepared TFDS `imagenet2012`), 100 of its classes.
 """
 
-from __future__ import annotations
-
 import ml_collections
 from ml_collections import config_dict
 
@@ -24,11 +22,11 @@ CLASS_ORDER = (
 
 # RAPF's configs/class/imagenet100_<initial>-<increment>.yaml; other splits take the first row.
 RAPF_SPLITS = {  # (initial, increment): (batch size, beta, mix_bias, threshold, shrinkage)
-    (10, 10): defaults.RapfSplit(128, 1, 0.5, 0.65, False),
-    (5, 5): defaults.RapfSplit(128, 1, 0.5, 0.65, False),
-    (20, 20): defaults.RapfSplit(128, 0.5, 0.5, 0.65, False),
-    (50, 10): defaults.RapfSplit(128, 1, 0.5, 0.65, False),
-    (50, 5): defaults.RapfSplit(128, 1, 0.5, 0.65, False),
+    (10, 10): (128, 1, 0.5, 0.65, False),
+    (5, 5): (128, 1, 0.5, 0.65, False),
+    (20, 20): (128, 0.5, 0.5, 0.65, False),
+    (50, 10): (128, 1, 0.5, 0.65, False),
+    (50, 5): (128, 1, 0.5, 0.65, False),
 }
 
 

@@ -6,8 +6,6 @@
 ImageNet-R has no official split: RAPF's train/test list (or split_protocol=seeded, a split file).
 """
 
-from __future__ import annotations
-
 import ml_collections
 from ml_collections import config_dict
 
@@ -31,11 +29,11 @@ CLASS_ORDER = (
 # RAPF's configs/class/imagenet_r_<initial>-<increment>.yaml, as published (DESIGN.md §4); other
 # splits take the first row.
 RAPF_SPLITS = {  # (initial, increment): (batch size, beta, mix_bias, threshold, shrinkage)
-    (20, 20): defaults.RapfSplit(64, 1, 0.7, 0.65, True),
-    (10, 10): defaults.RapfSplit(60, 2, 0.7, 0.6, True),
-    (40, 40): defaults.RapfSplit(64, 0.5, 0.7, 0.6, True),
-    (100, 10): defaults.RapfSplit(64, 2, 0.7, 0.65, True),
-    (100, 20): defaults.RapfSplit(64, 1, 0.7, 0.65, True),
+    (20, 20): (64, 1, 0.7, 0.65, True),
+    (10, 10): (60, 2, 0.7, 0.6, True),
+    (40, 40): (64, 0.5, 0.7, 0.6, True),
+    (100, 10): (64, 2, 0.7, 0.65, True),
+    (100, 20): (64, 1, 0.7, 0.65, True),
 }
 
 

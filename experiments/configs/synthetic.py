@@ -7,8 +7,6 @@
 `synthetic.*` are the arguments of `calfuse_jax.data.synthetic.make_synthetic_stream`.
 """
 
-from __future__ import annotations
-
 import ml_collections
 
 from calfuse_jax import config
