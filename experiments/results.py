@@ -58,9 +58,9 @@ def format_metric(summary: dict, key: str) -> str:
     return f"{value:.2f}"
 
 
-def markdown_table(rows: Sequence[tuple[str, dict]], keys: Sequence[str] = METRICS) -> str:
+def markdown_table(rows: Sequence[tuple[str, dict]]) -> str:
     """A Markdown table: one row per (label, summary), accuracies in %."""
-    keys = [k for k in keys if any(s.get(k) is not None for _, s in rows)]
+    keys = [k for k in METRICS if any(s.get(k) is not None for _, s in rows)]
     header = "| run | tasks | " + " | ".join(METRIC_TITLES[k] for k in keys) + " |"
     lines = [header, "|" + "---|" * (len(keys) + 2)]
     for label, summary in rows:
@@ -165,9 +165,7 @@ def plot_accuracy_curves(
             ax.fill_between(x, y - std, y + std, alpha=0.2, color=style.get("color"))
     if curves and len(curves[0][1]["seen_classes"]) <= 20:
         ax.set_xticks(curves[0][1]["seen_classes"])
-    ax.set_xlabel("classes seen")
-    ax.set_ylabel("accuracy on all seen classes (%)")
-    ax.set_ylim(0, 100)
+    ax.set(xlabel="classes seen", ylabel="accuracy on all seen classes (%)", ylim=(0, 100))
     ax.grid(alpha=0.3)
     ax.set_title(title or "accuracy after each task")
     ax.legend(fontsize=8)
@@ -191,10 +189,7 @@ def plot_accuracy_matrix(matrix: Any, path: str | os.PathLike, title: str = "") 
             color = "black" if a[i, j] > 60 else "white"
             ax.text(j, i, f"{a[i, j]:.0f}", ha="center", va="center", fontsize=7, color=color)
     ticks = np.arange(0, num_tasks, max(1, num_tasks // 10))
-    ax.set_xticks(ticks)
-    ax.set_yticks(ticks)
-    ax.set_xlabel("evaluated on task j")
-    ax.set_ylabel("after training task i")
+    ax.set(xticks=ticks, yticks=ticks, xlabel="evaluated on task j", ylabel="after training task i")
     ax.set_title(title or "accuracy matrix (%)")
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()

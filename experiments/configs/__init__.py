@@ -87,15 +87,12 @@ def format_config(config: ml_collections.ConfigDict) -> str:
     return "\n".join(lines)
 
 
-def _unknown_key(config: ml_collections.ConfigDict, key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, [key for key, _ in flat_items(config)], n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else "; --show-config lists every key"
-    return ConfigError(f"unknown config key {key!r}{hint}")
-
-
 def _parent(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
-    if key not in dict(flat_items(config)):
-        raise _unknown_key(config, key)
+    keys = [k for k, _ in flat_items(config)]
+    if key not in keys:
+        close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else "; --show-config lists every key"
+        raise ConfigError(f"unknown config key {key!r}{hint}")
     *path, leaf = key.split(".")
     return functools.reduce(operator.getitem, path, config), leaf
 
@@ -103,10 +100,8 @@ def _parent(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collections
 def _parse_scalar(text: str, kind: type, key: str) -> Any:
     if kind is bool:
         low = text.strip().lower()
-        if low in ("true", "1", "yes", "on"):
-            return True
-        if low in ("false", "0", "no", "off"):
-            return False
+        if low in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return low in ("true", "1", "yes", "on")
         raise ConfigError(f"config key {key!r} wants true or false, got {text!r}")
     try:
         return kind(text.strip()) if kind in (int, float) else text
