@@ -2,7 +2,6 @@
 
     python -m experiments.run --config cifar100
     python -m experiments.run --config cifar100:inc5            # B0 Inc5, K = 4 (RAPF)
-    python -m experiments.run --config cifar100:b50,inc10       # B50 Inc10
 
 Values from DESIGN.md §3; training batch and K from RAPF (`RAPF_SPLITS`, DESIGN.md §4).
 """

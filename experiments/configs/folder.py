@@ -2,8 +2,6 @@
 
     python -m experiments.run --config folder --config.dataset.root=/data/flowers
     python -m experiments.run --config folder:inc3 --config.dataset.root=/data/flowers
-    python -m experiments.run --config folder --config.dataset.root=/data/flowers \
-        --config.continual.increment=4 --config.method=rapf
 
 Layout: ROOT/<class>/<image> (split 80/20 per class), or ROOT/train/<class>/ and ROOT/test/<class>/;
 classes in sorted folder order, B0 Inc-k with k = ceil(C / 5), labelled `folder-<ROOT's name>`.

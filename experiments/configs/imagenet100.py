@@ -1,7 +1,6 @@
 """ImageNet-100, B0 Inc10 (10 tasks of 10 classes), Continual-CLIP class order, CLIP ViT-B/16.
 
     python -m experiments.run --config imagenet100 --config.dataset.root=/data/imagenet
-    python -m experiments.run --config imagenet100:b50,inc10
 
 Data: an ImageNet-2012 train/val tree (or a prepared TFDS `imagenet2012`), 100 of its classes.
 """

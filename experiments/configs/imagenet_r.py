@@ -1,7 +1,6 @@
 """ImageNet-R, B0 Inc20 (10 tasks of 20 classes), Continual-CLIP class order, CLIP ViT-B/16.
 
     python -m experiments.run --config imagenet_r
-    python -m experiments.run --config imagenet_r:b100,inc20    # B100 Inc20
 
 ImageNet-R has no official split: RAPF's train/test list (or split_protocol=seeded, a split file).
 """
