@@ -1,17 +1,8 @@
 """Ablation grids: named presets and `key=v1,v2` axes, expanded into one cell per combination.
 
-    method             CalFuse, RAPF, finetune, zero-shot, each with its own preset settings
-    baselines          the frozen-feature baselines (issue 14) and the joint upper bound
-    calfuse_ablation   CalFuse with gate mode x adapter fusion x distillation on/off (30 cells)
-
-A grid is a tuple of axes `(key, values)`: `key` is a dotted config field (`calibration.mode`) and
-`values` are the texts `--config.key=value` would take. An axis with one value is a fixed setting
-of every cell (the presets pin `method=calfuse` this way, so `calibration.*` is not overridden by
-another method's preset). The value lists come from the library (`config.METHODS`,
-`calibration.GATE_MODES`); `experiments.ablate` runs the cells.
+An axis is `(dotted config key, value texts)`; an axis with one value is a fixed setting of every
+cell. `experiments.ablate` runs the cells.
 """
-
-from __future__ import annotations
 
 import dataclasses
 import itertools
@@ -23,8 +14,7 @@ from calfuse_jax.config import METHODS
 
 Axis = tuple[str, tuple[str, ...]]
 
-# Distillation "on" weight of the `calfuse_ablation` grid: DESIGN.md §2 names the KL term but not
-# its weight, so 1.0 (the same weight as the hinge) is this grid's choice; --grid changes it.
+# Distillation "on" weight of `calfuse_ablation`: DESIGN.md §2 gives none; 1.0 is the hinge's.
 KD_ON = "1.0"
 
 BASELINES = ("ncm", "ncm+text", "fecam", "ranpac", "joint")  # issue 14; joint: an upper bound
@@ -34,7 +24,6 @@ PRESETS: dict[str, tuple[Axis, ...]] = {
     "calfuse_ablation": (
         ("method", ("calfuse",)),
         ("calibration.mode", GATE_MODES),
-        # One rule each (a leaf no rule matches keeps its new value, so the gate does).
         ("fusion.rules", ("adapter/kernel=qr", "adapter/kernel=svd", "adapter/kernel=keep_new")),
         ("loss.kd_weight", ("0.0", KD_ON)),
     ),
@@ -47,39 +36,31 @@ class GridError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
-    """One combination of a grid.
-
-    Attributes:
-      values: `{key: value text}` for every axis, fixed ones included, in axis order.
-      varied: the keys of the axes with several values (what tells cells apart).
-    """
+    """One combination: `{key: value text}` of every axis in order; `varied`: the keys of the
+    axes with several values."""
 
     values: dict[str, str]
     varied: tuple[str, ...]
 
     @property
     def overrides(self) -> list[str]:
-        """`key=value` strings for `experiments.configs.apply_overrides`."""
         return [f"{key}={value}" for key, value in self.values.items()]
 
     @property
     def name(self) -> str:
-        """A folder name made of the varied settings, e.g. `calibration.mode-none__fusion.method-qr`
-        (`default` when nothing varies)."""
+        """A folder name of the varied settings (`calibration.mode-none__loss.kd_weight-1.0`)."""
         parts = [f"{key}-{self.values[key]}" for key in self.varied]
         return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "__".join(parts)) or "default"
 
     @property
     def label(self) -> str:
-        """A short human label: the value alone when one key varies (`rapf`), else the values
-        with the last part of their keys (`mode=none method=qr`)."""
+        """`rapf` when one key varies, else `mode=none kd_weight=1.0`."""
         if len(self.varied) == 1:
             return self.values[self.varied[0]]
         return " ".join(f"{short_key(key)}={self.values[key]}" for key in self.varied) or "default"
 
 
 def short_key(key: str) -> str:
-    """The last part of a dotted key (`calibration.mode` -> `mode`), used as a column title."""
     return key.rsplit(".", 1)[-1]
 
 
@@ -115,11 +96,9 @@ def preset(name: str) -> tuple[Axis, ...]:
 
 
 def combine(base: Sequence[Axis], extra: Sequence[Axis]) -> tuple[Axis, ...]:
-    """`base` axes with `extra` ones added; an extra axis replaces a base axis of the same key
-    (so `--preset calfuse_ablation --grid loss.kd_weight=0,0.5` changes the KD weights)."""
-    extra_keys = {key for key, _ in extra}
-    merged = [axis for axis in base if axis[0] not in extra_keys]
-    return tuple(merged) + tuple(extra)
+    """`base` axes, less those whose key an `extra` axis has, then `extra`."""
+    keys = {key for key, _ in extra}
+    return tuple(axis for axis in base if axis[0] not in keys) + tuple(extra)
 
 
 def expand(axes: Sequence[Axis]) -> list[Cell]:

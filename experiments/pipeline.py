@@ -1,15 +1,8 @@
 """From a config to the input of `run_continual`: weights, images, cached features, class order.
 
-`prepare(config)` returns a `Prepared` (stream, text features, logit scale, provenance) that every
-seed and method of a comparison can share. Images are encoded at most once per (weights, dataset,
-split, preprocessing): the feature cache skips the encoder on every later run.
-
-In a multi-process run every process calls `prepare`: the image encoder runs on the global mesh
-(each process encodes its share of every batch) and `calfuse_jax.features` writes the cache from
-process 0 only; a random-weight checkpoint is written by process 0 while the others wait.
+Every process of a multi-process run calls `prepare` (the encoder runs on the global mesh); the
+feature cache and a random-weight checkpoint are written by process 0 only.
 """
-
-from __future__ import annotations
 
 import contextlib
 import copy
@@ -35,7 +28,6 @@ from experiments.configs import validate
 
 log = logging.getLogger(__name__)
 
-
 DATA_FLAGS = (
     "On the command line: root= is --config.dataset.root=PATH, data_dir= is "
     "--config.dataset.data_dir=DIR, source= is --config.dataset.source=files|tfds. "
@@ -54,14 +46,8 @@ class UserError(Exception):
 
 @dataclasses.dataclass
 class Prepared:
-    """Everything a run needs besides the config.
-
-    Attributes:
-      stream: features and labels of both splits, cut into tasks.
-      text_features: float32 [C_dataset, D], indexed by dataset label.
-      logit_scale: CLIP's exp(logit_scale) from the checkpoint, or None (config value).
-      provenance: weights id, class order, split hash, prompts, dataset identity.
-    """
+    """What a run needs besides the config: text_features is float32 [C_dataset, D] by dataset
+    label, logit_scale the checkpoint's exp(logit_scale) (None: the config's)."""
 
     stream: FeatureStream
     text_features: np.ndarray
@@ -92,22 +78,15 @@ def class_order_of(config: ml_collections.ConfigDict, num_classes: int) -> np.nd
 
 def split_hash(split: TaskSplit, *identities: Any) -> str:
     """sha256 over the class order, the task bounds and the image lists' identities."""
-    payload = json.dumps(
-        {
-            "class_order": split.class_order.tolist(),
-            "bounds": split.bounds.tolist(),
-            "data": [str(i) for i in identities],
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()
+    data = [str(i) for i in identities]
+    payload = dict(class_order=split.class_order.tolist(), bounds=split.bounds.tolist(), data=data)
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def with_data_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """`config` (a copy when anything changes) with the fields it leaves to the data filled in:
-    `{root}` in `name` becomes the name of the `dataset.root` folder, `dataset.num_classes=0`
-    the number of classes of the train split, `continual.increment=0` ceil(classes / 5) (about
-    five tasks) and `continual.initial=0` the increment (B0). Idempotent."""
+    """`config` (a copy when anything changes) with `{root}` in `name`, `dataset.num_classes=0`,
+    `continual.increment=0` (ceil(classes / 5)) and `continual.initial=0` (B0) read from the
+    data. Idempotent."""
     d, c = config.dataset, config.continual
     if "{root}" not in config.name and d.num_classes and c.initial and c.increment:
         return config
@@ -142,24 +121,17 @@ def prepare(config: ml_collections.ConfigDict) -> Prepared:
 def _prepare_synthetic(config: ml_collections.ConfigDict) -> Prepared:
     from calfuse_jax.data.synthetic import make_synthetic_stream
 
-    s = config.synthetic
+    args = config.synthetic.to_dict()  # make_synthetic_stream's arguments, data_seed its seed
+    identity = f"synthetic:{json.dumps(args, sort_keys=True)}"
     order = class_order_of(config, config.dataset.num_classes)
     stream, text = make_synthetic_stream(
         num_classes=config.dataset.num_classes,
-        dim=s.dim,
-        train_per_class=s.train_per_class,
-        test_per_class=s.test_per_class,
         initial=config.continual.initial,
         increment=config.continual.increment,
-        seed=s.data_seed,
-        noise=s.noise,
-        close_pairs=s.close_pairs,
-        pair_distance=s.pair_distance,
-        text_noise=s.text_noise,
-        distortion=s.distortion,
+        seed=args.pop("data_seed"),
         class_order=order,
+        **args,
     )
-    identity = f"synthetic:{json.dumps(s.to_dict(), sort_keys=True)}"
     provenance = {
         "weights": None,
         "dataset": {"name": "synthetic", "identity": identity},
@@ -185,12 +157,10 @@ def model_path(config: ml_collections.ConfigDict) -> str:
             f"model {name!r}: unknown variant {variant!r}; choose one of {', '.join(clip.VARIANTS)}"
         )
     folder = cache_dir_of(config) / "models" / f"random-{variant}-seed{config.model.seed}"
-    # Multi-process runs: process 0 writes the checkpoint, the others wait, then all read it.
-    # Concurrent runs: one at a time checks (and rewrites) it, under the file lock.
+    # Process 0 writes it under the file lock (one concurrent run at a time); the others wait.
     lock = waiting_lock(f"{folder}.lock", f"another process writing {folder}")
     with lock if is_primary() else contextlib.nullcontext():
         if is_primary() and not checksums_match(folder):  # unfinished, damaged or old
-            # Written next to the target and renamed, so an interrupted write never looks finished.
             with temp_dir(folder.parent, prefix=".tmp-") as tmp:
                 clip.random_checkpoint(tmp, variant=variant, seed=config.model.seed)
                 share_like_open(tmp)  # safetensors writes its file 0600
@@ -203,7 +173,7 @@ def model_path(config: ml_collections.ConfigDict) -> str:
 
 
 class FirstPerClass(ImageDataset):
-    """The first `n` images of every class of `dataset` (smoke runs); its own cache identity."""
+    """The first `n` images of every class of `dataset` (smoke runs), with its own identity."""
 
     def __init__(self, dataset: ImageDataset, n: int):
         labels = np.asarray(dataset.labels)
@@ -237,18 +207,10 @@ def load_split(config: ml_collections.ConfigDict, split: str) -> Any:
             f"{', '.join(known) or 'none'}. For your own class-per-folder images use "
             "`--config folder --config.dataset.root=DIR`, or a config of your own without them."
         )
+    where = {k: d[k] for k in ("root", "source", "data_dir", "download", "mirror")}
     try:
         dataset = load_dataset(
-            d.name,
-            split,
-            root=d.root,
-            source=d.source,
-            data_dir=d.data_dir,
-            download=d.download,
-            mirror=d.mirror,
-            cache_dir=config.cache_dir,
-            progress=config.progress,
-            **options,
+            d.name, split, cache_dir=config.cache_dir, progress=config.progress, **where, **options
         )
     except DownloadError as err:  # its one paragraph already names the URL, file and fix
         raise UserError(str(err)) from err
@@ -267,7 +229,6 @@ def prompt_names(config: ml_collections.ConfigDict, class_names) -> list[str]:
 
 
 def _check_variant(config: ml_collections.ConfigDict, arch: Any) -> None:
-    """Warns when the loaded weights are not the architecture `model.variant` names."""
     from calfuse_jax import clip
 
     expected = clip.VARIANTS.get(config.model.variant)
@@ -283,7 +244,7 @@ def _check_variant(config: ml_collections.ConfigDict, arch: Any) -> None:
 
 
 def _load_clip(path: str) -> tuple:
-    """(weights id, model, params, tokenizer) of the checkpoint `path`; UserError naming the fix."""
+    """(weights id, model, params, tokenizer) of the checkpoint `path`."""
     from calfuse_jax import clip
 
     try:
@@ -298,7 +259,7 @@ def _prepare_images(config: ml_collections.ConfigDict) -> Prepared:
     from calfuse_jax import clip, features
 
     cache = cache_dir_of(config) / "features"
-    # Data first: opening a dataset is cheap and its error names the files to fetch.
+    # Data first: cheap to open, and its error names the files to fetch.
     train = load_split(config, config.dataset.train_split)
     test = load_split(config, config.dataset.test_split)
     path = model_path(config)

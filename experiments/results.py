@@ -1,18 +1,5 @@
-"""The results folder's summaries, TensorBoard events and PNG plots (calfuse_jax.rundir owns the
-folder and its JSON files).
-
-    workdir/
-      summary.json         Avg, Last, forgetting, BWT, old/new, the matrix and the curve
-      tensorboard/         train/loss and train/lr per step (written while training), and the
-                           per-task scalars rebuilt from metrics.jsonl at the end of every run
-      accuracy_curve.png, accuracy_matrix.png
-
-Multi-seed runs put one such folder per seed under workdir/seed_<k> and a `summary.json` with
-mean and std in workdir. Everything here is plain functions of plain data, so `report` can rebuild
-the plots from the JSON alone.
-"""
-
-from __future__ import annotations
+"""A results folder's summary.json, tensorboard/ events and PNG plots, from plain data (so
+`report` can rebuild them from the JSON alone); calfuse_jax.rundir owns the folder."""
 
 import csv
 import math
@@ -34,8 +21,7 @@ def make_summary(
     summary: dict, accuracy_matrix: np.ndarray, seen_accuracy: np.ndarray, seen_classes: Sequence
 ) -> dict:
     """summary.json content: the scalar metrics (%), plus the matrix [T, T] and curve [T]."""
-    out = {key: summary.get(key) for key in METRICS if key in summary}
-    out.update({k: v for k, v in summary.items() if k not in out})
+    out = {key: summary[key] for key in METRICS if key in summary} | summary
     out["num_tasks"] = int(len(seen_accuracy))
     out["seen_classes"] = [int(c) for c in seen_classes]
     out["seen_accuracy"] = np.asarray(seen_accuracy, dtype=float).tolist()
@@ -72,9 +58,9 @@ def format_metric(summary: dict, key: str) -> str:
     return f"{value:.2f}"
 
 
-def markdown_table(rows: Sequence[tuple[str, dict]], keys: Sequence[str] = METRICS) -> str:
+def markdown_table(rows: Sequence[tuple[str, dict]]) -> str:
     """A Markdown table: one row per (label, summary), accuracies in %."""
-    keys = [k for k in keys if any(s.get(k) is not None for _, s in rows)]
+    keys = [k for k in METRICS if any(s.get(k) is not None for _, s in rows)]
     header = "| run | tasks | " + " | ".join(METRIC_TITLES[k] for k in keys) + " |"
     lines = [header, "|" + "---|" * (len(keys) + 2)]
     for label, summary in rows:
@@ -98,13 +84,8 @@ TRAIN_EVENTS = ".train"  # file-name suffix of the per-step event files (kept by
 
 
 class TrainingCurves:
-    """`run_continual(loss_callback=...)` that writes train/loss and train/lr per step into
-    workdir/tensorboard while the run trains (flushed every 30 s and on `close`).
-
-    Its event file starts with TensorBoard's purge marker at the first step it is given, so the
-    steps a resumed run trains again replace those of the interrupted attempt instead of
-    doubling the curve.
-    """
+    """`run_continual(loss_callback=...)` writing train/loss and train/lr per step into
+    workdir/tensorboard; purged from its first step, so a resumed run replaces, not doubles."""
 
     def __init__(self, workdir: str | os.PathLike):
         self.logdir = pathlib.Path(workdir) / "tensorboard"
@@ -127,8 +108,7 @@ class TrainingCurves:
 
 
 def write_tensorboard(workdir: str | os.PathLike, rows: Sequence[dict], summary: dict) -> None:
-    """Rebuilds the per-task scalars in workdir/tensorboard from the metrics rows (idempotent
-    across resumes); the per-step files of `TrainingCurves` stay."""
+    """Rebuilds the per-task scalars in workdir/tensorboard (idempotent); keeps TrainingCurves'."""
     from tensorboardX import SummaryWriter
 
     logdir = pathlib.Path(workdir) / "tensorboard"
@@ -148,16 +128,7 @@ def write_tensorboard(workdir: str | os.PathLike, rows: Sequence[dict], summary:
         writer.add_text("summary", markdown_table([("run", summary)]), 0)
 
 
-def _figure(figsize: tuple[float, float]) -> Any:
-    """A standalone matplotlib Figure: drawn and saved through its own Agg canvas, so neither
-    pyplot nor the caller's backend (a notebook's inline one) is touched."""
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=figsize, dpi=120)
-
-
-# One colour per method in every chart (curves, bars, reports); joint, an upper bound and not a
-# class-incremental method, is drawn dashed.
+# One colour per method in every chart; joint (an upper bound) is drawn dashed.
 METHOD_COLORS = {
     "calfuse": "tab:blue", "rapf": "tab:orange", "finetune": "tab:red", "zeroshot": "tab:gray",
     "ncm": "tab:green", "ncm+text": "tab:olive", "fecam": "tab:purple", "ranpac": "tab:brown",
@@ -166,8 +137,8 @@ METHOD_COLORS = {
 
 
 def method_style(label: str) -> dict:
-    """matplotlib keywords (color, linestyle) of the method named as a word of `label` (a cell
-    label `ranpac`, a report label `synthetic ranpac (3 seeds)`); {} for any other label."""
+    """color and linestyle of the method named as a word of `label` (`synthetic ranpac (3
+    seeds)`); {} for any other label."""
     method = next((word for word in label.split() if word in METHOD_COLORS), None)
     if method is None:
         return {}
@@ -177,11 +148,10 @@ def method_style(label: str) -> dict:
 def plot_accuracy_curves(
     curves: Sequence[tuple[str, dict]], path: str | os.PathLike, title: str = ""
 ) -> None:
-    """Accuracy on all seen classes after each task, one line per (label, summary).
+    """Accuracy on all seen classes after each task, one line (± std band) per (label, summary)."""
+    from matplotlib.figure import Figure  # not pyplot: the caller's backend stays untouched
 
-    A summary with `seen_accuracy_std` (multi-seed) gets a shaded ± std band.
-    """
-    fig = _figure(figsize=(6.4, 4.2))
+    fig = Figure(figsize=(6.4, 4.2), dpi=120)
     ax = fig.subplots()
     for label, summary in curves:
         x = np.asarray(summary["seen_classes"])
@@ -195,9 +165,7 @@ def plot_accuracy_curves(
             ax.fill_between(x, y - std, y + std, alpha=0.2, color=style.get("color"))
     if curves and len(curves[0][1]["seen_classes"]) <= 20:
         ax.set_xticks(curves[0][1]["seen_classes"])
-    ax.set_xlabel("classes seen")
-    ax.set_ylabel("accuracy on all seen classes (%)")
-    ax.set_ylim(0, 100)
+    ax.set(xlabel="classes seen", ylabel="accuracy on all seen classes (%)", ylim=(0, 100))
     ax.grid(alpha=0.3)
     ax.set_title(title or "accuracy after each task")
     ax.legend(fontsize=8)
@@ -207,25 +175,21 @@ def plot_accuracy_curves(
 
 def plot_accuracy_matrix(matrix: Any, path: str | os.PathLike, title: str = "") -> None:
     """Heatmap of A[i, j]: accuracy (%) on task j's classes after training task i."""
+    from matplotlib.figure import Figure
+
     a = np.array(matrix, dtype=float)  # [T, T]
     num_tasks = a.shape[0]
     a[np.triu_indices(num_tasks, 1)] = np.nan  # tasks not trained yet: not part of the matrix
     size = min(3.0 + 0.45 * num_tasks, 12.0)
-    fig = _figure(figsize=(size, size * 0.85))
+    fig = Figure(figsize=(size, size * 0.85), dpi=120)
     ax = fig.subplots()
     image = ax.imshow(np.ma.masked_invalid(a), vmin=0, vmax=100, cmap="viridis")
     if num_tasks <= 20:
-        for i in range(num_tasks):
-            for j in range(num_tasks):
-                if np.isfinite(a[i, j]):
-                    color = "black" if a[i, j] > 60 else "white"
-                    text = f"{a[i, j]:.0f}"
-                    ax.text(j, i, text, ha="center", va="center", fontsize=7, color=color)
+        for i, j in np.argwhere(np.isfinite(a)):
+            color = "black" if a[i, j] > 60 else "white"
+            ax.text(j, i, f"{a[i, j]:.0f}", ha="center", va="center", fontsize=7, color=color)
     ticks = np.arange(0, num_tasks, max(1, num_tasks // 10))
-    ax.set_xticks(ticks)
-    ax.set_yticks(ticks)
-    ax.set_xlabel("evaluated on task j")
-    ax.set_ylabel("after training task i")
+    ax.set(xticks=ticks, yticks=ticks, xlabel="evaluated on task j", ylabel="after training task i")
     ax.set_title(title or "accuracy matrix (%)")
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()

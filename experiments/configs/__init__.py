@@ -1,17 +1,15 @@
 """Experiment configs: `load_config("cifar100:inc5")`, `apply_overrides(config, ["x.y=3"])`.
 
-A config is a Python file with `get_config(arg=None) -> ConfigDict` (big_vision style). It is named
-either by module (`cifar100`, with an optional `:arg` variant) or by path (`my/exp.py[:arg]`).
-Overrides are `key=value` strings with dotted keys; each value is parsed to the type the field
-already has, and an unknown key or a value of the wrong type raises `ConfigError` naming the fix.
+A config is a file with `get_config(arg=None) -> ConfigDict` (big_vision style), named by module
+or path (`my/exp.py[:arg]`); an override's value is parsed to the type the field already has.
 """
-
-from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import importlib
 import importlib.util
+import operator
 import pathlib
 from collections.abc import Iterable
 from typing import Any
@@ -24,11 +22,9 @@ from experiments.configs import defaults, synthetic
 from experiments.configs.defaults import VARIANTS
 
 _FOLDER = pathlib.Path(__file__).parent
-# Every config file here but the shared defaults: a new file is listed by --help by itself.
 CONFIGS = tuple(sorted(p.stem for p in _FOLDER.glob("[!_]*.py") if p.stem != "defaults"))
 
-# Every rule a shipped config's field has (`calfuse_jax.config.FIELDS` and the tables of
-# `defaults` and `synthetic`); `validate` enforces them, --show-config prints them.
+# Every shipped config field's rule: `validate` enforces them, --show-config prints them.
 RULES = {**defaults.RULES, **config_rules(synthetic.FIELDS)}
 
 
@@ -79,8 +75,7 @@ def catalog() -> str:
 
 
 def format_config(config: ml_collections.ConfigDict) -> str:
-    """One `key = value  # rule` line per field (long tuples shortened), as --show-config prints
-    it."""
+    """One `key = value  # rule` line per field (long tuples shortened), for --show-config."""
     lines = []
     for key, value in flat_items(config):
         if isinstance(value, tuple) and len(value) > 12:
@@ -92,31 +87,21 @@ def format_config(config: ml_collections.ConfigDict) -> str:
     return "\n".join(lines)
 
 
-def _unknown_key(config: ml_collections.ConfigDict, key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, [key for key, _ in flat_items(config)], n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else "; --show-config lists every key"
-    return ConfigError(f"unknown config key {key!r}{hint}")
-
-
 def _parent(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
+    keys = [k for k, _ in flat_items(config)]
+    if key not in keys:
+        close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else "; --show-config lists every key"
+        raise ConfigError(f"unknown config key {key!r}{hint}")
     *path, leaf = key.split(".")
-    node = config
-    for part in path:
-        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-            raise _unknown_key(config, key)
-        node = node[part]
-    if leaf not in node or isinstance(node[leaf], ml_collections.ConfigDict):
-        raise _unknown_key(config, key)
-    return node, leaf
+    return functools.reduce(operator.getitem, path, config), leaf
 
 
 def _parse_scalar(text: str, kind: type, key: str) -> Any:
     if kind is bool:
         low = text.strip().lower()
-        if low in ("true", "1", "yes", "on"):
-            return True
-        if low in ("false", "0", "no", "off"):
-            return False
+        if low in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return low in ("true", "1", "yes", "on")
         raise ConfigError(f"config key {key!r} wants true or false, got {text!r}")
     try:
         return kind(text.strip()) if kind in (int, float) else text

@@ -1,24 +1,16 @@
 """CUB-200-2011, B0 Inc20 (10 tasks of 20 classes), Continual-CLIP class order, CLIP ViT-B/16.
 
     python -m experiments.run --config cub200
-    python -m experiments.run --config cub200 --config.dataset.source=files \
-        --config.dataset.root=/data/CUB_200_2011                # images/ + train_test_split.txt
 
-Data: CUB_200_2011.tgz fetched on first use (or your folder, or TFDS `caltech_birds2011`), with its
-official train/test split.
-Values from DESIGN.md §3: fusion bias 0.8, threshold 0.65, beta 1, K = 10; from RAPF (DESIGN.md §4):
-training batch 32 and covariance shrinkage on. RAPF's YAML also says `margin: 0.2`, but no line
-of its code reads it (the hinge's 0.1 is written into main.py), so the margin stays 0.1.
+Values from DESIGN.md §3 and RAPF (DESIGN.md §4); RAPF's YAML `margin: 0.2` is read by none of its
+code, so the hinge margin stays 0.1.
 """
-
-from __future__ import annotations
 
 import ml_collections
 
 from experiments.configs import defaults
 
 # The public Continual-CLIP order (position -> dataset label), as RAPF and CalFuse use it.
-# fmt: off
 CLASS_ORDER = (
     110, 54, 8, 122, 168, 136, 42, 139, 193, 46, 77, 34, 13, 99, 43, 147, 80, 182, 18, 127,
     36, 166, 140, 109, 124, 126, 102, 178, 123, 192, 181, 47, 143, 58, 64, 175, 95, 184,
@@ -31,16 +23,14 @@ CLASS_ORDER = (
     91, 151, 150, 180, 87, 156, 28, 141, 199, 144, 45, 12, 164, 73, 48, 170, 37, 146, 75,
     16, 15, 27, 153, 176, 190, 79, 137, 114, 4, 56, 118, 51, 145, 78, 72, 187, 160, 121, 98,
     96, 105, 86, 165,
-)
-# fmt: on
+)  # fmt: skip
 
 # RAPF's configs/class/cub200_20-20.yaml, its only CUB-200 split; every other split takes it.
 RAPF_SPLITS = {  # (initial, increment): (batch size, beta, mix_bias, threshold, shrinkage)
-    (20, 20): defaults.RapfSplit(32, 1, 0.8, 0.65, True),
+    (20, 20): (32, 1, 0.8, 0.65, True),
 }
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """Variants: see `defaults.VARIANTS` (inc<k>, b<n>, seeded, rapf, smoke, ...)."""
-    # RAPF's main.py: K = 10 old classes per batch for CUB-200, whatever the split.
+    """Variants: see `defaults.VARIANTS`."""
     return defaults.benchmark("cub200", 200, CLASS_ORDER, arg, RAPF_SPLITS, classes_per_batch=10)

@@ -3,14 +3,9 @@
     python -m experiments.run --config demo
     python -m experiments.run --config demo:smoke               # a few seconds
 
-What it is: the whole pipeline of a real benchmark (image reader, CLIP preprocessing, the frozen
-encoder, the feature cache, 5 class-incremental tasks, results folder and plots) on a machine with
-no network. What it is not: a measure of CalFuse. The CLIP weights are random (written by
-`clip.random_checkpoint` into the cache), so the text embeddings carry no meaning and zero-shot is
-chance; whatever the head learns comes from the images alone.
+The whole pipeline of a real benchmark with no network; random CLIP weights, so not a measure of
+CalFuse (zero-shot is chance).
 """
-
-from __future__ import annotations
 
 import ml_collections
 
@@ -30,8 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.order = "identity"
     c.class_order = ()
     c.features.batch_size = 64
-    # 100 images per task: small batches give the head ~100 steps per task (the features of a
-    # random CLIP differ little between classes, so a few steps learn nothing).
+    # Small batches: ~100 steps per task (a random CLIP's features differ little by class).
     c.train.epochs = 15
     c.train.milestones = (10,)
     c.train.batch_size = 16

@@ -2,22 +2,10 @@
 
     python -m experiments.run --config folder --config.dataset.root=/data/flowers
     python -m experiments.run --config folder:inc3 --config.dataset.root=/data/flowers
-    python -m experiments.run --config folder --config.dataset.root=/data/flowers \
-        --config.continual.increment=4 --config.method=rapf
 
-Layout: ROOT/<class>/<image> (split 80/20 per class, seeded by `dataset.options.seed`), or
-ROOT/train/<class>/ and ROOT/test/<class>/ (`val/` also works). Everything else comes from the
-folder: the classes are its sub-folders in sorted order (their names go into the prompts,
-underscores read as spaces), the tasks are B0 Inc-k with k = ceil(C / 5) (about five tasks;
-`--config.continual.increment=K` or the `inc<K>` variant choose another k), and the results are
-labelled `folder-<ROOT's name>` (default workdir `runs/folder-<ROOT's name>-calfuse`).
-
-The weights are the Hugging Face hub's `openai/clip-vit-base-patch16` (downloaded once into the
-Hugging Face cache; a local CLIP folder works too: --config.model.name=/path). Offline and only
-checking the plumbing: --config.model.name=random:tiny (random weights, meaningless numbers).
+Layout: ROOT/<class>/<image> (split 80/20 per class), or ROOT/train/<class>/ and ROOT/test/<class>/;
+classes in sorted folder order, B0 Inc-k with k = ceil(C / 5), labelled `folder-<ROOT's name>`.
 """
-
-from __future__ import annotations
 
 import ml_collections
 

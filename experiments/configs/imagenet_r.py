@@ -1,15 +1,9 @@
 """ImageNet-R, B0 Inc20 (10 tasks of 20 classes), Continual-CLIP class order, CLIP ViT-B/16.
 
     python -m experiments.run --config imagenet_r
-    python -m experiments.run --config imagenet_r:b100,inc20    # B100 Inc20
-    python -m experiments.run --config imagenet_r --config.dataset.source=files \
-        --config.dataset.root=/data/imagenet-r                   # the unpacked imagenet-r.tar
 
-ImageNet-R has no official split: RAPF's train/test list, fetched (or split_protocol=seeded, a split
-file). Values from DESIGN.md §3: fusion bias 0.7, threshold 0.65, beta 1, K = 5 (RAPF).
+ImageNet-R has no official split: RAPF's train/test list (or split_protocol=seeded, a split file).
 """
-
-from __future__ import annotations
 
 import ml_collections
 from ml_collections import config_dict
@@ -17,7 +11,6 @@ from ml_collections import config_dict
 from experiments.configs import defaults
 
 # The public Continual-CLIP order (position -> dataset label), as RAPF and CalFuse use it.
-# fmt: off
 CLASS_ORDER = (
     29, 75, 18, 9, 62, 46, 133, 54, 89, 24, 135, 158, 119, 198, 49, 96, 32, 21, 79, 3, 65,
     131, 191, 30, 140, 113, 84, 95, 188, 167, 127, 164, 185, 170, 168, 136, 98, 12, 121,
@@ -30,25 +23,21 @@ CLASS_ORDER = (
     0, 2, 149, 86, 72, 163, 166, 117, 116, 74, 125, 55, 90, 120, 114, 20, 182, 68, 69, 181,
     157, 38, 59, 179, 16, 177, 64, 57, 5, 58, 129, 13, 118, 124, 100, 169, 142, 155, 101,
     53, 82, 60, 151, 197,
-)
-# fmt: on
+)  # fmt: skip
 
-# RAPF's configs/class/imagenet_r_<initial>-<increment>.yaml (variants :inc10, :inc40, :b100,inc10,
-# :b100,inc20); other splits take the B0 Inc20 row. Covariance shrinkage is on in all of them.
-# Kept as published although in 10-10 and 100-10 the last task (1,271 images of RAPF's split) has 22
-# batches of 60 / 20 of 64, x K 5: only 110 / 100 of its 190 old classes per epoch (DESIGN.md §4).
+# RAPF's configs/class/imagenet_r_<initial>-<increment>.yaml, as published (DESIGN.md §4); other
+# splits take the first row.
 RAPF_SPLITS = {  # (initial, increment): (batch size, beta, mix_bias, threshold, shrinkage)
-    (20, 20): defaults.RapfSplit(64, 1, 0.7, 0.65, True),
-    (10, 10): defaults.RapfSplit(60, 2, 0.7, 0.6, True),
-    (40, 40): defaults.RapfSplit(64, 0.5, 0.7, 0.6, True),
-    (100, 10): defaults.RapfSplit(64, 2, 0.7, 0.65, True),
-    (100, 20): defaults.RapfSplit(64, 1, 0.7, 0.65, True),
+    (20, 20): (64, 1, 0.7, 0.65, True),
+    (10, 10): (60, 2, 0.7, 0.6, True),
+    (40, 40): (64, 0.5, 0.7, 0.6, True),
+    (100, 10): (64, 2, 0.7, 0.65, True),
+    (100, 20): (64, 1, 0.7, 0.65, True),
 }
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """Variants: see `defaults.VARIANTS` (inc<k>, b<n>, seeded, rapf, smoke, ...)."""
-    # RAPF's main.py: K = 5 old classes per batch for ImageNet-R, whatever the split.
+    """Variants: see `defaults.VARIANTS`."""
     c = defaults.benchmark("imagenet_r", 200, CLASS_ORDER, arg, RAPF_SPLITS, classes_per_batch=5)
     c.dataset.options.split_protocol = "rapf"  # RAPF's train/test list | "seeded" (no official one)
     c.dataset.options.seed = 0  # split_protocol=seeded: the seeded per-class split

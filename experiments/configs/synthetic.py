@@ -4,18 +4,15 @@
     python -m experiments.run --config synthetic:smoke          # seconds: 1 epoch, small stream
     python -m experiments.run --config synthetic --config.seeds=0,1,2 --config.method=rapf
 
-Features come from `calfuse_jax.data.synthetic.make_synthetic_stream` (class prototypes, a shared
-domain shift, close class pairs); `synthetic.*` are its arguments. B0 Inc10 over 50 classes.
+`synthetic.*` are the arguments of `calfuse_jax.data.synthetic.make_synthetic_stream`.
 """
-
-from __future__ import annotations
 
 import ml_collections
 
 from calfuse_jax import config
 from experiments.configs import defaults
 
-# The arguments of make_synthetic_stream: dotted name -> (default, rule), as config.FIELDS.
+# dotted name -> (default, rule), as config.FIELDS.
 FIELDS = {
     "synthetic.dim": (64, "x >= 1"),
     "synthetic.train_per_class": (100, "x >= 1"),
@@ -44,8 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.build(FIELDS, c)
 
     c.train.batch_size = 128
-    # The design's schedule: 15 epochs, lr x0.1 at epochs 4 and 10. Five epochs (milestones 2, 4)
-    # left RAPF's randomly initialised adapter undertrained in the method grid.
+    # The design's schedule; 5 epochs left RAPF's random adapter undertrained in the method grid.
     c.train.epochs = 15
     c.train.milestones = (4, 10)
     c.ranpac.dim = 1_000  # 64-d features: 1,000 random features suffice (G: 4 MB, not 400)
