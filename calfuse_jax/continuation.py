@@ -3,16 +3,9 @@
     stream, text = extend_stream(old_stream, old_text, new_stream, new_text)  # old tasks, then new
     result = continue_run("runs/old", stream, text, config, "runs/old+new")
 
-`continue_run` seeds the new run folder with the old run's task checkpoints, rewritten for the
-longer stream: the head params grow along their class axis (the new rows are the method's own
-initial values, as in a run that knew every class from the start; CalFuse's head has no class
-axis), the accuracy matrix grows from T x T to T' x T' (NaN where not evaluated), each task's
-class statistics are its own classes' and carry over as they are, and the metadata names the new
-run's fingerprint. `run_continual` then resumes after the old last task and trains the new ones,
-so the result is the run of the whole stream in one go (see `tests/test_continuation.py`). The
-old folder is only read. The first tasks of `stream` and `config` must be the old run's: its
-fingerprint (method fields, logit scale, data digest) is checked, so a changed config, class
-order or data is refused instead of silently continued.
+The new folder is seeded with the old task checkpoints grown to the longer stream (new head rows
+take the method's initial values), so `run_continual` resumes after the old last task and gives
+the run of the whole stream in one go. The old run's fingerprint must match the first tasks.
 """
 
 from __future__ import annotations
@@ -38,8 +31,7 @@ RECORD_FILE = "continued_from.json"  # which run this one continues, and the cla
 
 
 class ContinuationError(ValueError):
-    """A run that cannot be continued with the given stream (unfinished, another config or data,
-    clashing class names); the message says which and what to do."""
+    """A run that cannot be continued with the given stream; the message says why and the fix."""
 
 
 def first_tasks(stream: FeatureStream, num_tasks: int) -> FeatureStream:
@@ -55,9 +47,8 @@ def first_tasks(stream: FeatureStream, num_tasks: int) -> FeatureStream:
 
 
 def extend_stream(old: FeatureStream, old_text, new: FeatureStream, new_text):
-    """(stream, text features): `old`'s tasks, then `new`'s; `new`'s dataset labels shift past
-    `old`'s (by len(old_text)), so text rows and class names are old's followed by new's.
-    ContinuationError when the feature widths differ or class names repeat."""
+    """(stream, text features): `old`'s tasks, then `new`'s, whose dataset labels shift past
+    `old`'s (by len(old_text)); ContinuationError when the feature widths or class names clash."""
     old_text, new_text = np.asarray(old_text, np.float32), np.asarray(new_text, np.float32)
     if new.dim != old.dim or new_text.shape[1] != old_text.shape[1]:
         raise ContinuationError(
@@ -88,8 +79,7 @@ def extend_stream(old: FeatureStream, old_text, new: FeatureStream, new_text):
 
 
 def finished_run(workdir: str | os.PathLike) -> tuple[int, dict]:
-    """(number of tasks, meta of its last task) of the finished run in `workdir` (read only);
-    ContinuationError when it has no finished task or is unfinished."""
+    """(number of tasks, meta of its last task) of the finished run in `workdir` (read only)."""
     workdir = Path(workdir).absolute()
     if not (workdir / "checkpoints" / "tasks").is_dir():
         raise ContinuationError(f"{workdir} holds no run with finished tasks (no checkpoints/)")
@@ -115,8 +105,7 @@ def _finished_run(checkpoints: RunCheckpoints, workdir: Path) -> tuple[int, dict
 
 
 def _grown(old: Any, fresh: Any, what: str) -> Any:
-    """`fresh` (the new run's initial value) with `old` written over its leading block: a leaf
-    grows along the axes where the class count changed, the others must match."""
+    """`fresh` (the new run's initial value) with `old` written over its leading block."""
 
     def grow(path, old_leaf, fresh_leaf):
         if old_leaf.shape == fresh_leaf.shape:
@@ -135,8 +124,7 @@ def _grown(old: Any, fresh: Any, what: str) -> Any:
 
 
 def _copy_tasks(old_dir: Path, target: Path, num_tasks: int, new_run: dict, mesh) -> None:
-    """Writes the old run's task checkpoints 0..num_tasks-1 into `target`, grown for `new_run`
-    (`method_old`, `method`, `config`, `fingerprint`, `num_tasks`, `bounds`, `dim`)."""
+    """Writes the old run's task checkpoints 0..num_tasks-1 into `target`, grown for `new_run`."""
     placement, config = sharding.replicated(mesh), new_run["config"]
     old, new = RunCheckpoints(old_dir), RunCheckpoints(target)
     try:
@@ -175,14 +163,8 @@ def seed_continuation(
     mesh=None,
 ) -> dict:
     """Prepares `workdir` so that `run_continual(stream, text_features, config, workdir)`
-    resumes after the last task of the finished run in `old_workdir` (see the module doc);
-    returns the record also written to `workdir/continued_from.json`. A `workdir` that already
-    holds task checkpoints (a continuation started earlier) is left to `run_continual`'s resume.
-
-    Raises:
-      ContinuationError when the old run is unfinished, `stream` adds no task, or the first
-      tasks of `stream` with `config` are not the old run (another fingerprint).
-    """
+    resumes after the finished run in `old_workdir`; returns the record written to
+    `workdir/continued_from.json`. A continuation started earlier is left to the resume."""
     old_workdir, workdir = Path(old_workdir).absolute(), Path(workdir).absolute()
     if workdir == old_workdir:
         raise ContinuationError(f"continue {old_workdir} into another folder, never into itself")
@@ -219,7 +201,6 @@ def seed_continuation(
 
 
 def _seed(old_workdir: Path, stream, config, workdir: Path, scale: float, mesh, num_tasks: int):
-    """The grown task checkpoints and the fingerprint of the continued run, in `workdir`."""
     mesh = mesh if mesh is not None else sharding.make_mesh()
     doc = rundir.config_fingerprint(config, stream, scale)
     build = methods.REGISTRY[config.method].build
@@ -233,7 +214,7 @@ def _seed(old_workdir: Path, stream, config, workdir: Path, scale: float, mesh, 
     if sharding.is_primary():
         workdir.mkdir(parents=True, exist_ok=True)
     rundir.prepare_workdir(workdir, doc, overwrite=False)  # refuses another run's folder
-    # Written aside and renamed: an interrupted copy is never taken for the continued run.
+    # written aside and renamed: an interrupted copy is never taken for the continued run
     partial = workdir / "checkpoints.partial"
     if sharding.is_primary():
         shutil.rmtree(partial, ignore_errors=True)
@@ -255,8 +236,7 @@ def continue_run(
     mesh=None,
     **kwargs,
 ) -> ContinualResult:
-    """Continues the finished run in `old_workdir` with the tasks `stream` has beyond it, into
-    `workdir` (`seed_continuation`, then `run_continual` with `kwargs`: progress, callbacks)."""
+    """`seed_continuation`, then `run_continual` (with `kwargs`) of the continued run."""
     seed_continuation(old_workdir, stream, text_features, config, workdir,
                       logit_scale=logit_scale, mesh=mesh)  # fmt: skip
     return run_continual(stream, text_features, config, workdir, mesh=mesh,
