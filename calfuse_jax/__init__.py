@@ -1,7 +1,4 @@
-"""calfuse_jax: class-incremental learning with frozen CLIP, a calibration gate and QR fusion.
-
-Submodules are imported on demand, so `import calfuse_jax` stays cheap.
-"""
+"""calfuse_jax: class-incremental learning with frozen CLIP, a calibration gate and QR fusion."""
 
 __version__ = "0.1.0"
 

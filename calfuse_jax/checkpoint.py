@@ -27,8 +27,7 @@ LAYOUT = 3  # another layout is refused with the fix, never misread
 
 
 class TaskCheckpointError(ValueError):
-    """A checkpoint that a restore needs is missing, half-written, unreadable or of another
-    layout; the message says the fix."""
+    """A checkpoint a restore needs is missing, half-written, unreadable or of another layout."""
 
 
 def _checked(meta: dict, path: Path) -> dict:
@@ -94,8 +93,7 @@ class RunCheckpoints:
         _save(self._tasks, task, state, meta, **stats)
 
     def task_shapes(self, task: int, item: str = "stats") -> dict[str, tuple[int, ...]] | None:
-        """Shapes of `item` ("state" or "stats") of task `task` by "/"-joined path, without reading
-        arrays; None when it has no such item."""
+        """Shapes of `item` ("state" or "stats") by "/"-joined path (no arrays read), or None."""
         metadata = self._tasks.item_metadata(task).get(item)
         if metadata is None:
             return None

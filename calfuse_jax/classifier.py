@@ -32,8 +32,7 @@ class ClassifierError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Classifier:
-    """The model of a run after task `task`: `labels` int [S] and `names` of the S seen class
-    positions, their unit text embeddings `text` [S, D], and the jitted encoder + head."""
+    """A run after task `task`: `labels` [S], `names` and unit `text` [S, D] of the seen classes."""
 
     weights_id: str
     task: int
@@ -50,8 +49,7 @@ class Classifier:
     apply: Any = dataclasses.field(repr=False)  # jitted (clip, head, inputs, pixels) -> [B, S]
 
     def logits(self, images: Sequence, progress: bool = False) -> np.ndarray:
-        """float32 [N, S] logits of the seen classes for N images (paths, PIL images or uint8
-        arrays [H, W, 3])."""
+        """float32 [N, S] logits of N images (paths, PIL images or uint8 arrays [H, W, 3])."""
         from tqdm.auto import tqdm
 
         one = isinstance(images, str | os.PathLike | Image.Image) or np.ndim(images) == 3
@@ -72,8 +70,7 @@ class Classifier:
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)
 
     def top_k(self, images: Sequence, k: int = 5, progress: bool = False):
-        """(labels int [N, k], names [N][k], probabilities float32 [N, k]), best first; ties go to
-        the earlier class position, like the run's argmax."""
+        """(labels int [N, k], names [N][k], probabilities [N, k]), best (then earliest) first."""
         logits = self.logits(images, progress).astype(np.float64)
         order = np.argsort(-logits, axis=1, kind="stable")[:, : max(1, min(k, logits.shape[1]))]
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
@@ -130,8 +127,7 @@ def _pick_task(workdir: Path, task: int | None, finished: list[int], num_tasks: 
 
 
 def _clip_weights(recorded: dict, weights: str | os.PathLike | None):
-    """(model, params, tokenizer, sha256) of `weights`, else the recorded path or hub id, checked
-    against the run's sha256."""
+    """(model, params, tokenizer, sha256) of `weights`, else of the run's, checked by sha256."""
     wanted = recorded["sha256"]
     candidates = [weights] if weights is not None else [recorded.get("path"), recorded["name"]]
     problems = []

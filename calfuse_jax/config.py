@@ -1,8 +1,4 @@
-"""Method defaults shared by the library and every experiment config (DESIGN.md §2).
-
-Every field is declared once in `FIELDS` with the rule `check_ranges` enforces;
-`resolve_method(config)` turns the `method` preset into concrete switches.
-"""
+"""Method defaults shared by the library and every experiment config (DESIGN.md §2)."""
 
 from __future__ import annotations
 
@@ -106,8 +102,7 @@ def _allowed(value, rule) -> bool:
 
 
 def check_ranges(config: ml_collections.ConfigDict, rules: dict | None = None) -> None:
-    """ValueError naming the field, value and rule (`rules`, default `RULES`) of a field that
-    breaks its rule, or of any NaN or Inf float."""
+    """ValueError naming a field that breaks its rule (`rules`, default `RULES`) or is NaN/Inf."""
     for key, value in flat_items(config):
         rule = (RULES if rules is None else rules).get(key)
         if not all(_allowed(v, rule) for v in (value if isinstance(value, tuple) else [value])):
@@ -128,8 +123,7 @@ def flat_items(config: ml_collections.ConfigDict, prefix: str = ""):
 
 
 def resolve_method(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A copy of `config` with its `method` preset applied (`methods.REGISTRY`); ValueError on a
-    field that breaks its rule or on switches that cannot work together."""
+    """A checked copy of `config` with its `method` preset (`methods.REGISTRY`) applied."""
     check_ranges(config)
     c = ml_collections.ConfigDict(config.to_dict())
     c.update_from_flattened_dict(dict(methods.REGISTRY[c.method].preset))

@@ -3,9 +3,8 @@
     stream, text = extend_stream(old_stream, old_text, new_stream, new_text)  # old tasks, then new
     result = continue_run("runs/old", stream, text, config, "runs/old+new")
 
-The new folder is seeded with the old task checkpoints grown to the longer stream (new head rows
-take the method's initial values), so `run_continual` resumes after the old last task and gives
-the run of the whole stream in one go. The old run's fingerprint must match the first tasks.
+The new folder gets the old task checkpoints grown to the longer stream, so `run_continual`
+resumes after the old last task as if the whole stream had run in one go.
 """
 
 from __future__ import annotations
@@ -64,9 +63,8 @@ def extend_stream(old: FeatureStream, old_text, new: FeatureStream, new_text):
     offset = len(old_text)
     order = np.concatenate([old.split.class_order, new.split.class_order + offset])
     bounds = np.concatenate([old.split.bounds, old.split.bounds[-1] + new.split.bounds[1:]])
-    names = None
-    if old.class_names is not None and new.class_names is not None:
-        names = (*old.class_names, *new.class_names)
+    both = old.class_names is not None and new.class_names is not None
+    names = (*old.class_names, *new.class_names) if both else None
     stream = FeatureStream(
         np.concatenate([old.train_features, new.train_features]),
         np.concatenate([old.train_labels, new.train_labels + offset]),
@@ -85,23 +83,19 @@ def finished_run(workdir: str | os.PathLike) -> tuple[int, dict]:
         raise ContinuationError(f"{workdir} holds no run with finished tasks (no checkpoints/)")
     checkpoints = RunCheckpoints(workdir / "checkpoints")
     try:
-        return _finished_run(checkpoints, workdir)
+        finished = checkpoints.finished_tasks()
+        if not finished:
+            raise ContinuationError(f"{workdir} holds no finished task: train the run first")
+        shapes = checkpoints.task_shapes(finished[-1], "state") or {}
+        num_tasks = shapes.get("accuracy", (0,))[0]
+        if finished != list(range(num_tasks)):
+            raise ContinuationError(
+                f"the run in {workdir} is unfinished (finished tasks {finished} of "
+                f"0..{num_tasks - 1}): run its command again to finish it, then continue it"
+            )
+        return num_tasks, checkpoints.task_meta(finished[-1])
     finally:
         checkpoints.close()
-
-
-def _finished_run(checkpoints: RunCheckpoints, workdir: Path) -> tuple[int, dict]:
-    finished = checkpoints.finished_tasks()
-    if not finished:
-        raise ContinuationError(f"{workdir} holds no finished task: train the run first")
-    shapes = checkpoints.task_shapes(finished[-1], "state") or {}
-    num_tasks = shapes.get("accuracy", (0,))[0]
-    if finished != list(range(num_tasks)):
-        raise ContinuationError(
-            f"the run in {workdir} is unfinished (finished tasks {finished} of 0..{num_tasks - 1})"
-            ": run its command again to finish it, then continue it"
-        )
-    return num_tasks, checkpoints.task_meta(finished[-1])
 
 
 def _grown(old: Any, fresh: Any, what: str) -> Any:
@@ -123,18 +117,20 @@ def _grown(old: Any, fresh: Any, what: str) -> Any:
     return jax.tree_util.tree_map_with_path(grow, old, fresh)
 
 
-def _copy_tasks(old_dir: Path, target: Path, num_tasks: int, new_run: dict, mesh) -> None:
-    """Writes the old run's task checkpoints 0..num_tasks-1 into `target`, grown for `new_run`."""
-    placement, config = sharding.replicated(mesh), new_run["config"]
+def _copy_tasks(
+    old_dir: Path, target: Path, stream, config, doc: dict, num_tasks: int, built: tuple, mesh
+) -> None:
+    """The old task checkpoints in `target`, grown from `built`[0]'s classes to `built`[1]'s."""
+    placement, (method_old, method) = sharding.replicated(mesh), built
     old, new = RunCheckpoints(old_dir), RunCheckpoints(target)
     try:
         accuracy = jax.ShapeDtypeStruct((num_tasks, num_tasks), np.float32)
-        params = jax.eval_shape(new_run["method_old"].init, jax.random.PRNGKey(0))
+        params = jax.eval_shape(method_old.init, jax.random.PRNGKey(0))
         abstract = abstract_like({"params": params, "accuracy": accuracy}, placement)
-        bounds = new_run["bounds"][: num_tasks + 1]
-        class_stats = old.class_stats(num_tasks - 1, bounds, new_run["dim"], placement)
-        fresh = initial_params(new_run["method"], config, mesh)
-        size = new_run["num_tasks"]
+        bounds = stream.split.bounds[: num_tasks + 1]
+        class_stats = old.class_stats(num_tasks - 1, bounds, stream.dim, placement)
+        fresh = initial_params(method, config, mesh)
+        size = stream.split.num_tasks
         for task in range(num_tasks):
             saved = sharding.to_host(old.restore_task(task, abstract))
             grown = np.full((size, size), np.nan, np.float32)
@@ -144,7 +140,7 @@ def _copy_tasks(old_dir: Path, target: Path, num_tasks: int, new_run: dict, mesh
             lo, hi = int(bounds[task]), int(bounds[task + 1])
             own = {name: class_stats[name][lo:hi] for name in ("means", "chols")}
             rows = old.task_meta(task)["rows"]
-            meta = task_meta(task, new_run["fingerprint"], config.to_dict(), rows)
+            meta = task_meta(task, doc["fingerprint"], config.to_dict(), rows)
             state, own = sharding.replicate((state, own), mesh)
             new.save_task(task, state, meta, new_stats=own)
     finally:
@@ -162,9 +158,8 @@ def seed_continuation(
     logit_scale: float | None = None,
     mesh=None,
 ) -> dict:
-    """Prepares `workdir` so that `run_continual(stream, text_features, config, workdir)`
-    resumes after the finished run in `old_workdir`; returns the record written to
-    `workdir/continued_from.json`. A continuation started earlier is left to the resume."""
+    """Seeds `workdir` for `run_continual` to resume after the run in `old_workdir`; returns the
+    record written to `workdir/continued_from.json`."""
     old_workdir, workdir = Path(old_workdir).absolute(), Path(workdir).absolute()
     if workdir == old_workdir:
         raise ContinuationError(f"continue {old_workdir} into another folder, never into itself")
@@ -203,23 +198,18 @@ def seed_continuation(
 def _seed(old_workdir: Path, stream, config, workdir: Path, scale: float, mesh, num_tasks: int):
     mesh = mesh if mesh is not None else sharding.make_mesh()
     doc = rundir.config_fingerprint(config, stream, scale)
-    build = methods.REGISTRY[config.method].build
-    split = stream.split
-    new_run = {
-        "config": config, "fingerprint": doc["fingerprint"], "num_tasks": split.num_tasks,
-        "bounds": split.bounds, "dim": stream.dim,
-        "method": build(config, stream.dim, scale, split.num_classes),
-        "method_old": build(config, stream.dim, scale, int(split.bounds[num_tasks])),
-    }  # fmt: skip
+    build, split = methods.REGISTRY[config.method].build, stream.split
+    method_old = build(config, stream.dim, scale, int(split.bounds[num_tasks]))
+    method = build(config, stream.dim, scale, split.num_classes)
     if sharding.is_primary():
         workdir.mkdir(parents=True, exist_ok=True)
     rundir.prepare_workdir(workdir, doc, overwrite=False)  # refuses another run's folder
-    # written aside and renamed: an interrupted copy is never taken for the continued run
-    partial = workdir / "checkpoints.partial"
+    partial = workdir / "checkpoints.partial"  # renamed when complete: never taken half-copied
     if sharding.is_primary():
         shutil.rmtree(partial, ignore_errors=True)
     sharding.barrier("calfuse_continuation_start")
-    _copy_tasks(old_workdir / "checkpoints", partial, num_tasks, new_run, mesh)
+    built = (method_old, method)
+    _copy_tasks(old_workdir / "checkpoints", partial, stream, config, doc, num_tasks, built, mesh)
     if sharding.is_primary():
         os.replace(partial, workdir / "checkpoints")
     sharding.barrier("calfuse_continuation_seeded")

@@ -1,9 +1,6 @@
 """FeCAM (Goswami et al., NeurIPS 2023): Mahalanobis distance to per-class Gaussians, no training.
 
-Per class: mean and `numpy.cov` covariance of the (Tukey-transformed) features, shrunk
-(`stats.shrink`) and normalised to a correlation matrix; scores are negative Mahalanobis
-distances of L2-normalised vectors. CLIP features are signed, so Tukey's x^beta is
-`sign(x) |x|^beta` (`config.fecam.tukey`, 1 = off).
+CLIP features are signed, so Tukey's x^beta is `sign(x) |x|^beta` (`config.fecam.tukey`, 1 = off).
 """
 
 from __future__ import annotations
@@ -32,8 +29,7 @@ def precisions(covs: jax.Array) -> jax.Array:
 
 
 def fecam_logits(x: jax.Array, means: jax.Array, precisions: jax.Array) -> jax.Array:
-    """[B, C] negative Mahalanobis distances of (transformed) x [B, D] to means [C, D] under
-    precisions [C, D, D], on L2-normalised vectors."""
+    """[B, C] -Mahalanobis distances of unit x [B, D] to unit means [C, D], precisions [C, D, D]."""
     diff = normalize(x)[:, None, :] - normalize(means)[None]  # [B, C, D]
     return -jnp.einsum("bcd,cde,bce->bc", diff, precisions, diff)
 

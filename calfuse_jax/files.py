@@ -61,8 +61,7 @@ def atomic_write(path: str | os.PathLike, mode: str, write: Callable[[IO], None]
 
 @contextlib.contextmanager
 def temp_dir(parent: str | os.PathLike, prefix: str) -> Iterator[Path]:
-    """A new empty folder in `parent` with `mkdir`'s mode, removed if the body fails. A full
-    disk reported without errno (safetensors) becomes OSError(ENOSPC)."""
+    """A new folder in `parent`, removed if the body fails (a full disk: OSError(ENOSPC))."""
     Path(parent).mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
     share_like_open(folder)

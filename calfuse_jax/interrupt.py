@@ -41,9 +41,8 @@ def _handle(signum: int, frame) -> None:
 
 @contextlib.contextmanager
 def installed(ignore_after_stop: bool = False) -> Iterator[None]:
-    """Within: SIGINT and SIGTERM raise `Interrupted` (inside `deferred()`, and after the first,
-    they are recorded). Afterwards the previous handlers are back, or, with `ignore_after_stop`
-    after a stop, both signals are ignored so a second Ctrl-C cannot cut the exit short."""
+    """Within: SIGINT and SIGTERM raise `Interrupted`; after a stop, `ignore_after_stop` ignores
+    them from then on (a second Ctrl-C cannot cut the exit short)."""
     if signal.getsignal(signal.SIGINT) is not _handle:  # the outermost: no stop under way yet
         _received.clear()
     previous = {signum: signal.signal(signum, _handle) for signum in SIGNALS}
@@ -75,8 +74,7 @@ def deferred() -> Iterator[None]:
 
 
 def requested() -> int | None:
-    """The signal to stop for now, or None. A collective in a multi-process run (the largest
-    signal any process got), so every process must call it at the same points."""
+    """The signal to stop for, or None; a collective in a multi-process run (the largest one)."""
     local = _received[0] if _received else 0
     if jax.process_count() > 1:  # ~3 ms over gloo on CPU, once an epoch
         local = int(np.max(multihost_utils.process_allgather(np.int32(local))))

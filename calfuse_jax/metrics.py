@@ -42,8 +42,7 @@ def count_row(correct, total, bounds: Sequence[int], task: int) -> np.ndarray:
 
 
 def accuracy_matrix(predictions: Sequence, labels, bounds: Sequence[int]):
-    """(A float64 [T, T], seen float64 [T]) from int [M] predicted positions per finished
-    task and true `labels` [M]; NaN for tasks not evaluated yet."""
+    """(A [T, T], seen [T]) from each finished task's predicted positions [M] and `labels` [M]."""
     num_tasks = len(bounds) - 1
     matrix, seen = np.full((num_tasks, num_tasks), np.nan), np.full(num_tasks, np.nan)
     for i, preds in enumerate(predictions):
@@ -101,8 +100,7 @@ def backward_transfer(matrix) -> float:
 
 
 def old_new_accuracy(preds, labels, num_old: int, num_seen: int) -> tuple[float, float]:
-    """(old, new) accuracy on positions < num_old and num_old..num_seen-1, from [M, C] logits or
-    int [M] predicted positions `preds` and true positions `labels` [M]."""
+    """(old, new) accuracy on positions < num_old and num_old..num_seen-1; `preds` [M, C] or [M]."""
     preds, labels = np.asarray(preds), np.asarray(labels)
     if preds.ndim == labels.ndim + 1:
         preds = np.argmax(preds, axis=-1)
@@ -118,8 +116,7 @@ def harmonic_mean(old: float, new: float) -> float:
 
 @dataclasses.dataclass
 class ContinualResult:
-    """The outcome of `run_continual` (percentages; NaN where undefined): A [T, T], the seen,
-    old and new accuracy [T] after each task, `summary`, the final head params and statistics."""
+    """The outcome of `run_continual` (percentages; NaN where undefined)."""
 
     accuracy_matrix: np.ndarray
     seen_accuracy: np.ndarray
@@ -133,8 +130,7 @@ class ContinualResult:
 
 
 def record_task(accuracy: np.ndarray, correct, total, bounds, task: int):
-    """(A [T, T] with row `task` filled, the task's float32 (seen, old, new) accuracies) from the
-    per-class counts [C] after `task`."""
+    """(A with row `task` filled, float32 (seen, old, new) accuracies) from the counts [C]."""
     accuracy = accuracy.copy()
     accuracy[task, : task + 1] = count_row(correct, total, bounds, task)[: task + 1]
     old, seen = int(bounds[task]), int(bounds[task + 1])

@@ -14,8 +14,7 @@ from calfuse_jax.calibration import normalize
 
 
 def ncm_logits(f0: jax.Array, means: jax.Array, text: jax.Array, text_weight: float) -> jax.Array:
-    """[B, C] `(1 - w) cos(f0, means_c) + w cos(f0, text_c)` for f0 [B, D], means and text
-    [C, D] (a zero mean row scores 0 on its part)."""
+    """[B, C] `(1 - w) cos(f0, means_c) + w cos(f0, text_c)`; f0 [B, D], means and text [C, D]."""
     image = normalize(f0)
     return (1.0 - text_weight) * image @ normalize(means).T + text_weight * image @ text.T
 

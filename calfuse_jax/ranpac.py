@@ -24,8 +24,7 @@ def project(f0: jax.Array, projection: jax.Array) -> jax.Array:
 
 
 def holdout_mask(rng: jax.Array, valid: jax.Array, fraction: float) -> jax.Array:
-    """bool [N]: a random `fraction` of the valid rows (bool [N]), held out from the fit;
-    `floor((1 - fraction) n)` of the n valid rows stay in it, as the paper's `int(0.8 n)`."""
+    """bool [N]: a random `fraction` of the valid rows [N]; floor((1 - fraction) n) stay in."""
     order = jnp.argsort(jnp.where(valid, jax.random.uniform(rng, valid.shape), 2.0))
     rank = jnp.argsort(order)  # 0 .. n - 1 on the valid rows, in random order
     kept = jnp.floor((1.0 - fraction) * jnp.sum(valid))
@@ -33,9 +32,8 @@ def holdout_mask(rng: jax.Array, valid: jax.Array, fraction: float) -> jax.Array
 
 
 def ridge_errors(h_fit, y_fit, h_held, y_held, ridges: jax.Array) -> jax.Array:
-    """[R] squared error on (h_held [n, M], y_held [n, C]) of the ridge fits on (h_fit, y_fit),
-    one per lambda in ridges [R]; zero rows take no part. One eigendecomposition serves every
-    lambda: of H H^T [n, n] when n <= M, else of H^T H [M, M]."""
+    """[R] held-out squared errors of the ridge fits on (h_fit [n, M], y_fit [n, C]) for ridges
+    [R], from one eigendecomposition of the smaller Gram matrix; zero rows take no part."""
     if h_fit.shape[0] <= h_fit.shape[1]:
         s, v = jnp.linalg.eigh(h_fit @ h_fit.T)
         left, right = (h_held @ h_fit.T) @ v, v.T @ y_fit
@@ -57,8 +55,7 @@ def solve(gram: jax.Array, targets: jax.Array, ridge: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames="holdout")
 def accumulate(params: dict, features, labels, rng, ridges, holdout: float) -> dict:
-    """`params` (G, Q, chosen `ridge`, head W_o [M, C]) after one task's features [N, D] and
-    labels int [N] (-1: padding)."""
+    """`params` after one task's features [N, D] and labels int [N] (-1: padding)."""
     h = project(features, params["projection"]) * (labels >= 0)[:, None]  # [N, M]
     y = jax.nn.one_hot(labels, params["targets"].shape[1], dtype=h.dtype)  # [N, C], 0 for -1
     held = holdout_mask(rng, labels >= 0, holdout)[:, None]

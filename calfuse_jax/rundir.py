@@ -1,9 +1,4 @@
-"""The run folder: which run it holds, who may write it, and its JSON and CSV files.
-
-A workdir holds one run: `claim` accepts a new folder or the same run (resumed; identities compared
-field by field but `RESUME_SAFE`) and refuses another unless `overwrite` moves it aside. One
-process writes it at a time (`lock`), every file atomically.
-"""
+"""The run folder: which run it holds (`claim`), who may write it (`lock`), its JSON and CSV."""
 
 from __future__ import annotations
 
@@ -106,8 +101,7 @@ def readable_json(path: str | os.PathLike) -> Any:
 
 
 def write_results(workdir: Path, rows: list[dict], accuracy: np.ndarray) -> None:
-    """Rewrites `metrics.jsonl` (one row per finished task) and `accuracy_matrix.csv` [T, T] in
-    full, so a resumed run never holds a duplicate row. Process 0 only."""
+    """Rewrites `metrics.jsonl` and `accuracy_matrix.csv` [T, T] in full (process 0 only)."""
     lines = "".join(json.dumps(jsonable(row)) + "\n" for row in rows)
     atomic_write(Path(workdir) / "metrics.jsonl", "w", lambda f: f.write(lines))
     header = "after_task," + ",".join(f"task_{j}" for j in range(accuracy.shape[1]))
@@ -246,8 +240,7 @@ def move_aside(workdir: Path, keep: Sequence[str] = (), target: Path | None = No
 
 
 def prepare_workdir(workdir: Path, doc: dict, overwrite: bool) -> None:
-    """`run_continual`'s claim for the run of fingerprint `doc`, written to the fingerprint file
-    (rebuilt when damaged: every checkpoint carries the fingerprint too)."""
+    """`run_continual`'s claim for fingerprint `doc`; (re)writes the fingerprint file."""
     stamp = workdir / FINGERPRINT_FILE
     rebuild = stamp.exists() and not overwrite and readable_json(stamp) is None
     resumed = rebuild or claim(workdir, FINGERPRINT_FILE, doc, overwrite, ignore=("fingerprint",))
@@ -259,8 +252,7 @@ def prepare_workdir(workdir: Path, doc: dict, overwrite: bool) -> None:
 
 @contextlib.contextmanager
 def lock(workdir: str | os.PathLike) -> Iterator[None]:
-    """Holds the fcntl lock `workdir/.lock` (process 0 only): a second process gets RunFolderError
-    naming the holder. A folder created here and left empty is removed again."""
+    """Holds the fcntl lock `workdir/.lock` (process 0 only); removes a folder it created empty."""
     workdir = Path(workdir).absolute()
     if not sharding.is_primary():
         yield

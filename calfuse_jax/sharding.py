@@ -1,8 +1,5 @@
-"""Data-parallel placement: one `Mesh` with a `data` axis over every device of every process.
-
-Batches are split along their first axis (`P("data")`); parameters, optimiser state and class
-statistics are replicated (`P()`). Every process builds the same global batch on the host.
-"""
+"""Data-parallel placement: one `Mesh` with a `data` axis over every device of every process;
+batches split along their first axis, everything else replicated."""
 
 from __future__ import annotations
 
@@ -44,8 +41,7 @@ def _place(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 
 def shard_batch(batch, mesh: Mesh):
-    """A pytree of host arrays [B, ...] (the same global batch on every process, B a multiple of
-    the mesh size: `padded_size`) as global `jax.Array`s sharded `P("data")`."""
+    """A pytree of host arrays [B, ...] (the same on every process) sharded `P("data")`."""
     sharding = data_sharding(mesh)
 
     def place(x):
@@ -99,8 +95,7 @@ def barrier(name: str) -> None:
 
 
 def same_on_every_process(key: str, value: str, timeout_s: float) -> None:
-    """Checks through the coordination service's key-value store (not a collective, so a dead
-    peer cannot hang it) that every process passes the same `value` under `key`."""
+    """Checks that every process passes the same `value` (key-value store: no collective hang)."""
     if jax.process_count() == 1:
         return
     from jax._src import distributed  # noqa: PLC0415  (the client orbax uses too)
