@@ -1,12 +1,6 @@
-"""Orbax checkpoints of a continual run under `<workdir>/checkpoints/`.
-
-- `tasks/<t>/`: after task t. `state`: head params and accuracy matrix; `stats`: means [n_t, D]
-  and Cholesky factors [n_t, D, D] of task t's own classes (a restore reads tasks 0..t); `meta`:
-  JSON (task, config, fingerprint, metrics rows so far, `layout`).
-- `steps/<t * STEP_STRIDE + s>/`: params + optimiser state after step s of task t, newest only.
-
-Saving is collective and synchronous; restores go through an abstract target (shapes, dtypes,
-shardings), so a run saved on 4 devices restores on 1.
+"""Orbax checkpoints of a continual run under `<workdir>/checkpoints/`: `tasks/<t>/` after task t
+(`state`: head params, accuracy matrix; `stats`: its own classes' means [n_t, D] and Cholesky
+factors [n_t, D, D]; `meta`: JSON) and `steps/<t * STEP_STRIDE + s>/`, the newest mid-task step.
 """
 
 from __future__ import annotations
@@ -61,21 +55,15 @@ class RunCheckpoints:
                 )
         # Synchronous saves: complete when `save` returns, so the next step may donate the arrays.
         # Named handlers let a fresh manager read an item's shapes without its arrays.
+        sync = {"create": True, "enable_async_checkpointing": False}
+        standard = ocp.StandardCheckpointHandler
+        handlers = {"state": standard(), "stats": standard(), "meta": ocp.JsonCheckpointHandler()}
+        options = ocp.CheckpointManagerOptions(**sync)
         self._tasks = ocp.CheckpointManager(
-            directory / "tasks",
-            options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
-            item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
-                "stats": ocp.StandardCheckpointHandler(),
-                "meta": ocp.JsonCheckpointHandler(),
-            },
+            directory / "tasks", options=options, item_handlers=handlers
         )
-        self._steps = ocp.CheckpointManager(
-            directory / "steps",
-            options=ocp.CheckpointManagerOptions(
-                create=True, max_to_keep=1, enable_async_checkpointing=False
-            ),
-        )
+        options = ocp.CheckpointManagerOptions(max_to_keep=1, **sync)
+        self._steps = ocp.CheckpointManager(directory / "steps", options=options)
 
     def close(self) -> None:
         self._tasks.close()
@@ -187,11 +175,8 @@ def _stats_error(checkpoints: RunCheckpoints, k: int, task: int, problem: str):
     partial = sorted(path.parent.glob(f"{k}.orbax-checkpoint-tmp-*"))
     if partial:
         problem += f" (only a half-written {partial[0].name} is there)"
-    fixes = "pass overwrite=True (--overwrite) to start the run again"
-    if k > 0:
-        fixes = (
-            f"delete {path.parent}/<t> for every t >= {k} to resume after task {k - 1}, or {fixes}"
-        )
+    resume = f"delete {path.parent}/<t> for every t >= {k} to resume after task {k - 1}, or "
+    fixes = (resume if k > 0 else "") + "pass overwrite=True (--overwrite) to start the run again"
     return TaskCheckpointError(
         f"task checkpoint {k} ({path}) {problem}; resuming after task {task} reads task "
         f"checkpoints 0..{task} (each holds its own classes' statistics): {fixes}"

@@ -40,6 +40,7 @@ RESUME_SAFE = (
 )
 FINGERPRINT_FILE = "run_fingerprint.json"
 LOCK_FILE = ".lock"
+ASIDE = "overwritten-"  # prefix of the folders `--overwrite` moves a run into
 CONFIG_FILE = "config.json"
 LOOP_FILES = ("checkpoints", "metrics.jsonl", "accuracy_matrix.csv")  # run_continual writes these
 RESULT_FILES = (*LOOP_FILES, FINGERPRINT_FILE, "summary.json")
@@ -174,11 +175,7 @@ def _content(workdir: Path) -> list[Path]:
     """What `workdir` holds besides its lock and earlier runs moved aside."""
     if not workdir.is_dir():
         return []
-    return [
-        p
-        for p in workdir.iterdir()
-        if p.name != LOCK_FILE and not p.name.startswith("overwritten-")
-    ]
+    return [p for p in workdir.iterdir() if p.name != LOCK_FILE and not p.name.startswith(ASIDE)]
 
 
 def refuse_foreign(workdir: Path) -> None:
@@ -231,7 +228,7 @@ def claim(
 
 def move_aside(workdir: Path, keep: Sequence[str] = (), target: Path | None = None) -> Path:
     """Moves `_content(workdir)` but `keep` into `target` (default: a new overwritten-<time>/)."""
-    target = target or workdir / time.strftime("overwritten-%Y%m%d-%H%M%S")
+    target = target or workdir / time.strftime(f"{ASIDE}%Y%m%d-%H%M%S")
     moving = [p for p in _content(workdir) if p.name not in keep and p != target]
     target.mkdir()
     for item in moving:
