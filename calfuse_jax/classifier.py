@@ -54,8 +54,7 @@ class Classifier:
 
         one = isinstance(images, str | os.PathLike | Image.Image) or np.ndim(images) == 3
         images = [images] if one else list(images)
-        size = min(sharding.padded_size(self.batch_size, self.mesh),
-                   sharding.padded_size(len(images), self.mesh))  # fmt: skip
+        size = sharding.padded_size(min(self.batch_size, len(images)), self.mesh)
         out = []
         with tqdm(total=len(images), unit="img", desc="classify", disable=not progress) as bar:
             for start in range(0, len(images), size):

@@ -200,11 +200,10 @@ def claim(
     """Accepts `workdir` for the run `identity` (stored in `record`, compared but `ignore`);
     True when it holds that run already. Another run, or `guarded` files without a readable
     `record`, raise ConfigMismatchError, or with `overwrite` are moved aside (but `keep`)."""
-    path = workdir / record
     present = [name for name in (record, *guarded) if (workdir / name).exists()]
     if not present:
         return False
-    old = readable_json(path) if path.exists() else None
+    old = readable_json(workdir / record)
     diff = differences(old, identity, ignore) if old is not None else None
     if diff == []:
         return True
