@@ -37,11 +37,10 @@ def first_tasks(stream: FeatureStream, num_tasks: int) -> FeatureStream:
     """`stream` cut to its first `num_tasks` tasks (their classes' rows, in the same order)."""
     bounds = stream.split.bounds[: num_tasks + 1]
     split = TaskSplit(stream.split.class_order[: bounds[-1]], bounds)
-    keep = [np.isin(labels, split.class_order) for labels in (stream.train_labels,
-                                                             stream.test_labels)]  # fmt: skip
+    train, test = (np.isin(y, split.class_order) for y in (stream.train_labels, stream.test_labels))
     return FeatureStream(
-        stream.train_features[keep[0]], stream.train_labels[keep[0]],
-        stream.test_features[keep[1]], stream.test_labels[keep[1]], split, stream.class_names,
+        stream.train_features[train], stream.train_labels[train],
+        stream.test_features[test], stream.test_labels[test], split, stream.class_names,
     )  # fmt: skip
 
 
