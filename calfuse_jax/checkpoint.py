@@ -53,8 +53,7 @@ class RunCheckpoints:
                     f"{folder} is a file where the run keeps its checkpoints; move it away, or "
                     "pass overwrite=True (--overwrite) to move the old results aside"
                 )
-        # Synchronous saves: complete when `save` returns, so the next step may donate the arrays.
-        # Named handlers let a fresh manager read an item's shapes without its arrays.
+        # Synchronous saves (the next step donates the arrays); named handlers read shapes alone.
         sync = {"create": True, "enable_async_checkpointing": False}
         standard = ocp.StandardCheckpointHandler
         handlers = {"state": standard(), "stats": standard(), "meta": ocp.JsonCheckpointHandler()}

@@ -49,7 +49,6 @@ FIELDS = {
     # Classes in the first task and per later task (0: decided from the data by the experiments)
     "continual.initial": (10, "x >= 0"),
     "continual.increment": (10, "x >= 0"),
-    # The frozen-feature baselines: each paper's default.
     "ncm.text_weight": (0.5, "0 <= x <= 1"),  # ncm+text: w in (1 - w) cos(f, mean) + w cos(f, text)
     "fecam.tukey": (1.0, "x > 0"),  # Tukey power beta, 1 = off (the paper: 0.5, ReLU features)
     "ranpac.dim": (10_000, "x >= 1"),  # M random features (G is 4 M^2 bytes)

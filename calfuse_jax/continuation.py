@@ -117,10 +117,10 @@ def _grown(old: Any, fresh: Any, what: str) -> Any:
 
 
 def _copy_tasks(
-    old_dir: Path, target: Path, stream, config, doc: dict, num_tasks: int, built: tuple, mesh
+    old_dir: Path, target: Path, stream, config, doc: dict, num_tasks: int, method_old, method, mesh
 ) -> None:
-    """The old task checkpoints in `target`, grown from `built`[0]'s classes to `built`[1]'s."""
-    placement, (method_old, method) = sharding.replicated(mesh), built
+    """The old task checkpoints in `target`, grown from `method_old`'s classes to `method`'s."""
+    placement = sharding.replicated(mesh)
     old, new = RunCheckpoints(old_dir), RunCheckpoints(target)
     try:
         accuracy = jax.ShapeDtypeStruct((num_tasks, num_tasks), np.float32)
@@ -207,8 +207,8 @@ def _seed(old_workdir: Path, stream, config, workdir: Path, scale: float, mesh, 
     if sharding.is_primary():
         shutil.rmtree(partial, ignore_errors=True)
     sharding.barrier("calfuse_continuation_start")
-    built = (method_old, method)
-    _copy_tasks(old_workdir / "checkpoints", partial, stream, config, doc, num_tasks, built, mesh)
+    old_dir = old_workdir / "checkpoints"
+    _copy_tasks(old_dir, partial, stream, config, doc, num_tasks, method_old, method, mesh)
     if sharding.is_primary():
         os.replace(partial, workdir / "checkpoints")
     sharding.barrier("calfuse_continuation_seeded")
