@@ -1,10 +1,4 @@
-"""calfuse_jax: class-incremental learning with frozen CLIP, a calibration gate and QR fusion.
-
-Pure functions for ablations live in `calibration`, `fusion`, `stats`, `losses` and `metrics`;
-`clip` loads and runs the frozen encoders; `continual.run_continual` drives a whole task stream;
-`load_classifier(workdir)` turns a finished run into an image classifier (`classifier`).
-Submodules are imported on demand so that `import calfuse_jax` stays cheap.
-"""
+"""calfuse_jax: class-incremental learning with frozen CLIP, a calibration gate and QR fusion."""
 
 __version__ = "0.1.0"
 

@@ -1,16 +1,8 @@
-"""A finished run as an image classifier: the frozen CLIP encoder and the run's head, jitted.
+"""A finished run of `experiments.run` as an image classifier: frozen CLIP and the run's head.
 
-    classifier = load_classifier("runs/cifar100-calfuse")      # after its last task
-    labels, names, probabilities = classifier.predict(["cat.jpg", pil_image, uint8_array])
-    labels, names, probabilities = classifier.top_k(images, 5)  # [N, 5] each
-
-`load_classifier` reads a results folder of `experiments.run`: the config and task checkpoint
-(head params, gate, class statistics) of one finished task, and from `provenance.json` the CLIP
-weights (checked by sha256), the image size, the class order and the prompts, from which the
-class text embeddings are rebuilt as the run built them (feature cache). Images go through the
-extraction's preprocessing and encoder (`features`), then the head, in one jitted function
-over all devices; labels are dataset labels, probabilities the softmax of the head's logits
-over the classes seen after that task.
+classifier = load_classifier("runs/cifar100-calfuse")      # after its last task
+labels, names, probabilities = classifier.predict(["cat.jpg", pil_image, uint8_array])
+labels, names, probabilities = classifier.top_k(images, 5)  # [N, 5] each
 """
 
 from __future__ import annotations
@@ -40,17 +32,7 @@ class ClassifierError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Classifier:
-    """The model of a run after task `task` (see `load_classifier`).
-
-    Attributes:
-      weights_id: sha256 of the CLIP weights (`feature_cache.weights_id`).
-      task: the finished task whose head this is.
-      method: the run's method (`methods.Method`); params: its head params (adapter, gate...),
-        replicated; inputs: the `TaskInputs` of the task's evaluation (text of all C classes).
-      text: float32 [S, D] unit text embeddings of the S seen classes, by position.
-      labels: int [S] the dataset label of each seen position; names: their class names.
-      image_size, batch_size: the encoder's input size and images per call.
-    """
+    """A run after task `task`: `labels` [S], `names` and unit `text` [S, D] of the seen classes."""
 
     weights_id: str
     task: int
@@ -67,14 +49,12 @@ class Classifier:
     apply: Any = dataclasses.field(repr=False)  # jitted (clip, head, inputs, pixels) -> [B, S]
 
     def logits(self, images: Sequence, progress: bool = False) -> np.ndarray:
-        """float32 [N, S] logits of the seen classes for N images (paths, PIL images or uint8
-        arrays [H, W, 3]); ImageDecodeError naming a file that cannot be decoded."""
+        """float32 [N, S] logits of N images (paths, PIL images or uint8 arrays [H, W, 3])."""
         from tqdm.auto import tqdm
 
         one = isinstance(images, str | os.PathLike | Image.Image) or np.ndim(images) == 3
         images = [images] if one else list(images)
-        size = min(sharding.padded_size(self.batch_size, self.mesh),
-                   sharding.padded_size(len(images), self.mesh))  # fmt: skip
+        size = sharding.padded_size(min(self.batch_size, len(images)), self.mesh)
         out = []
         with tqdm(total=len(images), unit="img", desc="classify", disable=not progress) as bar:
             for start in range(0, len(images), size):
@@ -89,8 +69,7 @@ class Classifier:
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)
 
     def top_k(self, images: Sequence, k: int = 5, progress: bool = False):
-        """(labels int [N, k], names [N][k], probabilities float32 [N, k]), best first; ties
-        go to the earlier class position, as the run's evaluation (argmax) breaks them."""
+        """(labels int [N, k], names [N][k], probabilities [N, k]), best (then earliest) first."""
         logits = self.logits(images, progress).astype(np.float64)
         order = np.argsort(-logits, axis=1, kind="stable")[:, : max(1, min(k, logits.shape[1]))]
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
@@ -105,7 +84,6 @@ class Classifier:
 
 
 def _read_run(workdir: Path) -> dict:
-    """The provenance of a results folder; ClassifierError when it is none."""
     if not workdir.is_dir():
         raise ClassifierError(f"no run folder {workdir}: give the --workdir of a finished run")
     seeds = sorted(p.name for p in workdir.glob("seed_*") if (p / "checkpoints").is_dir())
@@ -148,8 +126,7 @@ def _pick_task(workdir: Path, task: int | None, finished: list[int], num_tasks: 
 
 
 def _clip_weights(recorded: dict, weights: str | os.PathLike | None):
-    """(model, params, tokenizer, sha256) of `weights`, else the recorded path or hub id, checked
-    against the sha256 the run recorded; ClassifierError naming what to pass."""
+    """(model, params, tokenizer, sha256) of `weights`, else of the run's, checked by sha256."""
     wanted = recorded["sha256"]
     candidates = [weights] if weights is not None else [recorded.get("path"), recorded["name"]]
     problems = []
@@ -176,10 +153,8 @@ def _clip_weights(recorded: dict, weights: str | os.PathLike | None):
 def load_classifier(
     workdir: str | os.PathLike, task: int | None = None, weights: str | os.PathLike | None = None
 ) -> Classifier:
-    """The classifier of the run in `workdir` after task `task` (default: its last, and the
-    run must be finished), with the CLIP weights `weights` (default: where the run found them).
-    Raises ClassifierError (a ValueError) for a missing or unfinished run or task, and for CLIP
-    weights that cannot be found or whose sha256 is not the run's."""
+    """The classifier of the run in `workdir` after task `task` (default: the last of a finished
+    run), with the CLIP `weights` (default: the run's). ClassifierError when it cannot be built."""
     workdir = Path(workdir).expanduser().absolute()
     provenance = _read_run(workdir)
     bounds = np.asarray(provenance["task_bounds"])

@@ -1,10 +1,4 @@
-"""Method defaults shared by the library and every experiment config.
-
-`method_config()` holds every choice of DESIGN.md §2 as a field (declared once in `FIELDS`, with
-the rule `check_ranges` enforces), so the paper's exact settings are a config change, never a code
-change. `experiments/configs/` adds dataset and model fields on
-top of it; `resolve_method(config)` turns the `method` preset into concrete switches.
-"""
+"""Method defaults shared by the library and every experiment config (DESIGN.md §2)."""
 
 from __future__ import annotations
 
@@ -17,12 +11,10 @@ import ml_collections
 from calfuse_jax import methods
 from calfuse_jax.calibration import GATES, HEAD_INITS, SCHEDULES
 
-METHODS = tuple(methods.REGISTRY)  # the registered methods (`methods.REGISTRY`)
+METHODS = tuple(methods.REGISTRY)
 
-# Every method field once: dotted name -> (default, rule). A rule is a range ("0 <= x <= 1",
-# "x > 0": every int and float field has one; a tuple's items each keep it), the choices or None
-# (any value of the type); `check_ranges` enforces them, NaN and Inf never pass. Defaults are
-# CIFAR-100 B0 Inc10 values where a dataset matters.
+# dotted name -> (default, rule): a range ("0 <= x <= 1", kept by each item of a tuple), the
+# choices, or None (any value). Defaults are CIFAR-100 B0 Inc10 values where a dataset matters.
 FIELDS = {
     "method": ("calfuse", methods.REGISTRY),  # calfuse | rapf | finetune | zeroshot | ...
     "seed": (0, "x >= 0"),
@@ -33,10 +25,8 @@ FIELDS = {
     "calibration.schedule": ("linear", SCHEDULES),  # linear (g_first -> g_last) | old_fraction
     "calibration.g_first": (0.0, "0 <= x <= 1"),
     "calibration.g_last": (0.5, "0 <= x <= 1"),
-    # Initial gate pre-activation for learned/dynamic (sigmoid(0) = 0.5).
-    "calibration.init_bias": (0.0, "-inf < x < inf"),
-    # "path_regex=action" (fusion.fuse_params): the adapter is QR-fused, the gate keeps its
-    # newest values; any leaf no rule matches keeps its new value too.
+    "calibration.init_bias": (0.0, "-inf < x < inf"),  # gate pre-activation (learned/dynamic)
+    # "path_regex=action" (fusion.fuse_params); a leaf no rule matches keeps its new value.
     "fusion.rules": (("adapter/kernel=qr", "calib/.*=keep_new"), None),
     "fusion.mix_bias": (0.6, "0 <= x <= 1"),  # b in M = min(1, D / max(D) + b)
     "stats.cov_eps": (1e-4, "x >= 0"),
@@ -49,21 +39,16 @@ FIELDS = {
     "loss.kd_weight": (0.0, "x >= 0"),  # 0 disables distillation
     "loss.kd_temperature": (2.0, "x > 0"),
     "train.epochs": (15, "x >= 0"),
-    # The global batch, independent of the number of devices; the dataset configs set RAPF's
-    # per split (experiments/configs, e.g. CIFAR-100 100, ImageNet-R 64).
-    "train.batch_size": (128, "x >= 1"),
+    "train.batch_size": (128, "x >= 1"),  # global, whatever the number of devices
     "train.lr": (1e-3, "x > 0"),
     "train.milestones": ((4, 10), "x >= 0"),  # epochs where lr is multiplied by lr_decay
     "train.lr_decay": (0.1, "x > 0"),
-    # 0: only task checkpoints; N > 0: also a step checkpoint at the end of each epoch that
-    # passes a multiple of N steps
+    # N > 0: also a step checkpoint at the end of each epoch that passes a multiple of N steps
     "train.checkpoint_every_steps": (0, "x >= 0"),
     "train.eval_batch_size": (1024, "x >= 1"),
-    # Classes in the first task (B0: equal to the increment) and per later task; 0 in an
-    # experiment config: decided from the data (experiments.pipeline.with_data_fields).
+    # Classes in the first task and per later task (0: decided from the data by the experiments)
     "continual.initial": (10, "x >= 0"),
     "continual.increment": (10, "x >= 0"),
-    # The frozen-feature baselines (methods ncm+text, fecam, ranpac): each paper's default.
     "ncm.text_weight": (0.5, "0 <= x <= 1"),  # ncm+text: w in (1 - w) cos(f, mean) + w cos(f, text)
     "fecam.tukey": (1.0, "x > 0"),  # Tukey power beta, 1 = off (the paper: 0.5, ReLU features)
     "ranpac.dim": (10_000, "x >= 1"),  # M random features (G is 4 M^2 bytes)
@@ -73,7 +58,6 @@ FIELDS = {
 
 
 def rules_of(fields: dict) -> dict:
-    """dotted name -> rule of a `FIELDS`-style table."""
     return {key: rule for key, (_, rule) in fields.items()}
 
 
@@ -82,7 +66,7 @@ _COMPARE = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operato
 
 
 def build(fields: dict, c: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
-    """`c` (default: a new ConfigDict) with the defaults of a `FIELDS`-style table set."""
+    """`c` (default: a new ConfigDict) with the defaults of a `FIELDS`-style table."""
     c = ml_collections.ConfigDict() if c is None else c
     for key, (default, _) in fields.items():
         *path, leaf = key.split(".")
@@ -96,7 +80,6 @@ def build(fields: dict, c: ml_collections.ConfigDict | None = None) -> ml_collec
 
 
 def method_config() -> ml_collections.ConfigDict:
-    """Default CalFuse settings: the defaults of `FIELDS`."""
     return build(FIELDS)
 
 
@@ -106,7 +89,6 @@ def describe(rule) -> str:
 
 
 def _allowed(value, rule) -> bool:
-    """Whether one value keeps `rule`: finite, and each comparison of a range holds."""
     if isinstance(value, bool) or value is None:
         return True
     if isinstance(value, float) and not math.isfinite(value):
@@ -119,8 +101,7 @@ def _allowed(value, rule) -> bool:
 
 
 def check_ranges(config: ml_collections.ConfigDict, rules: dict | None = None) -> None:
-    """Raises ValueError naming the field, its value, its rule (`rules`, default `RULES`) and the
-    fix when a field breaks its rule or a float anywhere in `config` is NaN or Inf."""
+    """ValueError naming a field that breaks its rule (`rules`, default `RULES`) or is NaN/Inf."""
     for key, value in flat_items(config):
         rule = (RULES if rules is None else rules).get(key)
         if not all(_allowed(v, rule) for v in (value if isinstance(value, tuple) else [value])):
@@ -141,12 +122,7 @@ def flat_items(config: ml_collections.ConfigDict, prefix: str = ""):
 
 
 def resolve_method(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Returns a copy of `config` with the `method` preset applied (`methods.REGISTRY`: e.g.
-    rapf: SVD fusion, no calibration; zeroshot: no training, g = 1).
-
-    Raises ValueError on a field that breaks its rule (`check_ranges`: an unknown method, a
-    value out of range, NaN) and on switches that cannot work together (`methods.check_switches`).
-    """
+    """A checked copy of `config` with its `method` preset (`methods.REGISTRY`) applied."""
     check_ranges(config)
     c = ml_collections.ConfigDict(config.to_dict())
     c.update_from_flattened_dict(dict(methods.REGISTRY[c.method].preset))

@@ -3,16 +3,8 @@
     stream, text = extend_stream(old_stream, old_text, new_stream, new_text)  # old tasks, then new
     result = continue_run("runs/old", stream, text, config, "runs/old+new")
 
-`continue_run` seeds the new run folder with the old run's task checkpoints, rewritten for the
-longer stream: the head params grow along their class axis (the new rows are the method's own
-initial values, as in a run that knew every class from the start; CalFuse's head has no class
-axis), the accuracy matrix grows from T x T to T' x T' (NaN where not evaluated), each task's
-class statistics are its own classes' and carry over as they are, and the metadata names the new
-run's fingerprint. `run_continual` then resumes after the old last task and trains the new ones,
-so the result is the run of the whole stream in one go (see `tests/test_continuation.py`). The
-old folder is only read. The first tasks of `stream` and `config` must be the old run's: its
-fingerprint (method fields, logit scale, data digest) is checked, so a changed config, class
-order or data is refused instead of silently continued.
+The new folder gets the old task checkpoints grown to the longer stream, so `run_continual`
+resumes after the old last task as if the whole stream had run in one go.
 """
 
 from __future__ import annotations
@@ -38,26 +30,23 @@ RECORD_FILE = "continued_from.json"  # which run this one continues, and the cla
 
 
 class ContinuationError(ValueError):
-    """A run that cannot be continued with the given stream (unfinished, another config or data,
-    clashing class names); the message says which and what to do."""
+    """A run that cannot be continued with the given stream; the message says why and the fix."""
 
 
 def first_tasks(stream: FeatureStream, num_tasks: int) -> FeatureStream:
     """`stream` cut to its first `num_tasks` tasks (their classes' rows, in the same order)."""
     bounds = stream.split.bounds[: num_tasks + 1]
     split = TaskSplit(stream.split.class_order[: bounds[-1]], bounds)
-    keep = [np.isin(labels, split.class_order) for labels in (stream.train_labels,
-                                                             stream.test_labels)]  # fmt: skip
+    train, test = (np.isin(y, split.class_order) for y in (stream.train_labels, stream.test_labels))
     return FeatureStream(
-        stream.train_features[keep[0]], stream.train_labels[keep[0]],
-        stream.test_features[keep[1]], stream.test_labels[keep[1]], split, stream.class_names,
+        stream.train_features[train], stream.train_labels[train],
+        stream.test_features[test], stream.test_labels[test], split, stream.class_names,
     )  # fmt: skip
 
 
 def extend_stream(old: FeatureStream, old_text, new: FeatureStream, new_text):
-    """(stream, text features): `old`'s tasks, then `new`'s; `new`'s dataset labels shift past
-    `old`'s (by len(old_text)), so text rows and class names are old's followed by new's.
-    ContinuationError when the feature widths differ or class names repeat."""
+    """(stream, text features): `old`'s tasks, then `new`'s, whose dataset labels shift past
+    `old`'s (by len(old_text)); ContinuationError when the feature widths or class names clash."""
     old_text, new_text = np.asarray(old_text, np.float32), np.asarray(new_text, np.float32)
     if new.dim != old.dim or new_text.shape[1] != old_text.shape[1]:
         raise ContinuationError(
@@ -73,9 +62,8 @@ def extend_stream(old: FeatureStream, old_text, new: FeatureStream, new_text):
     offset = len(old_text)
     order = np.concatenate([old.split.class_order, new.split.class_order + offset])
     bounds = np.concatenate([old.split.bounds, old.split.bounds[-1] + new.split.bounds[1:]])
-    names = None
-    if old.class_names is not None and new.class_names is not None:
-        names = (*old.class_names, *new.class_names)
+    both = old.class_names is not None and new.class_names is not None
+    names = (*old.class_names, *new.class_names) if both else None
     stream = FeatureStream(
         np.concatenate([old.train_features, new.train_features]),
         np.concatenate([old.train_labels, new.train_labels + offset]),
@@ -88,35 +76,29 @@ def extend_stream(old: FeatureStream, old_text, new: FeatureStream, new_text):
 
 
 def finished_run(workdir: str | os.PathLike) -> tuple[int, dict]:
-    """(number of tasks, meta of its last task) of the finished run in `workdir` (read only);
-    ContinuationError when it has no finished task or is unfinished."""
+    """(number of tasks, meta of its last task) of the finished run in `workdir` (read only)."""
     workdir = Path(workdir).absolute()
     if not (workdir / "checkpoints" / "tasks").is_dir():
         raise ContinuationError(f"{workdir} holds no run with finished tasks (no checkpoints/)")
     checkpoints = RunCheckpoints(workdir / "checkpoints")
     try:
-        return _finished_run(checkpoints, workdir)
+        finished = checkpoints.finished_tasks()
+        if not finished:
+            raise ContinuationError(f"{workdir} holds no finished task: train the run first")
+        shapes = checkpoints.task_shapes(finished[-1], "state") or {}
+        num_tasks = shapes.get("accuracy", (0,))[0]
+        if finished != list(range(num_tasks)):
+            raise ContinuationError(
+                f"the run in {workdir} is unfinished (finished tasks {finished} of "
+                f"0..{num_tasks - 1}): run its command again to finish it, then continue it"
+            )
+        return num_tasks, checkpoints.task_meta(finished[-1])
     finally:
         checkpoints.close()
 
 
-def _finished_run(checkpoints: RunCheckpoints, workdir: Path) -> tuple[int, dict]:
-    finished = checkpoints.finished_tasks()
-    if not finished:
-        raise ContinuationError(f"{workdir} holds no finished task: train the run first")
-    shapes = checkpoints.task_shapes(finished[-1], "state") or {}
-    num_tasks = shapes.get("accuracy", (0,))[0]
-    if finished != list(range(num_tasks)):
-        raise ContinuationError(
-            f"the run in {workdir} is unfinished (finished tasks {finished} of 0..{num_tasks - 1})"
-            ": run its command again to finish it, then continue it"
-        )
-    return num_tasks, checkpoints.task_meta(finished[-1])
-
-
 def _grown(old: Any, fresh: Any, what: str) -> Any:
-    """`fresh` (the new run's initial value) with `old` written over its leading block: a leaf
-    grows along the axes where the class count changed, the others must match."""
+    """`fresh` (the new run's initial value) with `old` written over its leading block."""
 
     def grow(path, old_leaf, fresh_leaf):
         if old_leaf.shape == fresh_leaf.shape:
@@ -134,19 +116,20 @@ def _grown(old: Any, fresh: Any, what: str) -> Any:
     return jax.tree_util.tree_map_with_path(grow, old, fresh)
 
 
-def _copy_tasks(old_dir: Path, target: Path, num_tasks: int, new_run: dict, mesh) -> None:
-    """Writes the old run's task checkpoints 0..num_tasks-1 into `target`, grown for `new_run`
-    (`method_old`, `method`, `config`, `fingerprint`, `num_tasks`, `bounds`, `dim`)."""
-    placement, config = sharding.replicated(mesh), new_run["config"]
+def _copy_tasks(
+    old_dir: Path, target: Path, stream, config, doc: dict, num_tasks: int, method_old, method, mesh
+) -> None:
+    """The old task checkpoints in `target`, grown from `method_old`'s classes to `method`'s."""
+    placement = sharding.replicated(mesh)
     old, new = RunCheckpoints(old_dir), RunCheckpoints(target)
     try:
         accuracy = jax.ShapeDtypeStruct((num_tasks, num_tasks), np.float32)
-        params = jax.eval_shape(new_run["method_old"].init, jax.random.PRNGKey(0))
+        params = jax.eval_shape(method_old.init, jax.random.PRNGKey(0))
         abstract = abstract_like({"params": params, "accuracy": accuracy}, placement)
-        bounds = new_run["bounds"][: num_tasks + 1]
-        class_stats = old.class_stats(num_tasks - 1, bounds, new_run["dim"], placement)
-        fresh = initial_params(new_run["method"], config, mesh)
-        size = new_run["num_tasks"]
+        bounds = stream.split.bounds[: num_tasks + 1]
+        class_stats = old.class_stats(num_tasks - 1, bounds, stream.dim, placement)
+        fresh = initial_params(method, config, mesh)
+        size = stream.split.num_tasks
         for task in range(num_tasks):
             saved = sharding.to_host(old.restore_task(task, abstract))
             grown = np.full((size, size), np.nan, np.float32)
@@ -156,7 +139,7 @@ def _copy_tasks(old_dir: Path, target: Path, num_tasks: int, new_run: dict, mesh
             lo, hi = int(bounds[task]), int(bounds[task + 1])
             own = {name: class_stats[name][lo:hi] for name in ("means", "chols")}
             rows = old.task_meta(task)["rows"]
-            meta = task_meta(task, new_run["fingerprint"], config.to_dict(), rows)
+            meta = task_meta(task, doc["fingerprint"], config.to_dict(), rows)
             state, own = sharding.replicate((state, own), mesh)
             new.save_task(task, state, meta, new_stats=own)
     finally:
@@ -174,15 +157,8 @@ def seed_continuation(
     logit_scale: float | None = None,
     mesh=None,
 ) -> dict:
-    """Prepares `workdir` so that `run_continual(stream, text_features, config, workdir)`
-    resumes after the last task of the finished run in `old_workdir` (see the module doc);
-    returns the record also written to `workdir/continued_from.json`. A `workdir` that already
-    holds task checkpoints (a continuation started earlier) is left to `run_continual`'s resume.
-
-    Raises:
-      ContinuationError when the old run is unfinished, `stream` adds no task, or the first
-      tasks of `stream` with `config` are not the old run (another fingerprint).
-    """
+    """Seeds `workdir` for `run_continual` to resume after the run in `old_workdir`; returns the
+    record written to `workdir/continued_from.json`."""
     old_workdir, workdir = Path(old_workdir).absolute(), Path(workdir).absolute()
     if workdir == old_workdir:
         raise ContinuationError(f"continue {old_workdir} into another folder, never into itself")
@@ -219,26 +195,20 @@ def seed_continuation(
 
 
 def _seed(old_workdir: Path, stream, config, workdir: Path, scale: float, mesh, num_tasks: int):
-    """The grown task checkpoints and the fingerprint of the continued run, in `workdir`."""
     mesh = mesh if mesh is not None else sharding.make_mesh()
     doc = rundir.config_fingerprint(config, stream, scale)
-    build = methods.REGISTRY[config.method].build
-    split = stream.split
-    new_run = {
-        "config": config, "fingerprint": doc["fingerprint"], "num_tasks": split.num_tasks,
-        "bounds": split.bounds, "dim": stream.dim,
-        "method": build(config, stream.dim, scale, split.num_classes),
-        "method_old": build(config, stream.dim, scale, int(split.bounds[num_tasks])),
-    }  # fmt: skip
+    build, split = methods.REGISTRY[config.method].build, stream.split
+    method_old = build(config, stream.dim, scale, int(split.bounds[num_tasks]))
+    method = build(config, stream.dim, scale, split.num_classes)
     if sharding.is_primary():
         workdir.mkdir(parents=True, exist_ok=True)
     rundir.prepare_workdir(workdir, doc, overwrite=False)  # refuses another run's folder
-    # Written aside and renamed: an interrupted copy is never taken for the continued run.
-    partial = workdir / "checkpoints.partial"
+    partial = workdir / "checkpoints.partial"  # renamed when complete: never taken half-copied
     if sharding.is_primary():
         shutil.rmtree(partial, ignore_errors=True)
     sharding.barrier("calfuse_continuation_start")
-    _copy_tasks(old_workdir / "checkpoints", partial, num_tasks, new_run, mesh)
+    old_dir = old_workdir / "checkpoints"
+    _copy_tasks(old_dir, partial, stream, config, doc, num_tasks, method_old, method, mesh)
     if sharding.is_primary():
         os.replace(partial, workdir / "checkpoints")
     sharding.barrier("calfuse_continuation_seeded")
@@ -255,8 +225,7 @@ def continue_run(
     mesh=None,
     **kwargs,
 ) -> ContinualResult:
-    """Continues the finished run in `old_workdir` with the tasks `stream` has beyond it, into
-    `workdir` (`seed_continuation`, then `run_continual` with `kwargs`: progress, callbacks)."""
+    """`seed_continuation`, then `run_continual` (with `kwargs`) of the continued run."""
     seed_continuation(old_workdir, stream, text_features, config, workdir,
                       logit_scale=logit_scale, mesh=mesh)  # fmt: skip
     return run_continual(stream, text_features, config, workdir, mesh=mesh,

@@ -1,17 +1,6 @@
-"""FeCAM (Goswami et al., NeurIPS 2023): Mahalanobis distance to per-class Gaussians of the
-frozen features, no training.
+"""FeCAM (Goswami et al., NeurIPS 2023): Mahalanobis distance to per-class Gaussians, no training.
 
-For each class c, from its training features x (after the optional Tukey power transform):
-the mean mu_c and covariance Sigma_c (`numpy.cov`), shrunk as in the paper with gamma_1 =
-gamma_2 = 1 (`stats.shrink`: Sigma + mean(diag) I + mean(nonzero off-diag) (11^T - I)), then
-normalised to a correlation matrix `Sigma / (sd sd^T)`. An image x scores
-`-(n(x) - n(mu_c))^T pinv(Sigma_c) (n(x) - n(mu_c))`, with n the L2 normalisation, as the
-paper's code computes it. Each class is summarised once, when it arrives; the parameters hold
-the means and precision matrices of all C classes (zero rows before a class arrives).
-
-Tukey's transform x^beta (the paper: beta = 0.5) is defined for the non-negative features of
-its ReLU backbones; CLIP features are signed, so here it is `sign(x) |x|^beta`, and
-`config.fecam.tukey` = 1 (the default) turns it off.
+CLIP features are signed, so Tukey's x^beta is `sign(x) |x|^beta` (`config.fecam.tukey`, 1 = off).
 """
 
 from __future__ import annotations
@@ -40,8 +29,7 @@ def precisions(covs: jax.Array) -> jax.Array:
 
 
 def fecam_logits(x: jax.Array, means: jax.Array, precisions: jax.Array) -> jax.Array:
-    """[B, C] negative Mahalanobis distances of (transformed) x [B, D] to means [C, D] under
-    precisions [C, D, D], on L2-normalised vectors."""
+    """[B, C] -Mahalanobis distances of unit x [B, D] to unit means [C, D], precisions [C, D, D]."""
     diff = normalize(x)[:, None, :] - normalize(means)[None]  # [B, C, D]
     return -jnp.einsum("bcd,cde,bce->bc", diff, precisions, diff)
 
@@ -63,8 +51,7 @@ class FeCAM:
         return {"means": jnp.zeros((c, d)), "precisions": jnp.zeros((c, d, d))}
 
     def update(self, params, features, labels, rng, inputs):
-        """Adds the statistics of the classes in `labels` (int [N] positions) from their
-        features [N, D] (host arrays); the other classes keep theirs."""
+        """Sets the statistics of the classes in `labels` (int [N]) from features [N, D]."""
         ids = np.unique(labels)
         x = np.asarray(tukey(jnp.asarray(features, jnp.float32), self.beta))
         means, covs = stats.class_stats(x, labels, ids, eps=0.0)

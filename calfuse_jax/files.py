@@ -1,9 +1,5 @@
-"""Atomic writes whose files get the permissions of an ordinary `open()`.
-
-`tempfile.mkstemp` creates 0600 files and `mkdtemp` 0700 folders whatever the umask, so a
-results folder or feature cache written through a temporary file and a rename would be
-unreadable to the colleagues it is shared with. Everything written here ends with the mode a
-plain `open(path, "w")` / `mkdir` would give: 0o666 / 0o777 minus the process umask.
+"""Atomic writes whose files get the modes of a plain `open()`/`mkdir` (0o666/0o777 minus the
+umask), not `tempfile`'s 0600/0700, so shared results and caches stay readable to others.
 """
 
 from __future__ import annotations
@@ -32,27 +28,22 @@ def current_umask() -> int:
                     return int(line.split()[1], 8)
     except (OSError, ValueError, IndexError):
         pass
-    # Elsewhere the only way to read it is to set it; restored at once (the gap is a few
-    # instructions, and a file created in it by another thread would merely be 0o022-masked).
-    mask = os.umask(0o022)
+    mask = os.umask(0o022)  # elsewhere reading it means setting it: restored at once
     os.umask(mask)
     return mask
 
 
 def share_like_open(path: str | os.PathLike) -> None:
-    """Sets `path` (and, for a folder, everything under it) to the umask's default modes:
-    0o666 & ~umask for files, 0o777 & ~umask for folders."""
+    """Gives `path` (and, for a folder, everything under it) the umask's default modes."""
     mask = current_umask()
     path = Path(path)
-    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
-    for item in paths:
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
         if not item.is_symlink():
             os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
 
 
 def atomic_write(path: str | os.PathLike, mode: str, write: Callable[[IO], None]) -> None:
-    """Runs `write(file)` on a temporary file next to `path` (fsynced) and renames it to `path`:
-    the file is either absent or complete, never partial, and has `open()`'s permissions."""
+    """Runs `write(file)` on a fsynced temporary file next to `path`, then renames it to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -64,16 +55,13 @@ def atomic_write(path: str | os.PathLike, mode: str, write: Callable[[IO], None]
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 
 @contextlib.contextmanager
 def temp_dir(parent: str | os.PathLike, prefix: str) -> Iterator[Path]:
-    """A new empty folder in `parent` (to fill, then rename into place) with `mkdir`'s mode;
-    removed if the body fails. A library error that lost its errno on a full disk (safetensors')
-    becomes OSError(ENOSPC), so the CLI reports it as the disk's problem."""
+    """A new folder in `parent`, removed if the body fails (a full disk: OSError(ENOSPC))."""
     Path(parent).mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
     share_like_open(folder)
@@ -88,8 +76,7 @@ def temp_dir(parent: str | os.PathLike, prefix: str) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def waiting_lock(path: str | os.PathLike, holder: str) -> Iterator[None]:
-    """Holds the OS file lock `path`, logging that it waits for `holder` when another process has
-    it. Released when its process ends, even by kill -9."""
+    """Holds the OS file lock `path` (released even by kill -9), logging a wait for `holder`."""
     lock = filelock.FileLock(path)
     try:
         lock.acquire(timeout=0)

@@ -1,13 +1,8 @@
 """Ctrl-C (SIGINT) and SIGTERM as a request to stop at the next epoch boundary.
 
-A `KeyboardInterrupt` raised at whatever bytecode a signal lands on can leave a donated train
-state deleted, tear an Orbax save or abandon an XLA compile. Inside `deferred()` (the task loop of
-`run_continual`) the two signals only record themselves; the training loop asks `requested()`
-between epochs (each one device program), saves a step checkpoint and raises `Interrupted`, a
-`KeyboardInterrupt`, so callers that catch that (notebooks, the CLI's exit 130/143) keep working.
-Signals that come while stopping (during the save, or on the way out) are recorded, not raised.
-In a multi-process run `requested()` is a small collective (the processes' signals, gathered),
-so every process stops after the same epoch.
+Inside `deferred()` the signals are only recorded; the training loop asks `requested()` between
+epochs, saves a step checkpoint and raises `Interrupted` (a `KeyboardInterrupt`), so a signal
+never tears a donated state, an Orbax save or an XLA compile.
 """
 
 from __future__ import annotations
@@ -46,11 +41,8 @@ def _handle(signum: int, frame) -> None:
 
 @contextlib.contextmanager
 def installed(ignore_after_stop: bool = False) -> Iterator[None]:
-    """Within: SIGINT and SIGTERM raise `Interrupted` (inside `deferred()` they are recorded,
-    and so is any signal after the one that stops the run); the handlers found are back
-    afterwards, or, with `ignore_after_stop` (a command about to exit) after a stop, both
-    signals are ignored from then on, so a second Ctrl-C cannot cut the exit short. Main
-    thread only."""
+    """Within: SIGINT and SIGTERM raise `Interrupted`; after a stop, `ignore_after_stop` ignores
+    them from then on (a second Ctrl-C cannot cut the exit short)."""
     if signal.getsignal(signal.SIGINT) is not _handle:  # the outermost: no stop under way yet
         _received.clear()
     previous = {signum: signal.signal(signum, _handle) for signum in SIGNALS}
@@ -66,8 +58,7 @@ def installed(ignore_after_stop: bool = False) -> Iterator[None]:
 
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
-    """Within: SIGINT and SIGTERM are recorded for `requested()` instead of raising. Outside
-    the main thread (no signals arrive there) a no-op."""
+    """Within: SIGINT and SIGTERM are recorded for `requested()`; a no-op off the main thread."""
     global _depth
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -83,9 +74,7 @@ def deferred() -> Iterator[None]:
 
 
 def requested() -> int | None:
-    """The signal to stop for now, or None. Called between epochs; in a multi-process run every
-    process calls it at the same points, as it is a collective there (the largest signal number
-    any process got: all processes stop together, with one exit code)."""
+    """The signal to stop for, or None; a collective in a multi-process run (the largest one)."""
     local = _received[0] if _received else 0
     if jax.process_count() > 1:  # ~3 ms over gloo on CPU, once an epoch
         local = int(np.max(multihost_utils.process_allgather(np.int32(local))))

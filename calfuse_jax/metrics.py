@@ -1,15 +1,7 @@
-"""Continual-learning metrics (DESIGN.md §3), in percent.
+"""Continual-learning metrics (DESIGN.md §3), in percent, on class *positions*.
 
-Conventions:
-- Labels and predictions are class *positions* (see `data.protocol`); task j owns positions
-  `bounds[j]:bounds[j + 1]`.
-- `A[i, j]` = accuracy on the test images of task j's classes after training task i; valid for
-  j <= i, NaN above the diagonal.
-- `seen[i]` = accuracy on the test images of *all* classes seen after task i (positions
-  `0..bounds[i + 1]-1`). This is what the papers average: it weights tasks by their number of test
-  images, so it is not the plain mean of row i of A (use `seen_accuracies(A, task_sizes)` to get
-  it from A).
-- Every accuracy comes from per-class counts (`count_row`), the loop's and the notebook's alike.
+`A[i, j]`: accuracy on task j's classes after training task i (NaN above the diagonal);
+`seen[i]`: on all classes seen after task i, weighted by test images (not the row mean of A).
 """
 
 from __future__ import annotations
@@ -21,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from calfuse_jax.rundir import jsonable as json_safe
+from calfuse_jax.rundir import jsonable
 
 if TYPE_CHECKING:
     from calfuse_jax.stats import ClassStats
@@ -50,14 +42,7 @@ def count_row(correct, total, bounds: Sequence[int], task: int) -> np.ndarray:
 
 
 def accuracy_matrix(predictions: Sequence, labels, bounds: Sequence[int]):
-    """(A float64 [T, T], seen float64 [T]) from the evaluations after each task.
-
-    Args:
-      predictions: one int [M] array of predicted positions per finished task (length <= T), on
-        the test images whose true positions are `labels` [M] (unseen classes' are ignored).
-      bounds: int [T + 1] task bounds.
-    Rows and entries of tasks not evaluated yet are NaN.
-    """
+    """(A [T, T], seen [T]) from each finished task's predicted positions [M] and `labels` [M]."""
     num_tasks = len(bounds) - 1
     matrix, seen = np.full((num_tasks, num_tasks), np.nan), np.full(num_tasks, np.nan)
     for i, preds in enumerate(predictions):
@@ -67,8 +52,7 @@ def accuracy_matrix(predictions: Sequence, labels, bounds: Sequence[int]):
 
 
 def seen_accuracies(matrix, task_sizes) -> np.ndarray:
-    """float64 [T]: `seen[i] = sum_{j<=i} n_j A[i, j] / sum_{j<=i} n_j`, n_j = test images of
-    task j (the accuracy on all classes seen after task i)."""
+    """float64 [T] `seen[i] = sum_{j<=i} n_j A[i, j] / sum_{j<=i} n_j`, n_j: task j's images."""
     matrix, sizes = np.asarray(matrix, np.float64), np.asarray(task_sizes, np.float64)
     rows = range(matrix.shape[0])
     return np.array(
@@ -89,8 +73,7 @@ def _seen_vector(seen_or_matrix, task_sizes) -> np.ndarray:
 
 
 def average_accuracy(seen_or_matrix, task_sizes=None) -> float:
-    """Avg = `mean_i seen[i]` over all tasks (first included); pass seen [T], or A [T, T] with
-    `task_sizes` [T]."""
+    """Avg = `mean_i seen[i]`; pass seen [T], or A [T, T] with `task_sizes` [T]."""
     return float(np.mean(_seen_vector(seen_or_matrix, task_sizes)))
 
 
@@ -99,35 +82,25 @@ def last_accuracy(seen_or_matrix, task_sizes=None) -> float:
     return float(_seen_vector(seen_or_matrix, task_sizes)[-1])
 
 
-def forgetting(matrix) -> float:
-    """Average forgetting after the last task T-1 (Chaudhry et al. 2018); NaN when T = 1.
-
-    `F = 1/(T-1) sum_{j<T-1} max_{j<=l<T-1} (A[l, j] - A[T-1, j])`. Pass `A[:t+1, :t+1]` for the
-    value after task t.
-    """
+def _mean_over_old_tasks(matrix, term) -> float:
+    """mean over j < T-1 of `term(A, j, T-1)`; NaN when T = 1."""
     a = np.asarray(matrix, np.float64)
     last = a.shape[0] - 1
-    if last < 1:
-        return float("nan")
-    return float(np.mean([np.max(a[j:last, j]) - a[last, j] for j in range(last)]))
+    return float(np.mean([term(a, j, last) for j in range(last)])) if last >= 1 else float("nan")
+
+
+def forgetting(matrix) -> float:
+    """`F = 1/(T-1) sum_{j<T-1} max_{j<=l<T-1} (A[l, j] - A[T-1, j])` (Chaudhry et al. 2018)."""
+    return _mean_over_old_tasks(matrix, lambda a, j, last: np.max(a[j:last, j]) - a[last, j])
 
 
 def backward_transfer(matrix) -> float:
-    """BWT = `1/(T-1) sum_{j<T-1} (A[T-1, j] - A[j, j])` (Lopez-Paz & Ranzato 2017); NaN when
-    T = 1. Negative values mean forgetting."""
-    a = np.asarray(matrix, np.float64)
-    last = a.shape[0] - 1
-    if last < 1:
-        return float("nan")
-    return float(np.mean([a[last, j] - a[j, j] for j in range(last)]))
+    """BWT = `1/(T-1) sum_{j<T-1} (A[T-1, j] - A[j, j])` (Lopez-Paz & Ranzato 2017)."""
+    return _mean_over_old_tasks(matrix, lambda a, j, last: a[last, j] - a[j, j])
 
 
 def old_new_accuracy(preds, labels, num_old: int, num_seen: int) -> tuple[float, float]:
-    """(old, new) accuracy: on positions < num_old and on num_old <= position < num_seen.
-
-    `preds` are [M, C] logits or int [M] predicted positions, `labels` int [M] true positions.
-    Old is NaN when num_old = 0; either is NaN when it has no test images.
-    """
+    """(old, new) accuracy on positions < num_old and num_old..num_seen-1; `preds` [M, C] or [M]."""
     preds, labels = np.asarray(preds), np.asarray(labels)
     if preds.ndim == labels.ndim + 1:
         preds = np.argmax(preds, axis=-1)
@@ -141,21 +114,9 @@ def harmonic_mean(old: float, new: float) -> float:
     return 0.0 if old + new == 0 else 2.0 * old * new / (old + new)
 
 
-# The task loop's bookkeeping (`continual`): per-class counts -> A, metrics rows, summary.
-
-
 @dataclasses.dataclass
 class ContinualResult:
-    """The outcome of `run_continual` (percentages; NaN where undefined).
-
-    Attributes:
-      accuracy_matrix: float [T, T] A (NaN above the diagonal).
-      seen_accuracy: float [T], accuracy on all seen classes after each task.
-      old_accuracy, new_accuracy: float [T], on classes of earlier tasks / of the task itself.
-      summary: avg, last, forgetting, bwt, old, new, harmonic.
-      params: final head params; stats: `ClassStats` of every class.
-      rows: the metrics rows written to `metrics.jsonl` in `workdir`.
-    """
+    """The outcome of `run_continual` (percentages; NaN where undefined)."""
 
     accuracy_matrix: np.ndarray
     seen_accuracy: np.ndarray
@@ -169,8 +130,7 @@ class ContinualResult:
 
 
 def record_task(accuracy: np.ndarray, correct, total, bounds, task: int):
-    """(a copy of A [T, T] with row `task` filled, the task's (seen, old, new) accuracies as
-    float32 values, like A), from the per-class counts [C] of `train.evaluate` after `task`."""
+    """(A with row `task` filled, float32 (seen, old, new) accuracies) from the counts [C]."""
     accuracy = accuracy.copy()
     accuracy[task, : task + 1] = count_row(correct, total, bounds, task)[: task + 1]
     old, seen = int(bounds[task]), int(bounds[task + 1])
@@ -180,8 +140,7 @@ def record_task(accuracy: np.ndarray, correct, total, bounds, task: int):
 
 
 def metrics_row(task: int, seen: int, accuracy, curve: tuple, info: dict, seconds: float) -> dict:
-    """The `metrics.jsonl` row of `task` (NaN -> None, as it reads back from JSON); `curve` is
-    the task's (seen, old, new) accuracy, `info` `train.train_task`'s."""
+    """The `metrics.jsonl` row of `task` (NaN -> None); `curve`: its (seen, old, new) accuracy."""
     row = {
         "task": task,
         "seen_classes": seen,
@@ -193,12 +152,11 @@ def metrics_row(task: int, seen: int, accuracy, curve: tuple, info: dict, second
         "train_seconds": round(seconds, 3),
         "steps": info["steps"],
     }
-    return {k: json_safe(v) for k, v in row.items()}
+    return jsonable(row)
 
 
 def summary(accuracy: np.ndarray, curves: np.ndarray) -> dict[str, float]:
-    """avg, last, forgetting, bwt, old, new, harmonic of a finished run from A [T, T] and the
-    seen/old/new curves [3, T] (NaN where undefined, e.g. forgetting with a single task)."""
+    """avg, last, forgetting, bwt, old, new, harmonic from A [T, T] and seen/old/new [3, T]."""
     seen, old, new = curves
     return {
         "avg": average_accuracy(seen),
@@ -212,20 +170,10 @@ def summary(accuracy: np.ndarray, curves: np.ndarray) -> dict[str, float]:
 
 
 def continual_result(accuracy, rows: list, params, class_stats, workdir: Path) -> ContinualResult:
-    """The `ContinualResult` of a finished run from its host arrays and metrics rows."""
     keys = ("accuracy", "old_accuracy", "new_accuracy")  # None in a row (JSON's NaN) -> NaN
     curves = np.asarray(
         [[np.nan if r[k] is None else r[k] for r in rows] for k in keys], np.float32
     )
-    seen, old, new = np.asarray(curves, np.float64)
-    return ContinualResult(
-        accuracy_matrix=np.asarray(accuracy, np.float64),
-        seen_accuracy=seen,
-        old_accuracy=old,
-        new_accuracy=new,
-        summary=summary(accuracy, curves),
-        params=params,
-        stats=class_stats,
-        rows=rows,
-        workdir=workdir,
-    )
+    seen_old_new = np.asarray(curves, np.float64)
+    matrix, result = np.asarray(accuracy, np.float64), summary(accuracy, curves)
+    return ContinualResult(matrix, *seen_old_new, result, params, class_stats, rows, workdir)

@@ -1,12 +1,4 @@
-"""Where calfuse_jax keeps things on disk: the cache root and, under it, the downloaded data.
-
-    cache_root(configured)  # configured (config.cache_dir), else $CALFUSE_CACHE,
-                            # else ~/.cache/calfuse_jax
-    data_root(cache_dir)    # $CALFUSE_DATA, else <cache root>/data
-
-The cache root holds the feature cache (`features/`), random checkpoints (`models/`), TFDS label
-scans (`tfds_labels/`) and, unless $CALFUSE_DATA moves it, the datasets fetched on first use.
-"""
+"""Where calfuse_jax keeps things on disk: the cache root and the downloaded data under it."""
 
 from __future__ import annotations
 

@@ -1,11 +1,5 @@
-"""Nearest class mean on the frozen features (SimpleCIL, Zhou et al., IJCV 2024), and its CLIP
-variant that also scores the class text embeddings.
-
-A class's prototype is the mean of the L2-normalised frozen embeddings of its training images,
-set once when the class arrives (`update`; the parameters are the [C, D] prototypes, zero rows
-before a class arrives), and an image goes to the seen class whose prototype is the most
-cosine-similar; there are no training steps. `ncm+text` scores
-`(1 - w) cos(f, mean_c) + w cos(f, text_c)`, with w = `config.ncm.text_weight`.
+"""Nearest class mean on the frozen features (SimpleCIL, Zhou et al., IJCV 2024), and `ncm+text`,
+which scores `(1 - w) cos(f, mean_c) + w cos(f, text_c)` (w = `config.ncm.text_weight`).
 """
 
 from __future__ import annotations
@@ -20,15 +14,14 @@ from calfuse_jax.calibration import normalize
 
 
 def ncm_logits(f0: jax.Array, means: jax.Array, text: jax.Array, text_weight: float) -> jax.Array:
-    """[B, C] `(1 - w) cos(f0, means_c) + w cos(f0, text_c)` for f0 [B, D], means and text
-    [C, D] (a zero mean row scores 0 on its part)."""
+    """[B, C] `(1 - w) cos(f0, means_c) + w cos(f0, text_c)`; f0 [B, D], means and text [C, D]."""
     image = normalize(f0)
     return (1.0 - text_weight) * image @ normalize(means).T + text_weight * image @ text.T
 
 
 @dataclasses.dataclass(frozen=True)
 class NearestClassMean:
-    """SimpleCIL (text_weight 0) or ncm+text; see the module docstring."""
+    """SimpleCIL (text_weight 0) or ncm+text: prototypes [C, D] of unit features, no training."""
 
     dim: int
     num_classes: int
@@ -44,8 +37,7 @@ class NearestClassMean:
         return {"prototypes": jnp.zeros((self.num_classes, self.dim))}
 
     def update(self, params, features, labels, rng, inputs):
-        """Sets the prototypes of the classes in `labels` (int [N] positions) from their
-        features [N, D] (host arrays)."""
+        """Sets the prototypes of the classes in `labels` (int [N]) from features [N, D]."""
         ids, index = np.unique(labels, return_inverse=True)
         unit = np.asarray(normalize(jnp.asarray(features, jnp.float32)))
         sums = np.zeros((len(ids), unit.shape[1]), np.float64)

@@ -1,17 +1,11 @@
-"""RanPAC (McDonnell et al., NeurIPS 2023) on frozen features: a fixed random projection, a
-ReLU, and a ridge-regression head solved in closed form.
+"""RanPAC (McDonnell et al., NeurIPS 2023): a fixed random projection, a ReLU and a ridge head.
 
-    h = relu(f W)              W [D, M] ~ N(0, 1), fixed; M = `config.ranpac.dim` (10,000)
+    h = relu(f W)              W [D, M] ~ N(0, 1), fixed; M = `config.ranpac.dim`
     G += H^T H, Q += H^T Y     over every task's training rows (Y one-hot over all C classes)
     W_o = (G + lambda I)^-1 Q  logits = h W_o
 
-G and Q are sums over rows, so the head after task t is exactly the ridge solution on all the
-data seen so far, whatever the split into tasks, in O(M^2) memory however many tasks there are
-(G is 4 M^2 bytes: 400 MB at M = 10,000). lambda is chosen per task as in the paper: fitted on
-a random (1 - `holdout`) of the task's training rows, scored by squared error on the rest, over
-10^k for k in `config.ranpac.ridge_exponents` (the paper: -8 ... 13). Every candidate comes from
-one eigendecomposition of the smaller of the [n, n] and [M, M] Gram matrices, and the final
-solve is one Cholesky factorisation of G + lambda I: O(M^3) per task (M^3/3 flops).
+so the head after task t is the ridge solution on all data seen so far. lambda = 10^k
+(`config.ranpac.ridge_exponents`) is chosen per task on a held-out `holdout` of its rows.
 """
 
 from __future__ import annotations
@@ -30,8 +24,7 @@ def project(f0: jax.Array, projection: jax.Array) -> jax.Array:
 
 
 def holdout_mask(rng: jax.Array, valid: jax.Array, fraction: float) -> jax.Array:
-    """bool [N]: a random `fraction` of the valid rows (bool [N]), held out from the fit;
-    `floor((1 - fraction) n)` of the n valid rows stay in it, as the paper's `int(0.8 n)`."""
+    """bool [N]: a random `fraction` of the valid rows [N]; floor((1 - fraction) n) stay in."""
     order = jnp.argsort(jnp.where(valid, jax.random.uniform(rng, valid.shape), 2.0))
     rank = jnp.argsort(order)  # 0 .. n - 1 on the valid rows, in random order
     kept = jnp.floor((1.0 - fraction) * jnp.sum(valid))
@@ -39,10 +32,8 @@ def holdout_mask(rng: jax.Array, valid: jax.Array, fraction: float) -> jax.Array
 
 
 def ridge_errors(h_fit, y_fit, h_held, y_held, ridges: jax.Array) -> jax.Array:
-    """[R] squared error on (h_held [n, M], y_held [n, C]) of the ridge solutions
-    `(H^T H + lambda I)^-1 H^T Y` fitted on (h_fit [n, M], y_fit [n, C]) for each lambda in
-    ridges [R]. Rows of zeros take no part. One eigendecomposition serves every lambda: of
-    H H^T [n, n] when n <= M (then W = H^T (H H^T + lambda I)^-1 Y), else of H^T H [M, M]."""
+    """[R] held-out squared errors of the ridge fits on (h_fit [n, M], y_fit [n, C]) for ridges
+    [R], from one eigendecomposition of the smaller Gram matrix; zero rows take no part."""
     if h_fit.shape[0] <= h_fit.shape[1]:
         s, v = jnp.linalg.eigh(h_fit @ h_fit.T)
         left, right = (h_held @ h_fit.T) @ v, v.T @ y_fit
@@ -64,10 +55,7 @@ def solve(gram: jax.Array, targets: jax.Array, ridge: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames="holdout")
 def accumulate(params: dict, features, labels, rng, ridges, holdout: float) -> dict:
-    """`params` after one task's rows: features [N, D], labels int [N] (-1: padding, no part).
-
-    Returns the new G, Q, the chosen lambda (`ridge`) and the head W_o [M, C].
-    """
+    """`params` after one task's features [N, D] and labels int [N] (-1: padding)."""
     h = project(features, params["projection"]) * (labels >= 0)[:, None]  # [N, M]
     y = jax.nn.one_hot(labels, params["targets"].shape[1], dtype=h.dtype)  # [N, C], 0 for -1
     held = holdout_mask(rng, labels >= 0, holdout)[:, None]
@@ -105,8 +93,7 @@ class RanPAC:
         }
 
     def update(self, params, features, labels, rng, inputs):
-        """Adds one task's rows (host arrays, padded to a multiple of 1024 so that tasks of
-        similar size share one compiled update)."""
+        """Adds one task's rows, padded to a multiple of 1024 (one compile for similar sizes)."""
         rows = -(-len(labels) // 1024) * 1024
         x = np.zeros((rows, self.dim), np.float32)
         y = np.full((rows,), -1, np.int32)

@@ -1,13 +1,4 @@
-"""The run folder: which run it holds, who may write it, and its JSON and CSV files.
-
-A workdir belongs to one run: `claim` accepts a new folder or the same run (resumed), and refuses
-another unless `overwrite`, which moves the old content into `overwritten-<time>/`. "The same run"
-compares an identity record field by field, but `RESUME_SAFE`: `run_fingerprint.json` (method
-fields + a data digest) for `run_continual`, `config.json` for `experiments.run`. One process
-writes a workdir at a time (`lock`). Every file is written atomically (`files.atomic_write`);
-a damaged derived file (metrics, fingerprint, summary) is rebuilt from the checkpoints, or named
-in the error with its fix.
-"""
+"""The run folder: which run it holds (`claim`), who may write it (`lock`), its JSON and CSV."""
 
 from __future__ import annotations
 
@@ -30,10 +21,8 @@ from calfuse_jax import sharding
 from calfuse_jax.config import method_config
 from calfuse_jax.files import atomic_write
 
-# The one list of fields a resumed run may change: where things are and how they are shown
-# (experiments' fields), and the training loop's checkpoint cadence and evaluation batch, which
-# change neither the maths nor the data order. Where preprocessing runs gives equal pixels (the
-# encoder's rounding may differ: the run fingerprint's feature digest still refuses such a resume).
+# The fields a resumed run may change: where things are, how they are shown, and what changes
+# neither the maths nor the data order (the feature digest still refuses other encoder rounding).
 RESUME_SAFE = (
     "progress",
     "cache_dir",
@@ -51,6 +40,7 @@ RESUME_SAFE = (
 )
 FINGERPRINT_FILE = "run_fingerprint.json"
 LOCK_FILE = ".lock"
+ASIDE = "overwritten-"  # prefix of the folders `--overwrite` moves a run into
 CONFIG_FILE = "config.json"
 LOOP_FILES = ("checkpoints", "metrics.jsonl", "accuracy_matrix.csv")  # run_continual writes these
 RESULT_FILES = (*LOOP_FILES, FINGERPRINT_FILE, "summary.json")
@@ -67,8 +57,7 @@ class ConfigMismatchError(RunFolderError):
 
 
 def jsonable(value: Any) -> Any:
-    """`value` with tuples, arrays, NumPy scalars and paths turned into JSON types (NaN -> None:
-    JSON has none; a metric that does not exist, e.g. forgetting after one task)."""
+    """`value` with tuples, arrays, NumPy scalars and paths as JSON types (NaN, Inf -> None)."""
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -81,7 +70,7 @@ def jsonable(value: Any) -> Any:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Writes `obj` as indented JSON atomically (temp file + rename: never a half file)."""
+    """Writes `obj` as indented JSON atomically."""
     atomic_write(path, "w", lambda f: f.write(json.dumps(jsonable(obj), indent=2) + "\n"))
 
 
@@ -95,14 +84,14 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 _FIX = "running the same command again rebuilds it from the checkpoints, or delete it"
-_CONFIG_FIX = (  # nothing else holds every field, so a resume could not check what it resumes
+_CONFIG_FIX = (
     "it alone records the run's config, so it is not rebuilt: restore it, or move the run "
     "aside with --overwrite (overwrite=True)"
 )
 
 
 def readable_json(path: str | os.PathLike) -> Any:
-    """The JSON in `path`, or None when it is absent or damaged (then rebuilt by its writer)."""
+    """The JSON in `path`, or None when it is absent or damaged (logged)."""
     if not Path(path).exists():
         return None
     try:
@@ -113,11 +102,7 @@ def readable_json(path: str | os.PathLike) -> Any:
 
 
 def write_results(workdir: Path, rows: list[dict], accuracy: np.ndarray) -> None:
-    """Rewrites `metrics.jsonl` (one row per finished task) and `accuracy_matrix.csv` [T, T] %.
-
-    Rewritten in full from the rows carried in the checkpoint, so a resumed run never holds a
-    duplicate or a row of an unfinished task. Call on process 0 only.
-    """
+    """Rewrites `metrics.jsonl` and `accuracy_matrix.csv` [T, T] in full (process 0 only)."""
     lines = "".join(json.dumps(jsonable(row)) + "\n" for row in rows)
     atomic_write(Path(workdir) / "metrics.jsonl", "w", lambda f: f.write(lines))
     header = "after_task," + ",".join(f"task_{j}" for j in range(accuracy.shape[1]))
@@ -130,7 +115,7 @@ def write_results(workdir: Path, rows: list[dict], accuracy: np.ndarray) -> None
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
-    """Rows of workdir/metrics.jsonl (one per finished task); [] when absent."""
+    """Rows of workdir/metrics.jsonl; [] when absent."""
     path = Path(workdir) / "metrics.jsonl"
     if not path.exists():
         return []
@@ -161,7 +146,6 @@ def differences(old: dict, new: dict, ignore: Sequence[str] = ()) -> list[str]:
 
 
 def _method_fields(reference: dict, values: dict, prefix: str = "") -> dict:
-    """`values` restricted to the fields of `reference` (method_config) but `RESUME_SAFE`."""
     out = {}
     for key, default in reference.items():
         path = f"{prefix}{key}"
@@ -191,15 +175,11 @@ def _content(workdir: Path) -> list[Path]:
     """What `workdir` holds besides its lock and earlier runs moved aside."""
     if not workdir.is_dir():
         return []
-    return [p for p in workdir.iterdir() if p.name != LOCK_FILE and not _aside(p)]
-
-
-def _aside(path: Path) -> bool:
-    return path.name.startswith("overwritten-")
+    return [p for p in workdir.iterdir() if p.name != LOCK_FILE and not p.name.startswith(ASIDE)]
 
 
 def refuse_foreign(workdir: Path) -> None:
-    """Raises when `workdir` holds files but no calfuse results (it is someone else's folder)."""
+    """Raises when `workdir` holds files but no calfuse results (someone else's folder)."""
     known = (CONFIG_FILE, *RESULT_FILES)
     if _content(workdir) and not any((workdir / name).exists() for name in known):
         raise RunFolderError(
@@ -217,21 +197,13 @@ def claim(
     guarded: Sequence[str] = LOOP_FILES,
     keep: Sequence[str] = (),
 ) -> bool:
-    """Accepts `workdir` for the run `identity`; returns True when it holds that run already.
-
-    Args:
-      record: the file holding the identity of the run in `workdir` (its writer writes it).
-      ignore: fields, besides `RESUME_SAFE`, that may differ.
-      guarded: files that only count with a `record` (results of unknown origin otherwise).
-      overwrite: move another run (everything but `keep` and the lock) into overwritten-<time>/.
-    Raises:
-      ConfigMismatchError naming the differences (or the missing record) without `overwrite`.
-    """
-    path = workdir / record
+    """Accepts `workdir` for the run `identity` (stored in `record`, compared but `ignore`);
+    True when it holds that run already. Another run, or `guarded` files without a readable
+    `record`, raise ConfigMismatchError, or with `overwrite` are moved aside (but `keep`)."""
     present = [name for name in (record, *guarded) if (workdir / name).exists()]
     if not present:
         return False
-    old = readable_json(path) if path.exists() else None
+    old = readable_json(workdir / record)
     diff = differences(old, identity, ignore) if old is not None else None
     if diff == []:
         return True
@@ -254,9 +226,8 @@ def claim(
 
 
 def move_aside(workdir: Path, keep: Sequence[str] = (), target: Path | None = None) -> Path:
-    """Moves the content of `workdir` (but `keep`, the lock and earlier overwritten-* folders)
-    into `target` (default: a new overwritten-<time>/); returns it."""
-    target = target or workdir / time.strftime("overwritten-%Y%m%d-%H%M%S")
+    """Moves `_content(workdir)` but `keep` into `target` (default: a new overwritten-<time>/)."""
+    target = target or workdir / time.strftime(f"{ASIDE}%Y%m%d-%H%M%S")
     moving = [p for p in _content(workdir) if p.name not in keep and p != target]
     target.mkdir()
     for item in moving:
@@ -265,9 +236,7 @@ def move_aside(workdir: Path, keep: Sequence[str] = (), target: Path | None = No
 
 
 def prepare_workdir(workdir: Path, doc: dict, overwrite: bool) -> None:
-    """`run_continual`'s claim for the run of fingerprint `doc`; writes `doc` to the fingerprint
-    file. A damaged fingerprint file is rebuilt: every checkpoint also carries the fingerprint
-    it was written with, and a restore refuses one of another run."""
+    """`run_continual`'s claim for fingerprint `doc`; (re)writes the fingerprint file."""
     stamp = workdir / FINGERPRINT_FILE
     rebuild = stamp.exists() and not overwrite and readable_json(stamp) is None
     resumed = rebuild or claim(workdir, FINGERPRINT_FILE, doc, overwrite, ignore=("fingerprint",))
@@ -279,9 +248,7 @@ def prepare_workdir(workdir: Path, doc: dict, overwrite: bool) -> None:
 
 @contextlib.contextmanager
 def lock(workdir: str | os.PathLike) -> Iterator[None]:
-    """Holds `workdir/.lock`, so a second process on the same workdir gets RunFolderError at
-    once, naming the holder's pid and host. An fcntl lock dies with its process: a killed run
-    leaves none behind. A folder created here and left empty is removed again. Process 0 only."""
+    """Holds the fcntl lock `workdir/.lock` (process 0 only); removes a folder it created empty."""
     workdir = Path(workdir).absolute()
     if not sharding.is_primary():
         yield
@@ -312,7 +279,7 @@ def _acquire(workdir: Path) -> int:
                 f"workdir {workdir} is in use by another run ({holder}); wait for it to finish "
                 "or stop it, or choose another --workdir (nothing was written)"
             ) from None
-        # A holder releasing a folder it created removes the file: then lock the new one.
+        # a holder releasing a folder it created removes the file: then lock the new one
         if path.exists() and os.stat(path).st_ino == os.fstat(fd).st_ino:
             break
         os.close(fd)

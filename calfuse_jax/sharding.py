@@ -1,11 +1,5 @@
-"""Data-parallel placement: one `Mesh` with a `data` axis over every device of every process.
-
-Batches are split along their first axis with `NamedSharding(mesh, P("data"))`; parameters,
-optimiser state and class statistics are replicated with `NamedSharding(mesh, P())`. The same code
-runs on 1 CPU, several fake CPU devices, 8 GPUs or a multi-host TPU slice: under
-`jax.distributed.initialize()` every process builds the same global batch on the host and hands
-JAX only the rows its own devices hold (`jax.make_array_from_callback`).
-"""
+"""Data-parallel placement: one `Mesh` with a `data` axis over every device of every process;
+batches split along their first axis, everything else replicated."""
 
 from __future__ import annotations
 
@@ -28,12 +22,10 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
-    """Rows split over the `data` axis."""
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-    """Every device holds the whole array."""
     return NamedSharding(mesh, P())
 
 
@@ -44,22 +36,12 @@ def padded_size(n: int, mesh: Mesh) -> int:
 
 
 def _place(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    # Each process builds only its own devices' shards from its copy of the global array, so no
-    # host transfers another host's part (one code path for one process or many).
+    # Each process builds only its own devices' shards from its copy of the global array.
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 def shard_batch(batch, mesh: Mesh):
-    """Places a pytree of host arrays (same global batch on every process) rows-split on `mesh`.
-
-    Args:
-      batch: pytree of NumPy arrays whose first axis is the global batch, a multiple of the
-        mesh size (see `padded_size`). Every process passes the same global batch.
-      mesh: the `data` mesh.
-
-    Returns:
-      The same pytree of global `jax.Array`s sharded `P("data")`.
-    """
+    """A pytree of host arrays [B, ...] (the same on every process) sharded `P("data")`."""
     sharding = data_sharding(mesh)
 
     def place(x):
@@ -113,9 +95,7 @@ def barrier(name: str) -> None:
 
 
 def same_on_every_process(key: str, value: str, timeout_s: float) -> None:
-    """Checks that every process passes the same `value` under `key` through the coordination
-    service's key-value store (not a collective: a dead or different peer cannot hang it).
-    ValueError names a process that differs; TimeoutError one silent for `timeout_s`."""
+    """Checks that every process passes the same `value` (key-value store: no collective hang)."""
     if jax.process_count() == 1:
         return
     from jax._src import distributed  # noqa: PLC0415  (the client orbax uses too)
