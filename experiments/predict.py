@@ -1,14 +1,8 @@
 """Labels images with the model of a finished run (`calfuse_jax.load_classifier`).
 
-    python -m experiments.predict --workdir runs/cifar100-calfuse cat.jpg photos/
     python -m experiments.predict --workdir runs/demo-calfuse --top-k 3 --json images/ > out.json
 
-One line per image (folders are searched recursively, in name order): the path, then the top-k
-classes with their probabilities. `--json` prints one JSON list of
-`{"image", "top_k": [{"label", "name", "probability"}]}` instead. Exit codes as `experiments.run`:
-2 with one paragraph for a user error (an unreadable image, a missing, unfinished or foreign
-run, CLIP weights that cannot be found or are not the run's), 130 for Ctrl-C.
-"""
+Exit codes as `experiments.run`: 2 with one paragraph for a user error, 130 for Ctrl-C."""
 
 from __future__ import annotations
 

@@ -1,12 +1,7 @@
-"""Rebuilds plots and a Markdown table from one or more results folders.
+"""Rebuilds plots and a Markdown table from one or more results folders (a run in progress from
+its finished tasks): report.md, report.csv, accuracy_curve.png, accuracy_matrix_<label>.png.
 
     python -m experiments.report runs/cifar100-calfuse runs/cifar100-rapf --out report/
-    python -m experiments.report runs/demo-calfuse            # rebuilds that folder's own plots
-
-Each folder is a `run_experiment` workdir (one seed, or several under seed_<k>/ with a mean ± std
-summary). A run still in progress is reported from its `metrics.jsonl` (finished tasks only).
-Writes `report.md` (table + plots), `report.csv`, `accuracy_curve.png` (every run on one chart)
-and `accuracy_matrix_<label>.png` per run.
 """
 
 from __future__ import annotations
