@@ -37,8 +37,7 @@ FORBIDDEN_KEYS = ("seeds", "seed", "cache_dir", "progress")
 
 @dataclasses.dataclass
 class CellResult:
-    """One finished cell of a grid: its settings, folder and summary.json; `skipped` when an
-    earlier run had finished it."""
+    """One finished cell of a grid; `skipped` when an earlier run had finished it."""
 
     cell: Cell
     workdir: pathlib.Path
@@ -52,8 +51,7 @@ def cell_config(
     seeds: str | None = None,
     cell_outputs: bool = True,
 ) -> ml_collections.ConfigDict:
-    """`base` with the cell's settings (and `seeds`) applied and validated; `cell_outputs=False`
-    also turns off the cell's own plots and TensorBoard files."""
+    """`base` with the cell's settings (and `seeds`, and no plots unless `cell_outputs`)."""
     extra = [f"seeds={seeds}"] if seeds else []
     if not cell_outputs:
         extra += ["outputs.plots=false", "outputs.tensorboard=false"]
@@ -73,8 +71,7 @@ def check_axes(base: ml_collections.ConfigDict, axes: Sequence[Axis]) -> list[Ce
 
 
 def finished_summary(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> dict | None:
-    """The summary of a finished run of `config` in `workdir`, or None (then run_experiment
-    decides: resumes or refuses)."""
+    """The summary of a finished run of `config` in `workdir`, or None."""
     old = rundir.readable_json(workdir / rundir.CONFIG_FILE)
     summary = rundir.readable_json(workdir / "summary.json")
     if old is None or summary is None:
@@ -123,17 +120,6 @@ def run_cells(
 
 def _seed_count(summary: dict) -> int:
     return len(summary.get("seeds") or [summary.get("seed")])
-
-
-def table_rows(cells: Sequence[CellResult]) -> list[dict]:
-    """One dict per cell: its varied settings, then each metric and its std, seeds, folder."""
-    columns = [f"{k}{s}" for k in TABLE_METRICS for s in ("", "_std")]
-    return [
-        {key: r.cell.values[key] for key in r.cell.varied}
-        | {c: r.summary.get(c) for c in columns}
-        | {"seeds": _seed_count(r.summary), "folder": r.workdir.name}
-        for r in cells
-    ]
 
 
 def markdown_table(cells: Sequence[CellResult]) -> str:
@@ -198,7 +184,14 @@ def write_outputs(
     """ablation.md, ablation.csv, comparison.png and accuracy_curve.png; returns ablation.md."""
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    results.write_csv(workdir / "ablation.csv", table_rows(cells))
+    columns = [f"{k}{s}" for k in TABLE_METRICS for s in ("", "_std")]
+    rows = [  # one per cell: its varied settings, each metric and its std, seeds, folder
+        {key: r.cell.values[key] for key in r.cell.varied}
+        | {c: r.summary.get(c) for c in columns}
+        | {"seeds": _seed_count(r.summary), "folder": r.workdir.name}
+        for r in cells
+    ]
+    results.write_csv(workdir / "ablation.csv", rows)
     plot_comparison(cells, workdir / "comparison.png", title)
     curves = [(result.cell.label, result.summary) for result in cells]
     results.plot_accuracy_curves(curves, workdir / "accuracy_curve.png", title=title)
@@ -252,8 +245,7 @@ def ablate(
 
 def default_workdir(config_name: str, preset_name: str | None, specs: Sequence[str],
                     overrides: Sequence[str], config=None) -> pathlib.Path:  # fmt: skip
-    """runs/ablate-<config>-<preset or grid>[-<hash of grid and overrides>]: stable, so the same
-    command resumes."""
+    """runs/ablate-<config>-<preset or grid>[-<hash of grid and overrides>]."""
     stem, variant = cli.name_parts(config_name, config)
     parts = ("ablate", stem, variant, preset_name or "grid")
     return cli.default_workdir(parts, overrides, extra=sorted(specs))

@@ -67,19 +67,16 @@ def default_workdir(
     return pathlib.Path("runs") / name
 
 
-def enable_compile_cache(config: ml_collections.ConfigDict) -> pathlib.Path | None:
-    """Turns on JAX's persistent compilation cache in `<cache_dir>/xla` (unless the environment
-    names one), so later seeds and cells reuse the compiled steps. Returns the folder used."""
+def enable_compile_cache(config: ml_collections.ConfigDict) -> None:
+    """Keeps compiled programs in `<cache_dir>/xla` (unless the environment names a folder)."""
     import jax
 
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return pathlib.Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
-    folder = pipeline.cache_dir_of(config) / "xla"
-    jax.config.update("jax_compilation_cache_dir", str(folder))
+        return
+    jax.config.update("jax_compilation_cache_dir", str(pipeline.cache_dir_of(config) / "xla"))
     # The head's programs compile in well under the 1 s default threshold, yet add up over a grid.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return folder
 
 
 def command_parser(name: str, description: str) -> argparse.ArgumentParser:
@@ -97,8 +94,7 @@ def command_parser(name: str, description: str) -> argparse.ArgumentParser:
 def parse_command(
     parser: argparse.ArgumentParser, argv: Sequence[str] | None
 ) -> tuple[argparse.Namespace, list[str]]:
-    """Adds --traceback, -q and the --distributed flags, then parses `argv`; every
-    `--config.KEY=VALUE` left over becomes the override `KEY=VALUE`."""
+    """Adds the flags every command has and parses `argv`: (args, `--config.` overrides)."""
     parser.add_argument("--traceback", action="store_true", help="show tracebacks of user errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress")
     group = parser.add_argument_group(
@@ -189,8 +185,7 @@ def _give_up_joining(args: argparse.Namespace) -> None:  # JAX's connect cannot 
 
 
 def check_same_run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
-    """Under --distributed, UserError unless every process runs the same config and flags (a
-    mismatch would hang in the first collective)."""
+    """UserError unless every process runs the same config and flags (else collectives hang)."""
     if not args.distributed:
         return
     local = {"process_id", "coordinator", "quiet", "traceback", "peer_timeout"}
@@ -204,10 +199,8 @@ def check_same_run(args: argparse.Namespace, config: ml_collections.ConfigDict) 
 
 
 def setup_console(quiet: bool) -> None:
-    """INFO (WARNING with `quiet`) to stderr with timestamps; run.log files keep INFO anyway.
-
-    Replaces absl's plain stderr handler on the root logger (it would print every line in its
-    format) and huggingface_hub's own one (each of its records would show twice)."""
+    """INFO (WARNING with `quiet`) to stderr with timestamps, replacing absl's and
+    huggingface_hub's own stderr handlers (every line would show in their format, or twice)."""
     from huggingface_hub.utils import logging as hub_logging  # its import adds that handler
 
     hub = hub_logging.get_logger()  # "huggingface_hub"
@@ -234,8 +227,7 @@ def setup_console(quiet: bool) -> None:
 
 
 class _ConsoleFormat(logging.Formatter):
-    """Another library's error in one short line (Orbax logs each failed save with a traceback);
-    our own records, and every record in run.log, keep their traceback."""
+    """Another library's error in one short line on the console (no traceback)."""
 
     def format(self, record: logging.LogRecord) -> str:
         if record.exc_info and not record.name.startswith(("calfuse_jax", "experiments")):
@@ -247,16 +239,6 @@ class _ConsoleFormat(logging.Formatter):
 def _is_command() -> bool:  # `python -m experiments.<name>`
     command = getattr(sys.modules.get("__main__"), "__spec__", None)
     return command is not None and command.name.startswith("experiments.")
-
-
-def _quiet_exit() -> None:
-    """After a disk error is reported, keeps the failing writes of other libraries' threads and
-    exit handlers off the console; only in a command (a notebook or test keeps its hooks)."""
-    if not _is_command():
-        return
-    threading.excepthook = lambda args: None
-    sys.unraisablehook = lambda unraisable: None
-    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # Orbax's failed save tasks, at GC
 
 
 def main_guard(
@@ -293,24 +275,24 @@ def main_guard(
     except OSError as error:  # a full or read-only disk: the user frees space or picks a folder
         if args.traceback or error.errno not in DISK_ERRNOS:
             raise
-        _quiet_exit()
+        if _is_command():  # other libraries' threads and exit handlers fail the same way
+            threading.excepthook = lambda args: None
+            sys.unraisablehook = lambda unraisable: None
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # Orbax's failed saves, at GC
         where = f"cannot write {error.filename}" if error.filename else "a write failed"
         print(f"error: {where}: {error.strerror}. {DISK_FIX}", file=sys.stderr)
         return EXIT_USER_ERROR
 
 
 def non_finite_message(error: FloatingPointError, workdir: str | None) -> str:
-    task, step = getattr(error, "task", "?"), getattr(error, "step", "?")
-    quantity = getattr(error, "quantity", "the training loss")
-    hint = getattr(error, "hint", "lower --config.train.lr or check the features for NaN/Inf")
-    at = f"task {task}" + ("" if step is None else f", step {step}")
+    """One paragraph for a `calfuse_jax.train.NonFiniteLossError`."""
+    at = f"task {error.task}" + ("" if error.step is None else f", step {error.step}")
     where = f" in {workdir}" if workdir else ""
     return (
-        f"error: {quantity} became {getattr(error, 'value', 'NaN/Inf')} at {at}, so the run "
-        f"stopped. The last good checkpoint{where} is kept: running the same command again "
-        f"retries from it. If it happens again, {hint.replace('config.', '--config.')}, with a "
-        "new --workdir (or --overwrite to move this run aside). "
-        "(run with --traceback for the full trace)"
+        f"error: {error.quantity} became {error.value} at {at}, so the run stopped. The last good "
+        f"checkpoint{where} is kept: running the same command again retries from it. If it "
+        f"happens again, {error.hint.replace('config.', '--config.')}, with a new --workdir (or "
+        "--overwrite to move this run aside). (run with --traceback for the full trace)"
     )
 
 
@@ -321,18 +303,18 @@ def log_file(workdir: pathlib.Path) -> Iterator[None]:
     handler = logging.FileHandler(workdir / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
-    root = logging.getLogger()
-    root.addHandler(handler)
+    logging.getLogger().addHandler(handler)
     # Our INFO lines reach the file even when the caller left the root at WARNING (restored after).
-    ours = [logging.getLogger(name) for name in ("experiments", "calfuse_jax")]
-    levels = [logger.level for logger in ours]
-    for logger in ours:
+    levels = {
+        logger: logger.level for logger in map(logging.getLogger, ("experiments", "calfuse_jax"))
+    }
+    for logger in levels:
         if logger.getEffectiveLevel() > logging.INFO:
             logger.setLevel(logging.INFO)
     try:
         yield
     finally:
-        root.removeHandler(handler)
+        logging.getLogger().removeHandler(handler)
         handler.close()
-        for logger, level in zip(ours, levels, strict=True):
+        for logger, level in levels.items():
             logger.setLevel(level)

@@ -18,8 +18,7 @@ from experiments.pipeline import UserError
 
 
 def image_paths(items: Sequence[str]) -> tuple[list[pathlib.Path], bool]:
-    """(image files of `items`, whether any was a folder); UserError for a missing path or a
-    folder without images."""
+    """(image files of `items`, whether any was a folder); UserError for a missing one."""
     paths, folders = [], False
     for item in map(pathlib.Path, items):
         if item.is_dir():
@@ -34,7 +33,8 @@ def image_paths(items: Sequence[str]) -> tuple[list[pathlib.Path], bool]:
     return paths, folders
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns 0, 2 for a user error or 130 when interrupted."""
     parser = argparse.ArgumentParser(
         prog="python -m experiments.predict",
         description="Classify images with the model of a finished `experiments.run` run.",
@@ -47,12 +47,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="one JSON list on stdout")
     parser.add_argument("--traceback", action="store_true", help="show tracebacks of user errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress")
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; returns 0, 2 for a user error or 130 when interrupted."""
-    args = parse_args(argv)
+    args = parser.parse_args(argv)
     cli.setup_console(args.quiet)
     try:
         from calfuse_jax import load_classifier

@@ -51,12 +51,6 @@ def _seed_folder(path: pathlib.Path) -> bool:
     return path.is_dir() and path.name.startswith("seed_") and (path / "config.json").exists()
 
 
-def single_seed_run(workdir: pathlib.Path) -> int | None:
-    """The seed of the one-seed run in `workdir` itself (not in seed_<k>/), or None."""
-    own = any((workdir / m).exists() for m in ("metrics.jsonl", "checkpoints"))
-    return (rundir.readable_json(workdir / rundir.CONFIG_FILE) or {}).get("seed") if own else None
-
-
 def environment() -> dict:
     """Package versions, devices, Python, host and the git commit of the code that ran."""
     import jax
@@ -112,8 +106,7 @@ def run_seeds_together(runs: list, prepared: Prepared) -> list[dict]:
 
 @contextlib.contextmanager
 def _seed_files(config: ml_collections.ConfigDict, prepared: Prepared, workdir):
-    """Around one seed's run: its run.log, config.json and provenance; yields its loss
-    callback (TensorBoard curves, or None)."""
+    """Around one seed's run: run.log, config.json, provenance.json; yields its loss callback."""
     workdir = pathlib.Path(workdir)
     primary = is_primary()  # process 0 writes, all compute
     with cli.log_file(workdir) if primary else contextlib.nullcontext():
@@ -125,8 +118,12 @@ def _seed_files(config: ml_collections.ConfigDict, prepared: Prepared, workdir):
         log.info("%s %s seed %d -> %s", config.name, config.method, config.seed, workdir)
         if primary:
             rundir.write_json(workdir / rundir.CONFIG_FILE, config.to_dict())
-            _write_provenance(workdir, dict(prepared.provenance, seed=config.seed,
-                                            method=config.method))  # fmt: skip
+            env = dict(environment(), time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            old = rundir.readable_json(workdir / "provenance.json")  # a resume adds its env
+            if old is not None:
+                old.setdefault("resumed", []).append(env)
+            new = dict(prepared.provenance, seed=config.seed, method=config.method, **env)
+            rundir.write_json(workdir / "provenance.json", new if old is None else old)
         writes_curves = primary and wants_output(config, "tensorboard")
         curves = results.TrainingCurves(workdir) if writes_curves else None
         with contextlib.closing(curves) if writes_curves else contextlib.nullcontext():
@@ -151,16 +148,6 @@ def _seed_summary(config, prepared: Prepared, workdir, result) -> dict:
     return summary
 
 
-def _write_provenance(workdir: pathlib.Path, provenance: dict) -> None:
-    """provenance.json of the first start; a resume appends its environment under `resumed`."""
-    path = workdir / "provenance.json"
-    env = dict(environment(), time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    old = rundir.readable_json(path)  # None: the first start (or a damaged file: started anew)
-    if old is not None:
-        old.setdefault("resumed", []).append(env)
-    rundir.write_json(path, {**provenance, **env} if old is None else old)
-
-
 def run_experiment(
     config: ml_collections.ConfigDict,
     workdir,
@@ -174,8 +161,9 @@ def run_experiment(
 
 
 def run_experiments(items, overwrite: bool = False, prepared: Prepared | None = None) -> list:
-    """`run_experiment` of every (config, workdir) of `items` (configs of the same data fields);
-    returns their summaries. Seeds that can train together do (`trains_together`)."""
+    """`run_experiment` of each (config, workdir) of `items`, of the same data fields, at once."""
+    from calfuse_jax.seeds import together_key
+
     with contextlib.ExitStack() as stack:
         plans = []
         for config, workdir in items:
@@ -188,10 +176,17 @@ def run_experiments(items, overwrite: bool = False, prepared: Prepared | None = 
         for plan in plans:
             if is_primary() and plan.runs[0][1] != plan.workdir:  # marks a seeds folder ours
                 rundir.write_json(plan.workdir / rundir.CONFIG_FILE, plan.config.to_dict())
-        pending = [run for plan in plans for run in plan.runs if run[1] not in plan.finished]
-        if pending:
+        groups = {}  # the seed runs to run, by `seeds.together_key` when they train together
+        for config, folder in (r for p in plans for r in p.runs if r[1] not in p.finished):
+            key = together_key(config) if trains_together(config) else str(folder)
+            groups.setdefault(key, []).append((config, folder))
+        if groups:
             prepared = prepared or prepare(plans[0].config)
-        done = _run_pending(pending, prepared)
+        done = {
+            folder: summary
+            for group in groups.values()
+            for (_, folder), summary in zip(group, run_seeds_together(group, prepared), strict=True)
+        }
         return [_finish(plan, done) for plan in plans]
 
 
@@ -205,17 +200,17 @@ class _Plan(NamedTuple):
 def _plan(config, workdir: pathlib.Path, overwrite: bool) -> _Plan:
     """Claims the locked `workdir` and its seed folders for `config`'s seeds."""
     seeds = seeds_of(config)
-    alone = single_seed_run(workdir)
+    own = any((workdir / m).exists() for m in ("metrics.jsonl", "checkpoints"))  # a one-seed run
+    alone = (rundir.readable_json(workdir / rundir.CONFIG_FILE) or {}).get("seed") if own else None
     seed_folders = workdir.is_dir() and any(_seed_folder(p) for p in workdir.iterdir())
     if len(seeds) == 1 and not seed_folders and alone in (None, seeds[0]):
         config.seed = seeds[0]
         claim_workdir(workdir, config.to_dict(), overwrite, ignore=("seeds",))  # fail fast
         return _Plan(config, workdir, [(config, workdir)], {})
-    runs = []
-    for seed in seeds:
-        seed_config = ml_collections.ConfigDict(config.to_dict())
-        seed_config.seed = seed
-        runs.append((seed_config, workdir / f"seed_{seed}"))
+    runs = [
+        (ml_collections.ConfigDict(config.to_dict() | {"seed": seed}), workdir / f"seed_{seed}")
+        for seed in seeds
+    ]
     # A folder of other seeds of this config resumes; a one-seed run there moves into seed_<k>.
     resumed = claim_workdir(workdir, config.to_dict(), overwrite, ignore=("seeds", "seed"))
     if resumed and alone is not None:
@@ -233,22 +228,6 @@ def _plan(config, workdir: pathlib.Path, overwrite: bool) -> _Plan:
             if summary is not None:
                 finished[seed_dir] = summary
     return _Plan(config, workdir, runs, finished)
-
-
-def _run_pending(pending: list, prepared: Prepared) -> dict:
-    """{folder: summary} of the (config, folder) seed runs of `pending`, grouped by
-    `seeds.together_key` (under `outputs.seeds_together`)."""
-    from calfuse_jax.seeds import together_key
-
-    groups = {}
-    for config, folder in pending:
-        key = together_key(config) if trains_together(config) else str(folder)
-        groups.setdefault(key, []).append((config, folder))
-    return {
-        folder: summary
-        for group in groups.values()
-        for (_, folder), summary in zip(group, run_seeds_together(group, prepared), strict=True)
-    }
 
 
 def _finish(plan: _Plan, done: dict) -> dict:
