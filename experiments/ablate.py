@@ -224,15 +224,14 @@ def ablate(
     `CellResult` per cell, in grid order. `seeds` ("0,1,2") overrides every cell's seeds."""
     cells = check_axes(config, axes)
     workdir = pathlib.Path(workdir)
-    fixed = [f"`{k}={v}`" for k, v in cells[0].values.items() if k not in cells[0].varied]
+    fixed = ", ".join(f"`{k}={v}`" for k, v in cells[0].values.items() if k not in cells[0].varied)
     record = {
         "config": config.name,
         "seeds": seeds or config.seeds,
         "axes": [[key, list(values)] for key, values in axes],
         "cells": [cell.name for cell in cells],
     }
-    fixed_text = f"; fixed in every cell: {', '.join(fixed)}" if fixed else ""
-    lines = [f"Config `{config.name}`{fixed_text}."]
+    lines = [f"Config `{config.name}`" + (f"; fixed in every cell: {fixed}" if fixed else "") + "."]
     with rundir.lock(workdir):  # one process per grid folder: a second one is refused at once
         if is_primary():  # multi-process runs: process 0 writes, every process computes
             rundir.write_json(workdir / "grid.json", record)

@@ -150,8 +150,7 @@ def start_distributed(args: argparse.Namespace) -> None:
 
     # CPU processes need a cross-process collective implementation; GPU and TPU ignore this flag.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    # SIGTERM stays with calfuse_jax.interrupt (stop after the same step everywhere, saved):
-    # JAX's preemption notifier would swallow it, and Orbax's saves consume its sync point.
+    # SIGTERM stays with calfuse_jax.interrupt (JAX's preemption notifier would swallow it).
     jax.config.update("jax_enable_preemption_service", False)
     watchdog = threading.Timer(args.peer_timeout, _give_up_joining, (args,))
     watchdog.daemon = True
