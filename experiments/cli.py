@@ -38,7 +38,6 @@ DISK_FIX = (
     "Free disk space or make the folder writable (or choose another --workdir / "
     "--config.cache_dir), then run the same command again: it resumes from what was finished"
 )
-CHATTY_LOGGERS = ("absl", "orbax", "jax._src", "matplotlib")  # per-save INFO lines drown ours
 
 
 def name_parts(config_name: str, config) -> tuple[str, str]:
@@ -221,7 +220,7 @@ def setup_console(quiet: bool) -> None:
     root.addHandler(console)
     logging.raiseExceptions = False  # a log file on a full disk must not print tracebacks
     root.setLevel(logging.INFO)
-    for chatty in CHATTY_LOGGERS:
+    for chatty in ("absl", "orbax", "jax._src", "matplotlib"):  # per-save INFO lines drown ours
         logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
