@@ -1,31 +1,9 @@
 """Runs a grid of configs x seeds and writes one comparison table and plot.
 
-    python -m experiments.ablate --config synthetic --preset method --seeds 0,1,2
-    python -m experiments.ablate --config cifar100 --preset calfuse_ablation --seeds 0,1,2
-    python -m experiments.ablate --config cifar100 \
-        --grid calibration.mode=none,fixed,dynamic pseudo.beta=1,2 --seeds 0,1
-    python -m experiments.ablate --config demo:smoke --preset method --config.train.epochs=3
+    python -m experiments.ablate --config cifar100 --grid pseudo.beta=1,2 --seeds 0,1
 
-Every cell is one `run_experiment` (all its seeds) in `<workdir>/<cell name>/`, so each cell is an
-ordinary results folder that `experiments.report` also reads. All cells take their features from
-the same cache (`cache_dir` is not a grid key), so images are encoded once for the whole grid.
-Cells that differ only in the step's float settings (`train.lr`, `loss.kd_weight`, ...) or in the
-fusion (`fusion.rules`, `fusion.mix_bias`) train together with their seeds, one vmapped program
-(`calfuse_jax.seeds`; `--config.outputs.seeds_together=false` runs them one by one).
-Running the same command again skips finished cells and resumes an interrupted one. The grid
-writes, in `<workdir>`:
-
-    ablation.md       Markdown table: one row per cell, Avg / Last / Forgetting / BWT, mean ± std
-    ablation.csv      the same numbers, one column per grid key, plus std and seed count
-    comparison.png    Avg and Last per cell (bars, ± std over seeds)
-    accuracy_curve.png  accuracy after each task, every cell on one chart
-    grid.json         the base config name, overrides, axes and cells (what produced the table)
-
-`--distributed [--coordinator HOST:PORT --num-processes N --process-id I]` runs the grid as one
-multi-process JAX run, like `experiments.run`: every process computes every cell, process 0
-alone writes. From Python: `ablate(load_config("synthetic"), preset("method"), "runs/x",
-seeds="0,1")`.
-"""
+Each cell is an ordinary results folder `<workdir>/<cell name>/`; the grid writes ablation.md,
+ablation.csv, comparison.png, accuracy_curve.png and grid.json into `<workdir>`."""
 
 from __future__ import annotations
 
@@ -45,11 +23,7 @@ from calfuse_jax.config import method_config, resolve_method
 from calfuse_jax.files import atomic_write
 from calfuse_jax.sharding import barrier, is_primary
 from experiments import cli, results
-from experiments.cli import (
-    add_distributed_flags,
-    parse_with_overrides,
-)
-from experiments.configs import apply_overrides, catalog
+from experiments.configs import apply_overrides
 from experiments.grids import Axis, Cell, GridError, combine, expand, parse_grid, preset, short_key
 from experiments.pipeline import prepare, with_data_fields
 from experiments.run import run_experiments
@@ -63,12 +37,7 @@ FORBIDDEN_KEYS = ("seeds", "seed", "cache_dir", "progress")
 
 @dataclasses.dataclass
 class CellResult:
-    """One finished cell of a grid.
-
-    Attributes:
-      cell: its grid settings; workdir: its results folder; summary: its `summary.json` (mean ±
-      std over seeds when several); skipped: True when an earlier run had already finished it.
-    """
+    """One finished cell of a grid; `skipped` when an earlier run had finished it."""
 
     cell: Cell
     workdir: pathlib.Path
@@ -82,8 +51,7 @@ def cell_config(
     seeds: str | None = None,
     cell_outputs: bool = True,
 ) -> ml_collections.ConfigDict:
-    """`base` with the cell's settings (and `seeds`, when given) applied and validated;
-    `cell_outputs=False` also turns off the cell's own plots and TensorBoard files."""
+    """`base` with the cell's settings (and `seeds`, and no plots unless `cell_outputs`)."""
     extra = [f"seeds={seeds}"] if seeds else []
     if not cell_outputs:
         extra += ["outputs.plots=false", "outputs.tensorboard=false"]
@@ -103,8 +71,7 @@ def check_axes(base: ml_collections.ConfigDict, axes: Sequence[Axis]) -> list[Ce
 
 
 def finished_summary(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> dict | None:
-    """The summary of a finished run of `config` in `workdir`, or None (absent, unfinished,
-    damaged, or a run of another config: then run_experiment decides, resumes or refuses)."""
+    """The summary of a finished run of `config` in `workdir`, or None."""
     old = rundir.readable_json(workdir / rundir.CONFIG_FILE)
     summary = rundir.readable_json(workdir / "summary.json")
     if old is None or summary is None:
@@ -113,9 +80,8 @@ def finished_summary(workdir: pathlib.Path, config: ml_collections.ConfigDict) -
 
 
 def data_key(config: ml_collections.ConfigDict) -> str:
-    """What `pipeline.prepare` depends on: every field outside `method_config()` (dataset, model,
-    prompt, class order, synthetic data, cache), plus the task split (`continual.*`), but
-    `rundir.RESUME_SAFE`. Cells with the same key share one prepared feature stream."""
+    """What `pipeline.prepare` depends on: every field outside `method_config()`, plus the task
+    split (`continual.*`), but `rundir.RESUME_SAFE`. Cells of one key share their features."""
     method = {k for k in rundir.flat(method_config().to_dict()) if not k.startswith("continual.")}
     ignore = {*rundir.RESUME_SAFE, "seed", "seeds", "name", *method}
     flat = rundir.flat(rundir.jsonable(config.to_dict()))
@@ -131,15 +97,7 @@ def run_cells(
     cell_outputs: bool = False,
 ) -> list[CellResult]:
     """Runs (or skips, when finished) every cell into `workdir/<cell.name>`; returns them in grid
-    order.
-
-    Cells whose data fields agree (`data_key`) share one `pipeline.prepare` result, so a grid
-    over method fields reads its features once, and run as one `run_experiments`, so the seeds
-    of cells that differ only in the step's floats or the fusion train together. Each cell's own
-    plots and TensorBoard files are skipped unless `cell_outputs` (they took about a third of a
-    small grid's time; the grid's table and plots cover the comparison, and `experiments.report`
-    redraws a cell's plots).
-    """
+    order. Cells of one `data_key` share their features and run as one `run_experiments`."""
     workdir = pathlib.Path(workdir)
     done, batches = {}, {}  # batches: data key -> indices of the cells to run
     for index, cell in enumerate(cells):
@@ -164,20 +122,6 @@ def _seed_count(summary: dict) -> int:
     return len(summary.get("seeds") or [summary.get("seed")])
 
 
-def table_rows(cells: Sequence[CellResult]) -> list[dict]:
-    """One dict per cell: its varied settings, then each metric and its std, seeds, folder."""
-    rows = []
-    for result in cells:
-        row = {key: result.cell.values[key] for key in result.cell.varied}
-        for key in TABLE_METRICS:
-            row[key] = result.summary.get(key)
-            row[f"{key}_std"] = result.summary.get(f"{key}_std")
-        row["seeds"] = _seed_count(result.summary)
-        row["folder"] = result.workdir.name
-        rows.append(row)
-    return rows
-
-
 def markdown_table(cells: Sequence[CellResult]) -> str:
     """A Markdown table, one column per varied grid key, metrics as `mean ± std`."""
     varied = cells[0].cell.varied if cells else ()
@@ -194,19 +138,15 @@ def markdown_table(cells: Sequence[CellResult]) -> str:
 
 def _metric(cells: Sequence[CellResult], key: str) -> tuple[np.ndarray, np.ndarray]:
     """(means, stds) of one metric over cells; NaN where a cell lacks it, std 0 for one seed."""
-
-    def value(summary: dict, name: str, missing: float) -> float:
-        return missing if summary.get(name) is None else float(summary[name])
-
-    means = np.array([value(r.summary, key, np.nan) for r in cells])
-    stds = np.array([value(r.summary, f"{key}_std", 0.0) for r in cells])
-    return means, stds
+    means = [r.summary.get(key) for r in cells]
+    stds = [r.summary.get(f"{key}_std") for r in cells]
+    return (np.array([np.nan if m is None else float(m) for m in means]),
+            np.array([0.0 if s is None else float(s) for s in stds]))  # fmt: skip
 
 
 def plot_comparison(cells: Sequence[CellResult], path: pathlib.Path, title: str = "") -> None:
-    """Horizontal bars of Avg and Last per cell (grid order, top to bottom) with ± std error
-    bars and the values printed. The accuracy axis starts at the decade below the lowest bar, not
-    at 0, so the differences an ablation is about stay visible (the axis label says where)."""
+    """Horizontal bars of Avg and Last per cell (± std), the first cell on top; the axis starts
+    at the decade below the lowest bar, so the differences stay visible."""
     from matplotlib.figure import Figure  # no pyplot: a notebook's backend stays as it is
 
     y = np.arange(len(cells))[::-1]  # first cell on top
@@ -244,7 +184,14 @@ def write_outputs(
     """ablation.md, ablation.csv, comparison.png and accuracy_curve.png; returns ablation.md."""
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    results.write_csv(workdir / "ablation.csv", table_rows(cells))
+    columns = [f"{k}{s}" for k in TABLE_METRICS for s in ("", "_std")]
+    rows = [  # one per cell: its varied settings, each metric and its std, seeds, folder
+        {key: r.cell.values[key] for key in r.cell.varied}
+        | {c: r.summary.get(c) for c in columns}
+        | {"seeds": _seed_count(r.summary), "folder": r.workdir.name}
+        for r in cells
+    ]
+    results.write_csv(workdir / "ablation.csv", rows)
     plot_comparison(cells, workdir / "comparison.png", title)
     curves = [(result.cell.label, result.summary) for result in cells]
     results.plot_accuracy_curves(curves, workdir / "accuracy_curve.png", title=title)
@@ -272,33 +219,19 @@ def ablate(
     notes: Sequence[str] = (),
     cell_outputs: bool = False,
 ) -> list[CellResult]:
-    """Runs every cell of `axes` on `config` (resuming) and writes the table and plots.
-
-    Args:
-      config: the base config (e.g. `load_config("synthetic")`, overrides already applied).
-      axes: `(key, values)` pairs: `preset("method")`, `parse_grid(["pseudo.beta=1,2"])`.
-      workdir: the grid folder; cell k goes to `workdir/<cell name>`.
-      seeds: "0,1,2" overrides `config.seeds` for every cell (None keeps it).
-      overwrite: rerun every cell, moving earlier results aside (run_experiment's --overwrite).
-      title: heading of the table and plots.
-      notes: extra Markdown lines under the heading (the CLI lists the base-config overrides).
-      cell_outputs: also write each cell's own plots and TensorBoard files (off: grids are
-        compared in the grid's table and plots).
-
-    Returns:
-      One `CellResult` per cell, in grid order.
-    """
+    """Runs every cell of `axes` (`(key, values)` pairs, e.g. `preset("method")`) on `config`
+    into `workdir/<cell name>`, resuming, and writes the table and plots; returns one
+    `CellResult` per cell, in grid order. `seeds` ("0,1,2") overrides every cell's seeds."""
     cells = check_axes(config, axes)
     workdir = pathlib.Path(workdir)
-    fixed = [f"`{k}={v}`" for k, v in cells[0].values.items() if k not in cells[0].varied]
+    fixed = ", ".join(f"`{k}={v}`" for k, v in cells[0].values.items() if k not in cells[0].varied)
     record = {
         "config": config.name,
         "seeds": seeds or config.seeds,
         "axes": [[key, list(values)] for key, values in axes],
         "cells": [cell.name for cell in cells],
     }
-    fixed_text = f"; fixed in every cell: {', '.join(fixed)}" if fixed else ""
-    lines = [f"Config `{config.name}`{fixed_text}."]
+    lines = [f"Config `{config.name}`" + (f"; fixed in every cell: {fixed}" if fixed else "") + "."]
     with rundir.lock(workdir):  # one process per grid folder: a second one is refused at once
         if is_primary():  # multi-process runs: process 0 writes, every process computes
             rundir.write_json(workdir / "grid.json", record)
@@ -311,24 +244,20 @@ def ablate(
 
 def default_workdir(config_name: str, preset_name: str | None, specs: Sequence[str],
                     overrides: Sequence[str], config=None) -> pathlib.Path:  # fmt: skip
-    """runs/ablate-<config>-<preset or grid>[-<hash of grid and overrides>]: stable, so the same
-    command resumes (`cli.default_workdir` says which overrides are left out of the hash)."""
+    """runs/ablate-<config>-<preset or grid>[-<hash of grid and overrides>]."""
     stem, variant = cli.name_parts(config_name, config)
     parts = ("ablate", stem, variant, preset_name or "grid")
     return cli.default_workdir(parts, overrides, extra=sorted(specs))
 
 
-def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    """(the parsed flags, the `--config.KEY=VALUE` overrides without their prefix)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.ablate",
-        description="Run every combination of a grid (x seeds) on one benchmark and write one "
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit status, as `experiments.run`'s (`cli.main_guard`)."""
+    parser = cli.command_parser(
+        "ablate",
+        "Run every combination of a grid (x seeds) on one benchmark and write one "
         "table (ablation.md, ablation.csv) and one comparison plot. Base-config overrides: "
         "--config.KEY=VALUE.",
-        epilog=catalog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", required=True, help="name[:variant] or path/to/config.py")
     parser.add_argument("--preset", help="a preset grid: method | calfuse_ablation")
     parser.add_argument(
         "--grid",
@@ -351,18 +280,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
         action="store_true",
         help="do not keep compiled XLA programs in <cache_dir>/xla between cells and seeds",
     )
-    parser.add_argument("--traceback", action="store_true", help="show tracebacks of user errors")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress")
-    add_distributed_flags(parser)
-    args, overrides = parse_with_overrides(parser, argv)
+    args, overrides = cli.parse_command(parser, argv)
     if not args.preset and not args.grid:
         parser.error("give --preset method|calfuse_ablation or --grid KEY=V1,V2 ...")
-    return args, overrides
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; returns the exit status, as `experiments.run`'s (`cli.main_guard`)."""
-    args, overrides = parse_args(argv)
     return cli.main_guard(args, overrides, lambda config: _main(args, config, overrides))
 
 

@@ -1,10 +1,5 @@
-"""Command-line plumbing shared by `experiments.run` and `experiments.ablate`.
-
-`--config.KEY=VALUE` overrides, the exit-code policy (`main_guard`), the default results folder
-of a command (`default_workdir`), the multi-process flags (`--distributed` calls
-`jax.distributed.initialize()` before anything touches a device; process 0 writes, every process
-computes), the console logging both commands set up, and the persistent XLA compile cache.
-"""
+"""Command-line plumbing shared by `experiments.run` and `experiments.ablate`: overrides, exit
+codes (`main_guard`), default results folders, `--distributed` flags and console logging."""
 
 from __future__ import annotations
 
@@ -27,17 +22,14 @@ import ml_collections
 from calfuse_jax import interrupt, sharding
 from calfuse_jax.rundir import RESUME_SAFE
 from experiments import peers, pipeline
-from experiments.configs import apply_overrides, load_config
+from experiments.configs import apply_overrides, catalog, load_config
 from experiments.pipeline import UserError
 
 log = logging.getLogger("experiments.cli")
 
-# The seeds do not name a run either: each seed runs in its own seed_<k> folder of the run's
-# folder, so adding seeds to a command reuses the finished ones.
+# Not part of a run's folder name: each seed runs in its own seed_<k> folder of the run's folder.
 NOT_NAMING = (*RESUME_SAFE, "seeds", "seed")
-# Problems a user fixes from the message alone (a bad config or grid, missing files, a workdir of
-# another run or in use: the library's and the configs' errors are ValueErrors): one paragraph,
-# no traceback, exit 2. A NaN/Inf loss exits 3 (the config was valid, the run diverged).
+# Problems a user fixes from the message alone: one paragraph, no traceback, exit 2.
 USER_ERRORS = (UserError, ValueError, FileNotFoundError, FileExistsError)
 EXIT_USER_ERROR, EXIT_NON_FINITE = 2, 3  # a signal: 128 + its number (130 Ctrl-C, 143 SIGTERM)
 # Writes that fail because of the disk or its permissions: exit 2 as well, naming the file.
@@ -47,25 +39,10 @@ DISK_FIX = (
     "--config.cache_dir), then run the same command again: it resumes from what was finished"
 )
 
-CHATTY_LOGGERS = ("absl", "orbax", "jax._src", "matplotlib")  # per-save INFO lines drown ours
-
-
-def parse_with_overrides(
-    parser: argparse.ArgumentParser, argv: Sequence[str] | None
-) -> tuple[argparse.Namespace, list[str]]:
-    """Parses `argv`; every `--config.KEY=VALUE` left over becomes the override `KEY=VALUE`."""
-    args, rest = parser.parse_known_args(argv)
-    overrides = []
-    for item in rest:
-        if not item.startswith("--config."):
-            parser.error(f"unrecognised argument {item!r}; overrides look like --config.KEY=VALUE")
-        overrides.append(item[len("--config.") :])
-    return args, overrides
-
 
 def name_parts(config_name: str, config) -> tuple[str, str]:
-    """(stem, variant) of `--config NAME[:a,b]` for folder names: the file's stem, or the
-    config's own name where it extends the stem (`folder` names itself `folder-<its root>`)."""
+    """(stem, variant) of `--config NAME[:a,b]`: the file's stem, or the config's own name where
+    it extends the stem (`folder` names itself `folder-<its root>`)."""
     stem = pathlib.Path(config_name.partition(":")[0]).stem
     own = str(config.get("name", "") if config is not None else "").partition(":")[0]
     variant = config_name.partition(":")[2].replace(",", "-")
@@ -75,13 +52,8 @@ def name_parts(config_name: str, config) -> tuple[str, str]:
 def default_workdir(
     parts: Sequence[str], overrides: Sequence[str], extra: Sequence[str] = ()
 ) -> pathlib.Path:
-    """runs/<non-empty parts joined by '-'>[-<hash>]: the default results folder of a command.
-
-    The hash (8 hex digits of sha1) covers `extra` (e.g. a grid's axes) and the `key=value`
-    overrides that change what a run computes; those in `NOT_NAMING` do not count, so the same
-    command with another cache, more seeds or progress bars off finds (and resumes) the same
-    folder.
-    """
+    """runs/<non-empty parts joined by '-'>[-<sha1 of `extra` and the overrides>]; overrides of
+    `NOT_NAMING` keys do not count, so more seeds or another cache resume the same folder."""
     # Only name characters: a config path or variant string can never lead out of runs/.
     name = re.sub(r"[^\w.,=+-]", "_", "-".join(p for p in parts if p)).lstrip(".") or "run"
     keys = [
@@ -94,24 +66,36 @@ def default_workdir(
     return pathlib.Path("runs") / name
 
 
-def enable_compile_cache(config: ml_collections.ConfigDict) -> pathlib.Path | None:
-    """Turns on JAX's persistent compilation cache in `<cache_dir>/xla` (unless the environment
-    already names one), so every seed and cell after the first reuses the compiled steps of the
-    same shapes; on a CPU this about halves a small grid. Returns the folder used."""
+def enable_compile_cache(config: ml_collections.ConfigDict) -> None:
+    """Keeps compiled programs in `<cache_dir>/xla` (unless the environment names a folder)."""
     import jax
 
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return pathlib.Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
-    folder = pipeline.cache_dir_of(config) / "xla"
-    jax.config.update("jax_compilation_cache_dir", str(folder))
+        return
+    jax.config.update("jax_compilation_cache_dir", str(pipeline.cache_dir_of(config) / "xla"))
     # The head's programs compile in well under the 1 s default threshold, yet add up over a grid.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return folder
 
 
-def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
-    """--distributed [--coordinator HOST:PORT --num-processes N --process-id I --peer-timeout S]."""
+def command_parser(name: str, description: str) -> argparse.ArgumentParser:
+    """The parser of `python -m experiments.<name>`: --config, and the configs in its epilog."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m experiments.{name}",
+        description=description,
+        epilog=catalog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", required=True, help="name[:variant] or path/to/config.py")
+    return parser
+
+
+def parse_command(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> tuple[argparse.Namespace, list[str]]:
+    """Adds the flags every command has and parses `argv`: (args, `--config.` overrides)."""
+    parser.add_argument("--traceback", action="store_true", help="show tracebacks of user errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress")
     group = parser.add_argument_group(
         "multi-process runs (one process per host or GPU; process 0 writes the results)"
     )
@@ -129,6 +113,11 @@ def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
         help="exit 2 when the other processes have not all joined, or told their config, "
         "within S seconds (default: %(default)s)",
     )  # fmt: skip
+    args, rest = parser.parse_known_args(argv)
+    for item in rest:
+        if not item.startswith("--config."):
+            parser.error(f"unrecognised argument {item!r}; overrides look like --config.KEY=VALUE")
+    return args, [item[len("--config.") :] for item in rest]
 
 
 # HOST:PORT with a name, an IPv4 address or a bracketed IPv6 address, and a port 1-65535.
@@ -136,20 +125,14 @@ COORDINATOR = re.compile(r"(\[[0-9a-fA-F:.]+\]|[\w.-]+):([1-9]\d{0,4})")
 
 
 def start_distributed(args: argparse.Namespace) -> None:
-    """Joins the multi-process JAX runtime when `args.distributed` (before any device is used).
-
-    Joining waits for every process; one that is not there after `--peer-timeout` seconds ends
-    the command with exit 2 and a paragraph (JAX itself would abort minutes later, saying only
-    that "another task died")."""
-    manual = {
-        "--coordinator": ("coordinator_address", args.coordinator),
-        "--num-processes": ("num_processes", args.num_processes),
-        "--process-id": ("process_id", args.process_id),
-    }
-    given = [flag for flag, (_, value) in manual.items() if value is not None]
+    """Joins the multi-process JAX runtime when `args.distributed` (before any device is used);
+    a process missing after `--peer-timeout` seconds ends the command with exit 2."""
+    manual = {k: getattr(args, k) for k in ("coordinator", "num_processes", "process_id")}
+    given = {k: v for k, v in manual.items() if v is not None}
     if not args.distributed:
         if given:
-            raise UserError(f"{', '.join(given)} only apply with --distributed: add it")
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise UserError(f"{flags} only apply with --distributed: add it")
         return
     count, index = args.num_processes, args.process_id
     if count is not None and count < 1 or index is not None and not 0 <= index < (count or 1 << 30):
@@ -166,15 +149,14 @@ def start_distributed(args: argparse.Namespace) -> None:
 
     # CPU processes need a cross-process collective implementation; GPU and TPU ignore this flag.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    # SIGTERM stays with calfuse_jax.interrupt (stop after the same step everywhere, saved):
-    # JAX's preemption notifier would swallow it, and Orbax's saves consume its sync point.
+    # SIGTERM stays with calfuse_jax.interrupt (JAX's preemption notifier would swallow it).
     jax.config.update("jax_enable_preemption_service", False)
     watchdog = threading.Timer(args.peer_timeout, _give_up_joining, (args,))
     watchdog.daemon = True
     watchdog.start()
     try:
         jax.distributed.initialize(
-            **{name: v for name, v in manual.values() if v is not None},
+            **{"coordinator_address" if k == "coordinator" else k: v for k, v in given.items()},
             initialization_timeout=int(args.peer_timeout) + 60,  # ours speaks first
         )
     except (RuntimeError, ValueError, IndexError) as err:
@@ -188,8 +170,7 @@ def start_distributed(args: argparse.Namespace) -> None:
              jax.device_count())  # fmt: skip
 
 
-def _give_up_joining(args: argparse.Namespace) -> None:
-    """The joining watchdog: JAX's connect cannot be interrupted, so the process exits here."""
+def _give_up_joining(args: argparse.Namespace) -> None:  # JAX's connect cannot be interrupted
     where = f" at {args.coordinator}" if args.coordinator else ""
     print(
         f"error: not every process joined the run{where} within --peer-timeout "
@@ -202,9 +183,7 @@ def _give_up_joining(args: argparse.Namespace) -> None:
 
 
 def check_same_run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
-    """Under --distributed, compares this process's config and flags with every other's before
-    the first collective (a mismatch would hang in it); UserError (exit 2) when one differs or
-    does not report within --peer-timeout."""
+    """UserError unless every process runs the same config and flags (else collectives hang)."""
     if not args.distributed:
         return
     local = {"process_id", "coordinator", "quiet", "traceback", "peer_timeout"}
@@ -218,14 +197,8 @@ def check_same_run(args: argparse.Namespace, config: ml_collections.ConfigDict) 
 
 
 def setup_console(quiet: bool) -> None:
-    """INFO (WARNING with `quiet`) to stderr with timestamps; run.log files keep INFO anyway.
-
-    absl (imported by orbax) may already have put a plain stderr handler on the root logger, which
-    would make `logging.basicConfig` a no-op and print every line in absl's format regardless of
-    `quiet`; that handler is replaced. Other handlers (pytest's capture, a notebook's) stay.
-    huggingface_hub's own stderr handler is removed too: its records (download retry warnings)
-    also reach ours, so each would show twice.
-    """
+    """INFO (WARNING with `quiet`) to stderr with timestamps, replacing absl's and
+    huggingface_hub's own stderr handlers (every line would show in their format, or twice)."""
     from huggingface_hub.utils import logging as hub_logging  # its import adds that handler
 
     hub = hub_logging.get_logger()  # "huggingface_hub"
@@ -247,14 +220,12 @@ def setup_console(quiet: bool) -> None:
     root.addHandler(console)
     logging.raiseExceptions = False  # a log file on a full disk must not print tracebacks
     root.setLevel(logging.INFO)
-    for chatty in CHATTY_LOGGERS:
+    for chatty in ("absl", "orbax", "jax._src", "matplotlib"):  # per-save INFO lines drown ours
         logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 class _ConsoleFormat(logging.Formatter):
-    """One short line for another library's error (Orbax's savers on a full disk log each failure
-    with a traceback and a long TensorStore spec, and the main thread reports the error itself);
-    our own records, and every record in run.log, keep their traceback."""
+    """Another library's error in one short line on the console (no traceback)."""
 
     def format(self, record: logging.LogRecord) -> str:
         if record.exc_info and not record.name.startswith(("calfuse_jax", "experiments")):
@@ -263,45 +234,29 @@ class _ConsoleFormat(logging.Formatter):
         return super().format(record)
 
 
-def _is_command() -> bool:
-    """Whether this process is an experiments command (`python -m experiments.<name>`)."""
+def _is_command() -> bool:  # `python -m experiments.<name>`
     command = getattr(sys.modules.get("__main__"), "__spec__", None)
     return command is not None and command.name.startswith("experiments.")
-
-
-def _quiet_exit() -> None:
-    """After a disk error is reported: the threads and exit handlers of libraries that still try
-    to write (tensorboardX's flush) fail the same way; keep their tracebacks off the console.
-    Only when this process is the command (`python -m experiments.<name>`), which exits next: a
-    caller in the same interpreter (a notebook, a test) keeps its hooks."""
-    if not _is_command():
-        return
-    threading.excepthook = lambda args: None
-    sys.unraisablehook = lambda unraisable: None
-    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # Orbax's failed save tasks, at GC
 
 
 def main_guard(
     args: argparse.Namespace, overrides: Sequence[str], body: Callable[[Any], int]
 ) -> int:
-    """Sets up the console (and `--distributed`), loads `--config` with its overrides, runs
-    `body(config)` and returns its exit status; a user error (2), a NaN/Inf value (3), a dead
-    `--distributed` peer (75, `peers`), Ctrl-C (130) or SIGTERM (143) prints one paragraph
-    instead of a traceback (unless `args.traceback`). `args.workdir`, once `body` has set it,
-    names where the last good checkpoint is kept."""
+    """Loads `--config` with its overrides and returns `body(config)`'s exit status; a user error
+    (2), a NaN/Inf value (3), a lost peer (75), Ctrl-C (130) or SIGTERM (143) prints one paragraph
+    instead of a traceback (unless `args.traceback`)."""
     from calfuse_jax.train import NonFiniteLossError  # imports jax: after the flags are parsed
 
     setup_console(args.quiet)  # each run.log keeps INFO
     try:
-        # SIGTERM too; the training loop stops at an epoch boundary; once stopped, the command
-        # ignores further signals on its way out.
+        # Once stopped by a signal, the command ignores further ones on its way out.
         with interrupt.installed(ignore_after_stop=_is_command()):
             start_distributed(args)
             config = apply_overrides(load_config(args.config), overrides)
             check_same_run(args, config)
             if args.quiet:
                 config.progress = False
-            with peers.watched(args):  # another process dying ends this one with a paragraph
+            with peers.watched(args):
                 return body(config)
     except (NonFiniteLossError, *USER_ERRORS, KeyboardInterrupt) as error:
         if args.traceback:
@@ -318,25 +273,24 @@ def main_guard(
     except OSError as error:  # a full or read-only disk: the user frees space or picks a folder
         if args.traceback or error.errno not in DISK_ERRNOS:
             raise
-        _quiet_exit()
+        if _is_command():  # other libraries' threads and exit handlers fail the same way
+            threading.excepthook = lambda args: None
+            sys.unraisablehook = lambda unraisable: None
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # Orbax's failed saves, at GC
         where = f"cannot write {error.filename}" if error.filename else "a write failed"
         print(f"error: {where}: {error.strerror}. {DISK_FIX}", file=sys.stderr)
         return EXIT_USER_ERROR
 
 
 def non_finite_message(error: FloatingPointError, workdir: str | None) -> str:
-    """One paragraph for a NaN/Inf value of the run (`calfuse_jax.train.NonFiniteLossError`)."""
-    task, step = getattr(error, "task", "?"), getattr(error, "step", "?")
-    quantity = getattr(error, "quantity", "the training loss")
-    hint = getattr(error, "hint", "lower --config.train.lr or check the features for NaN/Inf")
-    at = f"task {task}" + ("" if step is None else f", step {step}")
+    """One paragraph for a `calfuse_jax.train.NonFiniteLossError`."""
+    at = f"task {error.task}" + ("" if error.step is None else f", step {error.step}")
     where = f" in {workdir}" if workdir else ""
     return (
-        f"error: {quantity} became {getattr(error, 'value', 'NaN/Inf')} at {at}, so the run "
-        f"stopped. The last good checkpoint{where} is kept: running the same command again "
-        f"retries from it. If it happens again, {hint.replace('config.', '--config.')}, with a "
-        "new --workdir (or --overwrite to move this run aside). "
-        "(run with --traceback for the full trace)"
+        f"error: {error.quantity} became {error.value} at {at}, so the run stopped. The last good "
+        f"checkpoint{where} is kept: running the same command again retries from it. If it "
+        f"happens again, {error.hint.replace('config.', '--config.')}, with a new --workdir (or "
+        "--overwrite to move this run aside). (run with --traceback for the full trace)"
     )
 
 
@@ -347,19 +301,18 @@ def log_file(workdir: pathlib.Path) -> Iterator[None]:
     handler = logging.FileHandler(workdir / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
-    root = logging.getLogger()
-    root.addHandler(handler)
-    # Our INFO lines reach the file even when the caller (a notebook, pytest) left the root at
-    # WARNING; the levels are restored afterwards.
-    ours = [logging.getLogger(name) for name in ("experiments", "calfuse_jax")]
-    levels = [logger.level for logger in ours]
-    for logger in ours:
+    logging.getLogger().addHandler(handler)
+    # Our INFO lines reach the file even when the caller left the root at WARNING (restored after).
+    levels = {
+        logger: logger.level for logger in map(logging.getLogger, ("experiments", "calfuse_jax"))
+    }
+    for logger in levels:
         if logger.getEffectiveLevel() > logging.INFO:
             logger.setLevel(logging.INFO)
     try:
         yield
     finally:
-        root.removeHandler(handler)
+        logging.getLogger().removeHandler(handler)
         handler.close()
-        for logger, level in zip(ours, levels, strict=True):
+        for logger, level in levels.items():
             logger.setLevel(level)

@@ -1,14 +1,7 @@
 """`python -m experiments.run --continue-from RUN --config folder --config.dataset.root=DIR`:
 a finished run takes the classes of another source as further tasks, into a new results folder.
-
-The new classes' data fields (`DATA_KEYS`: dataset, class order, task sizes) come from `--config`
-and its overrides; everything else (method, training, CLIP weights, prompts, preprocessing, seed)
-from RUN's config.json, so the new images are encoded as the old ones were. The old run's data
-is prepared again (from the feature cache) for its test images: the grown accuracy matrix scores
-the old classes after the new tasks too. `calfuse_jax.continuation` seeds the new folder (default
-`RUN+<config name>`) from RUN's checkpoints and `run.run_seed` trains the new tasks; RUN itself
-is only read. Running the command again resumes the continuation.
-"""
+The new classes' data fields (`DATA_KEYS`) come from `--config`, everything else from RUN's
+config.json; RUN itself is only read."""
 
 from __future__ import annotations
 
@@ -54,7 +47,7 @@ def _old_run(workdir: pathlib.Path) -> tuple[ml_collections.ConfigDict, dict]:
 
 
 def _configs(old: ml_collections.ConfigDict, source: ml_collections.ConfigDict, overrides):
-    """(the old run's config, the new classes', the continued run's), or UserError for an override
+    """(the old run's config, the new classes', the continued run's); UserError for an override
     of a field that the continued run takes from the old one."""
     kept = sorted(
         o for o in overrides
@@ -90,7 +83,7 @@ def _nested(flat: dict) -> dict:
 
 
 def _check_names(old_provenance: dict, new: ml_collections.ConfigDict) -> None:
-    """UserError naming the new classes whose names the run has already (cheap: no images)."""
+    """UserError naming the new classes whose names the run has already."""
     names = pipeline.load_split(new, new.dataset.train_split).class_names
     clash = sorted(set(pipeline.prompt_names(new, names)) & set(
         old_provenance["prompts"]["class_names"]))  # fmt: skip
@@ -145,4 +138,4 @@ def continue_experiment(args: argparse.Namespace, source, overrides) -> tuple:
         prepared.provenance["continued_from"] = record
         log.info("continuing %s with %d new classes -> %s", old_workdir,
                  len(record["added_labels"]), workdir)  # fmt: skip
-        return config, run.run_seed(config, prepared, workdir)
+        return config, run.run_seeds_together([(config, workdir)], prepared)[0]

@@ -1,19 +1,8 @@
 """Noticing, within seconds, that another process of a `--distributed` run has died.
 
-When a process is killed (kill -9, OOM, a lost host) the others learn it late and badly: a Gloo
-collective fails with "Connection closed by peer", an Orbax save waits in a coordination-service
-barrier until JAX's heartbeat timeout (100 s), and then JAX's C++ runtime aborts the survivor
-(exit 134, a check-failure stack dump), at exit too, in its shutdown barrier. So each process
-beats, once a second, in the coordination service's key-value store from a thread of its own,
-and reads the others' beats: a process whose beat stops for `SILENT_S` seconds is reported in
-one paragraph and this process leaves at once with `os._exit` (`EXIT_PEER_LOST`): a normal exit
-would run JAX's atexit shutdown, whose barrier waits for the dead process and ends in that
-abort. A process that finishes (or stops with the others after a signal or a NaN) writes `done`
-instead of a beat, so a peer still writing its results is not taken for dead.
-
-When process 0 dies, the coordination service dies with it and JAX aborts the others at once,
-before any Python code can run: their exit is JAX's (134), not this module's.
-"""
+Each process beats once a second in the coordination service's key-value store; a peer silent for
+`SILENT_S` is reported and this process leaves with `os._exit(EXIT_PEER_LOST)` (JAX's own exit
+would wait for the dead peer, then abort). A finished process writes `done` instead of a beat."""
 
 from __future__ import annotations
 
@@ -25,18 +14,13 @@ import threading
 import time
 from collections.abc import Iterator
 
-# EX_TEMPFAIL of sysexits.h ("try again later"): not a user error to fix (2) nor a crash (1,
-# 134): relaunching the same command is the whole fix, which a scheduler can act on by the code.
-EXIT_PEER_LOST = 75
+EXIT_PEER_LOST = 75  # EX_TEMPFAIL of sysexits.h: relaunching the same command is the fix
 BEAT_S = 1.0
-# A live process's beat comes from its own thread (JAX releases the GIL while it compiles and
-# runs), so 10 s of silence is a dead or frozen process, not a busy one.
-SILENT_S = 10.0
+SILENT_S = 10.0  # beats come from a thread of their own: silence is a dead process, not a busy one
 KEY = "calfuse/beat"
 
 
 def lost_message(process: int, workdir: str | None) -> str:
-    """The paragraph a surviving process prints."""
     where = f" in {workdir}" if workdir else ""
     return (
         f"error: process {process} of the run stopped (killed, crashed or its host lost; its own "
@@ -47,10 +31,8 @@ def lost_message(process: int, workdir: str | None) -> str:
 
 @contextlib.contextmanager
 def watched(args) -> Iterator[None]:
-    """Within (a multi-process run): another process that stops beating ends this one with
-    `lost_message` and `EXIT_PEER_LOST`. Leaving normally, or by a signal or a NaN/Inf (which
-    every process sees at the same step), tells the others `done`; leaving by another error
-    stops the beat, so the others report this process within `SILENT_S` seconds."""
+    """Within (a multi-process run): another process that stops beating ends this one. Leaving
+    normally, or by a signal or a NaN/Inf (seen by every process), tells the others `done`."""
     import jax
 
     if jax.process_count() == 1:
@@ -74,28 +56,30 @@ def watched(args) -> Iterator[None]:
                 _leave(0, args)
             now = time.monotonic()
             for p, value in beats.items():
-                if value == "done":
-                    continue
                 if value != seen[p][0]:
                     seen[p] = (value, now)
-                elif now - seen[p][1] > SILENT_S and not stop.is_set():
+                elif value != "done" and now - seen[p][1] > SILENT_S and not stop.is_set():
                     _leave(p, args)
 
     thread = threading.Thread(target=beat_and_check, name="calfuse-peers", daemon=True)
     thread.start()
     from calfuse_jax.train import NonFiniteLossError  # noqa: PLC0415
 
+    done = True
     try:
         yield
-    except (KeyboardInterrupt, NonFiniteLossError):
-        _finish(stop, thread, client, me, done=True)
-        raise
     except BaseException as error:
-        if isinstance(error, RuntimeError) or "Gloo" in str(error):  # a collective's peer gone?
-            stop.wait(SILENT_S + 2 * BEAT_S)  # the beats tell (and leave) if so
-        _finish(stop, thread, client, me, done=False)
+        if not isinstance(error, (KeyboardInterrupt, NonFiniteLossError)):
+            done = False  # the beat stops, so the others report this process
+            if isinstance(error, RuntimeError) or "Gloo" in str(error):  # a collective's peer?
+                stop.wait(SILENT_S + 2 * BEAT_S)  # the beats tell (and leave) if so
         raise
-    _finish(stop, thread, client, me, done=True)
+    finally:
+        stop.set()
+        thread.join()
+        if done:
+            with contextlib.suppress(Exception):  # a dead service: nobody is left to tell
+                client.key_value_set(f"{KEY}/{me}", "done", allow_overwrite=True)
 
 
 def _try_get(client, key: str) -> str | None:
@@ -107,14 +91,6 @@ def _try_get(client, key: str) -> str | None:
         if "NOT_FOUND" in str(err):  # not beaten yet
             return None
         raise
-
-
-def _finish(stop: threading.Event, thread: threading.Thread, client, me: int, done: bool) -> None:
-    stop.set()
-    thread.join()
-    if done:
-        with contextlib.suppress(Exception):  # a dead service: nobody is left to tell
-            client.key_value_set(f"{KEY}/{me}", "done", allow_overwrite=True)
 
 
 def _leave(process: int, args) -> None:

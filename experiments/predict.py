@@ -1,14 +1,8 @@
 """Labels images with the model of a finished run (`calfuse_jax.load_classifier`).
 
-    python -m experiments.predict --workdir runs/cifar100-calfuse cat.jpg photos/
     python -m experiments.predict --workdir runs/demo-calfuse --top-k 3 --json images/ > out.json
 
-One line per image (folders are searched recursively, in name order): the path, then the top-k
-classes with their probabilities. `--json` prints one JSON list of
-`{"image", "top_k": [{"label", "name", "probability"}]}` instead. Exit codes as `experiments.run`:
-2 with one paragraph for a user error (an unreadable image, a missing, unfinished or foreign
-run, CLIP weights that cannot be found or are not the run's), 130 for Ctrl-C.
-"""
+Exit codes as `experiments.run`: 2 with one paragraph for a user error, 130 for Ctrl-C."""
 
 from __future__ import annotations
 
@@ -24,8 +18,7 @@ from experiments.pipeline import UserError
 
 
 def image_paths(items: Sequence[str]) -> tuple[list[pathlib.Path], bool]:
-    """(image files of `items`, whether any was a folder); UserError for a missing path or a
-    folder without images."""
+    """(image files of `items`, whether any was a folder); UserError for a missing one."""
     paths, folders = [], False
     for item in map(pathlib.Path, items):
         if item.is_dir():
@@ -40,7 +33,8 @@ def image_paths(items: Sequence[str]) -> tuple[list[pathlib.Path], bool]:
     return paths, folders
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns 0, 2 for a user error or 130 when interrupted."""
     parser = argparse.ArgumentParser(
         prog="python -m experiments.predict",
         description="Classify images with the model of a finished `experiments.run` run.",
@@ -53,12 +47,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="one JSON list on stdout")
     parser.add_argument("--traceback", action="store_true", help="show tracebacks of user errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress")
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; returns 0, 2 for a user error or 130 when interrupted."""
-    args = parse_args(argv)
+    args = parser.parse_args(argv)
     cli.setup_console(args.quiet)
     try:
         from calfuse_jax import load_classifier

@@ -1,12 +1,7 @@
-"""Rebuilds plots and a Markdown table from one or more results folders.
+"""Rebuilds plots and a Markdown table from one or more results folders (a run in progress from
+its finished tasks): report.md, report.csv, accuracy_curve.png, accuracy_matrix_<label>.png.
 
     python -m experiments.report runs/cifar100-calfuse runs/cifar100-rapf --out report/
-    python -m experiments.report runs/demo-calfuse            # rebuilds that folder's own plots
-
-Each folder is a `run_experiment` workdir (one seed, or several under seed_<k>/ with a mean ± std
-summary). A run still in progress is reported from its `metrics.jsonl` (finished tasks only).
-Writes `report.md` (table + plots), `report.csv`, `accuracy_curve.png` (every run on one chart)
-and `accuracy_matrix_<label>.png` per run.
 """
 
 from __future__ import annotations
@@ -23,14 +18,9 @@ from calfuse_jax import rundir
 from experiments import results
 
 
-class ReportError(ValueError):
-    """A folder that holds no results."""
-
-
 def summary_from_metrics(rows: Sequence[dict]) -> dict:
     """A partial summary (Avg, Last, matrix, curve) from the metrics rows of finished tasks."""
-    num_tasks = len(rows)
-    matrix = np.full((num_tasks, num_tasks), np.nan)  # [T, T]
+    matrix = np.full((len(rows), len(rows)), np.nan)  # [T, T]
     for i, row in enumerate(rows):
         matrix[i, : len(row["accuracy_row"])] = row["accuracy_row"]
     seen = [float(row["accuracy"]) for row in rows]
@@ -41,34 +31,21 @@ def summary_from_metrics(rows: Sequence[dict]) -> dict:
 def load_run(workdir: str | pathlib.Path) -> tuple[str, dict]:
     """(label, summary) of a results folder; label = '<config> <method>'."""
     workdir = pathlib.Path(workdir)
-    config_path = workdir / "config.json"
-    config = rundir.read_json(config_path) if config_path.exists() else {}
+    config = rundir.read_json(workdir / "config.json") if (workdir / "config.json").exists() else {}
     label = " ".join(str(config[k]) for k in ("name", "method") if k in config) or workdir.name
     if (workdir / "summary.json").exists():
         summary = rundir.read_json(workdir / "summary.json")
         if len(summary.get("seeds") or ()) > 1:
             label += f" ({len(summary['seeds'])} seeds)"
-    elif rundir.read_metrics(workdir):
-        summary = summary_from_metrics(rundir.read_metrics(workdir))
+    elif metrics := rundir.read_metrics(workdir):
+        summary = summary_from_metrics(metrics)
         label += " (partial)"
     else:
-        raise ReportError(
+        raise ValueError(
             f"{workdir} holds no summary.json or metrics.jsonl: not a results folder, or a run "
             "that finished no task yet (re-run its command to resume it)"
         )
     return label, summary
-
-
-def _unique_labels(labels: list[str], folders: Sequence[pathlib.Path]) -> list[str]:
-    """Appends the folder name to labels that occur more than once."""
-    return [
-        f"{label} [{folder.name}]" if labels.count(label) > 1 else label
-        for label, folder in zip(labels, folders, strict=True)
-    ]
-
-
-def _slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")
 
 
 def build_report(
@@ -77,14 +54,18 @@ def build_report(
     """Writes report.md, report.csv and the plots of `workdirs` into `out`; returns report.md."""
     folders = [pathlib.Path(w) for w in workdirs]
     loaded = [load_run(f) for f in folders]
-    labels = _unique_labels([label for label, _ in loaded], folders)
-    rows = [(label, summary) for label, (_, summary) in zip(labels, loaded, strict=True)]
+    labels = [label for label, _ in loaded]  # a label shown twice gets its folder's name
+    rows = [
+        (f"{label} [{folder.name}]" if labels.count(label) > 1 else label, summary)
+        for (label, summary), folder in zip(loaded, folders, strict=True)
+    ]
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results.plot_accuracy_curves(rows, out / "accuracy_curve.png", title=title)
     images = ["accuracy_curve.png"]
     for label, summary in rows:
-        name = "accuracy_matrix.png" if len(rows) == 1 else f"accuracy_matrix_{_slug(label)}.png"
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")
+        name = "accuracy_matrix.png" if len(rows) == 1 else f"accuracy_matrix_{slug}.png"
         results.plot_accuracy_matrix(summary["accuracy_matrix"], out / name, title=label)
         images.append(name)
     columns = [f"{k}{s}" for k in results.METRICS for s in ("", "_std")]
@@ -92,11 +73,9 @@ def build_report(
               **{c: summary.get(c) for c in columns}} for label, summary in rows]  # fmt: skip
     results.write_csv(out / "report.csv", table)
     lines = [f"# {title or 'Results'}", "", "Accuracy in % on all classes seen so far.", ""]
-    lines.append(results.markdown_table(rows))
-    lines += ["| run | folder |", "|---|---|"]
+    lines += [results.markdown_table(rows), "| run | folder |", "|---|---|"]
     lines += [f"| {label} | `{folder}` |" for (label, _), folder in zip(rows, folders, strict=True)]
-    lines.append("")
-    lines += [f"![{name}]({name})" for name in images]
+    lines += ["", *(f"![{name}]({name})" for name in images)]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report
@@ -115,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or (args.workdirs[0] if len(args.workdirs) == 1 else "report")
     try:
         report = build_report(args.workdirs, out, args.title)
-    except (ReportError, OSError, ValueError) as err:
+    except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(report.read_text(), end="")

@@ -1,28 +1,8 @@
 """Runs one benchmark end to end and writes a results folder.
 
-    python -m experiments.run --config imagenet_r
     python -m experiments.run --config cifar100:inc5 --config.method=rapf --workdir runs/c5-rapf
-    python -m experiments.run --config demo                      # offline, under a minute on CPU
-    python -m experiments.run --config synthetic --config.seeds=0,1,2
-    python -m experiments.run --config cifar100 --distributed    # on each host: TPU pod, SLURM
-    python -m experiments.run --config synthetic:smoke --distributed \
-        --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0   # a manual cluster, per host
 
-Running the same command again resumes an interrupted run (finished tasks come from checkpoints,
-features from the cache); a workdir that holds a different config is refused unless `--overwrite`
-(more seeds are not a different config: only the new ones run), and so is a second command on a
-workdir in use. Exit codes (`cli.main_guard`): 2 for a user error, 3 for a NaN/Inf loss (the last
-good checkpoint is kept), 75 when a `--distributed` peer died, 130 / 143 for SIGINT / SIGTERM.
-From Python: `run_experiment(load_config("synthetic"), "runs/x")` returns the summary dict.
-
-`--distributed` starts one process per host (or GPU) of a multi-process JAX run: it calls
-`jax.distributed.initialize()` before anything touches a device (no arguments needed on TPU pods
-and under SLURM; a manual cluster passes `--coordinator HOST:PORT --num-processes N --process-id I`
-to every process, same command otherwise). Every process computes the same run over one global
-mesh; process 0 alone writes the results folder (and moves an --overwritten run aside) while the
-others wait for it at a barrier. The workdir and the cache must be on a filesystem all processes
-see. On CPU the processes exchange gradients through gloo collectives.
-"""
+The same command again resumes the run; exit codes are `cli.main_guard`'s."""
 
 from __future__ import annotations
 
@@ -44,8 +24,7 @@ from calfuse_jax import rundir
 from calfuse_jax.config import resolve_method
 from calfuse_jax.sharding import barrier, is_primary
 from experiments import cli, results
-from experiments.cli import add_distributed_flags, parse_with_overrides
-from experiments.configs import catalog, format_config, seeds_of, validate
+from experiments.configs import format_config, seeds_of, validate
 from experiments.pipeline import Prepared, prepare, with_data_fields
 
 log = logging.getLogger("experiments.run")
@@ -55,8 +34,7 @@ PACKAGES = ("calfuse-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint",
 
 
 def default_workdir(config_name: str, config: ml_collections.ConfigDict, overrides=()) -> str:
-    """runs/<config>-<method>[-<hash of the overrides>]: stable, so re-running resumes (see
-    `cli.default_workdir` for the overrides left out of the hash: seeds, cache, progress...)."""
+    """runs/<config>-<method>[-<hash of the overrides>]: stable, so re-running resumes."""
     stem, variant = cli.name_parts(config_name, config)
     method = "" if config.method in variant.split("-") else config.method  # no "rapf-rapf"
     keep = [o for o in overrides if o.partition("=")[0].strip() != "method"]  # named already
@@ -64,22 +42,13 @@ def default_workdir(config_name: str, config: ml_collections.ConfigDict, overrid
 
 
 def claim_workdir(workdir: pathlib.Path, config: dict, overwrite: bool, ignore=()) -> bool:
-    """Checks that `workdir` is new, a resume of the same config (fields in `ignore` and
-    `rundir.RESUME_SAFE` may differ), or explicitly overwritten (then moves its content aside into
-    overwritten-<time>/: nothing is deleted). Returns True when an existing run is resumed."""
+    """`rundir.claim` of a run's folder (refusing another program's); True when it resumes."""
     rundir.refuse_foreign(workdir)
     return rundir.claim(workdir, rundir.CONFIG_FILE, config, overwrite, ignore, rundir.RESULT_FILES)
 
 
 def _seed_folder(path: pathlib.Path) -> bool:
     return path.is_dir() and path.name.startswith("seed_") and (path / "config.json").exists()
-
-
-def single_seed_run(workdir: pathlib.Path) -> int | None:
-    """The seed of the one-seed run that `workdir` holds in itself (not in seed_<k> folders),
-    or None when it holds none."""
-    own = any((workdir / m).exists() for m in ("metrics.jsonl", "checkpoints"))
-    return (rundir.readable_json(workdir / rundir.CONFIG_FILE) or {}).get("seed") if own else None
 
 
 def environment() -> dict:
@@ -109,10 +78,8 @@ def environment() -> dict:
 
 
 def wants_output(config: ml_collections.ConfigDict, name: str) -> bool:
-    """`config.outputs.<name>` (plots, tensorboard); True for configs without
-    an `outputs` block."""
-    outputs = config.get("outputs") or {}
-    return bool(outputs.get(name, True))
+    """`config.outputs.<name>` (plots, tensorboard); True without an `outputs` block."""
+    return bool((config.get("outputs") or {}).get(name, True))
 
 
 def trains_together(config: ml_collections.ConfigDict) -> bool:
@@ -123,15 +90,8 @@ def trains_together(config: ml_collections.ConfigDict) -> bool:
     return value == "true" or (value == "auto" and jax.default_backend() != "cpu")
 
 
-def run_seed(config: ml_collections.ConfigDict, prepared: Prepared, workdir) -> dict:
-    """One seed of one method into `workdir` (checked with `claim_workdir` first); returns its
-    summary (also summary.json)."""
-    return run_seeds_together([(config, workdir)], prepared)[0]
-
-
 def run_seeds_together(runs: list, prepared: Prepared) -> list[dict]:
-    """The summaries of the (config, workdir) runs of `runs`, those that can train together
-    (`calfuse_jax.seeds.run_seeds`); each run.log also holds the others' lines."""
+    """The summaries of the (config, workdir) `runs`, trained together (`seeds.run_seeds`)."""
     from calfuse_jax.seeds import run_seeds
 
     with contextlib.ExitStack() as stack:
@@ -146,31 +106,28 @@ def run_seeds_together(runs: list, prepared: Prepared) -> list[dict]:
 
 @contextlib.contextmanager
 def _seed_files(config: ml_collections.ConfigDict, prepared: Prepared, workdir):
-    """Around one seed's run: its run.log, config.json and provenance; yields its loss
-    callback (TensorBoard curves, or None)."""
+    """Around one seed's run: run.log, config.json, provenance.json; yields its loss callback."""
     workdir = pathlib.Path(workdir)
-    primary = is_primary()  # multi-process runs: process 0 writes, all compute
+    primary = is_primary()  # process 0 writes, all compute
     with cli.log_file(workdir) if primary else contextlib.nullcontext():
         try:
-            finished = len(rundir.read_metrics(workdir))
+            if finished := len(rundir.read_metrics(workdir)):
+                log.info("resuming the run in %s after %d finished tasks", workdir, finished)
         except rundir.RunFolderError as error:  # run_continual rewrites it from the checkpoints
             log.warning("%s (rebuilding it now)", error)
-            finished = 0
-        if finished:
-            log.info("resuming the run in %s after %d finished tasks", workdir, finished)
         log.info("%s %s seed %d -> %s", config.name, config.method, config.seed, workdir)
         if primary:
             rundir.write_json(workdir / rundir.CONFIG_FILE, config.to_dict())
-            _write_provenance(workdir, dict(prepared.provenance, seed=config.seed,
-                                            method=config.method))  # fmt: skip
-        curves = None
-        if primary and wants_output(config, "tensorboard"):
-            curves = results.TrainingCurves(workdir)
-        try:
+            env = dict(environment(), time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            old = rundir.readable_json(workdir / "provenance.json")  # a resume adds its env
+            if old is not None:
+                old.setdefault("resumed", []).append(env)
+            new = dict(prepared.provenance, seed=config.seed, method=config.method, **env)
+            rundir.write_json(workdir / "provenance.json", new if old is None else old)
+        writes_curves = primary and wants_output(config, "tensorboard")
+        curves = results.TrainingCurves(workdir) if writes_curves else None
+        with contextlib.closing(curves) if writes_curves else contextlib.nullcontext():
             yield curves
-        finally:
-            if curves is not None:
-                curves.close()
 
 
 def _seed_summary(config, prepared: Prepared, workdir, result) -> dict:
@@ -191,44 +148,22 @@ def _seed_summary(config, prepared: Prepared, workdir, result) -> dict:
     return summary
 
 
-def _write_provenance(workdir: pathlib.Path, provenance: dict) -> None:
-    """provenance.json of the first start; a resume appends its own environment under
-    `resumed` (the code or machine may differ between the two)."""
-    path = workdir / "provenance.json"
-    env = dict(environment(), time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    old = rundir.readable_json(path)  # None: the first start (or a damaged file: started anew)
-    if old is None:
-        rundir.write_json(path, {**provenance, **env})
-        return
-    old.setdefault("resumed", []).append(env)
-    rundir.write_json(path, old)
-
-
 def run_experiment(
     config: ml_collections.ConfigDict,
     workdir,
     overwrite: bool = False,
     prepared: Prepared | None = None,
 ) -> dict:
-    """Runs every seed of `config` (method preset resolved) into `workdir`; returns the summary.
-
-    One seed writes its results into `workdir`; several write `workdir/seed_<k>` each plus a
-    mean ± std `summary.json` and plots in `workdir`. The seeds do not name the run: other seeds
-    of the same config in `workdir` are reused (finished seed folders are not rerun, a one-seed
-    run there first moves into its `seed_<k>`), and `summary.json` covers the seeds asked for
-    now. The features are prepared once and shared;
-    a grid over method fields may pass `prepared=pipeline.prepare(config)` to share them across
-    runs too (it must come from a config with the same dataset, model, prompt and split fields).
-    """
+    """Runs every seed of `config` into `workdir` (several: `workdir/seed_<k>` each, plus a
+    mean ± std summary.json); returns the summary. Finished seed folders are reused; `prepared`
+    (`pipeline.prepare` of a config with the same data fields) shares features across runs."""
     return run_experiments([(config, workdir)], overwrite, prepared)[0]
 
 
 def run_experiments(items, overwrite: bool = False, prepared: Prepared | None = None) -> list:
-    """`run_experiment` of every (config, workdir) of `items`, configs of one dataset, model,
-    prompt and split (one `prepared`); returns their summaries. With `outputs.seeds_together`
-    (`trains_together`), the seeds of all of them that can train together do
-    (`calfuse_jax.seeds`: the seeds of a config, and configs that differ only in the step's
-    floats or the fusion)."""
+    """`run_experiment` of each (config, workdir) of `items`, of the same data fields, at once."""
+    from calfuse_jax.seeds import together_key
+
     with contextlib.ExitStack() as stack:
         plans = []
         for config, workdir in items:
@@ -241,10 +176,17 @@ def run_experiments(items, overwrite: bool = False, prepared: Prepared | None = 
         for plan in plans:
             if is_primary() and plan.runs[0][1] != plan.workdir:  # marks a seeds folder ours
                 rundir.write_json(plan.workdir / rundir.CONFIG_FILE, plan.config.to_dict())
-        pending = [run for plan in plans for run in plan.runs if run[1] not in plan.finished]
-        if pending:
+        groups = {}  # the seed runs to run, by `seeds.together_key` when they train together
+        for config, folder in (r for p in plans for r in p.runs if r[1] not in p.finished):
+            key = together_key(config) if trains_together(config) else str(folder)
+            groups.setdefault(key, []).append((config, folder))
+        if groups:
             prepared = prepared or prepare(plans[0].config)
-        done = _run_pending(pending, prepared)
+        done = {
+            folder: summary
+            for group in groups.values()
+            for (_, folder), summary in zip(group, run_seeds_together(group, prepared), strict=True)
+        }
         return [_finish(plan, done) for plan in plans]
 
 
@@ -258,19 +200,18 @@ class _Plan(NamedTuple):
 def _plan(config, workdir: pathlib.Path, overwrite: bool) -> _Plan:
     """Claims the locked `workdir` and its seed folders for `config`'s seeds."""
     seeds = seeds_of(config)
-    alone = single_seed_run(workdir)
+    own = any((workdir / m).exists() for m in ("metrics.jsonl", "checkpoints"))  # a one-seed run
+    alone = (rundir.readable_json(workdir / rundir.CONFIG_FILE) or {}).get("seed") if own else None
     seed_folders = workdir.is_dir() and any(_seed_folder(p) for p in workdir.iterdir())
     if len(seeds) == 1 and not seed_folders and alone in (None, seeds[0]):
         config.seed = seeds[0]
         claim_workdir(workdir, config.to_dict(), overwrite, ignore=("seeds",))  # fail fast
         return _Plan(config, workdir, [(config, workdir)], {})
-    runs = []
-    for seed in seeds:
-        seed_config = ml_collections.ConfigDict(config.to_dict())
-        seed_config.seed = seed
-        runs.append((seed_config, workdir / f"seed_{seed}"))
-    # The seeds do not name the run (each has its own folder), so a folder of other seeds of
-    # this config is resumed; a one-seed run in the folder itself moves into its seed_<k>.
+    runs = [
+        (ml_collections.ConfigDict(config.to_dict() | {"seed": seed}), workdir / f"seed_{seed}")
+        for seed in seeds
+    ]
+    # A folder of other seeds of this config resumes; a one-seed run there moves into seed_<k>.
     resumed = claim_workdir(workdir, config.to_dict(), overwrite, ignore=("seeds", "seed"))
     if resumed and alone is not None:
         barrier("calfuse_single_seed_inspected")
@@ -289,25 +230,8 @@ def _plan(config, workdir: pathlib.Path, overwrite: bool) -> _Plan:
     return _Plan(config, workdir, runs, finished)
 
 
-def _run_pending(pending: list, prepared: Prepared) -> dict:
-    """{folder: summary} of the (config, folder) seed runs of `pending`: those with the same
-    `seeds.together_key` (and `outputs.seeds_together`) together, the others one by one."""
-    from calfuse_jax.seeds import together_key
-
-    groups = {}
-    for config, folder in pending:
-        key = together_key(config) if trains_together(config) else str(folder)
-        groups.setdefault(key, []).append((config, folder))
-    done = {}
-    for group in groups.values():
-        found = run_seeds_together(group, prepared)
-        done.update(zip([folder for _, folder in group], found, strict=True))
-    return done
-
-
 def _finish(plan: _Plan, done: dict) -> dict:
-    """The summary of `plan`'s run: its one seed's, or its seeds' mean ± std (summary.json and
-    plots in its workdir)."""
+    """The summary of `plan`'s run: its one seed's, or its seeds' mean ± std (written)."""
     if plan.runs[0][1] == plan.workdir:
         return done[plan.workdir]
     summaries = []
@@ -315,8 +239,7 @@ def _finish(plan: _Plan, done: dict) -> dict:
         if seed_dir in plan.finished:
             log.info("seed %d: finished earlier in %s, reused", seed_config.seed, seed_dir)
         summaries.append(plan.finished.get(seed_dir) or done[seed_dir])
-    summary = results.aggregate(summaries)
-    config = plan.config
+    config, summary = plan.config, results.aggregate(summaries)
     summary.update(method=config.method, config=config.name)
     if is_primary():
         rundir.write_json(plan.workdir / "summary.json", summary)
@@ -326,15 +249,13 @@ def _finish(plan: _Plan, done: dict) -> dict:
     return summary
 
 
-def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.run",
-        description="Run a class-incremental CLIP benchmark; override any field with "
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit status (`cli.main_guard`)."""
+    parser = cli.command_parser(
+        "run",
+        "Run a class-incremental CLIP benchmark; override any field with "
         "--config.KEY=VALUE (e.g. --config.train.epochs=5).",
-        epilog=catalog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", required=True, help="name[:variant] or path/to/config.py")
     parser.add_argument("--workdir", help="results folder (default: runs/<config>-<method>)")
     parser.add_argument("--overwrite", action="store_true", help="replace a run of another config")
     parser.add_argument(
@@ -345,17 +266,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
         help="a finished run to continue with --config's classes as further tasks (new folder "
         "RUN+<config name>, or --workdir)",
     )  # fmt: skip
-    parser.add_argument("--traceback", action="store_true", help="show tracebacks of user errors")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress")
-    add_distributed_flags(parser)
-    return parse_with_overrides(parser, argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; returns the exit status: 0 done, 2 a user error (bad config, missing
-    files, a workdir of another run or in use), 3 a NaN/Inf value, 75 a lost peer, 130/143 a
-    signal."""
-    args, overrides = parse_args(argv)
+    args, overrides = cli.parse_command(parser, argv)
     return cli.main_guard(args, overrides, lambda config: _main(args, config, overrides))
 
 
@@ -363,7 +274,7 @@ def _main(args: argparse.Namespace, config: ml_collections.ConfigDict, overrides
     if args.show_config:
         print(format_config(resolve_method(config)))
         return 0
-    if args.continue_from:  # `config` gives the new classes (experiments/continuation.py)
+    if args.continue_from:  # `config` gives the new classes
         from experiments.continuation import continue_experiment
 
         config, summary = continue_experiment(args, config, overrides)
