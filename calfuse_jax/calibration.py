@@ -1,24 +1,9 @@
-"""Feature calibration: a gate that mixes CLIP's own image feature with the adapted one.
+"""Feature calibration: a gate mixes CLIP's own image feature with the adapted one (DESIGN.md §2).
 
-DESIGN.md §2. With `n(v) = v / ||v||`, the calibrated feature is
-
-    f = n( g * n(f0) + (1 - g) * n(fa) ),      fa = W f0,
-
-and the logits are `s * f @ T^T`. The gate `g` in [0, 1] comes from one of five modes:
-
-- `none`:     g = 0 (RAPF: only the adapted feature).
-- `fixed`:    g = a constant (`value`).
-- `schedule`: g depends on the task index (`linear` from g_first to g_last) or equals the fraction
-              of old classes among the seen classes (`old_fraction`).
-- `learned`:  g = sigmoid(a), one trainable scalar `calib/a`.
-- `dynamic`:  g(x) = sigmoid(w . [n(f0), n(fa), n(f0) * n(fa)] + b), per sample, parameters
-              `calib/kernel` [3D, 1] and `calib/bias` [1].
-
-The head computes g itself, for every mode, from a traced `TaskContext` (task index, number of
-tasks, old and seen class counts), so a run compiles once whatever the mode. `learned` and
-`dynamic` keep their parameters in their own `calib/...` subtree, so that "train only the gate"
-and "never fuse the gate" are path rules. A mode is one entry of `GATES`: adding one is a
-function here (see README, "Extending").
+With `n(v) = v / ||v||` the calibrated feature is `f = n(g n(f0) + (1 - g) n(W f0))` and the
+logits `s f @ T^T`. The gate g comes from a mode of `GATES` (none, fixed, schedule, learned,
+dynamic), computed from a traced `TaskContext` so a run compiles once; parameters of a gate live
+under `calib/...`, so fusion and training rules can address them by path.
 """
 
 from __future__ import annotations
@@ -44,16 +29,8 @@ def normalize(v: jax.Array, axis: int = -1) -> jax.Array:
 
 
 def calibrate(f0: jax.Array, fa: jax.Array, gate: jax.Array | float) -> jax.Array:
-    """The calibrated feature `n(g * n(f0) + (1 - g) * n(fa))`.
-
-    Args:
-      f0: [B, D] frozen CLIP image features (any norm).
-      fa: [B, D] adapted features `W f0` (any norm).
-      gate: a scalar or [B] gate values in [0, 1]; g = 0 gives `n(fa)`, g = 1 gives `n(f0)`.
-
-    Returns:
-      [B, D] unit-norm calibrated features.
-    """
+    """Unit-norm [B, D] `n(g n(f0) + (1 - g) n(fa))` of frozen f0 [B, D] and adapted fa [B, D],
+    with a scalar or [B] gate in [0, 1]."""
     gate = jnp.asarray(gate, dtype=f0.dtype)
     if gate.ndim == 1:
         gate = gate[:, None]  # [B, 1]: one gate per sample
@@ -64,14 +41,8 @@ def calibrate(f0: jax.Array, fa: jax.Array, gate: jax.Array | float) -> jax.Arra
 
 
 class TaskContext(NamedTuple):
-    """Where in the stream the head is applied: int32 scalars, traced like any input.
-
-    Attributes:
-      task: 0-based index of the task being trained or evaluated.
-      num_tasks: tasks in the stream.
-      num_old: classes seen before this task (0 on the first).
-      num_seen: classes seen including this task.
-    """
+    """Where in the stream the head is applied, int32 scalars traced like any input: the task
+    (0-based), the stream's tasks, classes seen before it and including it."""
 
     task: jax.Array
     num_tasks: jax.Array
@@ -86,8 +57,8 @@ def task_context(bounds: Sequence[int], task: int) -> TaskContext:
 
 
 def pytorch_linear_init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
-    """PyTorch's default `nn.Linear` weight init: uniform in +-1/sqrt(fan_in)."""
-    bound = 1.0 / jnp.sqrt(shape[0])  # Flax kernel is [in, out], so fan_in is shape[0]
+    """PyTorch's `nn.Linear` weight init, uniform in +-1/sqrt(fan_in) (Flax kernel [in, out])."""
+    bound = 1.0 / jnp.sqrt(shape[0])
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
@@ -119,8 +90,7 @@ def _fixed_gate(head, f0, fa, ctx):
 
 
 def _schedule_gate(head, f0, fa, ctx):
-    """`linear`: g_first -> g_last over the tasks (g_first for a single task); `old_fraction`:
-    the share of old classes among the seen ones (0 on the first task)."""
+    """`linear`: g_first -> g_last over the tasks; `old_fraction`: old classes / seen classes."""
     if head.schedule == "linear":
         return head.g_first + (head.g_last - head.g_first) * ctx.task / jnp.maximum(
             ctx.num_tasks - 1, 1
@@ -135,6 +105,7 @@ def _learned_gate(head, f0, fa, ctx):
 
 
 def _dynamic_gate(head, f0, fa, ctx):
+    """Per sample `sigmoid(w . [n(f0), n(fa), n(f0) n(fa)] + b)`; w starts at zero."""
     n0, na = normalize(f0), normalize(fa)
     inputs = jnp.concatenate([n0, na, n0 * na], axis=-1)  # [B, 3D]
     dense = nn.Dense(
@@ -167,20 +138,10 @@ def _pick(table: dict, name: str, what: str):
 
 
 class CalibratedHead(nn.Module):
-    """Linear adapter (no bias) plus calibration gate.
-
-    Parameters: `adapter/kernel` [D, D] (Flax orientation, `kernel = W^T`, so `fa = f0 @ kernel`),
-    plus `calib/a` [] for `learned` or `calib/kernel` [3D, 1], `calib/bias` [1] for `dynamic`.
-    The dynamic gate's kernel starts at zero, so every sample starts at `sigmoid(init_bias)`.
-
-    Attributes:
-      dim: feature width D.
-      mode: gate mode, a key of `GATES` (see module docstring).
-      adapter_init: adapter init, `pytorch` (uniform +-1/sqrt(D)) or `identity`. (Not called
-        `init`: a Linen field of that name would hide `Module.init`, so `head.init(key, x)` breaks.)
-      init_bias: initial gate pre-activation for `learned`/`dynamic` (0 -> g = 0.5).
-      value: g of `fixed`; schedule, g_first, g_last: the `schedule` mode's settings.
-    """
+    """Linear adapter (no bias, `adapter/kernel` [D, D], `fa = f0 @ kernel`) plus the gate of
+    `mode`. `adapter_init` is `pytorch` or `identity` (a field named `init` would hide
+    `Module.init`); `init_bias` is the learned/dynamic gate's start (0: g = 0.5); `value` is g of
+    `fixed`; `schedule`, `g_first`, `g_last` configure `schedule`."""
 
     dim: int
     mode: str = "dynamic"
@@ -193,15 +154,7 @@ class CalibratedHead(nn.Module):
 
     @nn.compact
     def __call__(self, f0: jax.Array, ctx: TaskContext):
-        """Calibrated features and the gate used.
-
-        Args:
-          f0: [B, D] frozen image features.
-          ctx: the task context (`task_context`); traced, so every task shares one compile.
-
-        Returns:
-          ([B, D] unit-norm calibrated features, [B] gate values).
-        """
+        """(unit-norm calibrated features [B, D], gate [B]) of frozen features f0 [B, D]."""
         if f0.ndim != 2 or f0.shape[-1] != self.dim:
             raise ValueError(f"f0 must be [B, {self.dim}], got shape {f0.shape}")
         gate_fn = _pick(GATES, self.mode, "gate mode")
@@ -213,14 +166,5 @@ class CalibratedHead(nn.Module):
 
 
 def head_logits(features: jax.Array, text_features: jax.Array, scale: jax.Array | float):
-    """Cosine logits `scale * f @ T^T`.
-
-    Args:
-      features: [B, D] unit-norm calibrated features.
-      text_features: [C, D] unit-norm class text embeddings (positions 0..C-1).
-      scale: CLIP's logit scale `exp(logit_scale)`, 100 for OpenAI CLIP.
-
-    Returns:
-      [B, C] logits.
-    """
+    """Cosine logits [B, C] `scale * f @ T^T` of unit features [B, D] and text [C, D]."""
     return scale * features @ text_features.T

@@ -1,17 +1,9 @@
 """One task's training of the head on frozen features: Optax Adam, one device program per epoch.
 
-The task's features and labels go to the device once (rows sharded over the mesh's `data` axis,
-padded to the run's largest task so every task shares one compile); an epoch is a `fori_loop`
-over its steps that gathers each batch on the device from the epoch's row order. Every batch is
-the task's real features plus pseudo-features of K old classes and samples of the old class of
-every hard pair, drawn inside the step from the stored Gaussians (DESIGN.md §2). The batch is
-split over `data` and the head replicated, so XLA inserts the gradient all-reduce; the global
-batch (`config.train.batch_size`, rounded up to a multiple of the device count) does not depend on
-the device count, and the ragged last batch is padded with a zero mask, not dropped. Row orders
-and pseudo-class lists are drawn from `fold_in(key, epoch)` and step randomness from
-`fold_in(key, step)` of the task's keys (`task_keys`), so a run is a pure function of (config,
-seed, data) and a run resumed at an epoch boundary replays exactly. The host only reads each
-epoch's losses, checks signals and writes step checkpoints between epochs."""
+Rows are sharded over `data` and padded to the run's largest task (one compile for every task);
+each batch adds pseudo-features drawn inside the step (DESIGN.md §2). Row orders come from
+`fold_in(key, epoch)` and step randomness from `fold_in(key, step)`, so a run resumed at an
+epoch boundary replays exactly."""
 
 from __future__ import annotations
 
@@ -36,19 +28,13 @@ logger = logging.getLogger("calfuse_jax")
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A value of the run became NaN or Inf: the training loss at `task`, `step` (1-based), or
-    another `quantity` (step None), with `hint` as the likely fix."""
+    """A value became NaN/Inf: the loss at `task`, `step` (1-based), or another `quantity`."""
 
     LOSS_HINT = "lower config.train.lr or check the features for NaN/Inf"
 
     def __init__(self, task, step, value, quantity="the training loss", hint=LOSS_HINT):
-        self.task, self.step, self.value, self.quantity, self.hint = (
-            task,
-            step,
-            value,
-            quantity,
-            hint,
-        )
+        self.task, self.step, self.value = task, step, value
+        self.quantity, self.hint = quantity, hint
         where = f"task {task}" + ("" if step is None else f", step {step}")
         super().__init__(
             f"{quantity} became {value} at {where}; the run stopped and the last good "
@@ -80,15 +66,13 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 
 
 def lr_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """The learning rate by epoch: `lr`, times `lr_decay` at each milestone epoch (an Optax
-    piecewise-constant schedule; a milestone listed twice decays twice)."""
+    """The learning rate by epoch: `lr` times `lr_decay` at each milestone (listed twice: twice)."""
     return decays(config)(float(config.train.lr))
 
 
 def decays(config: ml_collections.ConfigDict) -> Callable[[Any], optax.Schedule]:
-    """`lr -> schedule` of `config`'s decays and milestones. The epoch program calls it with the
-    traced `StepFloats.lr`, so runs that differ in `train.lr` share one compile; the same
-    settings give the same object, so the compiled epoch that closes over it is shared."""
+    """`lr -> schedule` of `config`'s decays; called with the traced lr, one object per setting
+    (so the epoch program closing over it is shared)."""
     milestones = tuple(sorted(int(m) for m in config.train.milestones))
     return _decays(float(config.train.lr_decay), milestones)
 
@@ -100,8 +84,7 @@ def _decays(decay: float, milestones: tuple[int, ...]) -> Callable[[Any], optax.
 
 
 def optimizer() -> optax.GradientTransformation:
-    """Adam's moment scaling; the step multiplies by `-decays(config)(lr)(epoch)`, computed in
-    the program from the traced epoch, so one compile serves every epoch."""
+    """Adam's moment scaling; the step multiplies by `-lr(epoch)` itself."""
     return optax.scale_by_adam()
 
 
@@ -118,11 +101,8 @@ def _train_step(state: TrainState, batch, pseudo_ids, step, lr, key, inputs, met
 
 
 def task_keys(key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(step, order, pseudo) keys of a task from its key: a step's randomness is
-    `fold_in(step_key, step)`, an epoch's row order and pseudo-class list
-    `fold_in(order_key | pseudo_key, epoch)`, so a run replays exactly from any epoch."""
-    step_key, order_key, pseudo_key = jax.random.split(key, 3)
-    return step_key, order_key, pseudo_key
+    """(step, order, pseudo) keys of a task, each folded with the step or epoch."""
+    return tuple(jax.random.split(key, 3))
 
 
 def _valid_first(key: jax.Array, count, capacity: int) -> jax.Array:
@@ -137,18 +117,16 @@ def epoch_order(order_key: jax.Array, epoch, count, capacity: int) -> jax.Array:
 
 
 def pseudo_class_schedule(pseudo_key, epoch, num_old, steps: int, per_batch: int, classes: int):
-    """int32 [steps, max(K, 1)]: the old classes (positions 0..num_old-1) of each batch, cycled
-    from a list reshuffled every epoch, so an epoch reaches every old class once before any
-    repeats; zeros when there are none (task 0) or K is 0."""
+    """int32 [steps, max(K, 1)]: each batch's old classes, cycled from a list reshuffled every
+    epoch (every old class once before any repeats); zeros when there are none."""
     order = _valid_first(jax.random.fold_in(pseudo_key, epoch), num_old, classes)
     slots = jnp.arange(steps * max(per_batch, 1)).reshape(steps, -1)
     return order[slots % jnp.maximum(num_old, 1)]
 
 
 class TaskData(NamedTuple):
-    """A task's training rows on the device, padded to the run's `capacity` rows (one shape, one
-    compile for every task): features [capacity, D] and positions int32 [capacity] sharded over
-    `data` (zero past `count`), `count` int32 replicated."""
+    """A task's rows on the device, padded to `capacity`: features [capacity, D] and positions
+    int32 [capacity] sharded over `data`, `count` int32 replicated."""
 
     features: jax.Array
     labels: jax.Array
@@ -156,9 +134,8 @@ class TaskData(NamedTuple):
 
 
 def _epoch(state, data: TaskData, epoch, key, inputs, *, method, shape, schedule, mesh):
-    """One epoch as one device program: `ceil(count / B)` steps in a `fori_loop`, each batch
-    gathered from the epoch's order. Returns (state, losses [max steps], 0 past the epoch, the
-    steps' learning rates [max steps])."""
+    """One epoch: `ceil(count / B)` steps in a `fori_loop`. Returns (state, losses [max steps],
+    0 past the epoch, learning rates [max steps])."""
     TRACES["train_step"] += 1
     batch_size, padded, per_batch = shape
     capacity, classes = data.features.shape[0], inputs.text.shape[0]
@@ -191,19 +168,15 @@ def _epoch(state, data: TaskData, epoch, key, inputs, *, method, shape, schedule
     return state, losses, jnp.full(max_steps, lr)
 
 
-# Runs trained together share the task's data and statistics; the head they start from (the
-# distillation teacher, their previous task's) and their step's floats differ, besides their
-# state and key.
+# Runs trained together share data and statistics; their teacher and step floats differ.
 SEED_AXES = TaskInputs(None, None, None, None, None, None, 0, None, 0)
 
 
 @functools.lru_cache(maxsize=16)
 def epoch_fn(method: Method, mesh: Mesh, shape: tuple, schedule: Callable, seeds=False):
     """The jitted epoch `(state, data, epoch, key, inputs) -> (state, losses, lrs)`, `state`
-    donated, outputs replicated; cached, so every task and epoch of a run shares one compile.
-    `shape`: (batch size, batch size padded to the mesh, K pseudo-classes per batch);
-    `schedule`: `decays(config)`. `seeds`: vmapped over a leading axis of runs trained together
-    (`state`, `key`, `inputs.teacher` and `inputs.floats`: `SEED_AXES`)."""
+    donated; `shape`: (batch size, padded to the mesh, K pseudo-classes); `schedule`:
+    `decays(config)`. `seeds`: vmapped over runs trained together (axes `SEED_AXES`)."""
     fn = functools.partial(_epoch, method=method, shape=shape, schedule=schedule, mesh=mesh)
     if seeds:
         fn = jax.vmap(fn, in_axes=(0, None, None, 0, SEED_AXES))
@@ -231,9 +204,8 @@ def eval_counts_fn(method: Method, mesh: Mesh):
 
 
 def evaluate(method: Method, params, features, labels, inputs: TaskInputs, mesh, batch_size: int):
-    """(correct [C], count [C]) of the head on (features [M, D], positions [M]), in batches of
-    `batch_size` rows (rounded up to the mesh size; the last padded with mask 0), so one compiled
-    function serves every batch and task of a run."""
+    """(correct [C], count [C]) of the head on (features [M, D], positions [M]), in padded
+    batches of `batch_size` rows (rounded up to the mesh), one compile for the run."""
     counts = eval_counts_fn(method, mesh)
     size = sharding.padded_size(batch_size, mesh)
     classes = inputs.text.shape[0]
@@ -271,9 +243,7 @@ class TaskView(NamedTuple):
 def task_data(view: TaskView, mesh: Mesh) -> TaskData:
     """The view's training rows on the device, zero-padded to `view.capacity` rows."""
     count = len(view.labels)
-    features = np.zeros((view.capacity, view.features.shape[1]), np.float32)
-    labels = np.zeros((view.capacity,), np.int32)
-    features[:count], labels[:count] = view.features, view.labels
+    features, labels, _ = host_batch(view.features, view.labels, np.arange(count), view.capacity)
     rows = sharding.shard_batch((features, labels), mesh)
     return TaskData(*rows, sharding.replicate(np.int32(count), mesh))
 
@@ -291,20 +261,15 @@ def train_task(
     loss_callback: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None] | None = None,
     progress: bool = True,
 ) -> tuple[TrainState, dict]:
-    """Trains `method` on one task from `start_step` (0, or a step checkpoint's epoch boundary).
+    """Trains `method` on one task from `start_step` (an epoch boundary).
 
-    Each epoch is one device program (`epoch_fn`); after it the host checks the losses (a NaN
-    names its step), stops on Ctrl-C/SIGTERM or a callback's KeyboardInterrupt with a step
-    checkpoint saved, and saves one past each multiple of `checkpoint_every_steps`. With
-    `view.members` the state has a leading axis of S runs trained together, losses are [S, n].
+    Between epochs the host checks the losses, stops on Ctrl-C/SIGTERM (or a callback's
+    KeyboardInterrupt) with a step checkpoint saved, and saves `save_step(step, state)` past each
+    multiple of `checkpoint_every_steps`. `step_callback(task, completed_steps)` and
+    `loss_callback(task, steps, losses, lrs)` run after every epoch. With `view.members`, `state`
+    has a leading axis of S runs and losses are [S, n].
 
-    Args:
-      state: params and optimiser state matching `start_step`, replicated.
-      save_step: `save_step(step, state)` for those step checkpoints.
-      step_callback: `fn(task, completed_steps)` after every epoch; loss_callback: `fn(task,
-        steps, losses, lrs)` with the epoch's steps (1-based), losses and learning rates.
-
-    Returns (state, {`loss`: the last epoch's mean (a list per seed), `steps`}).
+    Returns (state, {`loss`: the last epoch's mean (a list per run), `steps`}).
     """
     batch_size, epochs = int(config.train.batch_size), int(config.train.epochs)
     epoch_steps = steps_per_epoch(len(view.labels), batch_size)
@@ -341,7 +306,7 @@ def train_task(
 
 
 def _check_losses(view: TaskView, steps: np.ndarray, losses: np.ndarray) -> None:
-    """NonFiniteLossError at the first step (and seed) whose loss is NaN/Inf."""
+    """NonFiniteLossError at the first step (and run) whose loss is NaN/Inf."""
     bad = ~np.isfinite(np.atleast_2d(losses))  # [S, n]
     if bad.any():
         index = int(np.flatnonzero(bad.any(axis=0))[0])
@@ -352,7 +317,6 @@ def _check_losses(view: TaskView, steps: np.ndarray, losses: np.ndarray) -> None
 
 
 def _epoch_program(method: Method, config, mesh: Mesh, seeds: bool):
-    """`epoch_fn` of `config`'s batch shape and learning-rate decays."""
     batch_size, per_batch = int(config.train.batch_size), int(config.pseudo.classes_per_batch)
     shape = (batch_size, sharding.padded_size(batch_size, mesh), max(per_batch, 1))
     return epoch_fn(method, mesh, shape, decays(config), seeds=seeds)
@@ -373,8 +337,7 @@ def _advance(bar, steps: int, loss: float, first: bool) -> None:
 
 
 def _save_stopped(error, stopped, state, save_step) -> None:
-    """Ctrl-C or SIGTERM, between epochs (`interrupt.deferred` keeps signals out of an epoch and
-    its donated state): keeps the work so far as a step checkpoint; an `Interrupted` learns
+    """On Ctrl-C/SIGTERM between epochs: saves a step checkpoint and tells an `Interrupted`
     where the run stopped and what was saved."""
     task, step, total = stopped
     where = f"at task {task}, step {step} of {total}"
