@@ -81,14 +81,6 @@ class LearnedGate(nn.Module):
         return jnp.broadcast_to(jax.nn.sigmoid(a), (batch,))  # [B]
 
 
-def _none_gate(head, f0, fa, ctx):
-    return 0.0
-
-
-def _fixed_gate(head, f0, fa, ctx):
-    return head.value
-
-
 def _schedule_gate(head, f0, fa, ctx):
     """`linear`: g_first -> g_last over the tasks; `old_fraction`: old classes / seen classes."""
     if head.schedule == "linear":
@@ -120,8 +112,8 @@ def _dynamic_gate(head, f0, fa, ctx):
 # Gate mode -> `fn(head, f0 [B, D], fa [B, D], ctx) -> g` (a scalar or [B]), called inside the
 # head's `__call__`: a mode with parameters creates them there (under the name `calib`).
 GATES: dict[str, Callable] = {
-    "none": _none_gate,
-    "fixed": _fixed_gate,
+    "none": lambda head, f0, fa, ctx: 0.0,
+    "fixed": lambda head, f0, fa, ctx: head.value,
     "schedule": _schedule_gate,
     "learned": _learned_gate,
     "dynamic": _dynamic_gate,

@@ -39,10 +39,6 @@ def fuse_in_basis(
     return jnp.where(bias >= 1.0, w_new, fused)
 
 
-def _qr_basis(w_old: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return jnp.linalg.qr(w_old, mode="complete")  # [out, out], [out, in]
-
-
 def _svd_basis(w_old: jax.Array) -> tuple[jax.Array, jax.Array]:
     out_dim, in_dim = w_old.shape
     u, s, vh = jnp.linalg.svd(w_old, full_matrices=False)  # [out, k], [k], [k, in]
@@ -68,7 +64,7 @@ def _fuse(name: str, factorise, w_old: jax.Array, w_new: jax.Array, bias) -> jax
 
 def qr_fuse(w_old: jax.Array, w_new: jax.Array, bias: jax.Array | float) -> jax.Array:
     """QR fusion of [out, in] matrices (`y = W x`); `bias` may be traced. Dtype of `w_new`."""
-    return _fuse("qr_fuse", _qr_basis, w_old, w_new, bias)
+    return _fuse("qr_fuse", functools.partial(jnp.linalg.qr, mode="complete"), w_old, w_new, bias)
 
 
 def svd_fuse(w_old: jax.Array, w_new: jax.Array, bias: jax.Array | float) -> jax.Array:
