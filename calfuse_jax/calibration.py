@@ -1,9 +1,8 @@
 """Feature calibration: a gate mixes CLIP's own image feature with the adapted one (DESIGN.md §2).
 
-With `n(v) = v / ||v||` the calibrated feature is `f = n(g n(f0) + (1 - g) n(W f0))` and the
-logits `s f @ T^T`. The gate g comes from a mode of `GATES` (none, fixed, schedule, learned,
-dynamic), computed from a traced `TaskContext` so a run compiles once; parameters of a gate live
-under `calib/...`, so fusion and training rules can address them by path.
+`f = n(g n(f0) + (1 - g) n(W f0))` with `n(v) = v / ||v||`, logits `s f @ T^T`. The gate is a mode
+of `GATES`, computed from a traced `TaskContext` (one compile per run); gate parameters live under
+`calib/...`.
 """
 
 from __future__ import annotations
@@ -36,8 +35,7 @@ def calibrate(f0: jax.Array, fa: jax.Array, gate: jax.Array | float) -> jax.Arra
         gate = gate[:, None]  # [B, 1]: one gate per sample
     elif gate.ndim != 0:
         raise ValueError(f"gate must be a scalar or [B], got shape {gate.shape}")
-    mixed = gate * normalize(f0) + (1.0 - gate) * normalize(fa)
-    return normalize(mixed)
+    return normalize(gate * normalize(f0) + (1.0 - gate) * normalize(fa))
 
 
 class TaskContext(NamedTuple):
@@ -84,9 +82,8 @@ class LearnedGate(nn.Module):
 def _schedule_gate(head, f0, fa, ctx):
     """`linear`: g_first -> g_last over the tasks; `old_fraction`: old classes / seen classes."""
     if head.schedule == "linear":
-        return head.g_first + (head.g_last - head.g_first) * ctx.task / jnp.maximum(
-            ctx.num_tasks - 1, 1
-        )
+        span = jnp.maximum(ctx.num_tasks - 1, 1)
+        return head.g_first + (head.g_last - head.g_first) * ctx.task / span
     if head.schedule == "old_fraction":
         return ctx.num_old / ctx.num_seen
     raise ValueError(f"unknown gate schedule {head.schedule!r}; choose one of {SCHEDULES}")
@@ -100,12 +97,8 @@ def _dynamic_gate(head, f0, fa, ctx):
     """Per sample `sigmoid(w . [n(f0), n(fa), n(f0) n(fa)] + b)`; w starts at zero."""
     n0, na = normalize(f0), normalize(fa)
     inputs = jnp.concatenate([n0, na, n0 * na], axis=-1)  # [B, 3D]
-    dense = nn.Dense(
-        1,
-        kernel_init=nn.initializers.zeros,
-        bias_init=nn.initializers.constant(head.init_bias),
-        name="calib",
-    )
+    bias_init = nn.initializers.constant(head.init_bias)
+    dense = nn.Dense(1, kernel_init=nn.initializers.zeros, bias_init=bias_init, name="calib")
     return jax.nn.sigmoid(dense(inputs))[:, 0]  # [B]
 
 
@@ -152,8 +145,7 @@ class CalibratedHead(nn.Module):
         gate_fn = _pick(GATES, self.mode, "gate mode")
         kernel_init = _pick(INITS, self.adapter_init, "adapter init")
         fa = nn.Dense(self.dim, use_bias=False, kernel_init=kernel_init, name="adapter")(f0)
-        gate = jnp.asarray(gate_fn(self, f0, fa, ctx), f0.dtype)
-        gate = jnp.broadcast_to(gate, (f0.shape[0],))  # [B]
+        gate = jnp.broadcast_to(jnp.asarray(gate_fn(self, f0, fa, ctx), f0.dtype), f0.shape[:1])
         return calibrate(f0, fa, gate), gate
 
 

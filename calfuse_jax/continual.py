@@ -1,8 +1,7 @@
 """The class-incremental task loop: train -> class statistics -> fuse -> evaluate -> checkpoint.
 
-`run_continual` carries a `ContinualState` from task to task, writing metrics and a task
-checkpoint after each, so a killed run resumes (after the last task, or from a step checkpoint)
-and replays bit for bit. Only process 0 writes files; Orbax checkpoints are collective.
+Each finished task writes metrics and a checkpoint, so a killed run resumes and replays bit for
+bit. Only process 0 writes files; Orbax checkpoints are collective.
 """
 
 from __future__ import annotations
@@ -94,14 +93,10 @@ def _training_sizes(stream: FeatureStream, method) -> list[int]:
 
 
 def start_task(run: Run, task: int, state: ContinualState, shared: ContinualState | None = None):
-    """(`state` with the statistics of `task`'s classes filled in, the task's `TaskView`).
-
-    The statistics come from the frozen training features, before training (a method may read
-    the new classes'). `shared`: the started state of a run trained together with this one,
-    whose statistics are taken instead of computed again.
-    """
-    split, config = run.stream.split, run.config
-    bounds = split.bounds
+    """(`state` with the statistics of `task`'s classes filled in before training, its
+    `TaskView`); `shared`: a started run trained together with this one, whose statistics it
+    takes."""
+    config, bounds = run.config, run.stream.split.bounds
     old, seen = int(bounds[task]), int(bounds[task + 1])
     joint = getattr(run.method, "joint", False)
     features, labels = (run.stream.seen if joint else run.stream.task)(task, "train")
@@ -130,7 +125,7 @@ def start_task(run: Run, task: int, state: ContinualState, shared: ContinualStat
     key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), task)
     key, inputs = sharding.replicate((key, inputs), run.mesh)
     features, labels = np.asarray(features, np.float32), labels.astype(np.int32)
-    view = train.TaskView(task, split.num_tasks, features, labels, run.capacity, key, inputs)
+    view = train.TaskView(task, len(bounds) - 1, features, labels, run.capacity, key, inputs)
     return state.replace(means=means, chols=chols), view
 
 
@@ -246,26 +241,22 @@ def finish_task(run: Run, state: ContinualState, view, params, info, train_secon
     seen = int(split.bounds[task + 1])
     row = metrics.metrics_row(task, seen, accuracy, curve, info, train_seconds)
     state = state.replace(params=params, accuracy=accuracy, rows=(*state.rows, row))
-    _save_task(run, task, state)
+    # Only the statistics of this task's classes: earlier ones are in earlier task checkpoints.
+    old = int(split.bounds[task])
+    items = (
+        {"params": state.params, "accuracy": state.accuracy},
+        {"means": state.means[old:seen], "chols": state.chols[old:seen]},
+    )
+    saved, new_stats = sharding.replicate(items, run.mesh)
+    meta = task_meta(task, run.fingerprint, config.to_dict(), state.rows)
+    run.checkpoints.save_task(task, saved, meta, new_stats=new_stats)
+    write_results(run, state)
     logger.info(
         "task %d (%d/%d): seen-class accuracy %.2f%% (old %.2f, new %.2f), %.1fs%s",
         task, task + 1, split.num_tasks, *curve, train_seconds,
         f" ({view.members[0]})" if view.members else "",
     )  # fmt: skip
     return state
-
-
-def _save_task(run: Run, task: int, state: ContinualState) -> None:
-    # Only the statistics of this task's classes: earlier ones are in earlier task checkpoints.
-    old, seen = int(run.stream.split.bounds[task]), int(run.stream.split.bounds[task + 1])
-    items = (
-        {"params": state.params, "accuracy": state.accuracy},
-        {"means": state.means[old:seen], "chols": state.chols[old:seen]},
-    )
-    saved, new_stats = sharding.replicate(items, run.mesh)
-    meta = task_meta(task, run.fingerprint, run.config.to_dict(), state.rows)
-    run.checkpoints.save_task(task, saved, meta, new_stats=new_stats)
-    write_results(run, state)
 
 
 def write_results(run: Run, state: ContinualState) -> None:
@@ -325,17 +316,13 @@ def run_continual(
     step_callback: Callable[[int, int], None] | None = None,
     loss_callback: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None] | None = None,
 ) -> ContinualResult:
-    """Runs (or resumes) the whole class-incremental sequence of `stream` in `workdir`.
+    """Runs (or resumes) the class-incremental sequence of `stream` in `workdir`.
 
-    `text_features` [C_dataset, D] are the class text embeddings by dataset label; `config` the
-    `method_config()` fields; a different run found in `workdir` is refused (ConfigMismatchError)
-    unless `overwrite` moves it aside; `mesh` defaults to all devices; `logit_scale` to
-    `config.logit_scale`. `step_callback(task, completed_steps)` and `loss_callback(task, steps,
-    losses, lrs)` run after every epoch (`steps` counted across tasks).
-
-    Raises ValueError on bad inputs, TaskCheckpointError for a missing or damaged checkpoint that
-    resuming needs, NonFiniteLossError on NaN/Inf (the last good checkpoint is kept); Ctrl-C or
-    SIGTERM stops at the next epoch with a step checkpoint saved and raises `Interrupted`.
+    `text_features` [C_dataset, D] are text embeddings by dataset label; a different run found in
+    `workdir` is refused (ConfigMismatchError) unless `overwrite` moves it aside. The callbacks
+    run after every epoch (`loss_callback`'s `steps` counted across tasks). Raises ValueError,
+    TaskCheckpointError (resuming needs a missing or damaged checkpoint), NonFiniteLossError;
+    Ctrl-C or SIGTERM stops at the next epoch with a step checkpoint and raises `Interrupted`.
     """
     with deferred():  # a signal, even while opening or compiling, stops at a saved point
         run = open_run(

@@ -1,12 +1,8 @@
 """QR / SVD parameter fusion of the old and new heads (DESIGN.md §2).
 
-For an output-space matrix `W` [out, in] (`y = W x`): `Q, R_old = qr(W_old)` (complete),
-`P = Q^T W_new`, `D = |P - R_old|`, `M = min(1, D / max(D) + b)`, `W = Q (M P + (1 - M) R_old)`;
-`svd_fuse` (RAPF) uses `W_old = U (S Vh)` instead. `b >= 1` gives `W_new`, an unchanged `W_new`
-(or `max(D) = 0`) gives `W_old`, all finite. A tall `W` uses the complete factorisation, so the
-part of `W_new` outside `W_old`'s column space is weighed rather than dropped (for the SVD, the
-complement of `U` comes from the Householder QR of `U`). `fuse_params` applies these to pytrees
-through ordered `"path_regex=action"` rules, jitted once per plan with the bias traced.
+For `W` [out, in]: `Q, R_old = qr(W_old)` (complete, so a tall `W` keeps the part of `W_new`
+outside `W_old`'s span), `P = Q^T W_new`, `D = |P - R_old|`, `M = min(1, D / max(D) + b)`,
+`W = Q (M P + (1 - M) R_old)`; `svd_fuse` (RAPF) uses `W_old = U (S Vh)`.
 """
 
 from __future__ import annotations
@@ -31,11 +27,9 @@ def fuse_in_basis(
     diff = jnp.abs(p - r_old)
     max_diff = jnp.max(diff)
     # A zero max(D) means nothing changed; the safe denominator only avoids 0/0 there.
-    scaled = diff / jnp.where(max_diff > 0, max_diff, 1.0)
-    mask = jnp.minimum(1.0, scaled + bias)
+    mask = jnp.minimum(1.0, diff / jnp.where(max_diff > 0, max_diff, 1.0) + bias)
     fused = basis @ (mask * p + (1.0 - mask) * r_old)
-    unchanged = (max_diff == 0) | jnp.all(w_new == w_old)
-    fused = jnp.where(unchanged, w_old, fused)
+    fused = jnp.where((max_diff == 0) | jnp.all(w_new == w_old), w_old, fused)
     return jnp.where(bias >= 1.0, w_new, fused)
 
 

@@ -1,8 +1,7 @@
 """Losses of one task (DESIGN.md §2): seen-class cross-entropy, hard-pair hinge, distillation.
 
-Logits cover every class position ([B, C]); `num_seen` (may be traced) masks the positions not
-seen yet, so one jitted step serves every task. Each loss is the mean over rows weighted by an
-optional mask [B] (padding 0), 0 when no row is valid.
+Logits [B, C] cover every class position, `num_seen` (may be traced) masks the unseen ones; each
+loss is the mean over rows weighted by an optional mask [B], 0 when no row is valid.
 """
 
 from __future__ import annotations
@@ -69,10 +68,8 @@ def distillation_loss(
     teacher_logits = jax.lax.stop_gradient(teacher_logits)
     log_student = _masked_log_softmax(student_logits.astype(jnp.float32) / temperature, num_seen)
     log_teacher = _masked_log_softmax(teacher_logits.astype(jnp.float32) / temperature, num_seen)
-    teacher = jnp.exp(log_teacher)
     valid = _class_mask(student_logits.shape[-1], num_seen)
-    terms = teacher * (log_teacher - log_student)  # [B, C]
+    terms = jnp.exp(log_teacher) * (log_teacher - log_student)  # [B, C]
     if valid is not None:
         terms = jnp.where(valid, terms, 0.0)
-    kl = jnp.sum(terms, axis=-1)  # [B]
-    return weight * temperature**2 * _masked_mean(kl, mask)
+    return weight * temperature**2 * _masked_mean(jnp.sum(terms, axis=-1), mask)

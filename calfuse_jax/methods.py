@@ -1,8 +1,8 @@
 """The method seam: what the training step, the evaluation and the task loop call.
 
-A method is a hashable `Method`; it may add `update(params, features, labels, rng, inputs)`, called
-once per task before training (closed-form methods), and `joint = True` (train on every seen
-class's rows). `REGISTRY` maps `config.method` to an `Entry` (constructor and preset).
+A `Method` may add `update(params, features, labels, rng, inputs)` (called once per task before
+training) and `joint = True` (train on every seen class's rows). `REGISTRY`: `config.method` ->
+`Entry`.
 """
 
 from __future__ import annotations
@@ -94,13 +94,12 @@ def make_head(config: ml_collections.ConfigDict, dim: int) -> calibration.Calibr
 def step_settings(config: ml_collections.ConfigDict, logit_scale: float):
     """The static settings of a run; ValueError for switches that do not work together."""
     check_switches(config)
-    beta = float(config.pseudo.beta)
-    use_pseudo = int(config.pseudo.classes_per_batch) > 0
-    use_hard = float(config.pseudo.hard_weight) > 0
+    pseudo = config.pseudo
+    beta = float(pseudo.beta)
     return StepSettings(
         logit_scale=float(logit_scale),
-        pseudo_per_class=int(np.floor(10 * beta)) if use_pseudo else 0,
-        hard_per_class=int(np.floor(20 * beta)) if use_hard else 0,
+        pseudo_per_class=int(np.floor(10 * beta)) if int(pseudo.classes_per_batch) > 0 else 0,
+        hard_per_class=int(np.floor(20 * beta)) if float(pseudo.hard_weight) > 0 else 0,
         use_kd=float(config.loss.kd_weight) > 0,
     )
 

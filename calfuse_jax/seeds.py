@@ -1,10 +1,7 @@
 """Runs of one stream trained together: one vmapped program over a leading axis of runs.
 
-Runs that differ only in `TOGETHER` (seed, the step's `StepFloats`, what happens after training)
-share the stream, the class statistics and every shape. `run_seeds` keeps one `run_continual` run
-folder per run but trains each task of the runs that agree in one vmapped epoch program; the
-others (another step structure or resume point, no training, a closed-form state) run one after
-another. Results equal the sequential runs within float error.
+Runs that differ only in `TOGETHER` share the stream, class statistics and shapes; `run_seeds`
+keeps a run folder per run and trains the runs that agree together, the others one by one.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """Per-class Gaussian statistics of frozen features, pseudo-feature sampling and hard pairs.
 
-After each task we keep, per class, the mean `mu_c` and the Cholesky factor `L_c` of its
-covariance plus `eps * I` (optionally shrunk); later tasks draw pseudo-features `mu_c + L_c z`
-(DESIGN.md §2).
+Per class: the mean `mu_c` and the Cholesky factor `L_c` of its covariance + `eps I`; later tasks
+draw pseudo-features `mu_c + L_c z` (DESIGN.md §2).
 """
 
 from __future__ import annotations
@@ -36,11 +35,7 @@ def class_stats(
 ) -> tuple[jax.Array, jax.Array]:
     """(means [K, D], covs [K, D, D]) float32 of features [N, D] with positions int [N], for each
     class of `class_ids` int [K] (>= 2 rows each): `numpy.cov` (n - 1), plus `eps * I`, then
-    `shrink` if `shrinkage`.
-
-    Concrete inputs are summarised class by class from blocks padded to a multiple of 64 rows
-    (O(N D^2)); traced ones scan all N rows per class (O(K N D^2)), to the same numbers.
-    """
+    `shrink` if `shrinkage`. Traced inputs scan all N rows per class, to the same numbers."""
     if any(isinstance(x, jax.core.Tracer) for x in (features, labels, class_ids)):
         return _scanned_stats(features, labels, class_ids, eps, shrinkage)
     blocks, weights = _class_blocks(np.asarray(features), np.asarray(labels), np.asarray(class_ids))
@@ -85,8 +80,7 @@ def _blocked_stats(blocks, weights, eps: float, shrinkage: bool):
 
 
 def _scanned_stats(features, labels, class_ids, eps: float, shrinkage: bool):
-    features = jnp.asarray(features, jnp.float32)
-    labels = jnp.asarray(labels)
+    features, labels = jnp.asarray(features, jnp.float32), jnp.asarray(labels)
 
     def one_class(class_id):
         return _moments(features, (labels == class_id).astype(jnp.float32), eps)
@@ -119,11 +113,9 @@ def sample_pseudo(
     """(features [K * n, D], labels int32 [K * n]): n = `samples_per_class` (static) draws
     `mu_c + L_c z` for each c of `class_ids` int [K] (may be traced), in rows k*n..k*n+n-1."""
     class_ids = jnp.asarray(class_ids, jnp.int32)
-    num = class_ids.shape[0]
-    dim = means.shape[1]
+    num, dim = class_ids.shape[0], means.shape[1]
     noise = jax.random.normal(key, (num, samples_per_class, dim), means.dtype)  # [K, n, D]
-    picked_chols = chols[class_ids]  # [K, D, D]
-    samples = means[class_ids][:, None, :] + jnp.einsum("knj,kij->kni", noise, picked_chols)
+    samples = means[class_ids][:, None, :] + jnp.einsum("knj,kij->kni", noise, chols[class_ids])
     labels = jnp.repeat(class_ids, samples_per_class, total_repeat_length=num * samples_per_class)
     return samples.reshape(num * samples_per_class, dim), labels
 
@@ -134,8 +126,6 @@ def hard_pairs(text_features, old_ids, new_ids, threshold: float) -> np.ndarray:
     text = np.asarray(text_features, np.float64)
     old_ids = np.asarray(old_ids, np.int64).reshape(-1)
     new_ids = np.asarray(new_ids, np.int64).reshape(-1)
-    if old_ids.size == 0 or new_ids.size == 0:
-        return np.zeros((0, 2), np.int64)
     dist = np.linalg.norm(text[old_ids][:, None, :] - text[new_ids][None, :, :], axis=-1)
     rows, cols = np.nonzero(dist < threshold)  # row-major: sorted by old, then new
     return np.stack([old_ids[rows], new_ids[cols]], axis=1).astype(np.int64)

@@ -1,9 +1,8 @@
 """One task's training of the head on frozen features: Optax Adam, one device program per epoch.
 
-Rows are sharded over `data` and padded to the run's largest task (one compile for every task);
-each batch adds pseudo-features drawn inside the step (DESIGN.md §2). Row orders come from
-`fold_in(key, epoch)` and step randomness from `fold_in(key, step)`, so a run resumed at an
-epoch boundary replays exactly."""
+Rows are padded to the run's largest task (one compile); row orders come from `fold_in(key,
+epoch)`, step randomness from `fold_in(key, step)`, so a run resumed at an epoch replays exactly.
+"""
 
 from __future__ import annotations
 
@@ -124,42 +123,33 @@ def pseudo_class_schedule(pseudo_key, epoch, num_old, steps: int, per_batch: int
     return order[slots % jnp.maximum(num_old, 1)]
 
 
-class TaskData(NamedTuple):
-    """A task's rows on the device, padded to `capacity`: features [capacity, D] and positions
-    int32 [capacity] sharded over `data`, `count` int32 replicated."""
-
-    features: jax.Array
-    labels: jax.Array
-    count: jax.Array
-
-
-def _epoch(state, data: TaskData, epoch, key, inputs, *, method, shape, schedule, mesh):
-    """One epoch: `ceil(count / B)` steps in a `fori_loop`. Returns (state, losses [max steps],
-    0 past the epoch, learning rates [max steps])."""
+def _epoch(state, data, epoch, key, inputs, *, method, shape, schedule, mesh):
+    """One epoch of `task_data`: `ceil(count / B)` steps in a `fori_loop`. Returns (state, losses
+    [max steps], 0 past the epoch, learning rates [max steps])."""
     TRACES["train_step"] += 1
     batch_size, padded, per_batch = shape
-    capacity, classes = data.features.shape[0], inputs.text.shape[0]
+    features, labels, count = data
+    capacity, classes = features.shape[0], inputs.text.shape[0]
     max_steps = steps_per_epoch(capacity, batch_size)
     step_key, order_key, pseudo_key = task_keys(key)
-    steps = (data.count + batch_size - 1) // batch_size
-    order = epoch_order(order_key, epoch, data.count, capacity)
+    steps = (count + batch_size - 1) // batch_size
+    order = epoch_order(order_key, epoch, count, capacity)
     pseudo = pseudo_class_schedule(
         pseudo_key, epoch, inputs.ctx.num_old, max_steps, per_batch, classes
     )
     lr = schedule(inputs.floats.lr)(epoch)
-    rows_sharding = sharding.data_sharding(mesh)
 
     def body(index, carry):
         state, losses = carry
         slot = index * batch_size + jnp.arange(padded)
-        valid = (jnp.arange(padded) < batch_size) & (slot < data.count)
+        valid = (jnp.arange(padded) < batch_size) & (slot < count)
         rows = order[jnp.minimum(slot, capacity - 1)]
         batch = (
-            jnp.where(valid[:, None], data.features[rows], 0.0),
-            jnp.where(valid, data.labels[rows], 0),
+            jnp.where(valid[:, None], features[rows], 0.0),
+            jnp.where(valid, labels[rows], 0),
             valid.astype(jnp.float32),
         )
-        batch = jax.lax.with_sharding_constraint(batch, rows_sharding)
+        batch = jax.lax.with_sharding_constraint(batch, sharding.data_sharding(mesh))
         step = epoch * steps + index
         state, loss = _train_step(state, batch, pseudo[index], step, lr, step_key, inputs, method)
         return state, losses.at[index].set(loss)
@@ -240,12 +230,13 @@ class TaskView(NamedTuple):
     members: tuple[str, ...] = ()  # labels of S runs trained together (vmapped), or () for one
 
 
-def task_data(view: TaskView, mesh: Mesh) -> TaskData:
-    """The view's training rows on the device, zero-padded to `view.capacity` rows."""
+def task_data(view: TaskView, mesh: Mesh) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(features [capacity, D], positions int32 [capacity]) sharded over `data`, zero-padded to
+    `view.capacity` rows, and their count, replicated."""
     count = len(view.labels)
     features, labels, _ = host_batch(view.features, view.labels, np.arange(count), view.capacity)
     rows = sharding.shard_batch((features, labels), mesh)
-    return TaskData(*rows, sharding.replicate(np.int32(count), mesh))
+    return *rows, sharding.replicate(np.int32(count), mesh)
 
 
 def train_task(
@@ -261,16 +252,10 @@ def train_task(
     loss_callback: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None] | None = None,
     progress: bool = True,
 ) -> tuple[TrainState, dict]:
-    """Trains `method` on one task from `start_step` (an epoch boundary).
-
-    Between epochs the host checks the losses, stops on Ctrl-C/SIGTERM (or a callback's
-    KeyboardInterrupt) with a step checkpoint saved, and saves `save_step(step, state)` past each
-    multiple of `checkpoint_every_steps`. `step_callback(task, completed_steps)` and
-    `loss_callback(task, steps, losses, lrs)` run after every epoch. With `view.members`, `state`
-    has a leading axis of S runs and losses are [S, n].
-
-    Returns (state, {`loss`: the last epoch's mean (a list per run), `steps`}).
-    """
+    """Trains `method` on one task from `start_step` (an epoch boundary); returns (state,
+    {`loss`: the last epoch's mean (a list per run), `steps`}). Between epochs the host checks the
+    losses, runs the callbacks, saves `save_step(step, state)` every `checkpoint_every_steps` and
+    on Ctrl-C/SIGTERM. With `view.members`, `state` has a leading axis of S runs."""
     batch_size, epochs = int(config.train.batch_size), int(config.train.epochs)
     epoch_steps = steps_per_epoch(len(view.labels), batch_size)
     total, every = epochs * epoch_steps, int(config.train.checkpoint_every_steps)
@@ -307,13 +292,12 @@ def train_task(
 
 def _check_losses(view: TaskView, steps: np.ndarray, losses: np.ndarray) -> None:
     """NonFiniteLossError at the first step (and run) whose loss is NaN/Inf."""
-    bad = ~np.isfinite(np.atleast_2d(losses))  # [S, n]
-    if bad.any():
-        index = int(np.flatnonzero(bad.any(axis=0))[0])
-        row = int(np.flatnonzero(bad[:, index])[0])
+    losses = np.atleast_2d(losses)  # [S, n]
+    bad = np.argwhere(~np.isfinite(losses).T)  # (step, run), ordered by step
+    if len(bad):
+        index, row = bad[0]
         quantity = "the training loss" + (f" of {view.members[row]}" if view.members else "")
-        value = float(np.atleast_2d(losses)[row, index])
-        raise NonFiniteLossError(view.task, int(steps[index]), value, quantity)
+        raise NonFiniteLossError(view.task, int(steps[index]), float(losses[row, index]), quantity)
 
 
 def _epoch_program(method: Method, config, mesh: Mesh, seeds: bool):
@@ -324,8 +308,7 @@ def _epoch_program(method: Method, config, mesh: Mesh, seeds: bool):
 
 def _bar(view: TaskView, total: int, start_step: int, progress: bool) -> tqdm:
     name = f"task {view.task} ({view.task + 1}/{view.num_tasks})"
-    if view.members:
-        name += f", {len(view.members)} runs together"
+    name += f", {len(view.members)} runs together" if view.members else ""
     return tqdm(total=total, initial=start_step, desc=name, disable=not progress, smoothing=0)
 
 
