@@ -39,8 +39,7 @@ def calibrate(f0: jax.Array, fa: jax.Array, gate: jax.Array | float) -> jax.Arra
 
 
 class TaskContext(NamedTuple):
-    """Where in the stream the head is applied, int32 scalars traced like any input: the task
-    (0-based), the stream's tasks, classes seen before it and including it."""
+    """int32 scalars, traced: the task, the stream's tasks, classes seen before it and with it."""
 
     task: jax.Array
     num_tasks: jax.Array

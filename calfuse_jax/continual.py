@@ -272,8 +272,7 @@ def unit_rows(text: np.ndarray) -> np.ndarray:
 
 
 def open_run(stream, text_features, config, workdir, overwrite, mesh, logit_scale, **hooks):
-    """The `Run` of `run_continual`'s arguments: checks the inputs, claims `workdir` and logs the
-    fusion plan; `hooks`: progress and callbacks."""
+    """The `Run` of `run_continual`'s arguments (claims `workdir`, logs the fusion plan)."""
     config = resolve_method(config)  # a bad fusion rule stops here, before anything is written
     stream.check(text_features)
     scale = float(config.logit_scale if logit_scale is None else logit_scale)

@@ -85,27 +85,24 @@ def parse_rules(rules: Sequence[str | Rule]) -> tuple[Rule, ...]:
         raise ValueError(
             f"fusion rules must be a sequence of 'regex=action' strings, not {rules!r}"
         )
-    parsed = []
-    for rule in rules:
-        if isinstance(rule, Rule):
-            parsed.append(rule)
-            continue
-        pattern, eq, action = str(rule).rpartition("=")
-        if not eq or action not in ACTIONS:
-            raise ValueError(
-                f"fusion rule {rule!r} must read 'path_regex=action' with an action of "
-                f"{', '.join(ACTIONS)} (e.g. 'adapter/kernel=qr')"
-            )
-        try:
-            parsed.append(Rule(re.compile(pattern), action))
-        except re.error as err:
-            raise ValueError(f"bad path regex {pattern!r} in fusion rule {rule!r}: {err}") from err
-    return tuple(parsed)
+    return tuple(rule if isinstance(rule, Rule) else _parse_rule(rule) for rule in rules)
+
+
+def _parse_rule(rule: str) -> Rule:
+    pattern, eq, action = str(rule).rpartition("=")
+    if not eq or action not in ACTIONS:
+        raise ValueError(
+            f"fusion rule {rule!r} must read 'path_regex=action' with an action of "
+            f"{', '.join(ACTIONS)} (e.g. 'adapter/kernel=qr')"
+        )
+    try:
+        return Rule(re.compile(pattern), action)
+    except re.error as err:
+        raise ValueError(f"bad path regex {pattern!r} in fusion rule {rule!r}: {err}") from err
 
 
 def fusion_plan(params, rules: Sequence[str | Rule]) -> dict[str, tuple[str, str | None]]:
-    """`{path: (action, pattern)}` for every leaf: the first rule matching its whole path, or
-    `("keep_new", None)`."""
+    """`{path: (action, pattern)}` per leaf: its first matching rule, or `("keep_new", None)`."""
     rules = parse_rules(rules)
     plan = {}
     for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:

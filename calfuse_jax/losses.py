@@ -34,8 +34,7 @@ def _masked_log_softmax(logits: jax.Array, num_seen) -> jax.Array:
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, num_seen=None, mask=None) -> jax.Array:
-    """Softmax cross-entropy of logits [B, C] and positions int [B] over classes < `num_seen`
-    (None: all)."""
+    """Softmax cross-entropy of logits [B, C], positions [B] over classes < `num_seen`."""
     log_probs = _masked_log_softmax(logits.astype(jnp.float32), num_seen)  # [B, C]
     nll = -jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
     return _masked_mean(nll, mask)

@@ -22,19 +22,16 @@ from calfuse_jax import calibration, fecam, fusion, losses, prototypes, ranpac, 
 
 
 class Method(Protocol):
-    """What the train step, the evaluation and the task loop call."""
+    """What the train step, the evaluation and the task loop call: `init` (fresh params),
+    `logits` ([B, C] of frozen features f0 [B, D]) and, when it trains, `loss` ((scalar, dict of
+    terms) of one batch, see `loss_fn`)."""
 
     trains: bool  # False: no training steps and no fusion (zero-shot, NCM)
     fusion_rules: tuple[fusion.Rule, ...]  # how old and new params merge after a task
 
-    def init(self, key: jax.Array) -> Any:
-        """A fresh parameter pytree."""
-
-    def logits(self, params: Any, f0: jax.Array, inputs: TaskInputs) -> jax.Array:
-        """[B, C] logits of frozen features f0 [B, D]."""
-
-    def loss(self, params: Any, batch, pseudo_ids, rng, inputs: TaskInputs):
-        """(scalar, dict of terms) of one batch (see `loss_fn`); only called when it trains."""
+    def init(self, key: jax.Array) -> Any: ...
+    def logits(self, params: Any, f0: jax.Array, inputs: TaskInputs) -> jax.Array: ...
+    def loss(self, params: Any, batch, pseudo_ids, rng, inputs: TaskInputs): ...
 
 
 class StepFloats(NamedTuple):
@@ -61,8 +58,7 @@ def step_floats(config: ml_collections.ConfigDict) -> StepFloats:
 
 
 class TaskInputs(NamedTuple):
-    """What a method reads besides params and batch: constant during a task, replicated, padded
-    to all C classes of the stream (one compile per run)."""
+    """What a method reads besides params and batch: constant in a task, padded to all C classes."""
 
     text: jax.Array  # [C, D] unit text embeddings by position
     ctx: calibration.TaskContext  # num_old = 0 (task 0) turns the old-class terms off
@@ -110,41 +106,28 @@ def head_apply(head, params, f0, text, ctx, settings: StepSettings):
     return calibration.head_logits(features, text, settings.logit_scale), features
 
 
-def old_class_samples(rng, inputs: TaskInputs, pseudo_ids, settings: StepSettings):
-    """(features [K*n_p + P*n_h, D], labels): n_p rows of each pseudo class, then n_h rows of
-    the old class of each hard pair, in one Gaussian draw."""
-    n_p, n_h = settings.pseudo_per_class, _hard_rows(inputs, settings)
-    block = math.gcd(n_p, n_h)  # gcd(n, 0) = n
-    ids = []
-    if n_p:
-        ids.append(jnp.repeat(pseudo_ids, n_p // block))
-    if n_h:
-        ids.append(jnp.repeat(inputs.pairs[:, 0], n_h // block))
-    ids = jnp.concatenate(ids).astype(jnp.int32)
-    return stats.sample_pseudo(rng, inputs.means, inputs.chols, ids, block)
-
-
-def _hard_rows(inputs: TaskInputs, settings: StepSettings) -> int:
-    """Samples per hard pair: 0 with the hinge off or when no task of the run has a pair."""
-    return settings.hard_per_class if inputs.pairs.shape[0] else 0
-
-
 def loss_fn(params, batch, pseudo_ids, rng, inputs: TaskInputs, head, settings: StepSettings):
     """(total loss, its terms) of one batch (DESIGN.md §2): CE on real + pseudo features, hinge
     on hard pairs, KD on the pseudo-features. `batch`: (features [B, D], positions [B], mask
     [B]); `pseudo_ids` int32 [K] the old classes whose pseudo-features join it."""
     features, labels, mask = batch
-    floats = inputs.floats
-    num_pseudo = pseudo_ids.shape[0] * settings.pseudo_per_class
+    floats, n_p = inputs.floats, settings.pseudo_per_class
+    num_pseudo = pseudo_ids.shape[0] * n_p
     has_old = (inputs.ctx.num_old > 0).astype(jnp.float32)  # old-class terms are off on task 0
-    hard_rows = _hard_rows(inputs, settings)
-    if settings.pseudo_per_class or hard_rows:
-        extra, extra_labels = old_class_samples(rng, inputs, pseudo_ids, settings)
+    hard_rows = settings.hard_per_class if inputs.pairs.shape[0] else 0  # P = 0: no pair at all
+    if n_p or hard_rows:
+        # n_p rows of each pseudo class, then n_h rows of each hard pair's old class: one draw.
+        block = math.gcd(n_p, hard_rows)  # gcd(n, 0) = n
+        ids = [jnp.repeat(pseudo_ids, n_p // block)] if n_p else []
+        if hard_rows:
+            ids.append(jnp.repeat(inputs.pairs[:, 0], hard_rows // block))
+        ids = jnp.concatenate(ids).astype(jnp.int32)
+        extra, extra_labels = stats.sample_pseudo(rng, inputs.means, inputs.chols, ids, block)
         features = jnp.concatenate([features, extra])  # one pass of the head over everything
     logits, calibrated = head_apply(head, params, features, inputs.text, inputs.ctx, settings)
     real = labels.shape[0]
     ce_rows, terms = real + num_pseudo, {}
-    if settings.pseudo_per_class:
+    if n_p:
         kd_mask = jnp.full((num_pseudo,), has_old)
         labels = jnp.concatenate([labels, extra_labels[:num_pseudo].astype(labels.dtype)])
         mask = jnp.concatenate([mask, kd_mask])
@@ -170,8 +153,7 @@ def loss_fn(params, batch, pseudo_ids, rng, inputs: TaskInputs, head, settings: 
 
 @dataclasses.dataclass(frozen=True)
 class CalibratedHeadMethod:
-    """The calibrated head trained with the loss of DESIGN.md §2: CalFuse, RAPF, finetune,
-    zero-shot and joint (`joint`: train on the real rows of every seen class)."""
+    """The calibrated head trained with the loss of DESIGN.md §2 (CalFuse, RAPF, ...)."""
 
     head: calibration.CalibratedHead
     settings: StepSettings

@@ -58,11 +58,10 @@ def run_seeds(
     what `run_continual` raises (a NaN names the run, e.g. `seed 1`)."""
     mesh = mesh if mesh is not None else sharding.make_mesh()
     callbacks = list(loss_callbacks or [None] * len(configs))
-    kwargs = dict(mesh=mesh, progress=progress, logit_scale=logit_scale)  # one after another
-    if len(configs) == 1:
-        run = continual.run_continual  # nothing to train together with
-        return [run(stream, text_features, configs[0], workdirs[0], overwrite=overwrite,
-                    loss_callback=callbacks[0], **kwargs)]  # fmt: skip
+    kwargs = dict(mesh=mesh, progress=progress, logit_scale=logit_scale)
+    alone = functools.partial(continual.run_continual, stream, text_features, **kwargs)
+    if len(configs) == 1:  # nothing to train together with
+        return [alone(configs[0], workdirs[0], overwrite=overwrite, loss_callback=callbacks[0])]
     open_run = functools.partial(
         continual.open_run, stream, text_features, overwrite=overwrite, step_callback=None, **kwargs
     )
@@ -76,17 +75,14 @@ def run_seeds(
         for group in _groups(runs, resumed):
             found = _run_together([runs[k] for k in group], [resumed[k] for k in group])
             results.update(zip(group, found, strict=True))
-    for k, (config, workdir, callback) in enumerate(zip(configs, workdirs, callbacks, strict=True)):
+    for k in range(len(runs)):
         if k not in results:
-            results[k] = continual.run_continual(
-                stream, text_features, config, workdir, loss_callback=callback, **kwargs
-            )
+            results[k] = alone(configs[k], workdirs[k], loss_callback=callbacks[k])
     return [results[k] for k in range(len(runs))]
 
 
 def _groups(runs, resumed) -> list[list[int]]:
-    """The indices of the runs that train together, in groups of two or more: a method that
-    trains (without a closed-form update), the same `together_key` and resume point."""
+    """Indices of runs that train together (groups of >= 2): same `together_key` and start."""
     groups: dict[tuple, list[int]] = {}
     for k, (run, (_, start)) in enumerate(zip(runs, resumed, strict=True)):
         if run.method.trains and not hasattr(run.method, "update"):
@@ -94,13 +90,6 @@ def _groups(runs, resumed) -> list[list[int]]:
             point = (start, latest[1] if latest and latest[0] == start else 0)
             groups.setdefault((together_key(run.config), point), []).append(k)
     return [members for members in groups.values() if len(members) > 1]
-
-
-def _labels(runs) -> tuple[str, ...]:
-    """What tells each run apart from the others (e.g. `seed 1, kd_weight 0.5`)."""
-    flats = [rundir.flat(rundir.jsonable(run.config.to_dict())) for run in runs]
-    keys = [k for k in flats[0] if k != "seeds" and len({repr(f.get(k)) for f in flats}) > 1]
-    return tuple(", ".join(f"{k.rsplit('.', 1)[-1]} {f.get(k)}" for k in keys) for f in flats)
 
 
 def _run_together(runs, resumed) -> list[ContinualResult]:
@@ -142,7 +131,10 @@ def _run_task_together(runs, task: int, states: list) -> list:
     ]
     stack, take = _stack_fn(mesh), _take_fn(mesh)
     teachers, floats = stack([(view.inputs.teacher, view.inputs.floats) for view in views])
-    labels = _labels(runs)
+    # What tells each run apart from the others (e.g. `seed 1, kd_weight 0.5`).
+    flats = [rundir.flat(rundir.jsonable(run.config.to_dict())) for run in runs]
+    keys = [k for k in flats[0] if k != "seeds" and len({repr(f.get(k)) for f in flats}) > 1]
+    labels = tuple(", ".join(f"{k.rsplit('.', 1)[-1]} {f.get(k)}" for k in keys) for f in flats)
     view = views[0]._replace(
         key=stack([view.key for view in views]),
         inputs=views[0].inputs._replace(teacher=teachers, floats=floats),

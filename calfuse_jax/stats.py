@@ -17,8 +17,7 @@ from flax import struct
 def shrink(cov: jax.Array) -> jax.Array:
     """RAPF's `shrink_cov` of [..., D, D]: `Sigma + mean(diag) I + m_off (11^T - I)`, `m_off` the
     mean of the nonzero off-diagonal entries (as RAPF's mask; 0 where there are none, not NaN)."""
-    dim = cov.shape[-1]
-    eye = jnp.eye(dim, dtype=cov.dtype)
+    eye = jnp.eye(cov.shape[-1], dtype=cov.dtype)
     diag_mean = jnp.mean(jnp.diagonal(cov, axis1=-2, axis2=-1), axis=-1)[..., None, None]
     off = cov * (1.0 - eye)
     nonzero = jnp.sum(off != 0, axis=(-2, -1)).astype(cov.dtype)
@@ -37,7 +36,13 @@ def class_stats(
     class of `class_ids` int [K] (>= 2 rows each): `numpy.cov` (n - 1), plus `eps * I`, then
     `shrink` if `shrinkage`. Traced inputs scan all N rows per class, to the same numbers."""
     if any(isinstance(x, jax.core.Tracer) for x in (features, labels, class_ids)):
-        return _scanned_stats(features, labels, class_ids, eps, shrinkage)
+        features, labels = jnp.asarray(features, jnp.float32), jnp.asarray(labels)
+
+        def one_class(class_id):
+            return _moments(features, (labels == class_id).astype(jnp.float32), eps)
+
+        means, covs = jax.lax.map(one_class, jnp.asarray(class_ids))
+        return means, shrink(covs) if shrinkage else covs
     blocks, weights = _class_blocks(np.asarray(features), np.asarray(labels), np.asarray(class_ids))
     return _blocked_stats(blocks, weights, float(eps), bool(shrinkage))
 
@@ -57,11 +62,9 @@ def _class_blocks(features, labels, class_ids, multiple: int = 64):
         )
     size = -(-int(counts.max(initial=2)) // multiple) * multiple
     blocks = np.zeros((len(class_ids), size, features.shape[1]), np.float32)
-    weights = np.zeros((len(class_ids), size), np.float32)
     for k, (start, count) in enumerate(zip(starts, counts, strict=True)):
         blocks[k, :count] = features[order[start : start + count]]
-        weights[k, :count] = 1.0
-    return blocks, weights
+    return blocks, (np.arange(size) < counts[:, None]).astype(np.float32)
 
 
 def _moments(rows: jax.Array, weights: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
@@ -79,16 +82,6 @@ def _blocked_stats(blocks, weights, eps: float, shrinkage: bool):
     return means, shrink(covs) if shrinkage else covs
 
 
-def _scanned_stats(features, labels, class_ids, eps: float, shrinkage: bool):
-    features, labels = jnp.asarray(features, jnp.float32), jnp.asarray(labels)
-
-    def one_class(class_id):
-        return _moments(features, (labels == class_id).astype(jnp.float32), eps)
-
-    means, covs = jax.lax.map(one_class, jnp.asarray(class_ids))
-    return means, shrink(covs) if shrinkage else covs
-
-
 def cholesky_factors(covs: jax.Array) -> jax.Array:
     """Lower factors [K, D, D] with `Sigma = L L^T` (NaN for a covariance that is not PD)."""
     return jnp.linalg.cholesky(covs)
@@ -96,8 +89,7 @@ def cholesky_factors(covs: jax.Array) -> jax.Array:
 
 @struct.dataclass
 class ClassStats:
-    """Stored statistics of every class seen so far, by position (a pytree): means [C, D] and
-    Cholesky factors chols [C, D, D]."""
+    """Statistics of every class seen so far, by position: means [C, D], chols [C, D, D]."""
 
     means: jax.Array
     chols: jax.Array
@@ -121,8 +113,7 @@ def sample_pseudo(
 
 
 def hard_pairs(text_features, old_ids, new_ids, threshold: float) -> np.ndarray:
-    """int64 [P, 2] pairs `(old i, new j)` whose unit text embeddings [C, D] are closer than
-    `threshold`, sorted by i then j (NumPy, on the host)."""
+    """int64 [P, 2] `(old i, new j)` pairs whose text distance is < `threshold`, sorted."""
     text = np.asarray(text_features, np.float64)
     old_ids = np.asarray(old_ids, np.int64).reshape(-1)
     new_ids = np.asarray(new_ids, np.int64).reshape(-1)

@@ -70,8 +70,7 @@ def lr_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def decays(config: ml_collections.ConfigDict) -> Callable[[Any], optax.Schedule]:
-    """`lr -> schedule` of `config`'s decays; called with the traced lr, one object per setting
-    (so the epoch program closing over it is shared)."""
+    """`lr -> schedule` of `config`'s decays (cached: one object, so one compile, per setting)."""
     milestones = tuple(sorted(int(m) for m in config.train.milestones))
     return _decays(float(config.train.lr_decay), milestones)
 
@@ -116,16 +115,14 @@ def epoch_order(order_key: jax.Array, epoch, count, capacity: int) -> jax.Array:
 
 
 def pseudo_class_schedule(pseudo_key, epoch, num_old, steps: int, per_batch: int, classes: int):
-    """int32 [steps, max(K, 1)]: each batch's old classes, cycled from a list reshuffled every
-    epoch (every old class once before any repeats); zeros when there are none."""
+    """int32 [steps, max(K, 1)]: each batch's old classes, reshuffled every epoch; 0 if none."""
     order = _valid_first(jax.random.fold_in(pseudo_key, epoch), num_old, classes)
     slots = jnp.arange(steps * max(per_batch, 1)).reshape(steps, -1)
     return order[slots % jnp.maximum(num_old, 1)]
 
 
 def _epoch(state, data, epoch, key, inputs, *, method, shape, schedule, mesh):
-    """One epoch of `task_data`: `ceil(count / B)` steps in a `fori_loop`. Returns (state, losses
-    [max steps], 0 past the epoch, learning rates [max steps])."""
+    """One epoch: (state, losses [max steps] (0 past the epoch), lrs [max steps])."""
     TRACES["train_step"] += 1
     batch_size, padded, per_batch = shape
     features, labels, count = data
@@ -194,8 +191,7 @@ def eval_counts_fn(method: Method, mesh: Mesh):
 
 
 def evaluate(method: Method, params, features, labels, inputs: TaskInputs, mesh, batch_size: int):
-    """(correct [C], count [C]) of the head on (features [M, D], positions [M]), in padded
-    batches of `batch_size` rows (rounded up to the mesh), one compile for the run."""
+    """(correct [C], count [C]) on features [M, D] and positions [M], in padded batches."""
     counts = eval_counts_fn(method, mesh)
     size = sharding.padded_size(batch_size, mesh)
     classes = inputs.text.shape[0]
@@ -231,8 +227,7 @@ class TaskView(NamedTuple):
 
 
 def task_data(view: TaskView, mesh: Mesh) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(features [capacity, D], positions int32 [capacity]) sharded over `data`, zero-padded to
-    `view.capacity` rows, and their count, replicated."""
+    """(features [capacity, D], positions [capacity]) sharded over `data`, and their count."""
     count = len(view.labels)
     features, labels, _ = host_batch(view.features, view.labels, np.arange(count), view.capacity)
     rows = sharding.shard_batch((features, labels), mesh)
@@ -261,8 +256,13 @@ def train_task(
     total, every = epochs * epoch_steps, int(config.train.checkpoint_every_steps)
     if start_step % epoch_steps:
         raise ValueError(f"start_step {start_step} is not an epoch boundary ({epoch_steps} steps)")
-    run_epoch = _epoch_program(method, config, mesh, bool(view.members))
-    data, bar = task_data(view, mesh), _bar(view, total, start_step, progress)
+    per_batch = max(int(config.pseudo.classes_per_batch), 1)
+    shape = (batch_size, sharding.padded_size(batch_size, mesh), per_batch)
+    run_epoch = epoch_fn(method, mesh, shape, decays(config), seeds=bool(view.members))
+    name = f"task {view.task} ({view.task + 1}/{view.num_tasks})"
+    name += f", {len(view.members)} runs together" if view.members else ""
+    bar = tqdm(total=total, initial=start_step, desc=name, disable=not progress, smoothing=0)
+    data = task_data(view, mesh)
     step, loss = start_step, None
     try:
         for epoch in range(start_step // epoch_steps, epochs):
@@ -300,18 +300,6 @@ def _check_losses(view: TaskView, steps: np.ndarray, losses: np.ndarray) -> None
         raise NonFiniteLossError(view.task, int(steps[index]), float(losses[row, index]), quantity)
 
 
-def _epoch_program(method: Method, config, mesh: Mesh, seeds: bool):
-    batch_size, per_batch = int(config.train.batch_size), int(config.pseudo.classes_per_batch)
-    shape = (batch_size, sharding.padded_size(batch_size, mesh), max(per_batch, 1))
-    return epoch_fn(method, mesh, shape, decays(config), seeds=seeds)
-
-
-def _bar(view: TaskView, total: int, start_step: int, progress: bool) -> tqdm:
-    name = f"task {view.task} ({view.task + 1}/{view.num_tasks})"
-    name += f", {len(view.members)} runs together" if view.members else ""
-    return tqdm(total=total, initial=start_step, desc=name, disable=not progress, smoothing=0)
-
-
 def _advance(bar, steps: int, loss: float, first: bool) -> None:
     bar.update(steps)
     bar.set_postfix(loss=f"{loss:.4f}")
@@ -320,8 +308,7 @@ def _advance(bar, steps: int, loss: float, first: bool) -> None:
 
 
 def _save_stopped(error, stopped, state, save_step) -> None:
-    """On Ctrl-C/SIGTERM between epochs: saves a step checkpoint and tells an `Interrupted`
-    where the run stopped and what was saved."""
+    """Saves a step checkpoint on Ctrl-C/SIGTERM; tells an `Interrupted` where it stopped."""
     task, step, total = stopped
     where = f"at task {task}, step {step} of {total}"
     if save_step is not None and 0 < step < total:
