@@ -41,11 +41,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, num_seen=None, mask=None
 
 
 def hinge_loss(
-    features: jax.Array,
-    text_own: jax.Array,
-    text_other: jax.Array,
-    margin: float = 0.1,
-    mask=None,
+    features: jax.Array, text_own: jax.Array, text_other: jax.Array, margin: float = 0.1, mask=None
 ) -> jax.Array:
     """Hard-pair hinge `mean relu(<f, T_j> - <f, T_i> + margin)` of calibrated features [B, D]
     of old class i, its text embeddings T_i [B, D] and the paired new class's T_j [B, D]."""

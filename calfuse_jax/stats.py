@@ -96,11 +96,7 @@ class ClassStats:
 
 
 def sample_pseudo(
-    key: jax.Array,
-    means: jax.Array,
-    chols: jax.Array,
-    class_ids: jax.Array,
-    samples_per_class: int,
+    key: jax.Array, means: jax.Array, chols: jax.Array, class_ids: jax.Array, samples_per_class: int
 ) -> tuple[jax.Array, jax.Array]:
     """(features [K * n, D], labels int32 [K * n]): n = `samples_per_class` (static) draws
     `mu_c + L_c z` for each c of `class_ids` int [K] (may be traced), in rows k*n..k*n+n-1."""

@@ -177,10 +177,8 @@ def _eval_counts(params, batch, inputs: TaskInputs, method: Method):
     logits = method.logits(params, f0, inputs)
     logits = jnp.where(jnp.arange(classes) < inputs.ctx.num_seen, logits, -jnp.inf)
     correct = (jnp.argmax(logits, axis=-1) == positions).astype(jnp.float32) * mask
-    return (
-        jax.ops.segment_sum(correct, positions, num_segments=classes),
-        jax.ops.segment_sum(mask, positions, num_segments=classes),
-    )
+    per_class = functools.partial(jax.ops.segment_sum, segment_ids=positions, num_segments=classes)
+    return per_class(correct), per_class(mask)
 
 
 @functools.lru_cache(maxsize=16)
@@ -208,9 +206,8 @@ def host_batch(features, labels, rows: np.ndarray, padded: int):
     """(features [Bp, D], labels int32 [Bp], mask float32 [Bp]); rows past len(rows) masked."""
     x = np.zeros((padded, features.shape[1]), np.float32)
     y = np.zeros((padded,), np.int32)
-    mask = np.zeros((padded,), np.float32)
-    x[: len(rows)], y[: len(rows)], mask[: len(rows)] = features[rows], labels[rows], 1.0
-    return x, y, mask
+    x[: len(rows)], y[: len(rows)] = features[rows], labels[rows]
+    return x, y, (np.arange(padded) < len(rows)).astype(np.float32)
 
 
 class TaskView(NamedTuple):
