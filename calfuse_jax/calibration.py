@@ -81,8 +81,8 @@ class LearnedGate(nn.Module):
 def _schedule_gate(head, f0, fa, ctx):
     """`linear`: g_first -> g_last over the tasks; `old_fraction`: old classes / seen classes."""
     if head.schedule == "linear":
-        span = jnp.maximum(ctx.num_tasks - 1, 1)
-        return head.g_first + (head.g_last - head.g_first) * ctx.task / span
+        moved = (head.g_last - head.g_first) * ctx.task
+        return head.g_first + moved / jnp.maximum(ctx.num_tasks - 1, 1)
     if head.schedule == "old_fraction":
         return ctx.num_old / ctx.num_seen
     raise ValueError(f"unknown gate schedule {head.schedule!r}; choose one of {SCHEDULES}")

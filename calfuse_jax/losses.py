@@ -63,8 +63,10 @@ def distillation_loss(
     teacher_logits = jax.lax.stop_gradient(teacher_logits)
     log_student = _masked_log_softmax(student_logits.astype(jnp.float32) / temperature, num_seen)
     log_teacher = _masked_log_softmax(teacher_logits.astype(jnp.float32) / temperature, num_seen)
+    teacher = jnp.exp(log_teacher)
     valid = _class_mask(student_logits.shape[-1], num_seen)
-    terms = jnp.exp(log_teacher) * (log_teacher - log_student)  # [B, C]
+    terms = teacher * (log_teacher - log_student)  # [B, C]
     if valid is not None:
         terms = jnp.where(valid, terms, 0.0)
-    return weight * temperature**2 * _masked_mean(jnp.sum(terms, axis=-1), mask)
+    kl = jnp.sum(terms, axis=-1)  # [B]
+    return weight * temperature**2 * _masked_mean(kl, mask)

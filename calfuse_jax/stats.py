@@ -103,7 +103,8 @@ def sample_pseudo(
     class_ids = jnp.asarray(class_ids, jnp.int32)
     num, dim = class_ids.shape[0], means.shape[1]
     noise = jax.random.normal(key, (num, samples_per_class, dim), means.dtype)  # [K, n, D]
-    samples = means[class_ids][:, None, :] + jnp.einsum("knj,kij->kni", noise, chols[class_ids])
+    picked_chols = chols[class_ids]  # [K, D, D]
+    samples = means[class_ids][:, None, :] + jnp.einsum("knj,kij->kni", noise, picked_chols)
     labels = jnp.repeat(class_ids, samples_per_class, total_repeat_length=num * samples_per_class)
     return samples.reshape(num * samples_per_class, dim), labels
 
