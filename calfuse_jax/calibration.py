@@ -1,24 +1,8 @@
-"""Feature calibration: a gate that mixes CLIP's own image feature with the adapted one.
+"""Feature calibration: a gate mixes CLIP's own image feature with the adapted one (DESIGN.md §2).
 
-DESIGN.md §2. With `n(v) = v / ||v||`, the calibrated feature is
-
-    f = n( g * n(f0) + (1 - g) * n(fa) ),      fa = W f0,
-
-and the logits are `s * f @ T^T`. The gate `g` in [0, 1] comes from one of five modes:
-
-- `none`:     g = 0 (RAPF: only the adapted feature).
-- `fixed`:    g = a constant (`value`).
-- `schedule`: g depends on the task index (`linear` from g_first to g_last) or equals the fraction
-              of old classes among the seen classes (`old_fraction`).
-- `learned`:  g = sigmoid(a), one trainable scalar `calib/a`.
-- `dynamic`:  g(x) = sigmoid(w . [n(f0), n(fa), n(f0) * n(fa)] + b), per sample, parameters
-              `calib/kernel` [3D, 1] and `calib/bias` [1].
-
-The head computes g itself, for every mode, from a traced `TaskContext` (task index, number of
-tasks, old and seen class counts), so a run compiles once whatever the mode. `learned` and
-`dynamic` keep their parameters in their own `calib/...` subtree, so that "train only the gate"
-and "never fuse the gate" are path rules. A mode is one entry of `GATES`: adding one is a
-function here (see README, "Extending").
+`f = n(g n(f0) + (1 - g) n(W f0))` with `n(v) = v / ||v||`, logits `s f @ T^T`. The gate is a mode
+of `GATES`, computed from a traced `TaskContext` (one compile per run); gate parameters live under
+`calib/...`.
 """
 
 from __future__ import annotations
@@ -44,34 +28,18 @@ def normalize(v: jax.Array, axis: int = -1) -> jax.Array:
 
 
 def calibrate(f0: jax.Array, fa: jax.Array, gate: jax.Array | float) -> jax.Array:
-    """The calibrated feature `n(g * n(f0) + (1 - g) * n(fa))`.
-
-    Args:
-      f0: [B, D] frozen CLIP image features (any norm).
-      fa: [B, D] adapted features `W f0` (any norm).
-      gate: a scalar or [B] gate values in [0, 1]; g = 0 gives `n(fa)`, g = 1 gives `n(f0)`.
-
-    Returns:
-      [B, D] unit-norm calibrated features.
-    """
+    """Unit-norm [B, D] `n(g n(f0) + (1 - g) n(fa))` of frozen f0 [B, D] and adapted fa [B, D],
+    with a scalar or [B] gate in [0, 1]."""
     gate = jnp.asarray(gate, dtype=f0.dtype)
     if gate.ndim == 1:
         gate = gate[:, None]  # [B, 1]: one gate per sample
     elif gate.ndim != 0:
         raise ValueError(f"gate must be a scalar or [B], got shape {gate.shape}")
-    mixed = gate * normalize(f0) + (1.0 - gate) * normalize(fa)
-    return normalize(mixed)
+    return normalize(gate * normalize(f0) + (1.0 - gate) * normalize(fa))
 
 
 class TaskContext(NamedTuple):
-    """Where in the stream the head is applied: int32 scalars, traced like any input.
-
-    Attributes:
-      task: 0-based index of the task being trained or evaluated.
-      num_tasks: tasks in the stream.
-      num_old: classes seen before this task (0 on the first).
-      num_seen: classes seen including this task.
-    """
+    """int32 scalars, traced: the task, the stream's tasks, classes seen before it and with it."""
 
     task: jax.Array
     num_tasks: jax.Array
@@ -86,8 +54,8 @@ def task_context(bounds: Sequence[int], task: int) -> TaskContext:
 
 
 def pytorch_linear_init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
-    """PyTorch's default `nn.Linear` weight init: uniform in +-1/sqrt(fan_in)."""
-    bound = 1.0 / jnp.sqrt(shape[0])  # Flax kernel is [in, out], so fan_in is shape[0]
+    """PyTorch's `nn.Linear` weight init, uniform in +-1/sqrt(fan_in) (Flax kernel [in, out])."""
+    bound = 1.0 / jnp.sqrt(shape[0])
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
@@ -110,21 +78,11 @@ class LearnedGate(nn.Module):
         return jnp.broadcast_to(jax.nn.sigmoid(a), (batch,))  # [B]
 
 
-def _none_gate(head, f0, fa, ctx):
-    return 0.0
-
-
-def _fixed_gate(head, f0, fa, ctx):
-    return head.value
-
-
 def _schedule_gate(head, f0, fa, ctx):
-    """`linear`: g_first -> g_last over the tasks (g_first for a single task); `old_fraction`:
-    the share of old classes among the seen ones (0 on the first task)."""
+    """`linear`: g_first -> g_last over the tasks; `old_fraction`: old classes / seen classes."""
     if head.schedule == "linear":
-        return head.g_first + (head.g_last - head.g_first) * ctx.task / jnp.maximum(
-            ctx.num_tasks - 1, 1
-        )
+        moved = (head.g_last - head.g_first) * ctx.task
+        return head.g_first + moved / jnp.maximum(ctx.num_tasks - 1, 1)
     if head.schedule == "old_fraction":
         return ctx.num_old / ctx.num_seen
     raise ValueError(f"unknown gate schedule {head.schedule!r}; choose one of {SCHEDULES}")
@@ -135,22 +93,19 @@ def _learned_gate(head, f0, fa, ctx):
 
 
 def _dynamic_gate(head, f0, fa, ctx):
+    """Per sample `sigmoid(w . [n(f0), n(fa), n(f0) n(fa)] + b)`; w starts at zero."""
     n0, na = normalize(f0), normalize(fa)
     inputs = jnp.concatenate([n0, na, n0 * na], axis=-1)  # [B, 3D]
-    dense = nn.Dense(
-        1,
-        kernel_init=nn.initializers.zeros,
-        bias_init=nn.initializers.constant(head.init_bias),
-        name="calib",
-    )
+    bias_init = nn.initializers.constant(head.init_bias)
+    dense = nn.Dense(1, kernel_init=nn.initializers.zeros, bias_init=bias_init, name="calib")
     return jax.nn.sigmoid(dense(inputs))[:, 0]  # [B]
 
 
 # Gate mode -> `fn(head, f0 [B, D], fa [B, D], ctx) -> g` (a scalar or [B]), called inside the
 # head's `__call__`: a mode with parameters creates them there (under the name `calib`).
 GATES: dict[str, Callable] = {
-    "none": _none_gate,
-    "fixed": _fixed_gate,
+    "none": lambda head, f0, fa, ctx: 0.0,
+    "fixed": lambda head, f0, fa, ctx: head.value,
     "schedule": _schedule_gate,
     "learned": _learned_gate,
     "dynamic": _dynamic_gate,
@@ -167,20 +122,10 @@ def _pick(table: dict, name: str, what: str):
 
 
 class CalibratedHead(nn.Module):
-    """Linear adapter (no bias) plus calibration gate.
-
-    Parameters: `adapter/kernel` [D, D] (Flax orientation, `kernel = W^T`, so `fa = f0 @ kernel`),
-    plus `calib/a` [] for `learned` or `calib/kernel` [3D, 1], `calib/bias` [1] for `dynamic`.
-    The dynamic gate's kernel starts at zero, so every sample starts at `sigmoid(init_bias)`.
-
-    Attributes:
-      dim: feature width D.
-      mode: gate mode, a key of `GATES` (see module docstring).
-      adapter_init: adapter init, `pytorch` (uniform +-1/sqrt(D)) or `identity`. (Not called
-        `init`: a Linen field of that name would hide `Module.init`, so `head.init(key, x)` breaks.)
-      init_bias: initial gate pre-activation for `learned`/`dynamic` (0 -> g = 0.5).
-      value: g of `fixed`; schedule, g_first, g_last: the `schedule` mode's settings.
-    """
+    """Linear adapter (no bias, `adapter/kernel` [D, D], `fa = f0 @ kernel`) plus the gate of
+    `mode`. `adapter_init` is `pytorch` or `identity` (a field named `init` would hide
+    `Module.init`); `init_bias` is the learned/dynamic gate's start (0: g = 0.5); `value` is g of
+    `fixed`; `schedule`, `g_first`, `g_last` configure `schedule`."""
 
     dim: int
     mode: str = "dynamic"
@@ -193,34 +138,16 @@ class CalibratedHead(nn.Module):
 
     @nn.compact
     def __call__(self, f0: jax.Array, ctx: TaskContext):
-        """Calibrated features and the gate used.
-
-        Args:
-          f0: [B, D] frozen image features.
-          ctx: the task context (`task_context`); traced, so every task shares one compile.
-
-        Returns:
-          ([B, D] unit-norm calibrated features, [B] gate values).
-        """
+        """(unit-norm calibrated features [B, D], gate [B]) of frozen features f0 [B, D]."""
         if f0.ndim != 2 or f0.shape[-1] != self.dim:
             raise ValueError(f"f0 must be [B, {self.dim}], got shape {f0.shape}")
         gate_fn = _pick(GATES, self.mode, "gate mode")
         kernel_init = _pick(INITS, self.adapter_init, "adapter init")
         fa = nn.Dense(self.dim, use_bias=False, kernel_init=kernel_init, name="adapter")(f0)
-        gate = jnp.asarray(gate_fn(self, f0, fa, ctx), f0.dtype)
-        gate = jnp.broadcast_to(gate, (f0.shape[0],))  # [B]
+        gate = jnp.broadcast_to(jnp.asarray(gate_fn(self, f0, fa, ctx), f0.dtype), f0.shape[:1])
         return calibrate(f0, fa, gate), gate
 
 
 def head_logits(features: jax.Array, text_features: jax.Array, scale: jax.Array | float):
-    """Cosine logits `scale * f @ T^T`.
-
-    Args:
-      features: [B, D] unit-norm calibrated features.
-      text_features: [C, D] unit-norm class text embeddings (positions 0..C-1).
-      scale: CLIP's logit scale `exp(logit_scale)`, 100 for OpenAI CLIP.
-
-    Returns:
-      [B, C] logits.
-    """
+    """Cosine logits [B, C] `scale * f @ T^T` of unit features [B, D] and text [C, D]."""
     return scale * features @ text_features.T

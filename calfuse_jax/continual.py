@@ -1,15 +1,12 @@
 """The class-incremental task loop: train -> class statistics -> fuse -> evaluate -> checkpoint.
 
-`run_continual` drives a whole `FeatureStream`, carrying a `ContinualState` from task to task.
-After each task it writes a metrics row (`metrics.jsonl`, `accuracy_matrix.csv`) and a task
-checkpoint (`calfuse_jax.checkpoint`), so a killed run resumes after the last finished task, or
-inside a task from the newest step checkpoint, and replays bit for bit. A run folder belongs to
-one configuration (`rundir`); a different one is refused unless `overwrite=True`, which moves
-the old results aside. Only process 0 writes files; Orbax checkpoints are collective.
+Each finished task writes metrics and a checkpoint, so a killed run resumes and replays bit for
+bit. Only process 0 writes files; Orbax checkpoints are collective.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -42,22 +39,13 @@ __all__ = ["ConfigMismatchError", "ContinualResult", "NonFiniteLossError", "Task
 
 @struct.dataclass
 class ContinualState:
-    """What one task hands the next (a pytree; `rows` is static).
+    """What one task hands the next (a pytree; `rows` is static)."""
 
-    Attributes:
-      params: head params, replicated.
-      means: [C, D] class means by position for all C classes of the stream, replicated; rows
-        of classes without statistics yet are zero, so every task has the same shapes.
-      chols: [C, D, D] their Cholesky factors (zero likewise).
-      accuracy: float32 [T, T] accuracy matrix so far (NaN where not evaluated), on the host.
-      rows: the metrics rows of the finished tasks.
-    """
-
-    params: Any
-    means: jax.Array
-    chols: jax.Array
-    accuracy: np.ndarray
-    rows: tuple = struct.field(pytree_node=False, default=())
+    params: Any  # head params, replicated
+    means: jax.Array  # [C, D] class means of all C classes, zero until a class has statistics
+    chols: jax.Array  # [C, D, D] their Cholesky factors (zero likewise)
+    accuracy: np.ndarray  # float32 [T, T] accuracy matrix so far (NaN: not evaluated), host
+    rows: tuple = struct.field(pytree_node=False, default=())  # metrics rows of finished tasks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,14 +82,8 @@ def _fresh_state(run: Run) -> ContinualState:
     return ContinualState(initial_params(run.method, run.config, run.mesh), means, chols, accuracy)
 
 
-def _training_rows(run: Run, task: int) -> tuple[np.ndarray, np.ndarray]:
-    """The rows `task` trains on: its own, or every seen class's for a `joint` method."""
-    joint = getattr(run.method, "joint", False)
-    return (run.stream.seen if joint else run.stream.task)(task, "train")
-
-
 def _training_sizes(stream: FeatureStream, method) -> list[int]:
-    """How many rows each task trains on (`_training_rows`' lengths, from the labels only)."""
+    """How many rows each task trains on (all seen classes' for a `joint` method)."""
     positions, bounds = stream.split.to_positions(stream.train_labels), stream.split.bounds
     joint = getattr(method, "joint", False)
     return [
@@ -111,18 +93,13 @@ def _training_sizes(stream: FeatureStream, method) -> list[int]:
 
 
 def start_task(run: Run, task: int, state: ContinualState, shared: ContinualState | None = None):
-    """(`state` with the statistics of `task`'s classes filled in, the task's `TaskView`).
-
-    The statistics come from the frozen training features (training leaves them unchanged) and
-    are there before training: a method may read the new classes' (e.g. NCM), while the step
-    samples old classes only. The teacher is the previous task's head, `state.params`.
-    `shared`: the started state of another run of the same stream and `stats` settings (runs
-    trained together), whose statistics are taken instead of computed again.
-    """
-    split, config = run.stream.split, run.config
-    bounds = split.bounds
+    """(`state` with the statistics of `task`'s classes filled in before training, its
+    `TaskView`); `shared`: a started run trained together with this one, whose statistics it
+    takes."""
+    config, bounds = run.config, run.stream.split.bounds
     old, seen = int(bounds[task]), int(bounds[task + 1])
-    features, labels = _training_rows(run, task)
+    joint = getattr(run.method, "joint", False)
+    features, labels = (run.stream.seen if joint else run.stream.task)(task, "train")
     if shared is not None:
         means, chols = shared.means, shared.chols
     else:
@@ -148,7 +125,7 @@ def start_task(run: Run, task: int, state: ContinualState, shared: ContinualStat
     key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), task)
     key, inputs = sharding.replicate((key, inputs), run.mesh)
     features, labels = np.asarray(features, np.float32), labels.astype(np.int32)
-    view = train.TaskView(task, split.num_tasks, features, labels, run.capacity, key, inputs)
+    view = train.TaskView(task, len(bounds) - 1, features, labels, run.capacity, key, inputs)
     return state.replace(means=means, chols=chols), view
 
 
@@ -213,8 +190,7 @@ def step_saver(run: Run, task: int) -> Callable[[int, TrainState], None]:
 
 
 def loss_report(run: Run, task: int):
-    """`run.loss_callback` with steps counted across tasks (each task's curve continues the
-    previous one), or None."""
+    """`run.loss_callback` with steps counted across tasks, or None."""
     if run.loss_callback is None:
         return None
     epochs, batch_size = int(run.config.train.epochs), int(run.config.train.batch_size)
@@ -227,19 +203,6 @@ def loss_report(run: Run, task: int):
     return report
 
 
-def _train(run: Run, view: train.TaskView, params) -> tuple[Any, dict]:
-    """Trains `view`'s task from `params`; returns (params, info)."""
-    if not run.method.trains:
-        return params, {"loss": None, "steps": 0}
-    state, start = start_state(run, view.task, params)
-    state, info = train.train_task(
-        run.method, run.config, view, state, run.mesh,
-        start_step=start, save_step=step_saver(run, view.task), step_callback=run.step_callback,
-        loss_callback=loss_report(run, view.task), progress=run.progress,
-    )  # fmt: skip
-    return state.params, info
-
-
 def _run_task(run: Run, task: int, state: ContinualState) -> ContinualState:
     """Statistics -> train -> fuse -> evaluate -> checkpoint for one task; returns the new state."""
     state, view = start_task(run, task, state)
@@ -247,7 +210,15 @@ def _run_task(run: Run, task: int, state: ContinualState) -> ContinualState:
     if hasattr(run.method, "update"):  # closed-form state (FeCAM, RanPAC), once per task
         params = run.method.update(state.params, view.features, view.labels, view.key, view.inputs)
         state = state.replace(params=sharding.replicate(params, run.mesh))
-    params, info = _train(run, view, state.params)
+    params, info = state.params, {"loss": None, "steps": 0}
+    if run.method.trains:
+        trained, start = start_state(run, task, state.params)
+        trained, info = train.train_task(
+            run.method, run.config, view, trained, run.mesh,
+            start_step=start, save_step=step_saver(run, task), step_callback=run.step_callback,
+            loss_callback=loss_report(run, task), progress=run.progress,
+        )  # fmt: skip
+        params = trained.params
     return finish_task(run, state, view, params, info, time.perf_counter() - started)
 
 
@@ -270,7 +241,16 @@ def finish_task(run: Run, state: ContinualState, view, params, info, train_secon
     seen = int(split.bounds[task + 1])
     row = metrics.metrics_row(task, seen, accuracy, curve, info, train_seconds)
     state = state.replace(params=params, accuracy=accuracy, rows=(*state.rows, row))
-    _save_task(run, task, state)
+    # Only the statistics of this task's classes: earlier ones are in earlier task checkpoints.
+    old = int(split.bounds[task])
+    items = (
+        {"params": state.params, "accuracy": state.accuracy},
+        {"means": state.means[old:seen], "chols": state.chols[old:seen]},
+    )
+    saved, new_stats = sharding.replicate(items, run.mesh)
+    meta = task_meta(task, run.fingerprint, config.to_dict(), state.rows)
+    run.checkpoints.save_task(task, saved, meta, new_stats=new_stats)
+    write_results(run, state)
     logger.info(
         "task %d (%d/%d): seen-class accuracy %.2f%% (old %.2f, new %.2f), %.1fs%s",
         task, task + 1, split.num_tasks, *curve, train_seconds,
@@ -279,30 +259,20 @@ def finish_task(run: Run, state: ContinualState, view, params, info, train_secon
     return state
 
 
-def _save_task(run: Run, task: int, state: ContinualState) -> None:
-    # Only the statistics of this task's classes: earlier ones are in earlier task checkpoints.
-    old, seen = int(run.stream.split.bounds[task]), int(run.stream.split.bounds[task + 1])
-    items = (
-        {"params": state.params, "accuracy": state.accuracy},
-        {"means": state.means[old:seen], "chols": state.chols[old:seen]},
-    )
-    saved, new_stats = sharding.replicate(items, run.mesh)
-    meta = task_meta(task, run.fingerprint, run.config.to_dict(), state.rows)
-    run.checkpoints.save_task(task, saved, meta, new_stats=new_stats)
+def write_results(run: Run, state: ContinualState) -> None:
+    """`run`'s metrics files up to `state` (process 0 only)."""
     if sharding.is_primary():
         rundir.write_results(run.workdir, list(state.rows), state.accuracy)
 
 
 def unit_rows(text: np.ndarray) -> np.ndarray:
-    """float32 [C, D] rows of `text` scaled to unit length (zero rows stay zero): the text
-    embeddings the head sees (`load_classifier` rebuilds them so)."""
+    """float32 [C, D] rows of `text` scaled to unit length (zero rows stay zero)."""
     text = np.asarray(text, np.float32)
     return text / np.maximum(np.linalg.norm(text, axis=1, keepdims=True), 1e-12)
 
 
 def open_run(stream, text_features, config, workdir, overwrite, mesh, logit_scale, **hooks):
-    """The `Run` of `run_continual`'s arguments: checks the inputs, claims `workdir` for this
-    config (`rundir.prepare_workdir`) and logs the fusion plan; `hooks`: progress, callbacks."""
+    """The `Run` of `run_continual`'s arguments (claims `workdir`, logs the fusion plan)."""
     config = resolve_method(config)  # a bad fusion rule stops here, before anything is written
     stream.check(text_features)
     scale = float(config.logit_scale if logit_scale is None else logit_scale)
@@ -311,9 +281,8 @@ def open_run(stream, text_features, config, workdir, overwrite, mesh, logit_scal
     rundir.prepare_workdir(workdir, doc, overwrite)
     mesh = mesh if mesh is not None else sharding.make_mesh()
     text = unit_rows(stream.text_by_position(text_features))
-    method = methods.REGISTRY[config.method].build(
-        config, stream.dim, scale, stream.split.num_classes
-    )
+    build = methods.REGISTRY[config.method].build
+    method = build(config, stream.dim, scale, stream.split.num_classes)
     run = Run(
         stream,
         sharding.replicate(text, mesh),
@@ -346,48 +315,40 @@ def run_continual(
     step_callback: Callable[[int, int], None] | None = None,
     loss_callback: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None] | None = None,
 ) -> ContinualResult:
-    """Runs (or resumes) the whole class-incremental sequence of `stream`.
+    """Runs (or resumes) the class-incremental sequence of `stream` in `workdir`.
 
-    Args:
-      stream: frozen image features and labels, with the task split.
-      text_features: [C_dataset, D] class text embeddings by dataset label (normalised here).
-      config: `method_config()` fields (extra fields are ignored); `method` picks the preset.
-      workdir: run folder (metrics files, `checkpoints/`); resumed if it holds this config's run.
-      overwrite: move a different run found in `workdir` aside instead of refusing.
-      mesh: device mesh with a `data` axis (default: all devices).
-      progress: tqdm progress bars.
-      logit_scale: CLIP's logit scale; None takes `config.logit_scale`.
-      step_callback: `fn(task, completed_steps)` after every training epoch (tests, monitoring).
-      loss_callback: `fn(task, steps, losses, lrs)` after each epoch; `steps` count across tasks
-        (task t starts at 1 + the earlier tasks' steps), `lrs` are the learning rates those steps
-        used. A resumed run reports from the step it restarts at.
-
-    Raises:
-      ValueError on bad inputs, ConfigMismatchError for a foreign workdir, TaskCheckpointError
-      when resuming needs an earlier task checkpoint that is missing or damaged (each holds only
-      its own classes' statistics), NonFiniteLossError when the loss turns NaN/Inf (the last
-      good checkpoint is kept). Ctrl-C or SIGTERM stops the run at the next epoch (or task) with
-      a step checkpoint saved and raises `interrupt.Interrupted`, a KeyboardInterrupt.
+    `text_features` [C_dataset, D] are text embeddings by dataset label; a different run found in
+    `workdir` is refused (ConfigMismatchError) unless `overwrite` moves it aside. The callbacks
+    run after every epoch (`loss_callback`'s `steps` counted across tasks). Raises ValueError,
+    TaskCheckpointError (resuming needs a missing or damaged checkpoint), NonFiniteLossError;
+    Ctrl-C or SIGTERM stops at the next epoch with a step checkpoint and raises `Interrupted`.
     """
     with deferred():  # a signal, even while opening or compiling, stops at a saved point
         run = open_run(
             stream, text_features, config, workdir, overwrite, mesh, logit_scale,
             progress=progress, step_callback=step_callback, loss_callback=loss_callback,
         )  # fmt: skip
-        try:
+        with closing([run]):
             state, start = resume(run)
-            if sharding.is_primary():
-                rundir.write_results(run.workdir, list(state.rows), state.accuracy)
+            write_results(run, state)
             for task in range(start, run.stream.split.num_tasks):
                 if signum := requested():
                     raise Interrupted(signum, f"before task {task} (earlier ones saved)")
                 state = _run_task(run, task, state)
-        except NonFiniteLossError as error:
-            logger.error("%s", error)
-            raise
-        finally:
-            run.checkpoints.close()
     return result_of(run, state)
+
+
+@contextlib.contextmanager
+def closing(runs: list[Run]):
+    """Closes the runs' checkpoints on the way out, logging a NonFiniteLossError."""
+    try:
+        yield
+    except NonFiniteLossError as error:
+        logger.error("%s", error)
+        raise
+    finally:
+        for run in runs:
+            run.checkpoints.close()
 
 
 def result_of(run: Run, state: ContinualState) -> ContinualResult:

@@ -1,9 +1,7 @@
 """Losses of one task (DESIGN.md §2): seen-class cross-entropy, hard-pair hinge, distillation.
 
-Logits always cover every class position the text features have ([B, C]); `num_seen` masks the
-positions not seen yet, so one jitted step serves every task (C fixed, `num_seen` traced). Row
-masks `[B]` let padded batches keep a fixed shape; every loss is the mask-weighted mean over rows
-(0 when no row is valid).
+Logits [B, C] cover every class position, `num_seen` (may be traced) masks the unseen ones; each
+loss is the mean over rows weighted by an optional mask [B], 0 when no row is valid.
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ def _class_mask(num_classes: int, num_seen) -> jax.Array | None:
 
 
 def _masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """Mean of `values` [B] weighted by `mask` [B]; 0 for an all-zero mask."""
     if mask is None:
         return jnp.mean(values)
     weight = jnp.asarray(mask, values.dtype)
@@ -37,44 +34,17 @@ def _masked_log_softmax(logits: jax.Array, num_seen) -> jax.Array:
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, num_seen=None, mask=None) -> jax.Array:
-    """Softmax cross-entropy over the seen classes.
-
-    Args:
-      logits: [B, C] logits over all class positions.
-      labels: int [B] positions; must be < num_seen for valid rows.
-      num_seen: classes `>= num_seen` are excluded from the softmax (None: all C). May be traced.
-      mask: optional [B] row weights (1 valid, 0 padding).
-
-    Returns:
-      scalar: `mean_b -log softmax(z_b)[y_b]` over valid rows.
-    """
+    """Softmax cross-entropy of logits [B, C], positions [B] over classes < `num_seen`."""
     log_probs = _masked_log_softmax(logits.astype(jnp.float32), num_seen)  # [B, C]
     nll = -jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
     return _masked_mean(nll, mask)
 
 
 def hinge_loss(
-    features: jax.Array,
-    text_own: jax.Array,
-    text_other: jax.Array,
-    margin: float = 0.1,
-    mask=None,
+    features: jax.Array, text_own: jax.Array, text_other: jax.Array, margin: float = 0.1, mask=None
 ) -> jax.Array:
-    """Hard-pair hinge: `mean relu(<f, T_j> - <f, T_i> + margin)`.
-
-    Pushes pseudo-features of old class i towards their own text embedding T_i and away from the
-    confusable new class j.
-
-    Args:
-      features: [B, D] calibrated (unit-norm) features of old-class samples.
-      text_own: [B, D] text embedding T_i of each sample's own class.
-      text_other: [B, D] text embedding T_j of the paired new class.
-      margin: hinge margin.
-      mask: optional [B] row weights.
-
-    Returns:
-      scalar loss.
-    """
+    """Hard-pair hinge `mean relu(<f, T_j> - <f, T_i> + margin)` of calibrated features [B, D]
+    of old class i, its text embeddings T_i [B, D] and the paired new class's T_j [B, D]."""
     own = jnp.sum(features * text_own, axis=-1)  # [B]
     other = jnp.sum(features * text_other, axis=-1)  # [B]
     return _masked_mean(jax.nn.relu(other - own + margin), mask)
@@ -88,23 +58,8 @@ def distillation_loss(
     mask=None,
     weight: float = 1.0,
 ) -> jax.Array:
-    """Knowledge distillation `weight * T^2 * KL(p_teacher || p_student)`, p = softmax(z / T).
-
-    The teacher is the previous task's model (gradients are stopped through it); typically applied
-    to pseudo-features of old classes with `num_seen` = the number of old classes, so only the
-    classes the teacher knows take part.
-
-    Args:
-      student_logits: [B, C] current model's logits.
-      teacher_logits: [B, C] previous model's logits.
-      temperature: T.
-      num_seen: classes `>= num_seen` are excluded from both softmaxes.
-      mask: optional [B] row weights.
-      weight: loss weight (lambda_kd); 0 gives 0.
-
-    Returns:
-      scalar: `weight * T^2 * mean_b sum_c p_t (log p_t - log p_s)`.
-    """
+    """`weight * T^2 * mean_b KL(p_teacher || p_student)` with `p = softmax(z / T)` over classes
+    < `num_seen` of logits [B, C]; no gradient flows through the teacher."""
     teacher_logits = jax.lax.stop_gradient(teacher_logits)
     log_student = _masked_log_softmax(student_logits.astype(jnp.float32) / temperature, num_seen)
     log_teacher = _masked_log_softmax(teacher_logits.astype(jnp.float32) / temperature, num_seen)

@@ -1,17 +1,8 @@
 """The method seam: what the training step, the evaluation and the task loop call.
 
-A method is a hashable object (`Method`; jit caches one compiled step and evaluation per method).
-Two optional members: `update(params, features [N, D], labels [N], rng, inputs) -> params`, which
-the loop calls once per task with the task's training rows before it trains (closed-form
-methods: FeCAM's Gaussians, RanPAC's Gram matrix), and `joint = True`, which makes the loop train
-on the rows of every class seen so far instead of the task's own (the `joint` upper bound).
-
-`REGISTRY` maps `config.method` to an `Entry`: a `build(config, dim, logit_scale, num_classes)`
-that makes the method, and the config fields its preset sets (`config.resolve_method` applies
-them). CalFuse, RAPF, finetune, zero-shot and joint are presets of the one
-`CalibratedHeadMethod`; ncm, ncm+text, fecam and ranpac are the frozen-feature baselines of
-`prototypes`, `fecam` and `ranpac`. A new method is a module with its own class plus one line
-here (see README, "Extending").
+A `Method` may add `update(params, features, labels, rng, inputs)` (called once per task before
+training) and `joint = True` (train on every seen class's rows). `REGISTRY`: `config.method` ->
+`Entry`.
 """
 
 from __future__ import annotations
@@ -31,32 +22,28 @@ from calfuse_jax import calibration, fecam, fusion, losses, prototypes, ranpac, 
 
 
 class Method(Protocol):
-    """What the train step, the evaluation and the task loop call."""
+    """What the train step, the evaluation and the task loop call: `init` (fresh params),
+    `logits` ([B, C] of frozen features f0 [B, D]) and, when it trains, `loss` ((scalar, dict of
+    terms) of one batch, see `loss_fn`)."""
 
     trains: bool  # False: no training steps and no fusion (zero-shot, NCM)
     fusion_rules: tuple[fusion.Rule, ...]  # how old and new params merge after a task
 
-    def init(self, key: jax.Array) -> Any:
-        """A fresh parameter pytree."""
-
-    def logits(self, params: Any, f0: jax.Array, inputs: TaskInputs) -> jax.Array:
-        """[B, C] logits of frozen features f0 [B, D]."""
-
-    def loss(self, params: Any, batch, pseudo_ids, rng, inputs: TaskInputs):
-        """(scalar, dict of terms) of one batch (see `loss_fn`); only called when it trains."""
+    def init(self, key: jax.Array) -> Any: ...
+    def logits(self, params: Any, f0: jax.Array, inputs: TaskInputs) -> jax.Array: ...
+    def loss(self, params: Any, batch, pseudo_ids, rng, inputs: TaskInputs): ...
 
 
 class StepFloats(NamedTuple):
-    """The float settings the step reads as traced float32 scalars, so runs that differ only in
-    these (and in what happens after training: `fusion.*`) share one compiled step and can train
-    together, vmapped over a leading axis (`calfuse_jax.seeds`). Their on/off switches (a weight
-    of 0) stay static, in `StepSettings`."""
+    """The step's float settings as traced float32 scalars (`FLOAT_FIELDS`), so runs differing
+    only in these share one compile and can train together; their on/off switches (a weight of
+    0) stay static, in `StepSettings`."""
 
-    lr: jax.Array  # train.lr, before the schedule's decays
-    kd_weight: jax.Array  # loss.kd_weight
-    kd_temperature: jax.Array  # loss.kd_temperature
-    hard_margin: jax.Array  # pseudo.hard_margin
-    hard_weight: jax.Array  # pseudo.hard_weight
+    lr: jax.Array
+    kd_weight: jax.Array
+    kd_temperature: jax.Array
+    hard_margin: jax.Array
+    hard_weight: jax.Array
 
 
 # The config fields of `StepFloats`, in its order.
@@ -71,31 +58,17 @@ def step_floats(config: ml_collections.ConfigDict) -> StepFloats:
 
 
 class TaskInputs(NamedTuple):
-    """What a method reads besides params and batch: constant during a task, replicated, and
-    padded to all C classes of the stream, so the step compiles once per run.
+    """What a method reads besides params and batch: constant in a task, padded to all C classes."""
 
-    Attributes:
-      text: [C, D] unit text embeddings of every class, by position.
-      ctx: the task's `calibration.TaskContext` (its `num_seen` classes enter the softmax; with
-        `num_old` = 0, on the first task, the old-class terms are off).
-      means: [C, D] stored class means (zero rows for classes without statistics yet).
-      chols: [C, D, D] their Cholesky factors.
-      pairs: int32 [P, 2] hard pairs (old i, new j), padded (P = 0: the run has none);
-        pair_mask: float32 [P] 1 for real.
-      teacher: previous task's head params (for distillation; the current ones on task 0).
-      teacher_ctx: the previous task's context (this task's on task 0).
-      floats: the run's `StepFloats` (None where nothing trains).
-    """
-
-    text: jax.Array
-    ctx: calibration.TaskContext
-    means: jax.Array
-    chols: jax.Array
-    pairs: jax.Array
-    pair_mask: jax.Array
-    teacher: Any
-    teacher_ctx: calibration.TaskContext
-    floats: StepFloats | None = None
+    text: jax.Array  # [C, D] unit text embeddings by position
+    ctx: calibration.TaskContext  # num_old = 0 (task 0) turns the old-class terms off
+    means: jax.Array  # [C, D] class means (zero rows for classes without statistics yet)
+    chols: jax.Array  # [C, D, D] their Cholesky factors
+    pairs: jax.Array  # int32 [P, 2] hard pairs (old, new), padded; P = 0: the run has none
+    pair_mask: jax.Array  # float32 [P] 1 for a real pair
+    teacher: Any  # the previous task's head params (the current ones on task 0)
+    teacher_ctx: calibration.TaskContext  # the previous task's context
+    floats: StepFloats | None = None  # None where nothing trains
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,23 +82,20 @@ class StepSettings:
 
 
 def make_head(config: ml_collections.ConfigDict, dim: int) -> calibration.CalibratedHead:
-    """The `CalibratedHead` of `config` for features of width `dim` (`config.calibration`'s
-    fields are its gate settings, one to one)."""
+    """The `CalibratedHead` of `config` for features of width `dim`."""
     gate = config.calibration.to_dict()
     return calibration.CalibratedHead(dim=dim, adapter_init=config.head.init, **gate)
 
 
 def step_settings(config: ml_collections.ConfigDict, logit_scale: float):
-    """The static settings of a run (task 0 switches the old-class terms off through masks);
-    ValueError for switches that do not work together (`check_switches`)."""
+    """The static settings of a run; ValueError for switches that do not work together."""
     check_switches(config)
-    beta = float(config.pseudo.beta)
-    use_pseudo = int(config.pseudo.classes_per_batch) > 0
-    use_hard = float(config.pseudo.hard_weight) > 0
+    pseudo = config.pseudo
+    beta = float(pseudo.beta)
     return StepSettings(
         logit_scale=float(logit_scale),
-        pseudo_per_class=int(np.floor(10 * beta)) if use_pseudo else 0,
-        hard_per_class=int(np.floor(20 * beta)) if use_hard else 0,
+        pseudo_per_class=int(np.floor(10 * beta)) if int(pseudo.classes_per_batch) > 0 else 0,
+        hard_per_class=int(np.floor(20 * beta)) if float(pseudo.hard_weight) > 0 else 0,
         use_kd=float(config.loss.kd_weight) > 0,
     )
 
@@ -136,69 +106,46 @@ def head_apply(head, params, f0, text, ctx, settings: StepSettings):
     return calibration.head_logits(features, text, settings.logit_scale), features
 
 
-def old_class_samples(rng, inputs: TaskInputs, pseudo_ids, settings: StepSettings):
-    """(features [K*n_p + P*n_h, D], labels): n_p rows of each pseudo class, then n_h rows of
-    the old class of each hard pair, in one Gaussian draw (a smaller compiled step)."""
-    n_p, n_h = settings.pseudo_per_class, _hard_rows(inputs, settings)
-    block = math.gcd(n_p, n_h)  # gcd(n, 0) = n
-    ids = []
-    if n_p:
-        ids.append(jnp.repeat(pseudo_ids, n_p // block))
-    if n_h:
-        ids.append(jnp.repeat(inputs.pairs[:, 0], n_h // block))
-    ids = jnp.concatenate(ids).astype(jnp.int32)
-    return stats.sample_pseudo(rng, inputs.means, inputs.chols, ids, block)
-
-
-def _hard_rows(inputs: TaskInputs, settings: StepSettings) -> int:
-    """Samples per hard pair: 0 with the hinge off or when no task of the run has a pair."""
-    return settings.hard_per_class if inputs.pairs.shape[0] else 0
-
-
 def loss_fn(params, batch, pseudo_ids, rng, inputs: TaskInputs, head, settings: StepSettings):
-    """(total loss, dict of its terms) of one batch (DESIGN.md §2): CE on real + pseudo
-    features, hinge on hard pairs, KD on the pseudo-features.
-
-    `batch` is (features [B, D], positions int [B], mask float [B]; padding has mask 0),
-    `pseudo_ids` int32 [K] the old classes whose pseudo-features join it, `rng` the step's key.
-    """
+    """(total loss, its terms) of one batch (DESIGN.md §2): CE on real + pseudo features, hinge
+    on hard pairs, KD on the pseudo-features. `batch`: (features [B, D], positions [B], mask
+    [B]); `pseudo_ids` int32 [K] the old classes whose pseudo-features join it."""
     features, labels, mask = batch
-    floats = inputs.floats
-    num_pseudo = pseudo_ids.shape[0] * settings.pseudo_per_class
+    floats, n_p = inputs.floats, settings.pseudo_per_class
+    num_pseudo = pseudo_ids.shape[0] * n_p
     has_old = (inputs.ctx.num_old > 0).astype(jnp.float32)  # old-class terms are off on task 0
-    hard_rows = _hard_rows(inputs, settings)
-    if settings.pseudo_per_class or hard_rows:
-        extra, extra_labels = old_class_samples(rng, inputs, pseudo_ids, settings)
+    hard_rows = settings.hard_per_class if inputs.pairs.shape[0] else 0  # P = 0: no pair at all
+    if n_p or hard_rows:
+        # n_p rows of each pseudo class, then n_h rows of each hard pair's old class: one draw.
+        block = math.gcd(n_p, hard_rows)  # gcd(n, 0) = n
+        ids = [jnp.repeat(pseudo_ids, n_p // block)] if n_p else []
+        if hard_rows:
+            ids.append(jnp.repeat(inputs.pairs[:, 0], hard_rows // block))
+        ids = jnp.concatenate(ids).astype(jnp.int32)
+        extra, extra_labels = stats.sample_pseudo(rng, inputs.means, inputs.chols, ids, block)
         features = jnp.concatenate([features, extra])  # one pass of the head over everything
     logits, calibrated = head_apply(head, params, features, inputs.text, inputs.ctx, settings)
     real = labels.shape[0]
-    terms = {}
-    if settings.pseudo_per_class:
-        pseudo_mask = jnp.full((num_pseudo,), has_old)
+    ce_rows, terms = real + num_pseudo, {}
+    if n_p:
+        kd_mask = jnp.full((num_pseudo,), has_old)
         labels = jnp.concatenate([labels, extra_labels[:num_pseudo].astype(labels.dtype)])
-        mask = jnp.concatenate([mask, pseudo_mask])
-        if settings.use_kd:
-            pseudo = extra[:num_pseudo]
+        mask = jnp.concatenate([mask, kd_mask])
+        if settings.use_kd:  # the teacher's logits get no gradient (`distillation_loss`)
             teacher, _ = head_apply(
-                head, inputs.teacher, pseudo, inputs.text, inputs.teacher_ctx, settings
+                head, inputs.teacher, extra[:num_pseudo], inputs.text, inputs.teacher_ctx, settings
             )
             kd = losses.distillation_loss(
-                logits[real : real + num_pseudo],
-                jax.lax.stop_gradient(teacher),
-                floats.kd_temperature,
-                num_seen=inputs.ctx.num_old,
-                mask=pseudo_mask,
+                logits[real:ce_rows], teacher, floats.kd_temperature, inputs.ctx.num_old, kd_mask
             )
             terms["kd"] = floats.kd_weight * kd
-    ce_rows = real + (num_pseudo if settings.pseudo_per_class else 0)
     terms["ce"] = losses.cross_entropy(
         logits[:ce_rows], labels, num_seen=inputs.ctx.num_seen, mask=mask
     )
     if hard_rows:
-        n = hard_rows
-        own = jnp.repeat(inputs.text[inputs.pairs[:, 0]], n, axis=0)  # [P * n, D]
-        other = jnp.repeat(inputs.text[inputs.pairs[:, 1]], n, axis=0)
-        pair_mask = jnp.repeat(inputs.pair_mask, n) * has_old
+        own = jnp.repeat(inputs.text[inputs.pairs[:, 0]], hard_rows, axis=0)  # [P * n_h, D]
+        other = jnp.repeat(inputs.text[inputs.pairs[:, 1]], hard_rows, axis=0)
+        pair_mask = jnp.repeat(inputs.pair_mask, hard_rows) * has_old
         hinge = losses.hinge_loss(calibrated[ce_rows:], own, other, floats.hard_margin, pair_mask)
         terms["hinge"] = floats.hard_weight * hinge
     return sum(terms.values()), terms
@@ -206,14 +153,13 @@ def loss_fn(params, batch, pseudo_ids, rng, inputs: TaskInputs, head, settings: 
 
 @dataclasses.dataclass(frozen=True)
 class CalibratedHeadMethod:
-    """The calibrated head (adapter + gate, `calibration.CalibratedHead`) trained with the loss of
-    DESIGN.md §2; its presets are CalFuse, RAPF, finetune and zero-shot."""
+    """The calibrated head trained with the loss of DESIGN.md §2 (CalFuse, RAPF, ...)."""
 
     head: calibration.CalibratedHead
     settings: StepSettings
     fusion_rules: tuple[fusion.Rule, ...]
     trains: bool
-    joint: bool = False  # train on the real rows of every seen class (the `joint` upper bound)
+    joint: bool = False
 
     @classmethod
     def build(cls, config, dim: int, logit_scale: float, num_classes: int, joint: bool = False):
@@ -245,17 +191,14 @@ class Entry(NamedTuple):
 
 
 _HEAD, _KEEP_NEW = CalibratedHeadMethod.build, (".*=keep_new",)
+_NO_OLD = {"loss.kd_weight": 0.0, "pseudo.classes_per_batch": 0, "pseudo.hard_weight": 0.0}
 REGISTRY: dict[str, Entry] = {
     "calfuse": Entry(_HEAD, {}),
     "rapf": Entry(
         _HEAD,
         {"calibration.mode": "none", "fusion.rules": ("adapter/kernel=svd", "calib/.*=keep_new")},
     ),
-    "finetune": Entry(
-        _HEAD,
-        {"calibration.mode": "none", "fusion.rules": _KEEP_NEW, "loss.kd_weight": 0.0}
-        | {"pseudo.classes_per_batch": 0, "pseudo.hard_weight": 0.0},
-    ),
+    "finetune": Entry(_HEAD, {"calibration.mode": "none", "fusion.rules": _KEEP_NEW, **_NO_OLD}),
     # Plain CLIP: no training, and a fixed gate g = 1, so the calibrated feature is n(f0).
     "zeroshot": Entry(
         _HEAD,
@@ -267,19 +210,13 @@ REGISTRY: dict[str, Entry] = {
     "ncm+text": Entry(prototypes.NearestClassMean.build, {"train.epochs": 0}),
     "fecam": Entry(fecam.FeCAM.build, {"train.epochs": 0}),
     "ranpac": Entry(ranpac.RanPAC.build, {"train.epochs": 0}),
-    # The CalFuse head on the real features of every seen class: no pseudo-features, no fusion.
-    "joint": Entry(
-        functools.partial(_HEAD, joint=True),
-        {"fusion.rules": _KEEP_NEW, "loss.kd_weight": 0.0}
-        | {"pseudo.classes_per_batch": 0, "pseudo.hard_weight": 0.0},
-    ),
+    "joint": Entry(functools.partial(_HEAD, joint=True), {"fusion.rules": _KEEP_NEW, **_NO_OLD}),
 }
 
 
 def check_switches(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError on switches of the resolved config that cannot work together, on an
-    empty RanPAC ridge range, and on fusion rules that do not parse. Distillation runs on the
-    pseudo-features of the K old classes of each batch, so `loss.kd_weight > 0` needs K > 0."""
+    """ValueError on switches that cannot work together (KD runs on the pseudo-features, so
+    `loss.kd_weight > 0` needs K > 0), an empty RanPAC ridge range or unparsable fusion rules."""
     if float(config.loss.kd_weight) > 0 and int(config.pseudo.classes_per_batch) <= 0:
         raise ValueError(
             f"loss.kd_weight={config.loss.kd_weight} needs pseudo.classes_per_batch >= 1: "

@@ -1,16 +1,7 @@
 """Runs of one stream trained together: one vmapped program over a leading axis of runs.
 
-The seeds of a configuration, and grid cells that differ only in the step's float settings
-(`methods.FLOAT_FIELDS`: lr, the distillation and hinge weights, the temperature and margin) or in
-what happens after training (`fusion.rules`, `fusion.mix_bias`), share the stream, the class
-statistics and every shape; only their head, its optimiser state, their keys and their
-`StepFloats` differ. `run_seeds` keeps one `run_continual` run folder per run (same files,
-checkpoints and resume rules), but trains each task of the runs that agree in the same epoch
-programs (`train.epoch_fn(..., seeds=True)`), so on an accelerator three runs cost little more
-than one. The results equal the sequential runs within float error (the vmapped matmuls may sum in
-another order). Runs that differ in more, whose step has another structure (a weight switched off
-in one of them), that would resume at different points, or whose method does not train or sets a
-closed-form state, run one after another instead.
+Runs that differ only in `TOGETHER` share the stream, class statistics and shapes; `run_seeds`
+keeps a run folder per run and trains the runs that agree together, the others one by one.
 """
 
 from __future__ import annotations
@@ -41,9 +32,8 @@ TOGETHER += ("fusion.rules", "fusion.mix_bias")
 
 
 def together_key(config: ml_collections.ConfigDict) -> str:
-    """Runs of one stream whose resolved configs have the same key can train together: the
-    same config but for `TOGETHER`, and the same switches of the step (a weight of 0 turns
-    its term off, which changes the program)."""
+    """Runs of one stream whose resolved configs have the same key can train together: equal
+    but for `TOGETHER`, with the same terms of the step switched on (a weight > 0)."""
     flat = rundir.flat(rundir.jsonable(config.to_dict()))
     key = {k: v for k, v in flat.items() if k not in TOGETHER}
     key["terms on"] = [float(config.loss.kd_weight) > 0, float(config.pseudo.hard_weight) > 0]
@@ -63,56 +53,36 @@ def run_seeds(
     logit_scale: float | None = None,
     loss_callbacks: Sequence[Callable | None] | None = None,
 ) -> list[ContinualResult]:
-    """Runs (or resumes) `configs` on one stream into `workdirs`, one folder each, as
-    `run_continual(stream, text_features, configs[k], workdirs[k], ...)` would one after another;
-    `loss_callbacks[k]` is run k's `loss_callback`. Runs that can (see the module docstring)
-    train together, the others one after another. Raises what `run_continual` raises (a NaN
-    names the run: `seed 1`, or the settings that tell it apart)."""
+    """Runs (or resumes) each of `configs` into its `workdirs` entry as `run_continual` would,
+    `loss_callbacks[k]` being run k's `loss_callback`; those that can train together do. Raises
+    what `run_continual` raises (a NaN names the run, e.g. `seed 1`)."""
     mesh = mesh if mesh is not None else sharding.make_mesh()
     callbacks = list(loss_callbacks or [None] * len(configs))
-    kwargs = dict(mesh=mesh, progress=progress, logit_scale=logit_scale)  # one after another
-    if len(configs) == 1:
-        run = continual.run_continual  # nothing to train together with
-        return [run(stream, text_features, configs[0], workdirs[0], overwrite=overwrite,
-                    loss_callback=callbacks[0], **kwargs)]  # fmt: skip
-    hooks = dict(progress=progress, step_callback=None)
+    kwargs = dict(mesh=mesh, progress=progress, logit_scale=logit_scale)
+    alone = functools.partial(continual.run_continual, stream, text_features, **kwargs)
+    if len(configs) == 1:  # nothing to train together with
+        return [alone(configs[0], workdirs[0], overwrite=overwrite, loss_callback=callbacks[0])]
+    open_run = functools.partial(
+        continual.open_run, stream, text_features, overwrite=overwrite, step_callback=None, **kwargs
+    )
     runs = [
-        continual.open_run(
-            stream,
-            text_features,
-            config,
-            workdir,
-            overwrite,
-            mesh,
-            logit_scale,
-            loss_callback=callback,
-            **hooks,
-        )  # fmt: skip
+        open_run(config, workdir, loss_callback=callback)
         for config, workdir, callback in zip(configs, workdirs, callbacks, strict=True)
     ]
     results = {}
-    try:
+    with continual.closing(runs):
         resumed = [continual.resume(run) for run in runs]
         for group in _groups(runs, resumed):
             found = _run_together([runs[k] for k in group], [resumed[k] for k in group])
             results.update(zip(group, found, strict=True))
-    except continual.NonFiniteLossError as error:
-        logger.error("%s", error)
-        raise
-    finally:
-        for run in runs:
-            run.checkpoints.close()
-    for k, (config, workdir, callback) in enumerate(zip(configs, workdirs, callbacks, strict=True)):
+    for k in range(len(runs)):
         if k not in results:
-            results[k] = continual.run_continual(
-                stream, text_features, config, workdir, loss_callback=callback, **kwargs
-            )
+            results[k] = alone(configs[k], workdirs[k], loss_callback=callbacks[k])
     return [results[k] for k in range(len(runs))]
 
 
 def _groups(runs, resumed) -> list[list[int]]:
-    """The indices of the runs that train together, in groups of two or more: a method that
-    trains (without a closed-form update), the same `together_key` and resume point."""
+    """Indices of runs that train together (groups of >= 2): same `together_key` and start."""
     groups: dict[tuple, list[int]] = {}
     for k, (run, (_, start)) in enumerate(zip(runs, resumed, strict=True)):
         if run.method.trains and not hasattr(run.method, "update"):
@@ -122,18 +92,10 @@ def _groups(runs, resumed) -> list[list[int]]:
     return [members for members in groups.values() if len(members) > 1]
 
 
-def _labels(runs) -> tuple[str, ...]:
-    """What tells each run apart from the others (e.g. `seed 1, kd_weight 0.5`)."""
-    flats = [rundir.flat(rundir.jsonable(run.config.to_dict())) for run in runs]
-    keys = [k for k in flats[0] if k != "seeds" and len({repr(f.get(k)) for f in flats}) > 1]
-    return tuple(", ".join(f"{k.rsplit('.', 1)[-1]} {f.get(k)}" for k in keys) for f in flats)
-
-
 def _run_together(runs, resumed) -> list[ContinualResult]:
     states, start = [state for state, _ in resumed], resumed[0][1]
-    if sharding.is_primary():
-        for run, state in zip(runs, states, strict=True):
-            continual.rundir.write_results(run.workdir, list(state.rows), state.accuracy)
+    for run, state in zip(runs, states, strict=True):
+        continual.write_results(run, state)
     for task in range(start, runs[0].stream.split.num_tasks):
         if signum := requested():
             raise Interrupted(signum, f"before task {task} (earlier ones saved)")
@@ -169,7 +131,10 @@ def _run_task_together(runs, task: int, states: list) -> list:
     ]
     stack, take = _stack_fn(mesh), _take_fn(mesh)
     teachers, floats = stack([(view.inputs.teacher, view.inputs.floats) for view in views])
-    labels = _labels(runs)
+    # What tells each run apart from the others (e.g. `seed 1, kd_weight 0.5`).
+    flats = [rundir.flat(rundir.jsonable(run.config.to_dict())) for run in runs]
+    keys = [k for k in flats[0] if k != "seeds" and len({repr(f.get(k)) for f in flats}) > 1]
+    labels = tuple(", ".join(f"{k.rsplit('.', 1)[-1]} {f.get(k)}" for k in keys) for f in flats)
     view = views[0]._replace(
         key=stack([view.key for view in views]),
         inputs=views[0].inputs._replace(teacher=teachers, floats=floats),

@@ -1,9 +1,7 @@
 """Per-class Gaussian statistics of frozen features, pseudo-feature sampling and hard pairs.
 
-Old classes have no stored images (DESIGN.md §2): after each task we keep, per class c, the mean
-`mu_c` and covariance `Sigma_c = cov_c + eps * I` of its frozen features `f0` (optionally shrunk),
-and its Cholesky factor `L_c` (computed once, `Sigma_c = L_c L_c^T`). Later tasks draw
-pseudo-features `mu_c + L_c z`, `z ~ N(0, I)`; old classes' statistics are never recomputed.
+Per class: the mean `mu_c` and the Cholesky factor `L_c` of its covariance + `eps I`; later tasks
+draw pseudo-features `mu_c + L_c z` (DESIGN.md §2).
 """
 
 from __future__ import annotations
@@ -17,20 +15,9 @@ from flax import struct
 
 
 def shrink(cov: jax.Array) -> jax.Array:
-    """Covariance shrinkage (RAPF's `shrink_cov`): `Sigma + mean(diag) * I + m_off * (11^T - I)`.
-
-    `m_off` is the mean of the *nonzero* off-diagonal entries, as RAPF computes it (its mask is
-    `offdiag != 0`); it equals the mean of all D(D-1) entries unless some are exactly zero. With
-    no nonzero off-diagonal entry (a diagonal covariance) `m_off = 0`, where RAPF's 0 / 0 gives NaN.
-
-    Args:
-      cov: [..., D, D] covariances.
-
-    Returns:
-      [..., D, D] shrunk covariances.
-    """
-    dim = cov.shape[-1]
-    eye = jnp.eye(dim, dtype=cov.dtype)
+    """RAPF's `shrink_cov` of [..., D, D]: `Sigma + mean(diag) I + m_off (11^T - I)`, `m_off` the
+    mean of the nonzero off-diagonal entries (as RAPF's mask; 0 where there are none, not NaN)."""
+    eye = jnp.eye(cov.shape[-1], dtype=cov.dtype)
     diag_mean = jnp.mean(jnp.diagonal(cov, axis1=-2, axis2=-1), axis=-1)[..., None, None]
     off = cov * (1.0 - eye)
     nonzero = jnp.sum(off != 0, axis=(-2, -1)).astype(cov.dtype)
@@ -45,36 +32,23 @@ def class_stats(
     eps: float = 1e-4,
     shrinkage: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """Mean and covariance of each class's features.
-
-    The covariance follows `numpy.cov(x, rowvar=False)` (divides by n - 1), then adds `eps * I`,
-    then (optionally) `shrink`. With concrete inputs (the usual call) the rows are sorted by label
-    once and each class is summarised from its own rows only, padded into [K, n, D] blocks (n = the
-    largest class rounded up to 64, so equal-sized tasks share one compile): O(N D^2) in all. Under
-    `jax.jit` (traced labels) every class scans all N rows instead (`lax.map`, O(K N D^2), memory
-    [N, D]); the numbers are the same.
-
-    Args:
-      features: [N, D] frozen features f0.
-      labels: int [N] class positions.
-      class_ids: int [K] the classes to summarise (each needs >= 2 samples).
-      eps: ridge added to the diagonal.
-      shrinkage: apply `shrink` after the ridge.
-
-    Returns:
-      (means [K, D], covs [K, D, D]), float32.
-    """
+    """(means [K, D], covs [K, D, D]) float32 of features [N, D] with positions int [N], for each
+    class of `class_ids` int [K] (>= 2 rows each): `numpy.cov` (n - 1), plus `eps * I`, then
+    `shrink` if `shrinkage`. Traced inputs scan all N rows per class, to the same numbers."""
     if any(isinstance(x, jax.core.Tracer) for x in (features, labels, class_ids)):
-        return _scanned_stats(features, labels, class_ids, eps, shrinkage)
+        features, labels = jnp.asarray(features, jnp.float32), jnp.asarray(labels)
+
+        def one_class(class_id):
+            return _moments(features, (labels == class_id).astype(jnp.float32), eps)
+
+        means, covs = jax.lax.map(one_class, jnp.asarray(class_ids))
+        return means, shrink(covs) if shrinkage else covs
     blocks, weights = _class_blocks(np.asarray(features), np.asarray(labels), np.asarray(class_ids))
     return _blocked_stats(blocks, weights, float(eps), bool(shrinkage))
 
 
 def _class_blocks(features, labels, class_ids, multiple: int = 64):
-    """Each class's rows grouped into blocks [K, n, D] with weights [K, n] (0 on padding).
-
-    Raises ValueError when a class has fewer than 2 rows (no covariance).
-    """
+    """Each class's rows as blocks [K, n, D] with weights [K, n] (0 on padding)."""
     labels, class_ids = labels.reshape(-1), class_ids.reshape(-1)
     order = np.argsort(labels, kind="stable")  # sort once; each class is then one slice
     sorted_labels = labels[order]
@@ -88,11 +62,9 @@ def _class_blocks(features, labels, class_ids, multiple: int = 64):
         )
     size = -(-int(counts.max(initial=2)) // multiple) * multiple
     blocks = np.zeros((len(class_ids), size, features.shape[1]), np.float32)
-    weights = np.zeros((len(class_ids), size), np.float32)
     for k, (start, count) in enumerate(zip(starts, counts, strict=True)):
         blocks[k, :count] = features[order[start : start + count]]
-        weights[k, :count] = 1.0
-    return blocks, weights
+    return blocks, (np.arange(size) < counts[:, None]).astype(np.float32)
 
 
 def _moments(rows: jax.Array, weights: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
@@ -110,68 +82,26 @@ def _blocked_stats(blocks, weights, eps: float, shrinkage: bool):
     return means, shrink(covs) if shrinkage else covs
 
 
-def _scanned_stats(features, labels, class_ids, eps: float, shrinkage: bool):
-    features = jnp.asarray(features, jnp.float32)
-    labels = jnp.asarray(labels)
-
-    def one_class(class_id):
-        return _moments(features, (labels == class_id).astype(jnp.float32), eps)
-
-    means, covs = jax.lax.map(one_class, jnp.asarray(class_ids))
-    return means, shrink(covs) if shrinkage else covs
-
-
 def cholesky_factors(covs: jax.Array) -> jax.Array:
-    """Lower Cholesky factors `L` with `Sigma = L L^T`.
-
-    Args:
-      covs: [K, D, D] symmetric positive-definite covariances (the `eps * I` ridge of
-        `class_stats` makes them so even for fewer samples than dimensions).
-
-    Returns:
-      [K, D, D] lower-triangular factors (NaN only for a covariance that is not positive-definite).
-    """
+    """Lower factors [K, D, D] with `Sigma = L L^T` (NaN for a covariance that is not PD)."""
     return jnp.linalg.cholesky(covs)
 
 
 @struct.dataclass
 class ClassStats:
-    """Stored statistics of every class seen so far, by position (a pytree).
-
-    Attributes:
-      means: [C, D] class means for positions 0..C-1.
-      chols: [C, D, D] Cholesky factors of the class covariances.
-    """
+    """Statistics of every class seen so far, by position: means [C, D], chols [C, D, D]."""
 
     means: jax.Array
     chols: jax.Array
 
 
 def sample_pseudo(
-    key: jax.Array,
-    means: jax.Array,
-    chols: jax.Array,
-    class_ids: jax.Array,
-    samples_per_class: int,
+    key: jax.Array, means: jax.Array, chols: jax.Array, class_ids: jax.Array, samples_per_class: int
 ) -> tuple[jax.Array, jax.Array]:
-    """Draws `samples_per_class` Gaussian pseudo-features for each class in `class_ids`.
-
-    `x = mu_c + L_c z` with `z ~ N(0, I)`, so `cov(x) = L_c L_c^T = Sigma_c`. Jit-friendly
-    (`samples_per_class` must be static; `class_ids` may be traced).
-
-    Args:
-      key: PRNG key.
-      means: [C, D] stored class means (positions 0..C-1).
-      chols: [C, D, D] stored Cholesky factors.
-      class_ids: int [K] positions to sample (repeats allowed, e.g. hard-pair old classes).
-      samples_per_class: n.
-
-    Returns:
-      (features [K * n, D], labels int32 [K * n]); samples of class_ids[k] are rows k*n..k*n+n-1.
-    """
+    """(features [K * n, D], labels int32 [K * n]): n = `samples_per_class` (static) draws
+    `mu_c + L_c z` for each c of `class_ids` int [K] (may be traced), in rows k*n..k*n+n-1."""
     class_ids = jnp.asarray(class_ids, jnp.int32)
-    num = class_ids.shape[0]
-    dim = means.shape[1]
+    num, dim = class_ids.shape[0], means.shape[1]
     noise = jax.random.normal(key, (num, samples_per_class, dim), means.dtype)  # [K, n, D]
     picked_chols = chols[class_ids]  # [K, D, D]
     samples = means[class_ids][:, None, :] + jnp.einsum("knj,kij->kni", noise, picked_chols)
@@ -180,36 +110,21 @@ def sample_pseudo(
 
 
 def hard_pairs(text_features, old_ids, new_ids, threshold: float) -> np.ndarray:
-    """Pairs of an old and a new class whose text embeddings are close (host-side, NumPy).
-
-    Args:
-      text_features: [C, D] unit-norm text embeddings by position.
-      old_ids: int [O] old class positions.
-      new_ids: int [N] new class positions.
-      threshold: a pair is hard when `||T_j - T_i|| < threshold`.
-
-    Returns:
-      int64 [P, 2] rows `(old i, new j)`, sorted by i then j; [0, 2] when there are none.
-    """
+    """int64 [P, 2] `(old i, new j)` pairs whose text distance is < `threshold`, sorted."""
     text = np.asarray(text_features, np.float64)
     old_ids = np.asarray(old_ids, np.int64).reshape(-1)
     new_ids = np.asarray(new_ids, np.int64).reshape(-1)
-    if old_ids.size == 0 or new_ids.size == 0:
-        return np.zeros((0, 2), np.int64)
     dist = np.linalg.norm(text[old_ids][:, None, :] - text[new_ids][None, :, :], axis=-1)
     rows, cols = np.nonzero(dist < threshold)  # row-major: sorted by old, then new
     return np.stack([old_ids[rows], new_ids[cols]], axis=1).astype(np.int64)
 
 
 def task_hard_pairs(text: np.ndarray, bounds, pseudo) -> tuple[np.ndarray, np.ndarray]:
-    """(pairs int32 [T, P, 2], mask float32 [T, P]): each task's hard pairs (old, new), padded
-    to the largest count so that every task has one shape; none on task 0 or with the hinge off
-    (`pseudo.hard_weight` 0), and P = 0 when no task has any (the step then skips the hinge)."""
+    """(pairs int32 [T, P, 2], mask float32 [T, P]): each task's hard pairs, padded to the
+    largest count; none with `pseudo.hard_weight` 0, and P = 0 when no task has any."""
     threshold, on = float(pseudo.hard_threshold), float(pseudo.hard_weight) > 0
     found = [
-        hard_pairs(text, np.arange(old), np.arange(old, seen), threshold)
-        if on
-        else np.zeros((0, 2), np.int64)
+        hard_pairs(text, np.arange(old), np.arange(old, seen), threshold if on else -np.inf)
         for old, seen in zip(bounds[:-1], bounds[1:], strict=True)
     ]
     size = max(len(p) for p in found)

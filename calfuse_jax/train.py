@@ -1,17 +1,8 @@
 """One task's training of the head on frozen features: Optax Adam, one device program per epoch.
 
-The task's features and labels go to the device once (rows sharded over the mesh's `data` axis,
-padded to the run's largest task so every task shares one compile); an epoch is a `fori_loop`
-over its steps that gathers each batch on the device from the epoch's row order. Every batch is
-the task's real features plus pseudo-features of K old classes and samples of the old class of
-every hard pair, drawn inside the step from the stored Gaussians (DESIGN.md §2). The batch is
-split over `data` and the head replicated, so XLA inserts the gradient all-reduce; the global
-batch (`config.train.batch_size`, rounded up to a multiple of the device count) does not depend on
-the device count, and the ragged last batch is padded with a zero mask, not dropped. Row orders
-and pseudo-class lists are drawn from `fold_in(key, epoch)` and step randomness from
-`fold_in(key, step)` of the task's keys (`task_keys`), so a run is a pure function of (config,
-seed, data) and a run resumed at an epoch boundary replays exactly. The host only reads each
-epoch's losses, checks signals and writes step checkpoints between epochs."""
+Rows are padded to the run's largest task (one compile); row orders come from `fold_in(key,
+epoch)`, step randomness from `fold_in(key, step)`, so a run resumed at an epoch replays exactly.
+"""
 
 from __future__ import annotations
 
@@ -36,19 +27,13 @@ logger = logging.getLogger("calfuse_jax")
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A value of the run became NaN or Inf: the training loss at `task`, `step` (1-based), or
-    another `quantity` (step None), with `hint` as the likely fix."""
+    """A value became NaN/Inf: the loss at `task`, `step` (1-based), or another `quantity`."""
 
     LOSS_HINT = "lower config.train.lr or check the features for NaN/Inf"
 
     def __init__(self, task, step, value, quantity="the training loss", hint=LOSS_HINT):
-        self.task, self.step, self.value, self.quantity, self.hint = (
-            task,
-            step,
-            value,
-            quantity,
-            hint,
-        )
+        self.task, self.step, self.value = task, step, value
+        self.quantity, self.hint = quantity, hint
         where = f"task {task}" + ("" if step is None else f", step {step}")
         super().__init__(
             f"{quantity} became {value} at {where}; the run stopped and the last good "
@@ -80,15 +65,12 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 
 
 def lr_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """The learning rate by epoch: `lr`, times `lr_decay` at each milestone epoch (an Optax
-    piecewise-constant schedule; a milestone listed twice decays twice)."""
+    """The learning rate by epoch: `lr` times `lr_decay` at each milestone (listed twice: twice)."""
     return decays(config)(float(config.train.lr))
 
 
 def decays(config: ml_collections.ConfigDict) -> Callable[[Any], optax.Schedule]:
-    """`lr -> schedule` of `config`'s decays and milestones. The epoch program calls it with the
-    traced `StepFloats.lr`, so runs that differ in `train.lr` share one compile; the same
-    settings give the same object, so the compiled epoch that closes over it is shared."""
+    """`lr -> schedule` of `config`'s decays (cached: one object, so one compile, per setting)."""
     milestones = tuple(sorted(int(m) for m in config.train.milestones))
     return _decays(float(config.train.lr_decay), milestones)
 
@@ -100,8 +82,7 @@ def _decays(decay: float, milestones: tuple[int, ...]) -> Callable[[Any], optax.
 
 
 def optimizer() -> optax.GradientTransformation:
-    """Adam's moment scaling; the step multiplies by `-decays(config)(lr)(epoch)`, computed in
-    the program from the traced epoch, so one compile serves every epoch."""
+    """Adam's moment scaling; the step multiplies by `-lr(epoch)` itself."""
     return optax.scale_by_adam()
 
 
@@ -118,11 +99,8 @@ def _train_step(state: TrainState, batch, pseudo_ids, step, lr, key, inputs, met
 
 
 def task_keys(key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(step, order, pseudo) keys of a task from its key: a step's randomness is
-    `fold_in(step_key, step)`, an epoch's row order and pseudo-class list
-    `fold_in(order_key | pseudo_key, epoch)`, so a run replays exactly from any epoch."""
-    step_key, order_key, pseudo_key = jax.random.split(key, 3)
-    return step_key, order_key, pseudo_key
+    """(step, order, pseudo) keys of a task, each folded with the step or epoch."""
+    return tuple(jax.random.split(key, 3))
 
 
 def _valid_first(key: jax.Array, count, capacity: int) -> jax.Array:
@@ -137,52 +115,38 @@ def epoch_order(order_key: jax.Array, epoch, count, capacity: int) -> jax.Array:
 
 
 def pseudo_class_schedule(pseudo_key, epoch, num_old, steps: int, per_batch: int, classes: int):
-    """int32 [steps, max(K, 1)]: the old classes (positions 0..num_old-1) of each batch, cycled
-    from a list reshuffled every epoch, so an epoch reaches every old class once before any
-    repeats; zeros when there are none (task 0) or K is 0."""
+    """int32 [steps, max(K, 1)]: each batch's old classes, reshuffled every epoch; 0 if none."""
     order = _valid_first(jax.random.fold_in(pseudo_key, epoch), num_old, classes)
     slots = jnp.arange(steps * max(per_batch, 1)).reshape(steps, -1)
     return order[slots % jnp.maximum(num_old, 1)]
 
 
-class TaskData(NamedTuple):
-    """A task's training rows on the device, padded to the run's `capacity` rows (one shape, one
-    compile for every task): features [capacity, D] and positions int32 [capacity] sharded over
-    `data` (zero past `count`), `count` int32 replicated."""
-
-    features: jax.Array
-    labels: jax.Array
-    count: jax.Array
-
-
-def _epoch(state, data: TaskData, epoch, key, inputs, *, method, shape, schedule, mesh):
-    """One epoch as one device program: `ceil(count / B)` steps in a `fori_loop`, each batch
-    gathered from the epoch's order. Returns (state, losses [max steps], 0 past the epoch, the
-    steps' learning rates [max steps])."""
+def _epoch(state, data, epoch, key, inputs, *, method, shape, schedule, mesh):
+    """One epoch: (state, losses [max steps] (0 past the epoch), lrs [max steps])."""
     TRACES["train_step"] += 1
     batch_size, padded, per_batch = shape
-    capacity, classes = data.features.shape[0], inputs.text.shape[0]
+    features, labels, count = data
+    capacity, classes = features.shape[0], inputs.text.shape[0]
     max_steps = steps_per_epoch(capacity, batch_size)
     step_key, order_key, pseudo_key = task_keys(key)
-    steps = (data.count + batch_size - 1) // batch_size
-    order = epoch_order(order_key, epoch, data.count, capacity)
+    steps = (count + batch_size - 1) // batch_size
+    order = epoch_order(order_key, epoch, count, capacity)
     pseudo = pseudo_class_schedule(
         pseudo_key, epoch, inputs.ctx.num_old, max_steps, per_batch, classes
     )
     lr = schedule(inputs.floats.lr)(epoch)
-    rows_sharding = sharding.data_sharding(mesh)
 
     def body(index, carry):
         state, losses = carry
         slot = index * batch_size + jnp.arange(padded)
-        valid = (jnp.arange(padded) < batch_size) & (slot < data.count)
+        valid = (jnp.arange(padded) < batch_size) & (slot < count)
         rows = order[jnp.minimum(slot, capacity - 1)]
         batch = (
-            jnp.where(valid[:, None], data.features[rows], 0.0),
-            jnp.where(valid, data.labels[rows], 0),
+            jnp.where(valid[:, None], features[rows], 0.0),
+            jnp.where(valid, labels[rows], 0),
             valid.astype(jnp.float32),
         )
-        batch = jax.lax.with_sharding_constraint(batch, rows_sharding)
+        batch = jax.lax.with_sharding_constraint(batch, sharding.data_sharding(mesh))
         step = epoch * steps + index
         state, loss = _train_step(state, batch, pseudo[index], step, lr, step_key, inputs, method)
         return state, losses.at[index].set(loss)
@@ -191,19 +155,15 @@ def _epoch(state, data: TaskData, epoch, key, inputs, *, method, shape, schedule
     return state, losses, jnp.full(max_steps, lr)
 
 
-# Runs trained together share the task's data and statistics; the head they start from (the
-# distillation teacher, their previous task's) and their step's floats differ, besides their
-# state and key.
+# Runs trained together share data and statistics; their teacher and step floats differ.
 SEED_AXES = TaskInputs(None, None, None, None, None, None, 0, None, 0)
 
 
 @functools.lru_cache(maxsize=16)
 def epoch_fn(method: Method, mesh: Mesh, shape: tuple, schedule: Callable, seeds=False):
     """The jitted epoch `(state, data, epoch, key, inputs) -> (state, losses, lrs)`, `state`
-    donated, outputs replicated; cached, so every task and epoch of a run shares one compile.
-    `shape`: (batch size, batch size padded to the mesh, K pseudo-classes per batch);
-    `schedule`: `decays(config)`. `seeds`: vmapped over a leading axis of runs trained together
-    (`state`, `key`, `inputs.teacher` and `inputs.floats`: `SEED_AXES`)."""
+    donated; `shape`: (batch size, padded to the mesh, K pseudo-classes); `schedule`:
+    `decays(config)`. `seeds`: vmapped over runs trained together (axes `SEED_AXES`)."""
     fn = functools.partial(_epoch, method=method, shape=shape, schedule=schedule, mesh=mesh)
     if seeds:
         fn = jax.vmap(fn, in_axes=(0, None, None, 0, SEED_AXES))
@@ -217,10 +177,8 @@ def _eval_counts(params, batch, inputs: TaskInputs, method: Method):
     logits = method.logits(params, f0, inputs)
     logits = jnp.where(jnp.arange(classes) < inputs.ctx.num_seen, logits, -jnp.inf)
     correct = (jnp.argmax(logits, axis=-1) == positions).astype(jnp.float32) * mask
-    return (
-        jax.ops.segment_sum(correct, positions, num_segments=classes),
-        jax.ops.segment_sum(mask, positions, num_segments=classes),
-    )
+    per_class = functools.partial(jax.ops.segment_sum, segment_ids=positions, num_segments=classes)
+    return per_class(correct), per_class(mask)
 
 
 @functools.lru_cache(maxsize=16)
@@ -231,9 +189,7 @@ def eval_counts_fn(method: Method, mesh: Mesh):
 
 
 def evaluate(method: Method, params, features, labels, inputs: TaskInputs, mesh, batch_size: int):
-    """(correct [C], count [C]) of the head on (features [M, D], positions [M]), in batches of
-    `batch_size` rows (rounded up to the mesh size; the last padded with mask 0), so one compiled
-    function serves every batch and task of a run."""
+    """(correct [C], count [C]) on features [M, D] and positions [M], in padded batches."""
     counts = eval_counts_fn(method, mesh)
     size = sharding.padded_size(batch_size, mesh)
     classes = inputs.text.shape[0]
@@ -250,9 +206,8 @@ def host_batch(features, labels, rows: np.ndarray, padded: int):
     """(features [Bp, D], labels int32 [Bp], mask float32 [Bp]); rows past len(rows) masked."""
     x = np.zeros((padded, features.shape[1]), np.float32)
     y = np.zeros((padded,), np.int32)
-    mask = np.zeros((padded,), np.float32)
-    x[: len(rows)], y[: len(rows)], mask[: len(rows)] = features[rows], labels[rows], 1.0
-    return x, y, mask
+    x[: len(rows)], y[: len(rows)] = features[rows], labels[rows]
+    return x, y, (np.arange(padded) < len(rows)).astype(np.float32)
 
 
 class TaskView(NamedTuple):
@@ -268,14 +223,12 @@ class TaskView(NamedTuple):
     members: tuple[str, ...] = ()  # labels of S runs trained together (vmapped), or () for one
 
 
-def task_data(view: TaskView, mesh: Mesh) -> TaskData:
-    """The view's training rows on the device, zero-padded to `view.capacity` rows."""
+def task_data(view: TaskView, mesh: Mesh) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(features [capacity, D], positions [capacity]) sharded over `data`, and their count."""
     count = len(view.labels)
-    features = np.zeros((view.capacity, view.features.shape[1]), np.float32)
-    labels = np.zeros((view.capacity,), np.int32)
-    features[:count], labels[:count] = view.features, view.labels
+    features, labels, _ = host_batch(view.features, view.labels, np.arange(count), view.capacity)
     rows = sharding.shard_batch((features, labels), mesh)
-    return TaskData(*rows, sharding.replicate(np.int32(count), mesh))
+    return *rows, sharding.replicate(np.int32(count), mesh)
 
 
 def train_task(
@@ -291,28 +244,22 @@ def train_task(
     loss_callback: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None] | None = None,
     progress: bool = True,
 ) -> tuple[TrainState, dict]:
-    """Trains `method` on one task from `start_step` (0, or a step checkpoint's epoch boundary).
-
-    Each epoch is one device program (`epoch_fn`); after it the host checks the losses (a NaN
-    names its step), stops on Ctrl-C/SIGTERM or a callback's KeyboardInterrupt with a step
-    checkpoint saved, and saves one past each multiple of `checkpoint_every_steps`. With
-    `view.members` the state has a leading axis of S runs trained together, losses are [S, n].
-
-    Args:
-      state: params and optimiser state matching `start_step`, replicated.
-      save_step: `save_step(step, state)` for those step checkpoints.
-      step_callback: `fn(task, completed_steps)` after every epoch; loss_callback: `fn(task,
-        steps, losses, lrs)` with the epoch's steps (1-based), losses and learning rates.
-
-    Returns (state, {`loss`: the last epoch's mean (a list per seed), `steps`}).
-    """
+    """Trains `method` on one task from `start_step` (an epoch boundary); returns (state,
+    {`loss`: the last epoch's mean (a list per run), `steps`}). Between epochs the host checks the
+    losses, runs the callbacks, saves `save_step(step, state)` every `checkpoint_every_steps` and
+    on Ctrl-C/SIGTERM. With `view.members`, `state` has a leading axis of S runs."""
     batch_size, epochs = int(config.train.batch_size), int(config.train.epochs)
     epoch_steps = steps_per_epoch(len(view.labels), batch_size)
     total, every = epochs * epoch_steps, int(config.train.checkpoint_every_steps)
     if start_step % epoch_steps:
         raise ValueError(f"start_step {start_step} is not an epoch boundary ({epoch_steps} steps)")
-    run_epoch = _epoch_program(method, config, mesh, bool(view.members))
-    data, bar = task_data(view, mesh), _bar(view, total, start_step, progress)
+    per_batch = max(int(config.pseudo.classes_per_batch), 1)
+    shape = (batch_size, sharding.padded_size(batch_size, mesh), per_batch)
+    run_epoch = epoch_fn(method, mesh, shape, decays(config), seeds=bool(view.members))
+    name = f"task {view.task} ({view.task + 1}/{view.num_tasks})"
+    name += f", {len(view.members)} runs together" if view.members else ""
+    bar = tqdm(total=total, initial=start_step, desc=name, disable=not progress, smoothing=0)
+    data = task_data(view, mesh)
     step, loss = start_step, None
     try:
         for epoch in range(start_step // epoch_steps, epochs):
@@ -341,28 +288,13 @@ def train_task(
 
 
 def _check_losses(view: TaskView, steps: np.ndarray, losses: np.ndarray) -> None:
-    """NonFiniteLossError at the first step (and seed) whose loss is NaN/Inf."""
-    bad = ~np.isfinite(np.atleast_2d(losses))  # [S, n]
-    if bad.any():
-        index = int(np.flatnonzero(bad.any(axis=0))[0])
-        row = int(np.flatnonzero(bad[:, index])[0])
+    """NonFiniteLossError at the first step (and run) whose loss is NaN/Inf."""
+    losses = np.atleast_2d(losses)  # [S, n]
+    bad = np.argwhere(~np.isfinite(losses).T)  # (step, run), ordered by step
+    if len(bad):
+        index, row = bad[0]
         quantity = "the training loss" + (f" of {view.members[row]}" if view.members else "")
-        value = float(np.atleast_2d(losses)[row, index])
-        raise NonFiniteLossError(view.task, int(steps[index]), value, quantity)
-
-
-def _epoch_program(method: Method, config, mesh: Mesh, seeds: bool):
-    """`epoch_fn` of `config`'s batch shape and learning-rate decays."""
-    batch_size, per_batch = int(config.train.batch_size), int(config.pseudo.classes_per_batch)
-    shape = (batch_size, sharding.padded_size(batch_size, mesh), max(per_batch, 1))
-    return epoch_fn(method, mesh, shape, decays(config), seeds=seeds)
-
-
-def _bar(view: TaskView, total: int, start_step: int, progress: bool) -> tqdm:
-    name = f"task {view.task} ({view.task + 1}/{view.num_tasks})"
-    if view.members:
-        name += f", {len(view.members)} runs together"
-    return tqdm(total=total, initial=start_step, desc=name, disable=not progress, smoothing=0)
+        raise NonFiniteLossError(view.task, int(steps[index]), float(losses[row, index]), quantity)
 
 
 def _advance(bar, steps: int, loss: float, first: bool) -> None:
@@ -373,9 +305,7 @@ def _advance(bar, steps: int, loss: float, first: bool) -> None:
 
 
 def _save_stopped(error, stopped, state, save_step) -> None:
-    """Ctrl-C or SIGTERM, between epochs (`interrupt.deferred` keeps signals out of an epoch and
-    its donated state): keeps the work so far as a step checkpoint; an `Interrupted` learns
-    where the run stopped and what was saved."""
+    """Saves a step checkpoint on Ctrl-C/SIGTERM; tells an `Interrupted` where it stopped."""
     task, step, total = stopped
     where = f"at task {task}, step {step} of {total}"
     if save_step is not None and 0 < step < total:
