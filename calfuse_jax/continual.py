@@ -153,7 +153,8 @@ def resume(run: Run) -> tuple[ContinualState, int]:
     class_stats = run.checkpoints.class_stats(task, bounds, dim, placement)
     means, chols = sharding.replicate((class_stats["means"], class_stats["chols"]), run.mesh)
     accuracy = sharding.to_host(saved["accuracy"])
-    logger.info("resuming %s after task %d of %d", run.workdir, task, len(bounds) - 1)
+    about = rundir.about(run.workdir)
+    logger.info("resuming %s after task %d of %d", run.workdir, task, len(bounds) - 1, extra=about)
     return ContinualState(saved["params"], means, chols, accuracy, tuple(meta["rows"])), task + 1
 
 
@@ -175,7 +176,7 @@ def start_state(run: Run, task: int, params) -> tuple[TrainState, int]:
     abstract = abstract_like(fresh._asdict(), sharding.replicated(run.mesh))
     state, meta = run.checkpoints.restore_step(task, latest[1], abstract)
     _check_meta(run, meta, f"step checkpoint {latest}")
-    logger.info("resuming task %d at step %d", task, latest[1])
+    logger.info("resuming task %d at step %d", task, latest[1], extra=rundir.about(run.workdir))
     return TrainState(**state), latest[1]
 
 
@@ -254,7 +255,7 @@ def finish_task(run: Run, state: ContinualState, view, params, info, train_secon
     logger.info(
         "task %d (%d/%d): seen-class accuracy %.2f%% (old %.2f, new %.2f), %.1fs%s",
         task, task + 1, split.num_tasks, *curve, train_seconds,
-        f" ({view.members[0]})" if view.members else "",
+        f" ({view.members[0]})" if view.members else "", extra=rundir.about(run.workdir),
     )  # fmt: skip
     return state
 
@@ -297,8 +298,8 @@ def open_run(stream, text_features, config, workdir, overwrite, mesh, logit_scal
         **hooks,
     )
     params = jax.eval_shape(lambda: initial_params(run.method, run.config, run.mesh))
-    plan = fusion.fusion_plan(params, run.method.fusion_rules)
-    logger.info("fusion after each task (fusion.rules):\n%s", fusion.format_plan(plan))
+    plan = fusion.format_plan(fusion.fusion_plan(params, run.method.fusion_rules))
+    logger.info("fusion after each task (fusion.rules):\n%s", plan, extra=rundir.about(workdir))
     return run
 
 

@@ -11,7 +11,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,18 @@ def readable_json(path: str | os.PathLike) -> Any:
     except RunFolderError as error:
         logger.warning("%s", error)
         return None
+
+
+def about(workdir: str | os.PathLike) -> dict:
+    """`extra=` of a log line about the run in `workdir` (see `log_filter`)."""
+    return {"run": Path(workdir).absolute()}
+
+
+def log_filter(workdir: str | os.PathLike) -> Callable[[logging.LogRecord], bool]:
+    """Keeps the log lines `about` the run in `workdir` and those about no run in particular,
+    so the run.log of runs trained side by side holds only its own run's lines."""
+    own = Path(workdir).absolute()
+    return lambda record: getattr(record, "run", own) == own
 
 
 def write_results(workdir: Path, rows: list[dict], accuracy: np.ndarray) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import ml_collections
 
-from calfuse_jax import interrupt, sharding
+from calfuse_jax import interrupt, rundir, sharding
 from calfuse_jax.rundir import RESUME_SAFE
 from experiments import peers, pipeline
 from experiments.configs import apply_overrides, catalog, load_config
@@ -301,6 +301,7 @@ def log_file(workdir: pathlib.Path) -> Iterator[None]:
     handler = logging.FileHandler(workdir / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
+    handler.addFilter(rundir.log_filter(workdir))  # not the lines of runs trained alongside
     logging.getLogger().addHandler(handler)
     # Our INFO lines reach the file even when the caller left the root at WARNING (restored after).
     levels = {

@@ -108,14 +108,16 @@ def run_seeds_together(runs: list, prepared: Prepared) -> list[dict]:
 def _seed_files(config: ml_collections.ConfigDict, prepared: Prepared, workdir):
     """Around one seed's run: run.log, config.json, provenance.json; yields its loss callback."""
     workdir = pathlib.Path(workdir)
-    primary = is_primary()  # process 0 writes, all compute
+    primary, about = is_primary(), rundir.about(workdir)  # process 0 writes, all compute
     with cli.log_file(workdir) if primary else contextlib.nullcontext():
         try:
             if finished := len(rundir.read_metrics(workdir)):
-                log.info("resuming the run in %s after %d finished tasks", workdir, finished)
+                text = "resuming the run in %s after %d finished tasks"
+                log.info(text, workdir, finished, extra=about)
         except rundir.RunFolderError as error:  # run_continual rewrites it from the checkpoints
-            log.warning("%s (rebuilding it now)", error)
-        log.info("%s %s seed %d -> %s", config.name, config.method, config.seed, workdir)
+            log.warning("%s (rebuilding it now)", error, extra=about)
+        name, method, seed = config.name, config.method, config.seed
+        log.info("%s %s seed %d -> %s", name, method, seed, workdir, extra=about)
         if primary:
             rundir.write_json(workdir / rundir.CONFIG_FILE, config.to_dict())
             env = dict(environment(), time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
@@ -144,7 +146,8 @@ def _seed_summary(config, prepared: Prepared, workdir, result) -> dict:
         if wants_output(config, "plots"):
             title = f"{config.name} {config.method} (seed {config.seed})"
             results.write_plots(workdir, summary, title)
-    log.info("Avg %.2f  Last %.2f  -> %s", summary["avg"], summary["last"], workdir)
+    avg, last = summary["avg"], summary["last"]
+    log.info("Avg %.2f  Last %.2f  -> %s", avg, last, workdir, extra=rundir.about(workdir))
     return summary
 
 

@@ -216,8 +216,13 @@ def test_seeds_trained_together_give_the_summary_of_seeds_one_after_another(tmp_
         summaries[together] = run.run_experiment(config, tmp_path / together)
     for key in ("avg", "avg_std", "last", "last_std", "forgetting"):
         assert summaries["true"][key] == pytest.approx(summaries["false"][key], abs=1e-4), key
-    log = (tmp_path / "true" / "seed_1" / "run.log").read_text()
-    assert "(seed 0)" in log and "(seed 1)" in log  # trained together: one log for both
+    # Trained together, each seed's run.log still holds only its own run's lines.
+    for seed, other in ((0, 1), (1, 0)):
+        log = (tmp_path / "true" / f"seed_{seed}" / "run.log").read_text()
+        own = (tmp_path / "false" / f"seed_{seed}" / "run.log").read_text()
+        assert f"(seed {seed})" in log and f"(seed {other})" not in log
+        assert f"seed {other} -> " not in log and f"seed_{other}" not in log
+        assert log.count("seen-class accuracy") == own.count("seen-class accuracy") == 4  # tasks
 
 
 @pytest.mark.slow
