@@ -45,11 +45,8 @@ def default_compute_dtype() -> jnp.dtype:
 def make_image_encoder(
     model, params, mesh, compute_dtype, device_size: int | None = None
 ) -> Callable[[np.ndarray], jax.Array]:
-    """host pixels float32 [B, H, W, 3] (B a multiple of the mesh size) -> features [B, D].
-
-    Params replicated once, pixels and float32 output split over `data`. With `device_size` S the
-    pixels are uint8 images [B, H, W, 3] of one size, preprocessed to [B, S, S, 3] on the device.
-    """
+    """host pixels float32 [B, S, S, 3] (B a multiple of the mesh size; uint8 [B, H, W, 3] with
+    `device_size` S) -> float32 features [B, D] split over `data`; params replicated once."""
     jitted = _jitted_encoder(with_compute_dtype(model, compute_dtype), mesh, device_size)
     device_params = sharding.replicate(params, mesh)
     return lambda pixels: jitted(device_params, sharding.shard_batch(pixels, mesh))
@@ -57,9 +54,8 @@ def make_image_encoder(
 
 def with_compute_dtype(model, compute_dtype):
     """`model` computing in `compute_dtype` (a module without a `dtype` field as it is)."""
-    if "dtype" in {f.name for f in dataclasses.fields(model)}:
-        return model.clone(dtype=compute_dtype)
-    return model
+    has_dtype = "dtype" in {f.name for f in dataclasses.fields(model)}
+    return model.clone(dtype=compute_dtype) if has_dtype else model
 
 
 def encode_images(model, params, pixels: jax.Array, device_size: int | None = None) -> jax.Array:
@@ -105,7 +101,7 @@ def _host_batch(ds, indices, plan: _Plan) -> np.ndarray:
 
 def _model_fields(model) -> dict:
     arch = getattr(model, "arch", None)
-    return {"model": type(model).__name__, "arch": repr(arch) if arch is not None else None}
+    return {"model": type(model).__name__, "arch": None if arch is None else repr(arch)}
 
 
 def image_features(
@@ -125,23 +121,14 @@ def image_features(
     preprocess: Callable | None = None,
     preprocess_path: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Frozen image features of every item of `ds`, cached under `cache_dir`.
+    """(features float32 [N, D], not normalised; labels int64 [N]) of every item of `ds` (see
+    `calfuse_jax.data.images`), cached under `cache_dir`.
 
-    Args:
-      ds: a dataset (`labels`, `identity`, `load_batch`; see `calfuse_jax.data.images`).
-      model, params: a Linen module with `encode_image` ([B, S, S, 3] -> [B, D]) and its params.
-      weights_id: `feature_cache.weights_id(checkpoint)`.
-      image_size, mesh: S (default `model.image_size`); a `data` mesh (default all devices).
-      batch_size: images per encoder call (rounded up to a multiple of the device count).
-      compute_dtype: default `default_compute_dtype()`.
-      chunk_size: images per resumable chunk file (default about 4096, a multiple of the batch).
-      num_workers: host threads decoding ahead of the device (default `default_workers()`).
-      preprocess: `(images, image_size) -> float32 [B, S, S, 3]`; default `clip.preprocess`.
-      preprocess_path: "host", "device" (`device_preprocess` in the encoder; needs
-        `ds.fixed_size`) or "auto" (device when `ds.fixed_size` and no custom `preprocess`).
-
-    Returns:
-      features float32 [N, D] (not normalised) and labels int64 [N] (== `ds.labels`).
+    `model.encode_image` maps [B, S, S, 3] (S default `model.image_size`) to [B, D]; `weights_id`
+    is `feature_cache.weights_id(checkpoint)`; `batch_size` is rounded up to a multiple of the
+    device count, `chunk_size` (images per resumable file) to one of the batch. `preprocess`:
+    `(images, S) -> float32 [B, S, S, 3]` (default `clip.preprocess`); `preprocess_path` "device"
+    runs `device_preprocess` in the encoder (needs `ds.fixed_size`), "auto" does when it can.
     """
     if len(ds) == 0:
         raise ValueError(f"dataset {ds.identity!r} is empty: nothing to encode")
@@ -173,8 +160,7 @@ def image_features(
 
 @contextlib.contextmanager
 def _locked(folder: Path):
-    """One process at a time fills the entry `folder`; in a multi-process run process 0 holds the
-    lock for all."""
+    """One process at a time fills the entry `folder` (process 0 holds the lock for all)."""
     with entry_lock(folder) if sharding.is_primary() else contextlib.nullcontext():
         sharding.barrier("calfuse_feature_cache_locked")
         yield
@@ -281,31 +267,26 @@ def text_features(
         cached = load_verified(folder, ("text.npy",))
         if cached is not None:
             return cached[0]
-        text = _encode_text(names, templates, model, params, tokenizer, batch_size)
+        prompts = [t.format(name) for name in names for t in templates]
+        tokens = np.asarray(tokenizer(prompts), dtype=np.int32)  # [C * T, L]
+        encode = jax.jit(
+            lambda p, x: model.apply({"params": p}, x, method=model.encode_text).astype(jnp.float32)
+        )
+        batch = min(batch_size, len(tokens))
+        outputs = []
+        for start in range(0, len(tokens), batch):
+            part = tokens[start : start + batch]
+            padded = np.concatenate([part, np.repeat(part[-1:], batch - len(part), 0)])
+            outputs.append(np.asarray(encode(params, padded))[: len(part)])
+        embeddings = normalise(np.concatenate(outputs).reshape(len(names), len(templates), -1))
+        text = normalise(embeddings.mean(axis=1))  # [C, D]
+        if not np.isfinite(text).all():
+            raise FeatureCacheError(
+                "the text encoder returned NaN/Inf embeddings; nothing was cached. Check the "
+                "weights (a damaged or diverged checkpoint gives NaN)."
+            )
         if sharding.is_primary():
             write_verified(folder, {"text.npy": text}, fields)
-    return text
-
-
-def _encode_text(names, templates, model, params, tokenizer, batch_size: int) -> np.ndarray:
-    prompts = [t.format(name) for name in names for t in templates]
-    tokens = np.asarray(tokenizer(prompts), dtype=np.int32)  # [C * T, L]
-    encode = jax.jit(
-        lambda p, x: model.apply({"params": p}, x, method=model.encode_text).astype(jnp.float32)
-    )
-    batch = min(batch_size, len(tokens))
-    outputs = []
-    for start in range(0, len(tokens), batch):
-        part = tokens[start : start + batch]
-        padded = np.concatenate([part, np.repeat(part[-1:], batch - len(part), 0)])
-        outputs.append(np.asarray(encode(params, padded))[: len(part)])
-    embeddings = normalise(np.concatenate(outputs).reshape(len(names), len(templates), -1))
-    text = normalise(embeddings.mean(axis=1)).astype(np.float32)  # [C, D]
-    if not np.isfinite(text).all():
-        raise FeatureCacheError(
-            "the text encoder returned NaN/Inf embeddings; nothing was cached. Check the "
-            "weights (a damaged or diverged checkpoint gives NaN)."
-        )
     return text
 
 

@@ -15,10 +15,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from calfuse_jax.tokenizer import TINY_MERGES
+from calfuse_jax.tokenizer import TINY_MERGES, vocab_from_merges
 
-# `tokenizer.write_vocab_files`' vocabulary: 256 bytes, the same + "</w>", the merges, SOT, EOT.
-TINY_VOCAB_SIZE = 256 + 256 + len(TINY_MERGES) + 2
+TINY_VOCAB_SIZE = len(vocab_from_merges(TINY_MERGES))  # `tokenizer.write_vocab_files`' default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,9 +143,7 @@ class Attention(nn.Module):
             return nn.Dense(t.width, dtype=self.dtype, kernel_init=_normal(std), name=name)
 
         split = lambda y: y.reshape(batch, length, t.heads, head_dim)  # [B, L, H, hd]
-        q = split(proj("q_proj", in_std)(x))
-        k = split(proj("k_proj", in_std)(x))
-        v = split(proj("v_proj", in_std)(x))
+        q, k, v = (split(proj(f"{n}_proj", in_std)(x)) for n in "qkv")
         # XLA attention (cuDNN flash attention on GPU when eligible); softmax is float32 inside.
         out = jax.nn.dot_product_attention(q, k, v, scale=head_dim**-0.5, is_causal=t.causal)
         return proj("out_proj", t.width**-0.5)(out.reshape(batch, length, t.width))
@@ -326,10 +323,6 @@ class CLIP(nn.Module):
     @property
     def embed_dim(self) -> int:
         return self.arch.embed_dim
-
-    @property
-    def context_length(self) -> int:
-        return self.arch.context_length
 
     def encode_image(self, pixels: jax.Array) -> jax.Array:
         """Normalised pixels [B, H, W, 3] -> embeddings [B, D] (float32, not L2-normalised)."""

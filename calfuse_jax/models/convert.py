@@ -70,18 +70,12 @@ def _not_the_torch_notice(record: logging.LogRecord) -> bool:
 def _hf_key_to_flax(key: str) -> tuple[tuple[str, ...], Callable] | None:
     """`vision_model.encoder.layers.3.mlp.fc1.weight` -> (path, transform); None if unknown."""
     parts = re.sub(r"\.layers\.(\d+)\.", r".layers_\1.", key).split(".")
-    if parts[-1] in TOP_LEVEL:
+    if parts[-1] in TOP_LEVEL or (len(parts) > 1 and parts[-1] == "bias"):
         return tuple(parts), _same
-    if len(parts) < 2:
-        return None
-    module, leaf = parts[-2], parts[-1]
-    if leaf == "bias":
-        return tuple(parts), _same
-    if leaf != "weight":
-        return None
-    for pattern, flax_leaf, to_flax, _ in WEIGHT_RULES:
-        if re.fullmatch(pattern, module):
-            return (*parts[:-1], flax_leaf), to_flax
+    if len(parts) > 1 and parts[-1] == "weight":
+        for pattern, flax_leaf, to_flax, _ in WEIGHT_RULES:
+            if re.fullmatch(pattern, parts[-2]):
+                return (*parts[:-1], flax_leaf), to_flax
     return None
 
 
@@ -90,9 +84,8 @@ def _flax_path_to_hf(path: tuple[str, ...]) -> tuple[str, Callable]:
     parts = [re.sub(r"^layers_(\d+)$", r"layers.\1", p) for p in path]
     if parts[-1] in TOP_LEVEL or parts[-1] == "bias":
         return ".".join(parts), _same
-    module = path[-2]
     for pattern, _, _, to_hf in WEIGHT_RULES:
-        if re.fullmatch(pattern, module):
+        if re.fullmatch(pattern, path[-2]):
             return ".".join([*parts[:-1], "weight"]), to_hf
     raise KeyError(f"no HF name rule for Flax parameter {'/'.join(path)}")
 

@@ -18,10 +18,6 @@ def _hub_offline() -> bool:
     return any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
 
 
-def looks_like_hub_id(name: str) -> bool:
-    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None
-
-
 class HubUnreachableError(CheckpointError):
     """The hub endpoint did not answer; the message is complete (what, where, how long, fixes)."""
 
@@ -73,7 +69,7 @@ def resolve(
     name = str(path_or_hub_id)
     if Path(name).is_dir():
         return Path(name)
-    if not looks_like_hub_id(name) or Path(name).exists():
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) or Path(name).exists():
         raise CheckpointError(
             f"{name!r} is neither a checkpoint folder nor a hub id "
             "like 'openai/clip-vit-base-patch16'"
@@ -115,9 +111,7 @@ def _download(name: str, required: tuple[str, ...], alternatives: tuple[str, ...
         _check_hub_answers(name, filename)  # a silent hub fails here, not in hf_hub_download
         return hf_hub_download(name, filename, cache_dir=cache_dir)
 
-    folder = Path(fetch(required[0])).parent
-    for filename in required[1:]:
-        fetch(filename)
+    folder = Path([fetch(filename) for filename in required][0]).parent
     for filename in alternatives:
         try:
             fetch(filename)
