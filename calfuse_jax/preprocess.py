@@ -86,8 +86,7 @@ def pil_taps(in_size: int, out_size: int, first: int, count: int) -> tuple[np.nd
     filterscale = max(scale, 1.0)
     support = 2.0 * filterscale
     ksize = int(np.ceil(support)) * 2 + 1
-    indices = np.zeros((count, ksize), np.int32)
-    weights = np.zeros((count, ksize), np.int32)
+    indices, weights = np.zeros((2, count, ksize), np.int32)
     for row, out in enumerate(range(first, first + count)):
         center = (out + 0.5) * scale
         low = max(int(center - support + 0.5), 0)

@@ -260,9 +260,9 @@ class TextEmbeddings(nn.Module):
         positions = nn.Embed(
             a.context_length, a.text_width, embedding_init=_normal(0.01), name="position_embedding"
         )
-        length = token_ids.shape[1]
-        x = tokens(token_ids) + positions.embedding[:length][None]
-        return x.astype(self.dtype)
+        return (tokens(token_ids) + positions.embedding[: token_ids.shape[1]][None]).astype(
+            self.dtype
+        )
 
 
 def pool_index(token_ids: jax.Array, eos_token_id: int) -> jax.Array:
@@ -290,8 +290,7 @@ class TextTransformer(nn.Module):
         x = TextEmbeddings(a, self.dtype, name="embeddings")(token_ids)
         x = Encoder(a.text, self.dtype, name="encoder")(x)
         x = LayerNorm(a.text_ln_eps, self.dtype, name="final_layer_norm")(x)
-        index = pool_index(token_ids, a.eos_token_id)
-        return x[jnp.arange(x.shape[0]), index]
+        return x[jnp.arange(x.shape[0]), pool_index(token_ids, a.eos_token_id)]
 
 
 class CLIP(nn.Module):
@@ -333,10 +332,8 @@ class CLIP(nn.Module):
         return self.text_projection(self.text_model(token_ids)).astype(jnp.float32)
 
     def __call__(self, pixels: jax.Array, token_ids: jax.Array) -> jax.Array:
-        image = self.encode_image(pixels)  # [B_img, D]
-        text = self.encode_text(token_ids)  # [B_txt, D]
-        image = image / jnp.linalg.norm(image, axis=-1, keepdims=True)
-        text = text / jnp.linalg.norm(text, axis=-1, keepdims=True)
+        unit = lambda v: v / jnp.linalg.norm(v, axis=-1, keepdims=True)
+        image, text = unit(self.encode_image(pixels)), unit(self.encode_text(token_ids))
         return jnp.exp(self.logit_scale) * image @ text.T  # [B_img, B_txt]
 
 
