@@ -141,7 +141,9 @@ def image_features(
               "image_size": image_size, "compute_dtype": compute_dtype.name,
               "preprocess": preprocess_version, "dataset": ds.identity}  # fmt: skip
     folder = Path(cache_dir) / "images" / cache_key(fields)
-    plan = _Plan.make(preprocess, image_size, len(ds), mesh, batch_size, chunk_size, num_workers)
+    batch = min(sharding.padded_size(batch_size, mesh), sharding.padded_size(len(ds), mesh))
+    chunk = max(1, (chunk_size or max(4096, batch)) // batch) * batch
+    plan = _Plan(preprocess, image_size, batch, chunk, num_workers or default_workers())
     with _locked(folder):
         cached = load_verified(folder, ("features.npy", "labels.npy"))
         if cached is not None and np.array_equal(cached[1], labels):
@@ -173,12 +175,6 @@ class _Plan:
     batch: int  # rows per encoder call, a multiple of the device count
     chunk: int  # rows per resumable chunk file, a multiple of `batch`
     workers: int  # host threads decoding ahead of the device
-
-    @classmethod
-    def make(cls, preprocess, image_size, total, mesh, batch_size, chunk_size, workers) -> _Plan:
-        batch = min(sharding.padded_size(batch_size, mesh), sharding.padded_size(total, mesh))
-        chunk = max(1, (chunk_size or max(4096, batch)) // batch) * batch
-        return cls(preprocess, image_size, batch, chunk, workers or default_workers())
 
 
 def default_workers() -> int:

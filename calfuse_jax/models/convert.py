@@ -29,12 +29,12 @@ _same = lambda w: w
 
 _DENSE = r"(q|k|v|out)_proj|fc1|fc2|visual_projection|text_projection"
 _NORMS = r"layer_norm1|layer_norm2|pre_layrnorm|post_layernorm|final_layer_norm"
-# (HF module-name regex, Flax leaf name, HF->Flax transform, Flax->HF transform) for `*.weight`.
-WEIGHT_RULES: tuple[tuple[str, str, Callable, Callable], ...] = (
-    (_DENSE, "kernel", _transpose, _transpose),
-    (r"patch_embedding", "kernel", _conv_to_hwio, _hwio_to_conv),
-    (r"token_embedding|position_embedding", "embedding", _same, _same),
-    (_NORMS, "scale", _same, _same),
+# (module-name regex, HF->Flax transform, Flax->HF transform) of the parameters named `*.weight`.
+WEIGHT_RULES: tuple[tuple[str, Callable, Callable], ...] = (
+    (_DENSE, _transpose, _transpose),
+    (r"patch_embedding", _conv_to_hwio, _hwio_to_conv),
+    (r"token_embedding|position_embedding", _same, _same),
+    (_NORMS, _same, _same),
 )
 # CLIPArch field -> attribute of its tower's config (`vision_config`, `text_config`).
 _HF = {
@@ -67,26 +67,14 @@ def _not_the_torch_notice(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("PyTorch was not found.")
 
 
-def _hf_key_to_flax(key: str) -> tuple[tuple[str, ...], Callable] | None:
-    """`vision_model.encoder.layers.3.mlp.fc1.weight` -> (path, transform); None if unknown."""
-    parts = re.sub(r"\.layers\.(\d+)\.", r".layers_\1.", key).split(".")
-    if parts[-1] in TOP_LEVEL or (len(parts) > 1 and parts[-1] == "bias"):
-        return tuple(parts), _same
-    if len(parts) > 1 and parts[-1] == "weight":
-        for pattern, flax_leaf, to_flax, _ in WEIGHT_RULES:
-            if re.fullmatch(pattern, parts[-2]):
-                return (*parts[:-1], flax_leaf), to_flax
-    return None
-
-
-def _flax_path_to_hf(path: tuple[str, ...]) -> tuple[str, Callable]:
-    """Inverse of `_hf_key_to_flax`: Flax path -> (HF key, transform to HF layout)."""
+def _hf_key(path: tuple[str, ...]) -> tuple[str, Callable, Callable]:
+    """Flax path -> (HF key, Flax->HF transform, HF->Flax transform)."""
     parts = [re.sub(r"^layers_(\d+)$", r"layers.\1", p) for p in path]
     if parts[-1] in TOP_LEVEL or parts[-1] == "bias":
-        return ".".join(parts), _same
-    for pattern, _, _, to_hf in WEIGHT_RULES:
+        return ".".join(parts), _same, _same
+    for pattern, to_flax, to_hf in WEIGHT_RULES:
         if re.fullmatch(pattern, path[-2]):
-            return ".".join([*parts[:-1], "weight"]), to_hf
+            return ".".join([*parts[:-1], "weight"]), to_hf, to_flax
     raise KeyError(f"no HF name rule for Flax parameter {'/'.join(path)}")
 
 
@@ -94,7 +82,7 @@ def to_state_dict(params: dict) -> dict[str, np.ndarray]:
     """Flax params -> HF `CLIPModel` state dict (float32 NumPy); inverse of `from_state_dict`."""
     state = {}
     for path, value in jax.tree_util.tree_flatten_with_path(params)[0]:
-        key, to_hf = _flax_path_to_hf(tuple(k.key for k in path))
+        key, to_hf, _ = _hf_key(tuple(k.key for k in path))
         state[key] = to_hf(np.asarray(value, dtype=np.float32))
     return state
 
@@ -102,24 +90,23 @@ def to_state_dict(params: dict) -> dict[str, np.ndarray]:
 def from_state_dict(state: dict[str, np.ndarray], arch: CLIPArch) -> dict:
     """HF state dict -> Flax params for `arch`, strictly (see module docstring). float32 leaves."""
     expected = {path: leaf.shape for path, leaf in flatten_dict(param_shapes(arch)).items()}
+    paths = {_hf_key(path)[0]: path for path in expected}
     converted, unused, wrong_shape = {}, [], {}
     for key, value in state.items():
         if SKIPPED_BUFFERS.fullmatch(key):
             continue
-        mapped = _hf_key_to_flax(key)
-        if mapped is None or mapped[0] not in expected:
+        if key not in paths:
             unused.append(key)
             continue
-        path, to_flax = mapped
+        path = paths[key]
+        _, to_hf, to_flax = _hf_key(path)
         array = to_flax(np.asarray(value, dtype=np.float32))
         if array.shape != expected[path]:
-            hf_shape = _flax_path_to_hf(path)[1](np.empty(expected[path], np.float32)).shape
+            hf_shape = to_hf(np.empty(expected[path], np.float32)).shape
             wrong_shape[path] = f"{key}: checkpoint {tuple(value.shape)}, model expects {hf_shape}"
             continue
         converted[path] = array
-    missing = [
-        _flax_path_to_hf(p)[0] for p in expected.keys() - converted.keys() - wrong_shape.keys()
-    ]
+    missing = [k for k, p in paths.items() if p not in converted and p not in wrong_shape]
     problems = [
         f"{what} ({len(names)}): {sep.join(sorted(names))}"
         for what, names, sep in (
