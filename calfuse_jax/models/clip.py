@@ -108,6 +108,10 @@ def _normal(std: float) -> Callable:
     return nn.initializers.normal(stddev=std)
 
 
+def _dense(features: int, std: float, dtype, name: str | None = None, **kwargs) -> nn.Dense:
+    return nn.Dense(features, dtype=dtype, kernel_init=_normal(std), name=name, **kwargs)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm in float32 whatever the compute dtype (eps inside the sqrt, as PyTorch)."""
 
@@ -138,15 +142,12 @@ class Attention(nn.Module):
         batch, length, _ = x.shape
         head_dim = t.width // t.heads
         in_std = t.width**-0.5 * (2 * t.layers) ** -0.5
-
-        def proj(name: str, std: float) -> nn.Dense:
-            return nn.Dense(t.width, dtype=self.dtype, kernel_init=_normal(std), name=name)
-
         split = lambda y: y.reshape(batch, length, t.heads, head_dim)  # [B, L, H, hd]
-        q, k, v = (split(proj(f"{n}_proj", in_std)(x)) for n in "qkv")
+        q, k, v = (split(_dense(t.width, in_std, self.dtype, f"{n}_proj")(x)) for n in "qkv")
         # XLA attention (cuDNN flash attention on GPU when eligible); softmax is float32 inside.
         out = jax.nn.dot_product_attention(q, k, v, scale=head_dim**-0.5, is_causal=t.causal)
-        return proj("out_proj", t.width**-0.5)(out.reshape(batch, length, t.width))
+        out_proj = _dense(t.width, t.width**-0.5, self.dtype, "out_proj")
+        return out_proj(out.reshape(batch, length, t.width))
 
 
 class MLP(nn.Module):
@@ -156,11 +157,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, L, W] -> [B, L, W]
         t = self.tower
-        fc1_std = (2 * t.width) ** -0.5
-        fc2_std = t.width**-0.5 * (2 * t.layers) ** -0.5
-        x = nn.Dense(t.mlp, dtype=self.dtype, kernel_init=_normal(fc1_std), name="fc1")(x)
+        x = _dense(t.mlp, (2 * t.width) ** -0.5, self.dtype, "fc1")(x)
         x = ACTIVATIONS[t.activation](x)
-        return nn.Dense(t.width, dtype=self.dtype, kernel_init=_normal(fc2_std), name="fc2")(x)
+        return _dense(t.width, t.width**-0.5 * (2 * t.layers) ** -0.5, self.dtype, "fc2")(x)
 
 
 class EncoderLayer(nn.Module):
@@ -300,15 +299,11 @@ class CLIP(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     def setup(self) -> None:
-        a = self.arch
-        self.vision_model = VisionTransformer(a, self.dtype)
-        self.text_model = TextTransformer(a, self.dtype)
-        self.visual_projection = nn.Dense(
-            a.embed_dim, use_bias=False, dtype=self.dtype, kernel_init=_normal(a.vision_width**-0.5)
-        )
-        self.text_projection = nn.Dense(
-            a.embed_dim, use_bias=False, dtype=self.dtype, kernel_init=_normal(a.text_width**-0.5)
-        )
+        a, dtype = self.arch, self.dtype
+        self.vision_model = VisionTransformer(a, dtype)
+        self.text_model = TextTransformer(a, dtype)
+        self.visual_projection = _dense(a.embed_dim, a.vision_width**-0.5, dtype, use_bias=False)
+        self.text_projection = _dense(a.embed_dim, a.text_width**-0.5, dtype, use_bias=False)
         # Declared only when present, so that one tower's params alone can run its encoder.
         if self.is_initializing() or self.has_variable("params", "logit_scale"):
             self.logit_scale = self.param(
