@@ -94,14 +94,9 @@ def tokenizer_from_folder(folder: str | os.PathLike, context_length: int = 77) -
     merges = _read_merges(folder / "merges.txt")
     if absent_special := [t for t in (SOT, EOT) if t not in vocab]:
         raise ValueError(f"{folder}/vocab.json lacks the special tokens {absent_special}")
+    specials = dict(bos_token=SOT, eos_token=EOT, pad_token=EOT, unk_token=EOT)
     hf = import_transformers().CLIPTokenizer(
-        vocab=vocab,
-        merges=merges,
-        bos_token=SOT,
-        eos_token=EOT,
-        pad_token=EOT,
-        unk_token=EOT,
-        model_max_length=context_length,
+        vocab=vocab, merges=merges, model_max_length=context_length, **specials
     )
     if len(hf) != len(vocab) or hf.eos_token_id != vocab[EOT] or hf.bos_token_id != vocab[SOT]:
         raise ValueError(

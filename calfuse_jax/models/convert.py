@@ -164,11 +164,8 @@ def arch_from_config(config: dict) -> CLIPArch:
 def config_from_arch(arch: CLIPArch, bos_token_id: int | None = None):
     """CLIPArch -> transformers.CLIPConfig (to write config.json for random checkpoints)."""
     text = {k: getattr(arch, f) for f, k in _TEXT.items()}
-    text.update(
-        bos_token_id=arch.eos_token_id - 1 if bos_token_id is None else bos_token_id,
-        pad_token_id=arch.eos_token_id,
-        projection_dim=arch.embed_dim,
-    )
+    bos = arch.eos_token_id - 1 if bos_token_id is None else bos_token_id
+    text.update(bos_token_id=bos, pad_token_id=arch.eos_token_id, projection_dim=arch.embed_dim)
     vision = {k: getattr(arch, f) for f, k in _VISION.items()} | {"projection_dim": arch.embed_dim}
     return import_transformers().CLIPConfig(
         text_config=text,
