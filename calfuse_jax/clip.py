@@ -6,9 +6,7 @@
     image_emb = model.apply({"params": params}, pixels, method=model.encode_image)      # [B, D]
     text_emb = model.apply({"params": params}, tokenizer(names), method=model.encode_text)  # [B, D]
 
-Embeddings are returned before L2 normalisation (as transformers' get_image_features).
-`random_checkpoint(folder)` writes a complete random Hugging Face CLIP folder without torch, for
-offline demos and tests.
+Embeddings are not L2-normalised (as transformers' get_image_features).
 """
 
 from __future__ import annotations
@@ -20,6 +18,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from calfuse_jax.feature_cache import WEIGHT_FILES
 from calfuse_jax.models.clip import CLIP, VARIANTS, CLIPArch, init_params, pool_index
 from calfuse_jax.models.convert import (
     CheckpointError,
@@ -44,14 +43,9 @@ def from_pretrained(
     dtype: jnp.dtype = jnp.float32,
     cache_dir: str | os.PathLike | None = None,
 ) -> tuple[CLIP, dict]:
-    """(Linen CLIP module computing in `dtype`, float32 params) from a folder or hub id, strictly.
-
-    Raises CheckpointError naming every missing / unexpected / mis-shaped tensor, a non-CLIP
-    config, or (offline, uncached) the files needed and where to put them.
-    """
-    folder = resolve(
-        path_or_hub_id, ("config.json",), ("model.safetensors", "pytorch_model.bin"), cache_dir
-    )
+    """(Linen CLIP module computing in `dtype`, float32 params) from a folder or hub id, strictly
+    (CheckpointError naming every offending tensor, or the files needed and where to put them)."""
+    folder = resolve(path_or_hub_id, ("config.json",), WEIGHT_FILES, cache_dir)
     arch, params = load_folder(folder)
     return CLIP(arch, dtype=dtype), params
 
@@ -77,20 +71,14 @@ def logit_scale(params: dict) -> float:
 def random_checkpoint(
     folder: str | os.PathLike, variant: str | CLIPArch = "tiny", seed: int = 0
 ) -> Path:
-    """Write a complete random HF CLIP folder (config.json, model.safetensors, vocab.json,
-    merges.txt) for `variant`, without torch; returns the folder.
-
-    The tokenizer is byte-level with a few merges (text tokenises almost char by char), so the text
-    tower's vocabulary is resized to it (522 tokens, EOT last, pooling at the first EOT) whatever
-    the variant; every other dimension is the variant's. Weights use our Flax init (`seed`).
-    """
+    """Writes a complete random HF CLIP folder for `variant` (our Flax init, `seed`) without torch;
+    returns it. The byte-level tokenizer (522 tokens, EOT last) sets the text vocabulary."""
     from safetensors.numpy import save_file
 
     from calfuse_jax.tokenizer import write_vocab_files
 
     arch = VARIANTS[variant] if isinstance(variant, str) else variant
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     vocab_size = write_vocab_files(folder)
     arch = dataclasses.replace(arch, vocab_size=vocab_size, eos_token_id=vocab_size - 1)
     config_from_arch(arch).save_pretrained(folder)

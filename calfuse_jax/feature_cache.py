@@ -1,16 +1,8 @@
 """The on-disk side of the feature cache: keys, weight hashes, atomic files, verified manifests.
 
-Cache layout (`cache_dir/images/<key>/`, `cache_dir/text/<key>/`): finished
-`chunks/chunk-<start>-<end>-<sha256>.npy` written atomically (temporary file, fsync, rename)
-while extraction runs, so an interrupted run resumes from the finished chunks; at the end the
-arrays (`features.npy` [N, D] float32 and `labels.npy` [N] int64, or `text.npy` [C, D]) plus
-`manifest.json` holding their sha256, shapes and dtypes. Every file is checked on every load: a
-chunk against the sha256 in its name, the arrays against the manifest, all of them for NaN/Inf.
-A damaged file is reported and recomputed, never used; a sha256 is always taken of the bytes in
-memory before they are written, so nothing read back from the disk is ever certified. Keys are
-`cache_key(fields)`: the sha256 of everything that changes the numbers (see
-`calfuse_jax.features`). Concurrent runs share the cache: `entry_lock` lets one process at a
-time check, fill and publish an entry, and the others then read it.
+Entries hold finished `chunks/chunk-<start>-<end>-<sha256>.npy` while extraction runs (resumable),
+then the arrays plus `manifest.json` (sha256, shape, dtype). Every load verifies every file (and
+NaN/Inf); a damaged one is reported and recomputed. `entry_lock`: one process fills an entry.
 """
 
 from __future__ import annotations
@@ -22,7 +14,7 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +27,7 @@ _FILE_SHA_MEMO: dict[tuple, str] = {}
 
 
 class FeatureCacheError(ValueError):
-    """A cache problem that recomputing cannot solve (a damaged entry that cannot be removed,
-    an encoder returning NaN/Inf); the message names the folder or the cause and the fix."""
+    """A cache problem that recomputing cannot solve; the message names the cause and the fix."""
 
 
 def file_sha256(path) -> str:
@@ -53,20 +44,16 @@ def file_sha256(path) -> str:
 
 
 def weights_id(path_or_hub_id: str | os.PathLike) -> str:
-    """sha256 (hex) identifying a checkpoint's weights: a file, a folder, or a cached hub id.
-
-    For a folder (or a hub id, resolved to its local snapshot without network when cached) the
-    weight file `from_pretrained` reads is hashed: `model.safetensors`, else `pytorch_model.bin`,
-    else the shards named in `*.index.json`, else every weight-like file. One file -> its own
-    sha256 (comparable with the hub's LFS hash); several -> sha256 over `name:sha256` lines.
-    """
+    """sha256 (hex) of a checkpoint's weights (a file, a folder, or a hub id): of the one weight
+    file `from_pretrained` reads (comparable with the hub's LFS hash), else of `name:sha256` lines
+    over the shards in `*.index.json` or every weight-like file."""
     path = Path(os.fspath(path_or_hub_id))
     if path.is_file():
         return file_sha256(path)
     if not path.is_dir():
         from calfuse_jax.models.hub import resolve
 
-        path = resolve(path, ("config.json",), ("model.safetensors", "pytorch_model.bin"))
+        path = resolve(path, ("config.json",), WEIGHT_FILES)
     files = _weight_files(path)
     if not files:
         raise FileNotFoundError(
@@ -100,18 +87,13 @@ def atomic_write_json(path: Path, payload: dict) -> None:
     atomic_write(path, "w", lambda f: json.dump(payload, f, indent=1, sort_keys=True, default=str))
 
 
-def _npy(array: np.ndarray) -> tuple[bytes, str]:
-    """(.npy bytes of `array`, their sha256 in hex)."""
+def _save_npy(path_for: Callable[[str], Path], array: np.ndarray) -> str:
+    """Writes `array` as .npy atomically to `path_for(sha256 of its bytes)`; returns the sha256."""
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     data = buffer.getvalue()
-    return data, hashlib.sha256(data).hexdigest()
-
-
-def save_checked(path: Path, array: np.ndarray) -> str:
-    """Writes `array` as .npy atomically; returns the sha256 (hex) of the bytes it wrote."""
-    data, sha256 = _npy(array)
-    atomic_write(path, "wb", lambda f: f.write(data))
+    sha256 = hashlib.sha256(data).hexdigest()
+    atomic_write(path_for(sha256), "wb", lambda f: f.write(data))
     return sha256
 
 
@@ -127,8 +109,7 @@ def _load_checked(path: Path, sha256: str) -> np.ndarray:
 
 
 def discard(folder: Path, names: Sequence[str]) -> None:
-    """Removes `names` (files or folders) of the damaged cache entry `folder`, so that they are
-    rewritten; FeatureCacheError naming the folder to delete when that fails."""
+    """Removes `names` (files or folders) of the damaged entry `folder`, to be rewritten."""
     for name in names:
         path = folder / name
         try:
@@ -144,12 +125,8 @@ def discard(folder: Path, names: Sequence[str]) -> None:
 
 
 def load_verified(folder: Path, names: Sequence[str]) -> list[np.ndarray] | None:
-    """Loads `names` (.npy) from `folder` if `manifest.json` exists and sha256/shape/dtype match
-    and the arrays hold no NaN/Inf.
-
-    Returns None when there is no cache; warns (at the caller of the feature function) and
-    returns None for a damaged one, removing its manifest and arrays so they are rewritten.
-    """
+    """`names` (.npy) from `folder`, verified against `manifest.json`; None when absent, or
+    damaged (warned about and removed, to be rewritten)."""
     manifest_path = folder / "manifest.json"
     if not manifest_path.exists():
         return None
@@ -176,26 +153,19 @@ def write_verified(folder: Path, arrays: dict[str, np.ndarray], fields: dict) ->
     """Saves `arrays` ({file name: array}) and then the manifest that `load_verified` checks."""
     files = {}
     for name, array in arrays.items():
-        files[name] = {
-            "sha256": save_checked(folder / name, array),
-            "shape": list(array.shape),
-            "dtype": array.dtype.str,
-        }
+        sha256 = _save_npy(lambda _, name=name: folder / name, array)
+        files[name] = {"sha256": sha256, "shape": list(array.shape), "dtype": array.dtype.str}
     atomic_write_json(folder / "manifest.json", {"fields": fields, "files": files})
 
 
 def save_chunk(chunk_dir: Path, start: int, end: int, array: np.ndarray) -> None:
-    """Keeps the finished chunk of rows start..end-1, its sha256 in the file name (so that the
-    data and its checksum appear together, in one rename)."""
-    data, sha256 = _npy(array)
-    atomic_write(
-        chunk_dir / f"chunk-{start:09d}-{end:09d}-{sha256}.npy", "wb", lambda f: f.write(data)
-    )
+    """Keeps the finished chunk of rows start..end-1, its sha256 in the file name."""
+    _save_npy(lambda sha256: chunk_dir / f"chunk-{start:09d}-{end:09d}-{sha256}.npy", array)
 
 
 def load_chunk(chunk_dir: Path, start: int, end: int) -> np.ndarray | None:
-    """The finished chunk of rows start..end-1 [end - start, D], or None when there is none;
-    a damaged one (sha256, shape, NaN/Inf) is reported and removed, to be recomputed."""
+    """The finished chunk of rows start..end-1 [end - start, D], or None (a damaged one is
+    reported and removed)."""
     for path in sorted(chunk_dir.glob(f"chunk-{start:09d}-{end:09d}-*.npy")):
         try:
             array = _load_checked(path, path.stem.rsplit("-", 1)[1])
@@ -227,7 +197,6 @@ def checksums_match(folder: Path) -> bool:
 
 
 def entry_lock(folder: Path) -> contextlib.AbstractContextManager:
-    """Holds the lock of the cache entry `folder` (created if needed): a second process
-    extracting the same entry waits here, then finds it finished."""
+    """Holds the lock of the cache entry `folder` (created if needed)."""
     folder.mkdir(parents=True, exist_ok=True)
     return waiting_lock(folder / ".lock", f"another process filling the feature cache {folder}")

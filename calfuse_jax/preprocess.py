@@ -1,16 +1,6 @@
-"""CLIP image preprocessing: bicubic resize of the shorter side, center crop, CLIP mean/std.
-
-Same steps and arithmetic as OpenAI CLIP / transformers' `CLIPImageProcessor` (PIL backend): PIL
-bicubic resize on uint8 RGB so that the short side equals `image_size` (long side
-`int(size * long / short)`), crop the centre (offsets `(h - size) // 2`), scale by 1/255 in float64,
-then `(x - mean) / std` in float32. Output is channels-last, ready for `encode_image`.
-
-`device_preprocess` does the same inside a jitted function, for sources whose images all have one
-size (CIFAR-style uint8 arrays): only uint8 [B, H, W, 3] crosses to the device. It replays PIL's
-fixed-point arithmetic (`ImagingResample`: bicubic a=-0.5 taps normalised in float64, rounded to
-22-bit integers; horizontal pass first, each pass rounded and clipped to uint8), computing only
-the rows and columns the crop keeps, and normalises through a 256-entry table of `normalize`, so
-its pixels equal `preprocess`'s bit for bit (tests/test_device_preprocess.py).
+"""CLIP image preprocessing, bit-equal to transformers' `CLIPImageProcessor` (PIL backend):
+bicubic resize of the shorter side, centre crop, CLIP mean/std. `device_preprocess` replays PIL's
+fixed-point resampling inside a jitted function for same-size uint8 images, bit for bit.
 """
 
 from __future__ import annotations
@@ -26,10 +16,9 @@ from calfuse_jax.data.images import pil_to_rgb, to_rgb
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# v2: 16-bit images are scaled to 8 bits instead of clipped at 255 (`data.images.pil_to_rgb`);
-# the version is in the cache key, so an entry extracted from saturated pixels is never reused.
+# v2: 16-bit images scaled to 8 bits instead of clipped (`data.images.pil_to_rgb`).
 PREPROCESS_VERSION = "clip-bicubic-shortside-centercrop-meanstd-v2"
-# Device path: equal pixels, but another XLA program (sums may round differently): its own key.
+# Device path: equal pixels, but another XLA program (sums may round differently).
 DEVICE_PREPROCESS_VERSION = PREPROCESS_VERSION + "+device-pil-fixedpoint-v1"
 PREPROCESS_PATHS = ("auto", "host", "device")  # auto: device for fixed-size sources
 
@@ -48,16 +37,18 @@ def _to_pil(image) -> Image.Image:
     raise ValueError(f"preprocess expects channels-last images [H, W, 3], got shape {array.shape}")
 
 
+def _resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(w, h) with the shorter side `size`, the longer `int(size * long / short)`."""
+    new_long = int(size * max(width, height) / min(width, height))
+    return (size, new_long) if width <= height else (new_long, size)
+
+
 def resize_and_crop(image, image_size: int) -> np.ndarray:
     """One image -> uint8 [image_size, image_size, 3]: bicubic shorter-side resize, centre crop."""
     pil = _to_pil(image)
-    width, height = pil.size
-    short, long = min(width, height), max(width, height)
-    new_long = int(image_size * long / short)
-    size = (image_size, new_long) if width <= height else (new_long, image_size)  # (w, h)
+    size = _resized_size(*pil.size, image_size)
     array = np.asarray(pil.resize(size, resample=Image.Resampling.BICUBIC))
-    top = (array.shape[0] - image_size) // 2
-    left = (array.shape[1] - image_size) // 2
+    top, left = (array.shape[0] - image_size) // 2, (array.shape[1] - image_size) // 2
     return array[top : top + image_size, left : left + image_size]
 
 
@@ -69,14 +60,11 @@ def normalize(uint8_images: np.ndarray) -> np.ndarray:
 
 def preprocess(images: Sequence, image_size: int) -> np.ndarray:
     """PIL images or uint8 arrays -> normalised float32 pixels [B, image_size, image_size, 3]."""
-    if isinstance(images, (Image.Image, np.ndarray)) and not (
-        isinstance(images, np.ndarray) and images.ndim == 4
-    ):
+    if isinstance(images, Image.Image) or (isinstance(images, np.ndarray) and images.ndim != 4):
         images = [images]
     if len(images) == 0:
         return np.zeros((0, image_size, image_size, 3), np.float32)
-    crops = np.stack([resize_and_crop(image, image_size) for image in images])
-    return normalize(crops)
+    return normalize(np.stack([resize_and_crop(image, image_size) for image in images]))
 
 
 _PRECISION_BITS = 22  # Pillow's PRECISION_BITS (32 - 8 - 2) for 8-bit images
@@ -91,18 +79,14 @@ def _bicubic(x: np.ndarray) -> np.ndarray:
 
 
 def pil_taps(in_size: int, out_size: int, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pillow's resampling taps for outputs `first .. first + count - 1` of `in_size -> out_size`.
-
-    Returns (indices int32 [count, K], weights int32 [count, K]) with output o = sum_k
-    in[indices[o, k]] * weights[o, k] in 22-bit fixed point (`precompute_coeffs` and
-    `normalize_coeffs_8bpc` of Pillow's Resample.c); unused taps have weight 0 and index 0.
-    """
+    """Pillow's taps (`precompute_coeffs`, `normalize_coeffs_8bpc`) for outputs first..+count:
+    (indices, weights) int32 [count, K], out[o] = sum_k in[indices[o, k]] * weights[o, k] in 22-bit
+    fixed point; unused taps have weight 0 and index 0."""
     scale = in_size / out_size
     filterscale = max(scale, 1.0)
     support = 2.0 * filterscale
     ksize = int(np.ceil(support)) * 2 + 1
-    indices = np.zeros((count, ksize), np.int32)
-    weights = np.zeros((count, ksize), np.int32)
+    indices, weights = np.zeros((2, count, ksize), np.int32)
     for row, out in enumerate(range(first, first + count)):
         center = (out + 0.5) * scale
         low = max(int(center - support + 0.5), 0)
@@ -136,9 +120,7 @@ def _resample_axis(pixels: jnp.ndarray, axis: int, in_size: int, out_size: int, 
 def device_resize_and_crop(images: jnp.ndarray, image_size: int) -> jnp.ndarray:
     """uint8 [B, H, W, 3] -> int32 [B, S, S, 3] in 0..255, equal to `resize_and_crop` per image."""
     height, width = images.shape[1:3]
-    short, long = min(width, height), max(width, height)
-    new_long = int(image_size * long / short)
-    new_w, new_h = (image_size, new_long) if width <= height else (new_long, image_size)
+    new_w, new_h = _resized_size(width, height, image_size)
     top, left = (new_h - image_size) // 2, (new_w - image_size) // 2
     pixels = images.astype(jnp.int32)
     pixels = _resample_axis(pixels, 2, width, new_w, left, image_size)  # horizontal first
@@ -153,8 +135,7 @@ def device_preprocess(images: jnp.ndarray, image_size: int) -> jnp.ndarray:
 
 
 def resolve_preprocess(custom: Callable | None, path: str, ds) -> tuple[Callable | None, str]:
-    """(host function, or None: on the device; the version for the cache key) of
-    `features.image_features`' `preprocess` and `preprocess_path` arguments for `ds`."""
+    """(host function, or None: on the device; cache-key version) for `image_features`."""
     if path not in PREPROCESS_PATHS:
         raise ValueError(f"preprocess_path must be one of {PREPROCESS_PATHS}, got {path!r}")
     fixed = getattr(ds, "fixed_size", None) is not None
@@ -168,6 +149,5 @@ def resolve_preprocess(custom: Callable | None, path: str, ds) -> tuple[Callable
         return None, DEVICE_PREPROCESS_VERSION
     if custom is None:
         return preprocess, PREPROCESS_VERSION
-    # A custom function changes the numbers: key on its name.
     name = getattr(custom, "__qualname__", repr(custom))
     return custom, f"custom:{getattr(custom, '__module__', '')}.{name}"

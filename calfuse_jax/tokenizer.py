@@ -1,12 +1,7 @@
 """CLIP BPE tokenizer: lower-cased byte-level BPE, <|startoftext|> ... <|endoftext|>, 77 tokens.
 
-Built on transformers' `CLIPTokenizer` from a checkpoint's `vocab.json` + `merges.txt`. transformers
-5 silently builds a 2-token vocabulary when it gets no `vocab=` (for example when given the old
-`vocab_file=` argument), which turns every word into <|endoftext|>; `load_tokenizer` passes the
-parsed files explicitly and checks the result against them, raising instead.
-
-Padding after <|endoftext|> uses the pad token (<|endoftext|> in OpenAI's files), as transformers
-does. It never changes an embedding: the text tower is causal and pools at the first EOT.
+Built on transformers' `CLIPTokenizer`, given the parsed vocab.json + merges.txt explicitly and
+checked against them (transformers 5 silently builds a 2-token vocabulary from `vocab_file=`).
 """
 
 from __future__ import annotations
@@ -22,15 +17,9 @@ SOT = "<|startoftext|>"
 EOT = "<|endoftext|>"
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 # A handful of merges for random test checkpoints: text tokenises (almost) char by char.
-TINY_MERGES = (
-    ("t", "h"),
-    ("th", "e</w>"),
-    ("a", "n"),
-    ("i", "n"),
-    ("o", "n</w>"),
-    ("e", "r"),
-    ("an", "d</w>"),
-    ("o", "f</w>"),
+TINY_MERGES = tuple(
+    tuple(m.split())
+    for m in ("t h", "th e</w>", "a n", "i n", "o n</w>", "e r", "an d</w>", "o f</w>")
 )
 
 
@@ -39,19 +28,13 @@ def bytes_to_unicode() -> dict[int, str]:
     """OpenAI's reversible byte -> printable-char table (the 256 base symbols of the BPE)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
     printable += list(range(ord("®"), ord("ÿ") + 1))
-    codes = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, codes), strict=True))
+    rest = [byte for byte in range(256) if byte not in printable]  # mapped to 256, 257, ...
+    codes = printable + [256 + i for i in range(len(rest))]
+    return dict(zip(printable + rest, map(chr, codes), strict=True))
 
 
 def vocab_from_merges(merges: list[tuple[str, str]] | tuple[tuple[str, str], ...]) -> dict:
-    """The vocabulary OpenAI CLIP derives from its merges: bytes, bytes + "</w>", one token per
-    merge, then <|startoftext|>, <|endoftext|> (49,408 entries for the released 48,894 merges)."""
+    """OpenAI CLIP's vocabulary: bytes, bytes + "</w>", one token per merge, SOT, EOT."""
     base = list(bytes_to_unicode().values())
     tokens = base + [b + "</w>" for b in base] + ["".join(m) for m in merges] + [SOT, EOT]
     return {token: index for index, token in enumerate(tokens)}
@@ -76,20 +59,13 @@ class ClipTokenizer:
     def __init__(self, hf_tokenizer, context_length: int = 77):
         self.hf = hf_tokenizer
         self.context_length = context_length
-        self.sot_id = int(hf_tokenizer.bos_token_id)
-        self.eot_id = int(hf_tokenizer.eos_token_id)
-        self.vocab_size = len(hf_tokenizer)
 
     def __call__(self, texts: list[str] | str) -> np.ndarray:  # -> [B, context_length] int32
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = list(texts)
+        texts = [texts] if isinstance(texts, str) else list(texts)
         if not all(isinstance(t, str) for t in texts):
             raise TypeError("tokenizer expects a list of str")
-        ids = self.hf(texts, padding="max_length", truncation=True, max_length=self.context_length)[
-            "input_ids"
-        ]
-        return np.asarray(ids, dtype=np.int32).reshape(len(texts), self.context_length)
+        ids = self.hf(texts, padding="max_length", truncation=True, max_length=self.context_length)
+        return np.asarray(ids["input_ids"], dtype=np.int32).reshape(len(texts), self.context_length)
 
 
 def _read_merges(path: Path) -> list[tuple[str, str]]:
@@ -108,29 +84,19 @@ def tokenizer_from_folder(folder: str | os.PathLike, context_length: int = 77) -
     """ClipTokenizer from a folder with vocab.json + merges.txt, checked against those files."""
     from calfuse_jax.models.convert import import_transformers
 
-    CLIPTokenizer = import_transformers().CLIPTokenizer
-
     folder = Path(folder)
-    absent = [name for name in TOKENIZER_FILES if not (folder / name).is_file()]
-    if absent:
+    if absent := [name for name in TOKENIZER_FILES if not (folder / name).is_file()]:
         raise FileNotFoundError(
             f"{folder} lacks {', '.join(absent)}: the CLIP tokenizer needs vocab.json and "
-            "merges.txt "
-            "(they ship with every Hugging Face CLIP checkpoint)."
+            "merges.txt (they ship with every Hugging Face CLIP checkpoint)."
         )
     vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
     merges = _read_merges(folder / "merges.txt")
-    absent_special = [t for t in (SOT, EOT) if t not in vocab]
-    if absent_special:
+    if absent_special := [t for t in (SOT, EOT) if t not in vocab]:
         raise ValueError(f"{folder}/vocab.json lacks the special tokens {absent_special}")
-    hf = CLIPTokenizer(
-        vocab=vocab,
-        merges=merges,
-        bos_token=SOT,
-        eos_token=EOT,
-        pad_token=EOT,
-        unk_token=EOT,
-        model_max_length=context_length,
+    specials = dict(bos_token=SOT, eos_token=EOT, pad_token=EOT, unk_token=EOT)
+    hf = import_transformers().CLIPTokenizer(
+        vocab=vocab, merges=merges, model_max_length=context_length, **specials
     )
     if len(hf) != len(vocab) or hf.eos_token_id != vocab[EOT] or hf.bos_token_id != vocab[SOT]:
         raise ValueError(

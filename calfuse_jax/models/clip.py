@@ -1,12 +1,8 @@
 """Pure-functional Flax Linen CLIP: ViT image tower, causal text tower, projections, logit scale.
 
-Parameter names mirror the Hugging Face `CLIPModel` state dict (`vision_model/encoder/layers_3/
-self_attn/q_proj/kernel` <-> `vision_model.encoder.layers.3.self_attn.q_proj.weight`), so that
-`convert.py` is a short rename table. Parameters are always float32; `dtype` is the compute dtype
-(float32 on CPU, bfloat16 on accelerators). LayerNorm and softmax always run in float32.
-
-Both towers are usable alone: `encode_image` only reads `vision_model` and `visual_projection`,
-`encode_text` only `text_model` and `text_projection`, so either half of the pytree suffices.
+Parameter names mirror the Hugging Face `CLIPModel` state dict (`vision_model/encoder/layers_3/...`
+<-> `vision_model.encoder.layers.3....`). Parameters are float32; `dtype` is the compute dtype;
+LayerNorm and softmax run in float32. Either tower's half of the params runs its encoder alone.
 """
 
 from __future__ import annotations
@@ -19,16 +15,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from calfuse_jax.tokenizer import TINY_MERGES
+from calfuse_jax.tokenizer import TINY_MERGES, vocab_from_merges
 
-# The byte-level vocabulary written by `tokenizer.write_vocab_files` for random test checkpoints:
-# 256 byte chars, the same with "</w>", one token per merge, <|startoftext|>, <|endoftext|>.
-TINY_VOCAB_SIZE = 256 + 256 + len(TINY_MERGES) + 2
+TINY_VOCAB_SIZE = len(vocab_from_merges(TINY_MERGES))  # `tokenizer.write_vocab_files`' default
 
 
 @dataclasses.dataclass(frozen=True)
 class CLIPArch:
-    """Architecture of one CLIP model (hashable so that it can be a Linen field)."""
+    """Architecture of one CLIP model (hashable: a Linen field)."""
 
     embed_dim: int  # joint embedding width D (projection output)
     image_size: int
@@ -47,8 +41,6 @@ class CLIPArch:
     text_act: str = "quick_gelu"
     vision_ln_eps: float = 1e-5
     text_ln_eps: float = 1e-5
-    # transformers' rule: eos_token_id == 2 (legacy configs) pools at argmax(token id),
-    # any other value pools at the first occurrence of that id.
     eos_token_id: int = 49407
     logit_scale_init: float = 2.6592  # log(1 / 0.07)
 
@@ -65,7 +57,7 @@ class CLIPArch:
 
 @dataclasses.dataclass(frozen=True)
 class Tower:
-    """One transformer stack of a CLIP model: `CLIPArch.vision` or `CLIPArch.text`."""
+    """One transformer stack: `CLIPArch.vision` or `CLIPArch.text`."""
 
     width: int
     heads: int
@@ -89,7 +81,7 @@ VARIANTS: dict[str, CLIPArch] = {
     "ViT-B/16": CLIPArch(image_size=224, patch_size=16, **_B),
     "ViT-L/14": CLIPArch(image_size=224, patch_size=14, **_L),
     "ViT-L/14-336": CLIPArch(image_size=336, patch_size=14, **_L),
-    # Encodes thousands of 32x32 images per second on 2 CPU cores (demo, other helpers' tests).
+    # Thousands of 32x32 images per second on 2 CPU cores (demo, tests).
     "tiny": CLIPArch(embed_dim=32, image_size=32, patch_size=8, vision_width=64, vision_layers=2,
                      vision_heads=4, vision_mlp=256, text_width=64, text_layers=2, text_heads=4,
                      text_mlp=256, **_TINY_VOCAB),
@@ -102,12 +94,8 @@ VARIANTS: dict[str, CLIPArch] = {
 # fmt: on
 
 
-def _quick_gelu(x: jax.Array) -> jax.Array:
-    return x * jax.nn.sigmoid(1.702 * x)
-
-
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "quick_gelu": _quick_gelu,
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "gelu": functools.partial(jax.nn.gelu, approximate=False),  # transformers "gelu" is exact erf
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
@@ -118,6 +106,10 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 def _normal(std: float) -> Callable:
     return nn.initializers.normal(stddev=std)
+
+
+def _dense(features: int, std: float, dtype, name: str | None = None, **kwargs) -> nn.Dense:
+    return nn.Dense(features, dtype=dtype, kernel_init=_normal(std), name=name, **kwargs)
 
 
 class LayerNorm(nn.Module):
@@ -150,17 +142,12 @@ class Attention(nn.Module):
         batch, length, _ = x.shape
         head_dim = t.width // t.heads
         in_std = t.width**-0.5 * (2 * t.layers) ** -0.5
-
-        def proj(name: str, std: float) -> nn.Dense:
-            return nn.Dense(t.width, dtype=self.dtype, kernel_init=_normal(std), name=name)
-
         split = lambda y: y.reshape(batch, length, t.heads, head_dim)  # [B, L, H, hd]
-        q = split(proj("q_proj", in_std)(x))
-        k = split(proj("k_proj", in_std)(x))
-        v = split(proj("v_proj", in_std)(x))
+        q, k, v = (split(_dense(t.width, in_std, self.dtype, f"{n}_proj")(x)) for n in "qkv")
         # XLA attention (cuDNN flash attention on GPU when eligible); softmax is float32 inside.
         out = jax.nn.dot_product_attention(q, k, v, scale=head_dim**-0.5, is_causal=t.causal)
-        return proj("out_proj", t.width**-0.5)(out.reshape(batch, length, t.width))
+        out_proj = _dense(t.width, t.width**-0.5, self.dtype, "out_proj")
+        return out_proj(out.reshape(batch, length, t.width))
 
 
 class MLP(nn.Module):
@@ -170,11 +157,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, L, W] -> [B, L, W]
         t = self.tower
-        fc1_std = (2 * t.width) ** -0.5
-        fc2_std = t.width**-0.5 * (2 * t.layers) ** -0.5
-        x = nn.Dense(t.mlp, dtype=self.dtype, kernel_init=_normal(fc1_std), name="fc1")(x)
+        x = _dense(t.mlp, (2 * t.width) ** -0.5, self.dtype, "fc1")(x)
         x = ACTIVATIONS[t.activation](x)
-        return nn.Dense(t.width, dtype=self.dtype, kernel_init=_normal(fc2_std), name="fc2")(x)
+        return _dense(t.width, t.width**-0.5 * (2 * t.layers) ** -0.5, self.dtype, "fc2")(x)
 
 
 class EncoderLayer(nn.Module):
@@ -228,12 +213,10 @@ class VisionEmbeddings(nn.Module):
 
     @nn.compact
     def __call__(self, pixels: jax.Array) -> jax.Array:  # [B, H, W, 3] -> [B, N + 1, W]
-        width = self.arch.vision_width
-        num_positions = (self.arch.image_size // self.arch.patch_size) ** 2 + 1
+        a, width = self.arch, self.arch.vision_width
+        num_positions = (a.image_size // a.patch_size) ** 2 + 1
         cls = self.param("class_embedding", _normal(width**-0.5), (width,), jnp.float32)
-        patches = PatchEmbedding(width, self.arch.patch_size, self.dtype, name="patch_embedding")(
-            pixels
-        )
+        patches = PatchEmbedding(width, a.patch_size, self.dtype, name="patch_embedding")(pixels)
         cls = jnp.broadcast_to(cls.astype(self.dtype), (patches.shape[0], 1, width))
         tokens = jnp.concatenate([cls, patches], axis=1)
         positions = nn.Embed(
@@ -276,17 +259,14 @@ class TextEmbeddings(nn.Module):
         positions = nn.Embed(
             a.context_length, a.text_width, embedding_init=_normal(0.01), name="position_embedding"
         )
-        length = token_ids.shape[1]
-        x = tokens(token_ids) + positions.embedding[:length][None]
-        return x.astype(self.dtype)
+        return (tokens(token_ids) + positions.embedding[: token_ids.shape[1]][None]).astype(
+            self.dtype
+        )
 
 
 def pool_index(token_ids: jax.Array, eos_token_id: int) -> jax.Array:
-    """Position of the pooled token per row, exactly as transformers' CLIPTextModel.  # [B]
-
-    Legacy configs (eos_token_id == 2) pool at the largest token id (the EOT token in OpenAI's
-    vocabulary); otherwise at the first occurrence of eos_token_id (0 if absent, as argmax does).
-    """
+    """Pooled position [B], as transformers: eos_token_id == 2 (legacy configs) at the largest
+    token id, otherwise at the first eos_token_id (0 if absent)."""
     if eos_token_id == 2:
         return jnp.argmax(token_ids, axis=-1)
     return jnp.argmax((token_ids == eos_token_id).astype(jnp.int32), axis=-1)
@@ -309,29 +289,21 @@ class TextTransformer(nn.Module):
         x = TextEmbeddings(a, self.dtype, name="embeddings")(token_ids)
         x = Encoder(a.text, self.dtype, name="encoder")(x)
         x = LayerNorm(a.text_ln_eps, self.dtype, name="final_layer_norm")(x)
-        index = pool_index(token_ids, a.eos_token_id)
-        return x[jnp.arange(x.shape[0]), index]
+        return x[jnp.arange(x.shape[0]), pool_index(token_ids, a.eos_token_id)]
 
 
 class CLIP(nn.Module):
-    """CLIP with both towers. `__call__` returns logits_per_image [B_img, B_txt] (as HF).
-
-    Attributes: `image_size`, `embed_dim`, `context_length` (from `arch`).
-    """
+    """CLIP with both towers. `__call__` returns logits_per_image [B_img, B_txt] (as HF)."""
 
     arch: CLIPArch
     dtype: jnp.dtype = jnp.float32
 
     def setup(self) -> None:
-        a = self.arch
-        self.vision_model = VisionTransformer(a, self.dtype)
-        self.text_model = TextTransformer(a, self.dtype)
-        self.visual_projection = nn.Dense(
-            a.embed_dim, use_bias=False, dtype=self.dtype, kernel_init=_normal(a.vision_width**-0.5)
-        )
-        self.text_projection = nn.Dense(
-            a.embed_dim, use_bias=False, dtype=self.dtype, kernel_init=_normal(a.text_width**-0.5)
-        )
+        a, dtype = self.arch, self.dtype
+        self.vision_model = VisionTransformer(a, dtype)
+        self.text_model = TextTransformer(a, dtype)
+        self.visual_projection = _dense(a.embed_dim, a.vision_width**-0.5, dtype, use_bias=False)
+        self.text_projection = _dense(a.embed_dim, a.text_width**-0.5, dtype, use_bias=False)
         # Declared only when present, so that one tower's params alone can run its encoder.
         if self.is_initializing() or self.has_variable("params", "logit_scale"):
             self.logit_scale = self.param(
@@ -346,10 +318,6 @@ class CLIP(nn.Module):
     def embed_dim(self) -> int:
         return self.arch.embed_dim
 
-    @property
-    def context_length(self) -> int:
-        return self.arch.context_length
-
     def encode_image(self, pixels: jax.Array) -> jax.Array:
         """Normalised pixels [B, H, W, 3] -> embeddings [B, D] (float32, not L2-normalised)."""
         return self.visual_projection(self.vision_model(pixels)).astype(jnp.float32)
@@ -359,10 +327,8 @@ class CLIP(nn.Module):
         return self.text_projection(self.text_model(token_ids)).astype(jnp.float32)
 
     def __call__(self, pixels: jax.Array, token_ids: jax.Array) -> jax.Array:
-        image = self.encode_image(pixels)  # [B_img, D]
-        text = self.encode_text(token_ids)  # [B_txt, D]
-        image = image / jnp.linalg.norm(image, axis=-1, keepdims=True)
-        text = text / jnp.linalg.norm(text, axis=-1, keepdims=True)
+        unit = lambda v: v / jnp.linalg.norm(v, axis=-1, keepdims=True)
+        image, text = unit(self.encode_image(pixels)), unit(self.encode_text(token_ids))
         return jnp.exp(self.logit_scale) * image @ text.T  # [B_img, B_txt]
 
 
@@ -373,11 +339,8 @@ def _dummy_inputs(arch: CLIPArch, make=jnp.zeros) -> tuple:
 
 
 def init_params(arch: CLIPArch, seed: int = 0) -> dict:
-    """Random float32 parameters for `arch` (our init, close to transformers' CLIP init).
-
-    Uses the RngBitGenerator key (compiles several times faster than threefry for the ~100
-    initialisers) and caches per (arch, seed): tests and demos ask for the same tiny model often.
-    """
+    """Random float32 parameters for `arch` (close to transformers' CLIP init), cached per (arch,
+    seed); the RngBitGenerator key compiles several times faster than threefry."""
     return jax.tree.map(lambda leaf: leaf, _init_params_cached(arch, seed))  # fresh dicts
 
 
@@ -388,6 +351,6 @@ def _init_params_cached(arch: CLIPArch, seed: int) -> dict:
 
 
 def param_shapes(arch: CLIPArch) -> dict:
-    """Pytree of jax.ShapeDtypeStruct for every parameter of `arch` (no compute, no memory)."""
+    """Pytree of jax.ShapeDtypeStruct for every parameter of `arch`."""
     inputs = _dummy_inputs(arch, jax.ShapeDtypeStruct)
     return jax.eval_shape(CLIP(arch).init, jax.random.key(0), *inputs)["params"]

@@ -1,16 +1,6 @@
-"""Hugging Face CLIP checkpoints <-> our Flax parameter pytree, strictly.
-
-A checkpoint is a folder holding `config.json` plus `model.safetensors` (or a sharded
-`model.safetensors.index.json`) or `pytorch_model.bin` (a hub id becomes such a folder through
-`calfuse_jax.models.hub.resolve`). Loading is strict: every tensor is used and every parameter
-filled; anything else raises one `CheckpointError` listing all offending names. The single
-tolerated extra is the `*.embeddings.position_ids` buffer that older snapshots saved (an `arange`,
-not a parameter), which an explicit rule skips.
-
-Names map by a short table on the HF module name (`q_proj.weight` -> `q_proj/kernel`, transposed);
-`to_state_dict` is the exact inverse, used to write random test checkpoints without torch.
-
-transformers is imported through `import_transformers`, without its no-torch notice.
+"""Hugging Face CLIP checkpoints (`config.json` + safetensors, shards or `pytorch_model.bin`)
+<-> our Flax parameter pytree, strictly: every tensor used, every parameter filled, else one
+`CheckpointError` listing all offending names. Names map by a short table on the HF module name.
 """
 
 from __future__ import annotations
@@ -24,12 +14,12 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from calfuse_jax.models.clip import ACTIVATIONS, CLIPArch, param_shapes
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-# Non-persistent buffers that older transformers versions wrote into checkpoints. Skipped by name;
-# nothing else is ever skipped.
+# Non-persistent buffers older transformers versions saved; nothing else is ever skipped.
 SKIPPED_BUFFERS = re.compile(r"(text|vision)_model\.embeddings\.position_ids")
 
 _transpose = lambda w: np.ascontiguousarray(w.T)
@@ -37,23 +27,27 @@ _conv_to_hwio = lambda w: np.ascontiguousarray(w.transpose(2, 3, 1, 0))  # [O,I,
 _hwio_to_conv = lambda w: np.ascontiguousarray(w.transpose(3, 2, 0, 1))
 _same = lambda w: w
 
-# (HF module-name regex, Flax leaf name, HF->Flax transform, Flax->HF transform) for `*.weight`.
-WEIGHT_RULES: tuple[tuple[str, str, Callable, Callable], ...] = (
-    (
-        r"(q|k|v|out)_proj|fc1|fc2|visual_projection|text_projection",
-        "kernel",
-        _transpose,
-        _transpose,
-    ),
-    (r"patch_embedding", "kernel", _conv_to_hwio, _hwio_to_conv),
-    (r"token_embedding|position_embedding", "embedding", _same, _same),
-    (
-        r"layer_norm1|layer_norm2|pre_layrnorm|post_layernorm|final_layer_norm",
-        "scale",
-        _same,
-        _same,
-    ),
+_DENSE = r"(q|k|v|out)_proj|fc1|fc2|visual_projection|text_projection"
+_NORMS = r"layer_norm1|layer_norm2|pre_layrnorm|post_layernorm|final_layer_norm"
+# (module-name regex, HF->Flax transform, Flax->HF transform) of the parameters named `*.weight`.
+WEIGHT_RULES: tuple[tuple[str, Callable, Callable], ...] = (
+    (_DENSE, _transpose, _transpose),
+    (r"patch_embedding", _conv_to_hwio, _hwio_to_conv),
+    (r"token_embedding|position_embedding", _same, _same),
+    (_NORMS, _same, _same),
 )
+# CLIPArch field -> attribute of its tower's config (`vision_config`, `text_config`).
+_HF = {
+    "width": "hidden_size",
+    "layers": "num_hidden_layers",
+    "heads": "num_attention_heads",
+    "mlp": "intermediate_size",
+    "act": "hidden_act",
+    "ln_eps": "layer_norm_eps",
+}
+_VISION = {f"vision_{f}": k for f, k in _HF.items()} | {k: k for k in ("image_size", "patch_size")}
+_TEXT = {f"text_{f}": k for f, k in _HF.items()} | {k: k for k in ("vocab_size", "eos_token_id")}
+_TEXT["context_length"] = "max_position_embeddings"
 TOP_LEVEL = ("logit_scale", "class_embedding")  # bare parameters, same name on both sides
 
 
@@ -62,8 +56,7 @@ class CheckpointError(ValueError):
 
 
 def import_transformers():
-    """`transformers`, imported without its "PyTorch was not found" notice (printed on every import
-    without torch, which this project never needs); its other warnings are untouched."""
+    """`transformers`, imported without its "PyTorch was not found" notice (we never need torch)."""
     logging.getLogger("transformers").addFilter(_not_the_torch_notice)  # a no-op the second time
     import transformers
 
@@ -74,33 +67,14 @@ def _not_the_torch_notice(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("PyTorch was not found.")
 
 
-def _hf_key_to_flax(key: str) -> tuple[tuple[str, ...], Callable] | None:
-    """`vision_model.encoder.layers.3.mlp.fc1.weight` -> (path, transform); None if unknown."""
-    parts = re.sub(r"\.layers\.(\d+)\.", r".layers_\1.", key).split(".")
-    if parts[-1] in TOP_LEVEL:
-        return tuple(parts), _same
-    if len(parts) < 2:
-        return None
-    module, leaf = parts[-2], parts[-1]
-    if leaf == "bias":
-        return tuple(parts), _same
-    if leaf != "weight":
-        return None
-    for pattern, flax_leaf, to_flax, _ in WEIGHT_RULES:
-        if re.fullmatch(pattern, module):
-            return (*parts[:-1], flax_leaf), to_flax
-    return None
-
-
-def _flax_path_to_hf(path: tuple[str, ...]) -> tuple[str, Callable]:
-    """Inverse of `_hf_key_to_flax`: Flax path -> (HF key, transform to HF layout)."""
+def _hf_key(path: tuple[str, ...]) -> tuple[str, Callable, Callable]:
+    """Flax path -> (HF key, Flax->HF transform, HF->Flax transform)."""
     parts = [re.sub(r"^layers_(\d+)$", r"layers.\1", p) for p in path]
     if parts[-1] in TOP_LEVEL or parts[-1] == "bias":
-        return ".".join(parts), _same
-    module = path[-2]
-    for pattern, _, _, to_hf in WEIGHT_RULES:
-        if re.fullmatch(pattern, module):
-            return ".".join([*parts[:-1], "weight"]), to_hf
+        return ".".join(parts), _same, _same
+    for pattern, to_flax, to_hf in WEIGHT_RULES:
+        if re.fullmatch(pattern, path[-2]):
+            return ".".join([*parts[:-1], "weight"]), to_hf, to_flax
     raise KeyError(f"no HF name rule for Flax parameter {'/'.join(path)}")
 
 
@@ -108,57 +82,47 @@ def to_state_dict(params: dict) -> dict[str, np.ndarray]:
     """Flax params -> HF `CLIPModel` state dict (float32 NumPy); inverse of `from_state_dict`."""
     state = {}
     for path, value in jax.tree_util.tree_flatten_with_path(params)[0]:
-        names = tuple(k.key for k in path)
-        key, to_hf = _flax_path_to_hf(names)
+        key, to_hf, _ = _hf_key(tuple(k.key for k in path))
         state[key] = to_hf(np.asarray(value, dtype=np.float32))
     return state
 
 
 def from_state_dict(state: dict[str, np.ndarray], arch: CLIPArch) -> dict:
     """HF state dict -> Flax params for `arch`, strictly (see module docstring). float32 leaves."""
-    expected = {
-        tuple(k.key for k in path): tuple(leaf.shape)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(param_shapes(arch))[0]
-    }
+    expected = {path: leaf.shape for path, leaf in flatten_dict(param_shapes(arch)).items()}
+    paths = {_hf_key(path)[0]: path for path in expected}
     converted, unused, wrong_shape = {}, [], {}
     for key, value in state.items():
         if SKIPPED_BUFFERS.fullmatch(key):
             continue
-        mapped = _hf_key_to_flax(key)
-        if mapped is None or mapped[0] not in expected:
+        if key not in paths:
             unused.append(key)
             continue
-        path, to_flax = mapped
+        path = paths[key]
+        _, to_hf, to_flax = _hf_key(path)
         array = to_flax(np.asarray(value, dtype=np.float32))
         if array.shape != expected[path]:
-            hf_shape = _flax_path_to_hf(path)[1](np.empty(expected[path], np.float32)).shape
+            hf_shape = to_hf(np.empty(expected[path], np.float32)).shape
             wrong_shape[path] = f"{key}: checkpoint {tuple(value.shape)}, model expects {hf_shape}"
             continue
         converted[path] = array
-    missing = [
-        _flax_path_to_hf(p)[0] for p in expected if p not in converted and p not in wrong_shape
+    missing = [k for k, p in paths.items() if p not in converted and p not in wrong_shape]
+    problems = [
+        f"{what} ({len(names)}): {sep.join(sorted(names))}"
+        for what, names, sep in (
+            ("missing tensors", missing, ", "),
+            ("unexpected tensors", unused, ", "),
+            ("shape mismatches", list(wrong_shape.values()), "; "),
+        )
+        if names
     ]
-    wrong_shape = list(wrong_shape.values())
-    problems = []
-    if missing:
-        problems.append(f"missing tensors ({len(missing)}): {', '.join(sorted(missing))}")
-    if unused:
-        problems.append(f"unexpected tensors ({len(unused)}): {', '.join(sorted(unused))}")
-    if wrong_shape:
-        problems.append(f"shape mismatches ({len(wrong_shape)}): {'; '.join(sorted(wrong_shape))}")
     if problems:
         raise CheckpointError(
             "checkpoint does not match the CLIP architecture in its config.json:\n  "
             + "\n  ".join(problems)
             + "\nFix: use the weights saved with this config.json (a CLIPModel state dict)."
         )
-    params: dict = {}
-    for path, array in converted.items():
-        node = params
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
-        node[path[-1]] = array
-    return params
+    return unflatten_dict(converted)
 
 
 def arch_from_config(config: dict) -> CLIPArch:
@@ -171,7 +135,6 @@ def arch_from_config(config: dict) -> CLIPArch:
             "openai/clip-vit-base-patch16."
         )
     CLIPConfig = import_transformers().CLIPConfig  # config classes need no torch
-
     try:
         hf = CLIPConfig.from_dict(config)
     except Exception as err:  # transformers validates architecture fields strictly
@@ -182,11 +145,7 @@ def arch_from_config(config: dict) -> CLIPArch:
             raise CheckpointError(
                 f"{name}.hidden_act={act!r} unsupported; known: {sorted(ACTIVATIONS)}"
             )
-    if (
-        not isinstance(v.image_size, int)
-        or not isinstance(v.patch_size, int)
-        or v.num_channels != 3
-    ):
+    if not (isinstance(v.image_size, int) and isinstance(v.patch_size, int)) or v.num_channels != 3:
         raise CheckpointError(
             "only square RGB images with an int image_size / patch_size are supported, got "
             f"image_size={v.image_size!r}, patch_size={v.patch_size!r}, "
@@ -194,59 +153,21 @@ def arch_from_config(config: dict) -> CLIPArch:
         )
     if not isinstance(t.eos_token_id, int):
         raise CheckpointError(f"text_config.eos_token_id must be an int, got {t.eos_token_id!r}")
+    fields = {f: getattr(v, k) for f, k in _VISION.items()}
+    fields |= {f: getattr(t, k) for f, k in _TEXT.items()}
+    fields.update(vision_ln_eps=float(v.layer_norm_eps), text_ln_eps=float(t.layer_norm_eps))
     return CLIPArch(
-        embed_dim=hf.projection_dim,
-        image_size=v.image_size,
-        patch_size=v.patch_size,
-        vision_width=v.hidden_size,
-        vision_layers=v.num_hidden_layers,
-        vision_heads=v.num_attention_heads,
-        vision_mlp=v.intermediate_size,
-        text_width=t.hidden_size,
-        text_layers=t.num_hidden_layers,
-        text_heads=t.num_attention_heads,
-        text_mlp=t.intermediate_size,
-        vocab_size=t.vocab_size,
-        context_length=t.max_position_embeddings,
-        vision_act=v.hidden_act,
-        text_act=t.hidden_act,
-        vision_ln_eps=float(v.layer_norm_eps),
-        text_ln_eps=float(t.layer_norm_eps),
-        eos_token_id=t.eos_token_id,
-        logit_scale_init=float(hf.logit_scale_init_value),
+        embed_dim=hf.projection_dim, logit_scale_init=float(hf.logit_scale_init_value), **fields
     )
 
 
 def config_from_arch(arch: CLIPArch, bos_token_id: int | None = None):
     """CLIPArch -> transformers.CLIPConfig (to write config.json for random checkpoints)."""
-    CLIPConfig = import_transformers().CLIPConfig
-
-    text = dict(
-        vocab_size=arch.vocab_size,
-        hidden_size=arch.text_width,
-        intermediate_size=arch.text_mlp,
-        projection_dim=arch.embed_dim,
-        num_hidden_layers=arch.text_layers,
-        num_attention_heads=arch.text_heads,
-        max_position_embeddings=arch.context_length,
-        hidden_act=arch.text_act,
-        layer_norm_eps=arch.text_ln_eps,
-        eos_token_id=arch.eos_token_id,
-        bos_token_id=arch.eos_token_id - 1 if bos_token_id is None else bos_token_id,
-        pad_token_id=arch.eos_token_id,
-    )
-    vision = dict(
-        hidden_size=arch.vision_width,
-        intermediate_size=arch.vision_mlp,
-        projection_dim=arch.embed_dim,
-        num_hidden_layers=arch.vision_layers,
-        num_attention_heads=arch.vision_heads,
-        image_size=arch.image_size,
-        patch_size=arch.patch_size,
-        hidden_act=arch.vision_act,
-        layer_norm_eps=arch.vision_ln_eps,
-    )
-    return CLIPConfig(
+    text = {k: getattr(arch, f) for f, k in _TEXT.items()}
+    bos = arch.eos_token_id - 1 if bos_token_id is None else bos_token_id
+    text.update(bos_token_id=bos, pad_token_id=arch.eos_token_id, projection_dim=arch.embed_dim)
+    vision = {k: getattr(arch, f) for f, k in _VISION.items()} | {"projection_dim": arch.embed_dim}
+    return import_transformers().CLIPConfig(
         text_config=text,
         vision_config=vision,
         projection_dim=arch.embed_dim,
@@ -294,10 +215,7 @@ def read_state_dict(folder: Path) -> dict[str, np.ndarray]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(read_json(index)["weight_map"].values()))
-        state = {}
-        for shard in shards:
-            state.update(load_safetensors(folder / shard))
-        return state
+        return {k: v for shard in shards for k, v in load_safetensors(folder / shard).items()}
     if (folder / "pytorch_model.bin").is_file():
         try:
             import torch  # only needed for legacy .bin files

@@ -1,8 +1,5 @@
 """Hub ids to local folders: `resolve` reads the Hugging Face cache first and downloads only what
-is missing; a hub that does not answer fails within HF_HUB_ETAG_TIMEOUT (10 s) with the fixes.
-
-    folder = resolve("openai/clip-vit-base-patch16", ("config.json",), ("model.safetensors",))
-"""
+is missing; a hub that does not answer fails within HF_HUB_ETAG_TIMEOUT (10 s) with the fixes."""
 
 from __future__ import annotations
 
@@ -12,7 +9,7 @@ from pathlib import Path
 
 from calfuse_jax.models.convert import CheckpointError
 
-# What from_pretrained + load_tokenizer read from a hub id: the files to download beforehand.
+# What from_pretrained + load_tokenizer read from a hub id.
 HUB_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")
 
 
@@ -21,23 +18,14 @@ def _hub_offline() -> bool:
     return any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
 
 
-def looks_like_hub_id(name: str) -> bool:
-    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None
-
-
 class HubUnreachableError(CheckpointError):
     """The hub endpoint did not answer; the message is complete (what, where, how long, fixes)."""
 
 
 def _check_hub_answers(name: str, filename: str) -> None:
-    """One HEAD request for `filename`, no retries, bounded by HF_HUB_ETAG_TIMEOUT (default 10 s).
-
-    hf_hub_download, once its first HEAD times out and nothing is cached, retries 5 more times with
-    a fixed 60 s timeout: over six minutes of silence before any error. This probe, sent right
-    before each download, is the bound: an endpoint that stays silent or cannot be reached raises
-    HubUnreachableError at once. Any HTTP answer (even 404 or 503) is left to hf_hub_download,
-    which reports or retries it. The cost: one extra round trip per file not yet cached.
-    """
+    """One HEAD request for `filename` within HF_HUB_ETAG_TIMEOUT: HubUnreachableError when the
+    hub does not answer (hf_hub_download would retry silently for over six minutes); any HTTP
+    answer, even an error, is left to hf_hub_download."""
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -46,7 +34,7 @@ def _check_hub_answers(name: str, filename: str) -> None:
     except ImportError:  # huggingface_hub 1.x
         import httpx
 
-    timeout = constants.HF_HUB_ETAG_TIMEOUT  # the library's knob, read from the env at its import
+    timeout = constants.HF_HUB_ETAG_TIMEOUT
     try:
         get_hf_file_metadata(hf_hub_url(name, filename), timeout=timeout)
     except HfHubHTTPError:
@@ -76,14 +64,12 @@ def resolve(
     cache_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Local folder for a folder path or a hub id: `required` files plus the first of
-    `alternatives` that exists. Tries the local cache first, so cached ids never touch the network;
-    offline (HF_HUB_OFFLINE=1) never tries the network at all and fails at once. Online, a hub that
-    does not answer within HF_HUB_ETAG_TIMEOUT (10 s) raises HubUnreachableError naming the fixes;
-    every other failure raises CheckpointError naming the files and where they are cached."""
+    `alternatives` that exists, from the cache first (HF_HUB_OFFLINE=1: only). Raises
+    HubUnreachableError or CheckpointError naming the files and the fixes."""
     name = str(path_or_hub_id)
     if Path(name).is_dir():
         return Path(name)
-    if not looks_like_hub_id(name) or Path(name).exists():
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) or Path(name).exists():
         raise CheckpointError(
             f"{name!r} is neither a checkpoint folder nor a hub id "
             "like 'openai/clip-vit-base-patch16'"
@@ -125,9 +111,7 @@ def _download(name: str, required: tuple[str, ...], alternatives: tuple[str, ...
         _check_hub_answers(name, filename)  # a silent hub fails here, not in hf_hub_download
         return hf_hub_download(name, filename, cache_dir=cache_dir)
 
-    folder = Path(fetch(required[0])).parent
-    for filename in required[1:]:
-        fetch(filename)
+    folder = Path([fetch(filename) for filename in required][0]).parent
     for filename in alternatives:
         try:
             fetch(filename)
