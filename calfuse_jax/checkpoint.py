@@ -6,7 +6,7 @@ factors [n_t, D, D]; `meta`: JSON) and `steps/<t * STEP_STRIDE + s>/`, the newes
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,13 @@ class RunCheckpoints:
     def restore_task(self, task: int, abstract_state: Any) -> Any:
         """The state of task `task`, shaped and placed like `abstract_state` (ShapeDtypeStructs)."""
         return self._restore(task, state=ocp.args.StandardRestore(abstract_state))["state"]
+
+    def restore_head(self, task: int, init: Callable, num_tasks: int, placement) -> dict:
+        """`{"params", "accuracy" [T, T]}` of task `task`, the params shaped like `init(key)`."""
+        accuracy = jax.ShapeDtypeStruct((num_tasks, num_tasks), np.float32)
+        params = jax.eval_shape(init, jax.random.PRNGKey(0))
+        abstract = {"params": params, "accuracy": accuracy}
+        return self.restore_task(task, abstract_like(abstract, placement))
 
     def _restore(self, task: int, **items) -> Any:
         try:

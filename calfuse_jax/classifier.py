@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from calfuse_jax import calibration, clip, features, methods, paths, rundir, sharding
-from calfuse_jax.checkpoint import RunCheckpoints, abstract_like
+from calfuse_jax.checkpoint import RunCheckpoints
 from calfuse_jax.continual import unit_rows
 from calfuse_jax.data.images import decode_image
 from calfuse_jax.feature_cache import weights_id
@@ -167,10 +167,7 @@ def load_classifier(
         method = methods.REGISTRY[config.method].build(config, dim, scale, int(bounds[-1]))
         mesh = sharding.make_mesh()
         placement, num_tasks = sharding.replicated(mesh), len(bounds) - 1
-        accuracy = jax.ShapeDtypeStruct((num_tasks, num_tasks), np.float32)
-        init = jax.eval_shape(method.init, jax.random.PRNGKey(0))
-        abstract = {"params": init, "accuracy": accuracy}
-        params = checkpoints.restore_task(task, abstract_like(abstract, placement))["params"]
+        params = checkpoints.restore_head(task, method.init, num_tasks, placement)["params"]
         class_stats = checkpoints.class_stats(task, bounds, dim, placement)
     finally:
         checkpoints.close()

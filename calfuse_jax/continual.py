@@ -146,9 +146,8 @@ def resume(run: Run) -> tuple[ContinualState, int]:
     meta = run.checkpoints.task_meta(task)
     _check_meta(run, meta, f"task checkpoint {task}")
     placement = sharding.replicated(run.mesh)
-    fresh = jax.eval_shape(lambda: _fresh_state(run))
-    abstract = abstract_like({"params": fresh.params, "accuracy": fresh.accuracy}, placement)
-    saved = run.checkpoints.restore_task(task, abstract)
+    num_tasks = run.stream.split.num_tasks
+    saved = run.checkpoints.restore_head(task, run.method.init, num_tasks, placement)
     bounds, dim = run.stream.split.bounds, run.stream.dim
     class_stats = run.checkpoints.class_stats(task, bounds, dim, placement)
     means, chols = sharding.replicate((class_stats["means"], class_stats["chols"]), run.mesh)

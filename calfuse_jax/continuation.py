@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from calfuse_jax import methods, rundir, sharding
-from calfuse_jax.checkpoint import RunCheckpoints, abstract_like, task_meta
+from calfuse_jax.checkpoint import RunCheckpoints, task_meta
 from calfuse_jax.config import resolve_method
 from calfuse_jax.continual import initial_params, run_continual
 from calfuse_jax.data.protocol import TaskSplit
@@ -123,15 +123,13 @@ def _copy_tasks(
     placement = sharding.replicated(mesh)
     old, new = RunCheckpoints(old_dir), RunCheckpoints(target)
     try:
-        accuracy = jax.ShapeDtypeStruct((num_tasks, num_tasks), np.float32)
-        params = jax.eval_shape(method_old.init, jax.random.PRNGKey(0))
-        abstract = abstract_like({"params": params, "accuracy": accuracy}, placement)
         bounds = stream.split.bounds[: num_tasks + 1]
         class_stats = old.class_stats(num_tasks - 1, bounds, stream.dim, placement)
         fresh = initial_params(method, config, mesh)
         size = stream.split.num_tasks
         for task in range(num_tasks):
-            saved = sharding.to_host(old.restore_task(task, abstract))
+            saved = old.restore_head(task, method_old.init, num_tasks, placement)
+            saved = sharding.to_host(saved)
             grown = np.full((size, size), np.nan, np.float32)
             grown[:num_tasks, :num_tasks] = saved["accuracy"]
             state = {"params": _grown(saved["params"], fresh, "head parameter"),
