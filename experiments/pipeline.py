@@ -121,17 +121,16 @@ def prepare(config: ml_collections.ConfigDict) -> Prepared:
 def _prepare_synthetic(config: ml_collections.ConfigDict) -> Prepared:
     from calfuse_jax.data.synthetic import make_synthetic_stream
 
-    args = config.synthetic.to_dict()  # make_synthetic_stream's arguments, data_seed its seed
-    identity = f"synthetic:{json.dumps(args, sort_keys=True)}"
+    s = config.synthetic
+    identity = f"synthetic:{json.dumps(s.to_dict(), sort_keys=True)}"
     order = class_order_of(config, config.dataset.num_classes)
     stream, text = make_synthetic_stream(
-        num_classes=config.dataset.num_classes,
-        initial=config.continual.initial,
-        increment=config.continual.increment,
-        seed=args.pop("data_seed"),
-        class_order=order,
-        **args,
-    )
+        num_classes=config.dataset.num_classes, dim=s.dim, train_per_class=s.train_per_class,
+        test_per_class=s.test_per_class, initial=config.continual.initial,
+        increment=config.continual.increment, seed=s.data_seed, noise=s.noise,
+        close_pairs=s.close_pairs, pair_distance=s.pair_distance, text_noise=s.text_noise,
+        distortion=s.distortion, class_order=order,
+    )  # fmt: skip
     provenance = {
         "weights": None,
         "dataset": {"name": "synthetic", "identity": identity},
