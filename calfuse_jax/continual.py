@@ -315,20 +315,35 @@ def run_continual(
     step_callback: Callable[[int, int], None] | None = None,
     loss_callback: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None] | None = None,
 ) -> ContinualResult:
-    """Runs (or resumes) the class-incremental sequence of `stream` in `workdir`.
+    """Runs (or resumes) the whole class-incremental sequence of `stream`.
 
-    `text_features` [C_dataset, D] are text embeddings by dataset label; a different run found in
-    `workdir` is refused (ConfigMismatchError) unless `overwrite` moves it aside. The callbacks
-    run after every epoch (`loss_callback`'s `steps` counted across tasks). Raises ValueError,
-    TaskCheckpointError (resuming needs a missing or damaged checkpoint), NonFiniteLossError;
-    Ctrl-C or SIGTERM stops at the next epoch with a step checkpoint and raises `Interrupted`.
+    Args:
+      stream: frozen image features and labels, with the task split.
+      text_features: [C_dataset, D] class text embeddings by dataset label (normalised here).
+      config: `method_config()` fields (extra fields are ignored); `method` picks the preset.
+      workdir: run folder (metrics files, `checkpoints/`); resumed if it holds this config's run.
+      overwrite: move a different run found in `workdir` aside instead of refusing.
+      mesh: device mesh with a `data` axis (default: all devices).
+      progress: tqdm progress bars.
+      logit_scale: CLIP's logit scale; None takes `config.logit_scale`.
+      step_callback: `fn(task, completed_steps)` after every training epoch (tests, monitoring).
+      loss_callback: `fn(task, steps, losses, lrs)` after each epoch; `steps` count across tasks
+        (task t starts at 1 + the earlier tasks' steps), `lrs` are the learning rates those steps
+        used. A resumed run reports from the step it restarts at.
+
+    Raises:
+      ValueError on bad inputs, ConfigMismatchError for a foreign workdir, TaskCheckpointError
+      when resuming needs an earlier task checkpoint that is missing or damaged (each holds only
+      its own classes' statistics), NonFiniteLossError when the loss turns NaN/Inf (the last
+      good checkpoint is kept). Ctrl-C or SIGTERM stops the run at the next epoch (or task) with
+      a step checkpoint saved and raises `interrupt.Interrupted`, a KeyboardInterrupt.
     """
     with deferred():  # a signal, even while opening or compiling, stops at a saved point
         run = open_run(
             stream, text_features, config, workdir, overwrite, mesh, logit_scale,
             progress=progress, step_callback=step_callback, loss_callback=loss_callback,
         )  # fmt: skip
-        with closing([run]):
+        with closing_checkpoints([run]):
             state, start = resume(run)
             write_results(run, state)
             for task in range(start, run.stream.split.num_tasks):
@@ -339,7 +354,7 @@ def run_continual(
 
 
 @contextlib.contextmanager
-def closing(runs: list[Run]):
+def closing_checkpoints(runs: list[Run]):
     """Closes the runs' checkpoints on the way out, logging a NonFiniteLossError."""
     try:
         yield

@@ -155,8 +155,15 @@ def seed_continuation(
     logit_scale: float | None = None,
     mesh=None,
 ) -> dict:
-    """Seeds `workdir` for `run_continual` to resume after the run in `old_workdir`; returns the
-    record written to `workdir/continued_from.json`."""
+    """Prepares `workdir` so that `run_continual(stream, text_features, config, workdir)`
+    resumes after the last task of the finished run in `old_workdir` (see the module doc);
+    returns the record also written to `workdir/continued_from.json`. A `workdir` that already
+    holds task checkpoints (a continuation started earlier) is left to `run_continual`'s resume.
+
+    Raises:
+      ContinuationError when the old run is unfinished, `stream` adds no task, or the first
+      tasks of `stream` with `config` are not the old run (another fingerprint).
+    """
     old_workdir, workdir = Path(old_workdir).absolute(), Path(workdir).absolute()
     if workdir == old_workdir:
         raise ContinuationError(f"continue {old_workdir} into another folder, never into itself")

@@ -42,7 +42,9 @@ def count_row(correct, total, bounds: Sequence[int], task: int) -> np.ndarray:
 
 
 def accuracy_matrix(predictions: Sequence, labels, bounds: Sequence[int]):
-    """(A [T, T], seen [T]) from each finished task's predicted positions [M] and `labels` [M]."""
+    """(A [T, T], seen [T]) from `predictions`, one array of predicted positions [M] per finished
+    task, and the true positions `labels` [M]; `bounds` [T + 1] are the tasks' class boundaries
+    (`TaskSplit.bounds`). Rows of tasks not yet evaluated are NaN."""
     num_tasks = len(bounds) - 1
     matrix, seen = np.full((num_tasks, num_tasks), np.nan), np.full(num_tasks, np.nan)
     for i, preds in enumerate(predictions):
@@ -90,17 +92,20 @@ def _mean_over_old_tasks(matrix, term) -> float:
 
 
 def forgetting(matrix) -> float:
-    """`F = 1/(T-1) sum_{j<T-1} max_{j<=l<T-1} (A[l, j] - A[T-1, j])` (Chaudhry et al. 2018)."""
+    """`F = 1/(T-1) sum_{j<T-1} max_{j<=l<T-1} (A[l, j] - A[T-1, j])` (Chaudhry et al. 2018);
+    NaN when T = 1."""
     return _mean_over_old_tasks(matrix, lambda a, j, last: np.max(a[j:last, j]) - a[last, j])
 
 
 def backward_transfer(matrix) -> float:
-    """BWT = `1/(T-1) sum_{j<T-1} (A[T-1, j] - A[j, j])` (Lopez-Paz & Ranzato 2017)."""
+    """BWT = `1/(T-1) sum_{j<T-1} (A[T-1, j] - A[j, j])` (Lopez-Paz & Ranzato 2017): negative
+    means forgetting; NaN when T = 1."""
     return _mean_over_old_tasks(matrix, lambda a, j, last: a[last, j] - a[j, j])
 
 
 def old_new_accuracy(preds, labels, num_old: int, num_seen: int) -> tuple[float, float]:
-    """(old, new) accuracy on positions < num_old and num_old..num_seen-1; `preds` [M, C] or [M]."""
+    """(old, new) accuracy on positions < num_old and num_old..num_seen-1; `preds` [M, C] or [M].
+    Old is NaN when num_old is 0; either is NaN without test images of its classes."""
     preds, labels = np.asarray(preds), np.asarray(labels)
     if preds.ndim == labels.ndim + 1:
         preds = np.argmax(preds, axis=-1)
@@ -118,14 +123,14 @@ def harmonic_mean(old: float, new: float) -> float:
 class ContinualResult:
     """The outcome of `run_continual` (percentages; NaN where undefined)."""
 
-    accuracy_matrix: np.ndarray
-    seen_accuracy: np.ndarray
-    old_accuracy: np.ndarray
-    new_accuracy: np.ndarray
-    summary: dict
-    params: Any
-    stats: ClassStats
-    rows: list
+    accuracy_matrix: np.ndarray  # float [T, T] A (NaN above the diagonal)
+    seen_accuracy: np.ndarray  # float [T]: on all classes seen after each task
+    old_accuracy: np.ndarray  # float [T]: on the classes of earlier tasks
+    new_accuracy: np.ndarray  # float [T]: on the classes of the task itself
+    summary: dict  # avg, last, forgetting, bwt, old, new, harmonic
+    params: Any  # the final head params
+    stats: ClassStats  # of every class
+    rows: list  # the metrics rows written to `metrics.jsonl` in `workdir`
     workdir: Path
 
 
@@ -174,6 +179,9 @@ def continual_result(accuracy, rows: list, params, class_stats, workdir: Path) -
     curves = np.asarray(
         [[np.nan if r[k] is None else r[k] for r in rows] for k in keys], np.float32
     )
-    seen_old_new = np.asarray(curves, np.float64)
-    matrix, result = np.asarray(accuracy, np.float64), summary(accuracy, curves)
-    return ContinualResult(matrix, *seen_old_new, result, params, class_stats, rows, workdir)
+    seen, old, new = np.asarray(curves, np.float64)
+    return ContinualResult(
+        accuracy_matrix=np.asarray(accuracy, np.float64), seen_accuracy=seen, old_accuracy=old,
+        new_accuracy=new, summary=summary(accuracy, curves), params=params, stats=class_stats,
+        rows=rows, workdir=workdir,
+    )  # fmt: skip

@@ -70,7 +70,7 @@ def run_seeds(
         for config, workdir, callback in zip(configs, workdirs, callbacks, strict=True)
     ]
     results = {}
-    with continual.closing(runs):
+    with continual.closing_checkpoints(runs):
         resumed = [continual.resume(run) for run in runs]
         for group in _groups(runs, resumed):
             found = _run_together([runs[k] for k in group], [resumed[k] for k in group])

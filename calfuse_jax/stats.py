@@ -110,7 +110,9 @@ def sample_pseudo(
 
 
 def hard_pairs(text_features, old_ids, new_ids, threshold: float) -> np.ndarray:
-    """int64 [P, 2] `(old i, new j)` pairs whose text distance is < `threshold`, sorted."""
+    """int64 [P, 2] rows `(old i, new j)`, sorted by i then j ([0, 2] when none), of the old
+    positions `old_ids` int [O] and new `new_ids` int [N] whose unit text embeddings
+    `text_features` [C, D] are close: `||T_j - T_i|| < threshold` (host-side, NumPy)."""
     text = np.asarray(text_features, np.float64)
     old_ids = np.asarray(old_ids, np.int64).reshape(-1)
     new_ids = np.asarray(new_ids, np.int64).reshape(-1)
@@ -124,7 +126,9 @@ def task_hard_pairs(text: np.ndarray, bounds, pseudo) -> tuple[np.ndarray, np.nd
     largest count; none with `pseudo.hard_weight` 0, and P = 0 when no task has any."""
     threshold, on = float(pseudo.hard_threshold), float(pseudo.hard_weight) > 0
     found = [
-        hard_pairs(text, np.arange(old), np.arange(old, seen), threshold if on else -np.inf)
+        hard_pairs(text, np.arange(old), np.arange(old, seen), threshold)
+        if on
+        else np.zeros((0, 2), np.int64)
         for old, seen in zip(bounds[:-1], bounds[1:], strict=True)
     ]
     size = max(len(p) for p in found)

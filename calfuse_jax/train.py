@@ -121,7 +121,17 @@ def pseudo_class_schedule(pseudo_key, epoch, num_old, steps: int, per_batch: int
     return order[slots % jnp.maximum(num_old, 1)]
 
 
-def _epoch(state, data, epoch, key, inputs, *, method, shape, schedule, mesh):
+class TaskData(NamedTuple):
+    """A task's training rows on the device, padded to the run's `capacity` (one compile for
+    every task): features [capacity, D] and positions int32 [capacity] sharded over `data`
+    (zero past `count`), `count` int32 replicated."""
+
+    features: jax.Array
+    labels: jax.Array
+    count: jax.Array
+
+
+def _epoch(state, data: TaskData, epoch, key, inputs, *, method, shape, schedule, mesh):
     """One epoch: (state, losses [max steps] (0 past the epoch), lrs [max steps])."""
     TRACES["train_step"] += 1
     batch_size, padded, per_batch = shape
@@ -223,12 +233,14 @@ class TaskView(NamedTuple):
     members: tuple[str, ...] = ()  # labels of S runs trained together (vmapped), or () for one
 
 
-def task_data(view: TaskView, mesh: Mesh) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(features [capacity, D], positions [capacity]) sharded over `data`, and their count."""
+def task_data(view: TaskView, mesh: Mesh) -> TaskData:
+    """The view's training rows on the device, zero-padded to `view.capacity` rows."""
     count = len(view.labels)
-    features, labels, _ = host_batch(view.features, view.labels, np.arange(count), view.capacity)
+    features = np.zeros((view.capacity, view.features.shape[1]), np.float32)
+    labels = np.zeros((view.capacity,), np.int32)
+    features[:count], labels[:count] = view.features, view.labels
     rows = sharding.shard_batch((features, labels), mesh)
-    return *rows, sharding.replicate(np.int32(count), mesh)
+    return TaskData(*rows, sharding.replicate(np.int32(count), mesh))
 
 
 def train_task(
@@ -245,9 +257,14 @@ def train_task(
     progress: bool = True,
 ) -> tuple[TrainState, dict]:
     """Trains `method` on one task from `start_step` (an epoch boundary); returns (state,
-    {`loss`: the last epoch's mean (a list per run), `steps`}). Between epochs the host checks the
-    losses, runs the callbacks, saves `save_step(step, state)` every `checkpoint_every_steps` and
-    on Ctrl-C/SIGTERM. With `view.members`, `state` has a leading axis of S runs."""
+    {`loss`: the last epoch's mean (a list per run), `steps`}).
+
+    `state` (params and optimiser state, replicated) has a leading axis of S runs with
+    `view.members`. After each epoch the host checks the losses (NonFiniteLossError names the
+    step), calls `loss_callback(task, steps, losses, lrs)` (the epoch's 1-based steps) and
+    `step_callback(task, completed_steps)`, and calls `save_step(step, state)` at the end of an
+    epoch that passes a multiple of `checkpoint_every_steps` (not after the last one) and on
+    Ctrl-C/SIGTERM or a callback's KeyboardInterrupt."""
     batch_size, epochs = int(config.train.batch_size), int(config.train.epochs)
     epoch_steps = steps_per_epoch(len(view.labels), batch_size)
     total, every = epochs * epoch_steps, int(config.train.checkpoint_every_steps)
@@ -258,8 +275,8 @@ def train_task(
     run_epoch = epoch_fn(method, mesh, shape, decays(config), seeds=bool(view.members))
     name = f"task {view.task} ({view.task + 1}/{view.num_tasks})"
     name += f", {len(view.members)} runs together" if view.members else ""
-    bar = tqdm(total=total, initial=start_step, desc=name, disable=not progress, smoothing=0)
     data = task_data(view, mesh)
+    bar = tqdm(total=total, initial=start_step, desc=name, disable=not progress, smoothing=0)
     step, loss = start_step, None
     try:
         for epoch in range(start_step // epoch_steps, epochs):
