@@ -15,7 +15,7 @@ import re
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ml_collections
 
@@ -25,11 +25,15 @@ from experiments import peers, pipeline
 from experiments.configs import apply_overrides, catalog, load_config
 from experiments.pipeline import UserError
 
+if TYPE_CHECKING:
+    from calfuse_jax.train import NonFiniteLossError
+
 log = logging.getLogger("experiments.cli")
 
 # Not part of a run's folder name: each seed runs in its own seed_<k> folder of the run's folder.
 NOT_NAMING = (*RESUME_SAFE, "seeds", "seed")
-# Problems a user fixes from the message alone: one paragraph, no traceback, exit 2.
+# Problems a user fixes from the message alone (the library's and the configs' errors are
+# ValueErrors): one paragraph, no traceback, exit 2. A NaN/Inf loss exits 3 (the run diverged).
 USER_ERRORS = (UserError, ValueError, FileNotFoundError, FileExistsError)
 EXIT_USER_ERROR, EXIT_NON_FINITE = 2, 3  # a signal: 128 + its number (130 Ctrl-C, 143 SIGTERM)
 # Writes that fail because of the disk or its permissions: exit 2 as well, naming the file.
@@ -93,7 +97,8 @@ def command_parser(name: str, description: str) -> argparse.ArgumentParser:
 def parse_command(
     parser: argparse.ArgumentParser, argv: Sequence[str] | None
 ) -> tuple[argparse.Namespace, list[str]]:
-    """Adds the flags every command has and parses `argv`: (args, `--config.` overrides)."""
+    """Adds the flags every command has to `parser` (once: after the command's own flags, as
+    --help lists them) and parses `argv`: (args, the `--config.KEY=VALUE` overrides)."""
     parser.add_argument("--traceback", action="store_true", help="show tracebacks of user errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress")
     group = parser.add_argument_group(
@@ -127,12 +132,15 @@ COORDINATOR = re.compile(r"(\[[0-9a-fA-F:.]+\]|[\w.-]+):([1-9]\d{0,4})")
 def start_distributed(args: argparse.Namespace) -> None:
     """Joins the multi-process JAX runtime when `args.distributed` (before any device is used);
     a process missing after `--peer-timeout` seconds ends the command with exit 2."""
-    manual = {k: getattr(args, k) for k in ("coordinator", "num_processes", "process_id")}
-    given = {k: v for k, v in manual.items() if v is not None}
+    manual = {  # flag -> (jax.distributed.initialize's argument, value)
+        "--coordinator": ("coordinator_address", args.coordinator),
+        "--num-processes": ("num_processes", args.num_processes),
+        "--process-id": ("process_id", args.process_id),
+    }
+    given = [flag for flag, (_, value) in manual.items() if value is not None]
     if not args.distributed:
         if given:
-            flags = ", ".join("--" + k.replace("_", "-") for k in given)
-            raise UserError(f"{flags} only apply with --distributed: add it")
+            raise UserError(f"{', '.join(given)} only apply with --distributed: add it")
         return
     count, index = args.num_processes, args.process_id
     if count is not None and count < 1 or index is not None and not 0 <= index < (count or 1 << 30):
@@ -156,7 +164,7 @@ def start_distributed(args: argparse.Namespace) -> None:
     watchdog.start()
     try:
         jax.distributed.initialize(
-            **{"coordinator_address" if k == "coordinator" else k: v for k, v in given.items()},
+            **{name: value for name, value in manual.values() if value is not None},
             initialization_timeout=int(args.peer_timeout) + 60,  # ours speaks first
         )
     except (RuntimeError, ValueError, IndexError) as err:
@@ -244,7 +252,8 @@ def main_guard(
 ) -> int:
     """Loads `--config` with its overrides and returns `body(config)`'s exit status; a user error
     (2), a NaN/Inf value (3), a lost peer (75), Ctrl-C (130) or SIGTERM (143) prints one paragraph
-    instead of a traceback (unless `args.traceback`)."""
+    instead of a traceback (unless `args.traceback`). `args.workdir`, once `body` has set it,
+    names where the last good checkpoint is kept."""
     from calfuse_jax.train import NonFiniteLossError  # imports jax: after the flags are parsed
 
     setup_console(args.quiet)  # each run.log keeps INFO
@@ -282,7 +291,7 @@ def main_guard(
         return EXIT_USER_ERROR
 
 
-def non_finite_message(error: FloatingPointError, workdir: str | None) -> str:
+def non_finite_message(error: NonFiniteLossError, workdir: str | None) -> str:
     """One paragraph for a `calfuse_jax.train.NonFiniteLossError`."""
     at = f"task {error.task}" + ("" if error.step is None else f", step {error.step}")
     where = f" in {workdir}" if workdir else ""

@@ -2,7 +2,9 @@
 
 Each process beats once a second in the coordination service's key-value store; a peer silent for
 `SILENT_S` is reported and this process leaves with `os._exit(EXIT_PEER_LOST)` (JAX's own exit
-would wait for the dead peer, then abort). A finished process writes `done` instead of a beat."""
+would wait for the dead peer, then abort). A finished process writes `done` instead of a beat.
+When process 0 dies, the coordination service dies with it and JAX aborts the others at once,
+before any Python code can run: their exit is JAX's (134), not this module's 75."""
 
 from __future__ import annotations
 

@@ -185,11 +185,10 @@ def run_experiments(items, overwrite: bool = False, prepared: Prepared | None = 
             groups.setdefault(key, []).append((config, folder))
         if groups:
             prepared = prepared or prepare(plans[0].config)
-        done = {
-            folder: summary
-            for group in groups.values()
-            for (_, folder), summary in zip(group, run_seeds_together(group, prepared), strict=True)
-        }
+        done = {}  # folder -> summary; each group trains here, one after another
+        for group in groups.values():
+            summaries = run_seeds_together(group, prepared)
+            done.update({folder: s for (_, folder), s in zip(group, summaries, strict=True)})
         return [_finish(plan, done) for plan in plans]
 
 

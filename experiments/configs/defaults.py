@@ -7,6 +7,7 @@ Run-time defaults are typed placeholders (None), so `--config.x=y` still type-ch
 
 import dataclasses
 import re
+from typing import NamedTuple
 
 import ml_collections
 from ml_collections import config_dict
@@ -43,7 +44,8 @@ FIELDS = {
     "dataset.test_split": ("test", None),
     "dataset.num_classes": (100, "x >= 0"),  # 0: the number of class folders (image datasets)
     "dataset.max_per_class": (0, "x >= 0"),  # >0 keeps the first n images of each class per split
-    "dataset.options": (ml_collections.ConfigDict(), None),  # load_dataset(**options), not None
+    # load_dataset(**options), the None values left out
+    "dataset.options": (ml_collections.ConfigDict(), None),
     "model.name": ("openai/clip-vit-base-patch16", None),  # hub id, folder or "random:<variant>"
     "model.variant": ("ViT-B/16", None),  # a key of clip.VARIANTS: the weights' architecture
     "model.image_size": (config_dict.placeholder(int), "x >= 1"),  # None: the checkpoint's own
@@ -58,7 +60,8 @@ FIELDS = {
     "features.batch_size": (256, "x >= 1"),
     # host (threads), device (in the jitted encoder; one image size) or auto: equal pixels
     "features.preprocess": ("auto", PREPROCESS_PATHS),
-    "cache_dir": (config_dict.placeholder(str), None),  # None: $CALFUSE_CACHE, else ~/.cache/...
+    # None: $CALFUSE_CACHE, else ~/.cache/calfuse_jax
+    "cache_dir": (config_dict.placeholder(str), None),
     "progress": (True, None),
     # outputs.*: no result changes, so a resume may flip them (calfuse_jax.rundir.RESUME_SAFE).
     "outputs.plots": (True, None),  # accuracy_curve.png, accuracy_matrix.png
@@ -80,6 +83,18 @@ def base_config() -> ml_collections.ConfigDict:
     return config.build(FIELDS, config.method_config())
 
 
+class RapfSplit(NamedTuple):
+    """RAPF's settings of one split (`configs/class/<dataset>_<initial>-<increment>.yaml`); its
+    other values (15 epochs, lr 1e-3, milestones (4, 10), ridge 1e-4, margin 0.1) are
+    `method_config()`'s defaults."""
+
+    batch_size: int  # `train_batch_size` (its `batch_size` is the evaluation loader's)
+    beta: float  # pseudo.beta
+    mix_bias: float  # fusion.mix_bias
+    threshold: float  # pseudo.hard_threshold
+    shrinkage: bool  # stats.shrinkage
+
+
 def benchmark(
     name: str, num_classes: int, class_order, arg: str | None, splits: dict, classes_per_batch: int
 ) -> ml_collections.ConfigDict:
@@ -94,12 +109,12 @@ def benchmark(
     c.class_order = tuple(class_order)
     main = next(iter(splits))
     parse_arg(arg).apply(b0(c, main[1]))
-    split = splits.get((c.continual.initial, c.continual.increment), splits[main])
-    c.train.batch_size, beta, mix_bias, threshold, shrinkage = split
-    c.pseudo.beta = float(beta)
-    c.fusion.mix_bias = float(mix_bias)
-    c.pseudo.hard_threshold = float(threshold)
-    c.stats.shrinkage = bool(shrinkage)
+    split = RapfSplit(*splits.get((c.continual.initial, c.continual.increment), splits[main]))
+    c.train.batch_size = split.batch_size
+    c.pseudo.beta = float(split.beta)
+    c.fusion.mix_bias = float(split.mix_bias)
+    c.pseudo.hard_threshold = float(split.threshold)
+    c.stats.shrinkage = bool(split.shrinkage)
     c.pseudo.classes_per_batch = int(classes_per_batch)
     return c
 
