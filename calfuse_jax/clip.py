@@ -18,7 +18,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from calfuse_jax.feature_cache import WEIGHT_FILES
+from calfuse_jax.feature_cache import PRETRAINED_WEIGHT_FILES
 from calfuse_jax.models.clip import CLIP, VARIANTS, CLIPArch, init_params, pool_index
 from calfuse_jax.models.convert import (
     CheckpointError,
@@ -43,9 +43,12 @@ def from_pretrained(
     dtype: jnp.dtype = jnp.float32,
     cache_dir: str | os.PathLike | None = None,
 ) -> tuple[CLIP, dict]:
-    """(Linen CLIP module computing in `dtype`, float32 params) from a folder or hub id, strictly
-    (CheckpointError naming every offending tensor, or the files needed and where to put them)."""
-    folder = resolve(path_or_hub_id, ("config.json",), WEIGHT_FILES, cache_dir)
+    """(Linen CLIP module computing in `dtype`, float32 params) from a folder or hub id, strictly.
+
+    Raises CheckpointError naming every missing / unexpected / mis-shaped tensor, a non-CLIP
+    config, or (offline, uncached) the files needed and where to put them.
+    """
+    folder = resolve(path_or_hub_id, ("config.json",), PRETRAINED_WEIGHT_FILES, cache_dir)
     arch, params = load_folder(folder)
     return CLIP(arch, dtype=dtype), params
 

@@ -3,6 +3,9 @@
 Entries hold finished `chunks/chunk-<start>-<end>-<sha256>.npy` while extraction runs (resumable),
 then the arrays plus `manifest.json` (sha256, shape, dtype). Every load verifies every file (and
 NaN/Inf); a damaged one is reported and recomputed. `entry_lock`: one process fills an entry.
+A sha256 is always taken of the bytes in memory before they are written, so nothing read back
+from the disk is ever certified; a chunk's sha256 is in its file name, so that the data and its
+checksum appear together, in one rename.
 """
 
 from __future__ import annotations
@@ -14,14 +17,16 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from calfuse_jax.files import atomic_write, waiting_lock
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what from_pretrained reads, in order
+# The single weight files from_pretrained reads, in order (`convert.WEIGHT_FILES`, what a folder
+# may hold, adds the sharded "model.safetensors.index.json").
+PRETRAINED_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".npz", ".ckpt")
 _FILE_SHA_MEMO: dict[tuple, str] = {}
 
@@ -53,7 +58,7 @@ def weights_id(path_or_hub_id: str | os.PathLike) -> str:
     if not path.is_dir():
         from calfuse_jax.models.hub import resolve
 
-        path = resolve(path, ("config.json",), WEIGHT_FILES)
+        path = resolve(path, ("config.json",), PRETRAINED_WEIGHT_FILES)
     files = _weight_files(path)
     if not files:
         raise FileNotFoundError(
@@ -67,7 +72,7 @@ def weights_id(path_or_hub_id: str | os.PathLike) -> str:
 
 
 def _weight_files(folder: Path) -> list[Path]:
-    for name in WEIGHT_FILES:
+    for name in PRETRAINED_WEIGHT_FILES:
         if (folder / name).is_file():
             return [folder / name]
     for index in sorted(folder.glob("*.index.json")):
@@ -87,13 +92,18 @@ def atomic_write_json(path: Path, payload: dict) -> None:
     atomic_write(path, "w", lambda f: json.dump(payload, f, indent=1, sort_keys=True, default=str))
 
 
-def _save_npy(path_for: Callable[[str], Path], array: np.ndarray) -> str:
-    """Writes `array` as .npy atomically to `path_for(sha256 of its bytes)`; returns the sha256."""
+def _npy(array: np.ndarray) -> tuple[bytes, str]:
+    """(.npy bytes of `array`, their sha256 in hex)."""
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     data = buffer.getvalue()
-    sha256 = hashlib.sha256(data).hexdigest()
-    atomic_write(path_for(sha256), "wb", lambda f: f.write(data))
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def save_checked(path: Path, array: np.ndarray) -> str:
+    """Writes `array` as .npy atomically; returns the sha256 (hex) of the bytes it wrote."""
+    data, sha256 = _npy(array)
+    atomic_write(path, "wb", lambda f: f.write(data))
     return sha256
 
 
@@ -153,14 +163,17 @@ def write_verified(folder: Path, arrays: dict[str, np.ndarray], fields: dict) ->
     """Saves `arrays` ({file name: array}) and then the manifest that `load_verified` checks."""
     files = {}
     for name, array in arrays.items():
-        sha256 = _save_npy(lambda _, name=name: folder / name, array)
+        sha256 = save_checked(folder / name, array)
         files[name] = {"sha256": sha256, "shape": list(array.shape), "dtype": array.dtype.str}
     atomic_write_json(folder / "manifest.json", {"fields": fields, "files": files})
 
 
 def save_chunk(chunk_dir: Path, start: int, end: int, array: np.ndarray) -> None:
-    """Keeps the finished chunk of rows start..end-1, its sha256 in the file name."""
-    _save_npy(lambda sha256: chunk_dir / f"chunk-{start:09d}-{end:09d}-{sha256}.npy", array)
+    """Keeps the finished chunk of rows start..end-1, its sha256 in the file name (so that the
+    data and its checksum appear together, in one rename)."""
+    data, sha256 = _npy(array)
+    path = chunk_dir / f"chunk-{start:09d}-{end:09d}-{sha256}.npy"
+    atomic_write(path, "wb", lambda f: f.write(data))
 
 
 def load_chunk(chunk_dir: Path, start: int, end: int) -> np.ndarray | None:

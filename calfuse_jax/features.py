@@ -124,11 +124,21 @@ def image_features(
     """(features float32 [N, D], not normalised; labels int64 [N]) of every item of `ds` (see
     `calfuse_jax.data.images`), cached under `cache_dir`.
 
-    `model.encode_image` maps [B, S, S, 3] (S default `model.image_size`) to [B, D]; `weights_id`
-    is `feature_cache.weights_id(checkpoint)`; `batch_size` is rounded up to a multiple of the
-    device count, `chunk_size` (images per resumable file) to one of the batch. `preprocess`:
-    `(images, S) -> float32 [B, S, S, 3]` (default `clip.preprocess`); `preprocess_path` "device"
-    runs `device_preprocess` in the encoder (needs `ds.fixed_size`), "auto" does when it can.
+    Args:
+      model, params: `model.encode_image` maps [B, S, S, 3] to [B, D]; S is `image_size`
+        (default `model.image_size`). `weights_id`: `feature_cache.weights_id(checkpoint)`.
+      batch_size, mesh: images per encoder call, rounded up to a multiple of the device count;
+        a `data` mesh (default all devices).
+      compute_dtype: default `default_compute_dtype()` (bfloat16 on GPU/TPU, float32 on CPU).
+      chunk_size: images per resumable chunk file (default about 4096, a multiple of the batch).
+      num_workers: host decoding threads (default `default_workers()`, the usable cores).
+      preprocess: `(images, S) -> float32 [B, S, S, 3]`; default `clip.preprocess`.
+      preprocess_path: "host" (threads run `preprocess`), "device" (uint8 images to the device,
+        `device_preprocess` in the encoder; needs `ds.fixed_size`) or "auto" (device when
+        `ds.fixed_size` and no custom `preprocess`, else host). Part of the cache key.
+
+    Raises ValueError for an empty `ds`, ImageDecodeError naming an image that cannot be decoded,
+    FeatureCacheError when the encoder returns NaN/Inf (nothing is cached for them).
     """
     if len(ds) == 0:
         raise ValueError(f"dataset {ds.identity!r} is empty: nothing to encode")
@@ -141,15 +151,10 @@ def image_features(
               "image_size": image_size, "compute_dtype": compute_dtype.name,
               "preprocess": preprocess_version, "dataset": ds.identity}  # fmt: skip
     folder = Path(cache_dir) / "images" / cache_key(fields)
-    batch = min(sharding.padded_size(batch_size, mesh), sharding.padded_size(len(ds), mesh))
-    chunk = max(1, (chunk_size or max(4096, batch)) // batch) * batch
-    plan = _Plan(preprocess, image_size, batch, chunk, num_workers or default_workers())
+    plan = _Plan.make(preprocess, image_size, len(ds), mesh, batch_size, chunk_size, num_workers)
     with _locked(folder):
-        cached = load_verified(folder, ("features.npy", "labels.npy"))
-        if cached is not None and np.array_equal(cached[1], labels):
-            return cached[0], cached[1]
-        if cached is not None:
-            warnings.warn(f"feature cache {folder} holds other labels; recomputing", stacklevel=2)
+        if (cached := _cached(folder, labels)) is not None:
+            return cached
         atomic_write_json(folder / "key.json", fields)  # for people browsing the cache
         on_device = None if preprocess else image_size
         encoder = lambda: make_image_encoder(model, params, mesh, compute_dtype, on_device)
@@ -158,6 +163,15 @@ def image_features(
             write_verified(folder, {"features.npy": features, "labels.npy": labels}, fields)
             shutil.rmtree(folder / "chunks", ignore_errors=True)
     return features, labels
+
+
+def _cached(folder: Path, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The verified (features, labels) of the cache entry `folder` if it holds `labels`."""
+    cached = load_verified(folder, ("features.npy", "labels.npy"))
+    if cached is not None and not np.array_equal(cached[1], labels):
+        warnings.warn(f"feature cache {folder} holds other labels; recomputing", stacklevel=3)
+        return None
+    return None if cached is None else (cached[0], cached[1])
 
 
 @contextlib.contextmanager
@@ -175,6 +189,13 @@ class _Plan:
     batch: int  # rows per encoder call, a multiple of the device count
     chunk: int  # rows per resumable chunk file, a multiple of `batch`
     workers: int  # host threads decoding ahead of the device
+
+    @classmethod
+    def make(cls, preprocess, image_size, total, mesh, batch_size, chunk_size, workers) -> _Plan:
+        """`image_features`' arguments (None: the defaults) made into a plan."""
+        batch = min(sharding.padded_size(batch_size, mesh), sharding.padded_size(total, mesh))
+        chunk = max(1, (chunk_size or max(4096, batch)) // batch) * batch
+        return cls(preprocess, image_size, batch, chunk, workers or default_workers())
 
 
 def default_workers() -> int:
@@ -248,8 +269,9 @@ def text_features(
 ) -> np.ndarray:
     """L2-normalised text embeddings of the class prompts, float32 [C, D], cached.
 
-    Several templates average the normalised embeddings and renormalise (CLIP's prompt
-    ensembling). Names are used as given (see `class_names.prompt_names`).
+    Each prompt is `template.format(name)`, so every template needs `{}`; several templates
+    average the normalised embeddings and renormalise (CLIP's prompt ensembling). Names are used
+    as given (`class_names.prompt_names` turns `_` into spaces).
     """
     names, templates = list(class_names), list(templates)
     if not names or not templates:

@@ -59,6 +59,9 @@ class ClipTokenizer:
     def __init__(self, hf_tokenizer, context_length: int = 77):
         self.hf = hf_tokenizer
         self.context_length = context_length
+        self.sot_id = int(hf_tokenizer.bos_token_id)
+        self.eot_id = int(hf_tokenizer.eos_token_id)
+        self.vocab_size = len(hf_tokenizer)
 
     def __call__(self, texts: list[str] | str) -> np.ndarray:  # -> [B, context_length] int32
         texts = [texts] if isinstance(texts, str) else list(texts)

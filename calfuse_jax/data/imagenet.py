@@ -103,30 +103,30 @@ def _imagenet_val_labels() -> list[str]:
 
 
 def imagenet_subset(
-    root, split: str, *, wnids: Sequence[str] | None = None, class_file=None
+    root, split: str, *, wnids: Sequence[str] | None = None, class_file=None, name="imagenet100"
 ) -> FileDataset:
     """An ImageNet-2012 class subset, labels in the order of `wnids` (default ImageNet-100) or
-    of `class_file` (one wnid per line, first token)."""
+    of `class_file` (one wnid per line, first token); `name` names it in errors and identity."""
     if class_file is not None:
         with open(class_file, encoding="utf-8") as f:
             wnids = [line.split()[0] for line in f if line.strip()]
     wnids = list(wnids or names_lib.wnids(names_lib.IMAGENET100))
-    split = train_or_test(split, name="imagenet100")
+    split = train_or_test(split, name=name)
     split_dir = os.path.join(os.fspath(root), "train" if split == "train" else "val")
     if not os.path.isdir(split_dir):
         problem = f"folder {split_dir!r} does not exist"
-        raise missing_data_error("imagenet100", problem, imagenet_help(root))
-    files, labels = _imagenet_listing(split_dir, wnids)
+        raise missing_data_error(name, problem, imagenet_help(root))
+    files, labels = _imagenet_listing(split_dir, wnids, name)
     table = dict(names_lib.IMAGENET100)
     mapping_file = os.path.join(os.fspath(root), "LOC_synset_mapping.txt")
     if os.path.exists(mapping_file):
         table.update(names_lib.synset_names(mapping_file))
     names = [table.get(w, w) for w in wnids]
-    description = f"imagenet100/{split}/files/{content_hash(*wnids)}"
+    description = f"{name}/{split}/files/{content_hash(*wnids)}"
     return FileDataset(split_dir, files, labels, names, description=description)
 
 
-def _imagenet_listing(split_dir: str, wnids: list[str]):
+def _imagenet_listing(split_dir: str, wnids: list[str], name: str):
     root = os.path.dirname(split_dir)
     folders = list_class_folders(split_dir)
     if not folders:  # flat validation folder
@@ -136,12 +136,12 @@ def _imagenet_listing(split_dir: str, wnids: list[str]):
         chosen = [(f, position[w]) for f, w in wnid_of.items() if w in position]
         if not chosen:
             problem = f"no images of the classes in {split_dir!r}"
-            raise missing_data_error("imagenet100", problem, imagenet_help(root))
+            raise missing_data_error(name, problem, imagenet_help(root))
         return [f for f, _ in chosen], [y for _, y in chosen]
     missing = [w for w in wnids if w not in folders]
     if missing:
         raise missing_data_error(
-            "imagenet100",
+            name,
             f"{len(missing)} of {len(wnids)} class folders missing or empty in {split_dir!r} "
             f"(first: {missing[:5]})",
             imagenet_help(root),

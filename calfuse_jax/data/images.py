@@ -48,8 +48,11 @@ class ImageDataset:
 @dataclasses.dataclass(frozen=True)
 class DatasetEntry:
     """What `registry.load_dataset` knows about one dataset; each reader module declares its own.
-    `reader(root, split, **options)` reads files; with source "package" or "procedural" it is
-    `reader(split, **options)`."""
+
+    `reader(root, split, **options)` reads files: the user's `root=`, else the `archive` fetched
+    into the data folder, else its `data_folder`. With source "package" or "procedural" it is
+    `reader(split, **options)`. `tfds` adds a prepared TFDS dataset as a source.
+    """
 
     name: str
     description: str
@@ -60,7 +63,8 @@ class DatasetEntry:
     names: tuple[str, ...] = ()  # class names by label, where fixed (TFDS labels are named by it)
     tfds: TfdsSpec | None = None
     archive: Resource | None = None
-    # split_protocol -> a published list, passed as `split_file=` (the first is the default)
+    # split_protocol -> a published list, passed as `split_file=` (the first is the default;
+    # "seeded", no list, always exists)
     split_lists: dict[str, Resource] = dataclasses.field(default_factory=dict)
     data_folder: str = ""  # without an archive: the copy in the data folder read when no root=
     files_help: str = ""  # what root= must hold, when there is no default copy
@@ -186,13 +190,13 @@ def missing_data_error(dataset: str, problem: str, instructions: str) -> FileNot
     return FileNotFoundError(f"{dataset}: {problem}\n\nHow to fix:\n{instructions.strip()}")
 
 
-def list_class_folders(root: str) -> dict[str, list[str]]:
+def list_class_folders(root: str, extensions=IMAGE_EXTENSIONS) -> dict[str, list[str]]:
     """{folder name: sorted image file names} for every sub-folder of `root` holding images."""
     classes = {}
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
         if entry.is_dir() and not entry.name.startswith("."):
             names = os.listdir(entry.path)
-            files = sorted(f for f in names if f.lower().endswith(IMAGE_EXTENSIONS))
+            files = sorted(f for f in names if f.lower().endswith(tuple(extensions)))
             if files:
                 classes[entry.name] = files
     return classes
@@ -212,21 +216,23 @@ def folder_dataset(
     *,
     split: str = "all",
     class_names: Sequence[str] | None = None,
+    name: str = "folder",
     folders: Sequence[str] | None = None,
 ) -> FileDataset:
     """A class-per-folder tree `root/<class>/<image>`; labels follow sorted folder names.
 
     `class_names` replaces the folder names, in sorted-folder order. `folders` fixes the classes
     (and label order): a folder outside it is an error, a class without a folder has no images.
+    `name` (a reader of one's own) names the dataset in errors and in its identity.
     """
     root = os.fspath(root)
     if not os.path.isdir(root):
         problem = f"folder {root!r} does not exist"
-        raise missing_data_error("folder", problem, "Pass root=DIR with one sub-folder per class.")
+        raise missing_data_error(name, problem, "Pass root=DIR with one sub-folder per class.")
     classes = list_class_folders(root)
     if not classes:
         raise missing_data_error(
-            "folder",
+            name,
             f"no class sub-folders with images under {root!r}",
             f"Lay the images out as {root}/<class name>/<image>.jpg (extensions: "
             f"{', '.join(IMAGE_EXTENSIONS)}).",
@@ -239,7 +245,7 @@ def folder_dataset(
         raise ValueError(f"{len(class_names)} class names for {len(folders)} class folders")
     files, labels = class_listing(classes, folders)
     return FileDataset(
-        root, files, labels, class_names or folders, description=f"folder/{split}/files"
+        root, files, labels, class_names or folders, description=f"{name}/{split}/files"
     )
 
 

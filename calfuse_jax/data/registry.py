@@ -1,5 +1,11 @@
 """One entry point for every dataset: `load_dataset(name, split, root=..., source=...)`.
 
+    ds = load_dataset("cifar100", "train")                  # fetched into the data folder once
+    ds = load_dataset("cifar100", "train", root="~/data")   # your copy of the python archive
+    ds = load_dataset("imagenet_r", "test", source="tfds", data_dir="~/tensorflow_datasets",
+                      split_protocol="seeded")
+    ds = load_dataset("shapes", "train")                     # procedural, no files
+
 Each reader module declares its `images.DatasetEntry`; `DATASETS` collects them and `register`
 adds one of your own. `auto` picks `files` when `root` is given, else a prepared TFDS dataset
 when it can serve the options, else the data folder (fetching what is missing).
@@ -45,12 +51,25 @@ def load_dataset(
     progress: bool = True,
     **options,
 ) -> images.ImageDataset:
-    """Opens dataset `name`'s `split` ("val"/"validation" mean "test"; some take "all").
+    """Opens dataset `name`'s `split`.
 
-    `root`: the user's files (implies source="files"); `data_dir`: the TFDS data dir; `download`:
-    fetch missing public files into `download_dir` (default `paths.data_root(cache_dir)`), or let
-    TFDS prepare; `mirror`: base URL serving them (default $CALFUSE_MIRROR); `**options`: the
-    entry's options (split_protocol, seed, train_fraction, split_file...).
+    Args:
+      name: a key of `DATASETS` (the built-in ones, or one you `register`).
+      split: "train" or "test" ("val"/"validation" mean "test"); some take "all".
+      root: the user's files (archive, folder tree); implies source="files".
+      source: one of `SOURCES`: "files" (archives and folder trees: `root`, else the public
+        archive fetched into the data folder), "tfds" (a prepared TFDS dataset, read without
+        TensorFlow), "package" (Animal-MNIST's wheel), "procedural" (shapes); "auto": see above.
+      data_dir: TFDS data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets).
+      download: fetch missing public files (False makes missing data an error; ImageNet-2012 is
+        never fetched, its error says what to download); source="tfds": let TFDS prepare.
+      mirror: base URL serving the files (`<mirror>/<file>`); default $CALFUSE_MIRROR.
+      cache_dir: the cache root (`paths.cache_root`): TFDS label scans go to `tfds_labels/`.
+      download_dir: where fetched data lives (default `paths.data_root(cache_dir)`).
+      progress: show download progress bars.
+      **options: the entry's options, e.g. split_protocol / seed / train_fraction / split_file.
+
+    Raises ValueError for an unknown `name`, TypeError for options the dataset does not take.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")

@@ -47,11 +47,14 @@ def make_synthetic_stream(
     distortion: float = 1.5,
     class_order: np.ndarray | None = None,
 ) -> tuple[FeatureStream, np.ndarray]:
-    """A seeded feature stream (features of norm about 10) and unit text embeddings [C, D].
+    """(stream, text): a `FeatureStream` (labels are dataset labels; float32 features of norm
+    about 10) and unit float32 text embeddings [C, D] indexed by dataset label.
 
-    `noise`: norm of the image noise next to the unit prototype; `close_pairs`: number of (2i,
-    2i+1) label pairs `pair_distance` (chord) apart; `text_noise`: norm of the text noise;
-    `distortion`: strength of the shared map from text to image space (0: zero-shot works).
+    `seed` seeds every draw (prototypes, distortion, noise, class order); `class_order`: dataset
+    labels in task order, default `seeded_order(num_classes, seed)`. `noise`: norm of the image
+    noise next to the unit prototype; `close_pairs`: number of (2i, 2i+1) label pairs
+    `pair_distance` (chord) apart; `text_noise`: norm of the text noise; `distortion`: strength
+    of the shared map from text to image space (0: zero-shot works).
     """
     if 2 * close_pairs > num_classes:
         raise ValueError(f"close_pairs={close_pairs} needs at least {2 * close_pairs} classes")

@@ -143,7 +143,10 @@ class Attention(nn.Module):
         head_dim = t.width // t.heads
         in_std = t.width**-0.5 * (2 * t.layers) ** -0.5
         split = lambda y: y.reshape(batch, length, t.heads, head_dim)  # [B, L, H, hd]
-        q, k, v = (split(_dense(t.width, in_std, self.dtype, f"{n}_proj")(x)) for n in "qkv")
+        q, k, v = (
+            split(_dense(t.width, in_std, self.dtype, name)(x))
+            for name in ("q_proj", "k_proj", "v_proj")
+        )
         # XLA attention (cuDNN flash attention on GPU when eligible); softmax is float32 inside.
         out = jax.nn.dot_product_attention(q, k, v, scale=head_dim**-0.5, is_causal=t.causal)
         out_proj = _dense(t.width, t.width**-0.5, self.dtype, "out_proj")
@@ -293,7 +296,10 @@ class TextTransformer(nn.Module):
 
 
 class CLIP(nn.Module):
-    """CLIP with both towers. `__call__` returns logits_per_image [B_img, B_txt] (as HF)."""
+    """CLIP with both towers. `__call__` returns logits_per_image [B_img, B_txt] (as HF).
+
+    Attributes: `image_size`, `embed_dim`, `context_length` (from `arch`).
+    """
 
     arch: CLIPArch
     dtype: jnp.dtype = jnp.float32
@@ -317,6 +323,10 @@ class CLIP(nn.Module):
     @property
     def embed_dim(self) -> int:
         return self.arch.embed_dim
+
+    @property
+    def context_length(self) -> int:
+        return self.arch.context_length
 
     def encode_image(self, pixels: jax.Array) -> jax.Array:
         """Normalised pixels [B, H, W, 3] -> embeddings [B, D] (float32, not L2-normalised)."""

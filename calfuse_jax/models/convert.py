@@ -11,6 +11,7 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -27,27 +28,24 @@ _conv_to_hwio = lambda w: np.ascontiguousarray(w.transpose(2, 3, 1, 0))  # [O,I,
 _hwio_to_conv = lambda w: np.ascontiguousarray(w.transpose(3, 2, 0, 1))
 _same = lambda w: w
 
+
+class WeightRule(NamedTuple):
+    """How the parameters of HF modules matching `pattern` convert (`*.weight` <-> a Flax leaf)."""
+
+    pattern: str  # HF module-name regex
+    to_flax: Callable  # HF layout -> Flax layout
+    to_hf: Callable  # Flax layout -> HF layout
+
+
 _DENSE = r"(q|k|v|out)_proj|fc1|fc2|visual_projection|text_projection"
 _NORMS = r"layer_norm1|layer_norm2|pre_layrnorm|post_layernorm|final_layer_norm"
-# (module-name regex, HF->Flax transform, Flax->HF transform) of the parameters named `*.weight`.
-WEIGHT_RULES: tuple[tuple[str, Callable, Callable], ...] = (
-    (_DENSE, _transpose, _transpose),
-    (r"patch_embedding", _conv_to_hwio, _hwio_to_conv),
-    (r"token_embedding|position_embedding", _same, _same),
-    (_NORMS, _same, _same),
+WEIGHT_RULES: tuple[WeightRule, ...] = (
+    WeightRule(_DENSE, to_flax=_transpose, to_hf=_transpose),
+    WeightRule(r"patch_embedding", to_flax=_conv_to_hwio, to_hf=_hwio_to_conv),
+    WeightRule(r"token_embedding|position_embedding", to_flax=_same, to_hf=_same),
+    WeightRule(_NORMS, to_flax=_same, to_hf=_same),
 )
-# CLIPArch field -> attribute of its tower's config (`vision_config`, `text_config`).
-_HF = {
-    "width": "hidden_size",
-    "layers": "num_hidden_layers",
-    "heads": "num_attention_heads",
-    "mlp": "intermediate_size",
-    "act": "hidden_act",
-    "ln_eps": "layer_norm_eps",
-}
-_VISION = {f"vision_{f}": k for f, k in _HF.items()} | {k: k for k in ("image_size", "patch_size")}
-_TEXT = {f"text_{f}": k for f, k in _HF.items()} | {k: k for k in ("vocab_size", "eos_token_id")}
-_TEXT["context_length"] = "max_position_embeddings"
+_UNCHANGED = WeightRule("", to_flax=_same, to_hf=_same)  # biases and TOP_LEVEL parameters
 TOP_LEVEL = ("logit_scale", "class_embedding")  # bare parameters, same name on both sides
 
 
@@ -67,14 +65,14 @@ def _not_the_torch_notice(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("PyTorch was not found.")
 
 
-def _hf_key(path: tuple[str, ...]) -> tuple[str, Callable, Callable]:
-    """Flax path -> (HF key, Flax->HF transform, HF->Flax transform)."""
+def _hf_key(path: tuple[str, ...]) -> tuple[str, WeightRule]:
+    """Flax path -> (HF key, the rule converting its array)."""
     parts = [re.sub(r"^layers_(\d+)$", r"layers.\1", p) for p in path]
     if parts[-1] in TOP_LEVEL or parts[-1] == "bias":
-        return ".".join(parts), _same, _same
-    for pattern, to_flax, to_hf in WEIGHT_RULES:
-        if re.fullmatch(pattern, path[-2]):
-            return ".".join([*parts[:-1], "weight"]), to_hf, to_flax
+        return ".".join(parts), _UNCHANGED
+    for rule in WEIGHT_RULES:
+        if re.fullmatch(rule.pattern, path[-2]):
+            return ".".join([*parts[:-1], "weight"]), rule
     raise KeyError(f"no HF name rule for Flax parameter {'/'.join(path)}")
 
 
@@ -82,8 +80,8 @@ def to_state_dict(params: dict) -> dict[str, np.ndarray]:
     """Flax params -> HF `CLIPModel` state dict (float32 NumPy); inverse of `from_state_dict`."""
     state = {}
     for path, value in jax.tree_util.tree_flatten_with_path(params)[0]:
-        key, to_hf, _ = _hf_key(tuple(k.key for k in path))
-        state[key] = to_hf(np.asarray(value, dtype=np.float32))
+        key, rule = _hf_key(tuple(k.key for k in path))
+        state[key] = rule.to_hf(np.asarray(value, dtype=np.float32))
     return state
 
 
@@ -99,10 +97,10 @@ def from_state_dict(state: dict[str, np.ndarray], arch: CLIPArch) -> dict:
             unused.append(key)
             continue
         path = paths[key]
-        _, to_hf, to_flax = _hf_key(path)
-        array = to_flax(np.asarray(value, dtype=np.float32))
+        _, rule = _hf_key(path)
+        array = rule.to_flax(np.asarray(value, dtype=np.float32))
         if array.shape != expected[path]:
-            hf_shape = to_hf(np.empty(expected[path], np.float32)).shape
+            hf_shape = rule.to_hf(np.empty(expected[path], np.float32)).shape
             wrong_shape[path] = f"{key}: checkpoint {tuple(value.shape)}, model expects {hf_shape}"
             continue
         converted[path] = array
@@ -153,20 +151,56 @@ def arch_from_config(config: dict) -> CLIPArch:
         )
     if not isinstance(t.eos_token_id, int):
         raise CheckpointError(f"text_config.eos_token_id must be an int, got {t.eos_token_id!r}")
-    fields = {f: getattr(v, k) for f, k in _VISION.items()}
-    fields |= {f: getattr(t, k) for f, k in _TEXT.items()}
-    fields.update(vision_ln_eps=float(v.layer_norm_eps), text_ln_eps=float(t.layer_norm_eps))
     return CLIPArch(
-        embed_dim=hf.projection_dim, logit_scale_init=float(hf.logit_scale_init_value), **fields
+        embed_dim=hf.projection_dim,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        vision_width=v.hidden_size,
+        vision_layers=v.num_hidden_layers,
+        vision_heads=v.num_attention_heads,
+        vision_mlp=v.intermediate_size,
+        text_width=t.hidden_size,
+        text_layers=t.num_hidden_layers,
+        text_heads=t.num_attention_heads,
+        text_mlp=t.intermediate_size,
+        vocab_size=t.vocab_size,
+        context_length=t.max_position_embeddings,
+        vision_act=v.hidden_act,
+        text_act=t.hidden_act,
+        vision_ln_eps=float(v.layer_norm_eps),
+        text_ln_eps=float(t.layer_norm_eps),
+        eos_token_id=t.eos_token_id,
+        logit_scale_init=float(hf.logit_scale_init_value),
     )
 
 
 def config_from_arch(arch: CLIPArch, bos_token_id: int | None = None):
     """CLIPArch -> transformers.CLIPConfig (to write config.json for random checkpoints)."""
-    text = {k: getattr(arch, f) for f, k in _TEXT.items()}
-    bos = arch.eos_token_id - 1 if bos_token_id is None else bos_token_id
-    text.update(bos_token_id=bos, pad_token_id=arch.eos_token_id, projection_dim=arch.embed_dim)
-    vision = {k: getattr(arch, f) for f, k in _VISION.items()} | {"projection_dim": arch.embed_dim}
+    text = dict(
+        vocab_size=arch.vocab_size,
+        hidden_size=arch.text_width,
+        intermediate_size=arch.text_mlp,
+        projection_dim=arch.embed_dim,
+        num_hidden_layers=arch.text_layers,
+        num_attention_heads=arch.text_heads,
+        max_position_embeddings=arch.context_length,
+        hidden_act=arch.text_act,
+        layer_norm_eps=arch.text_ln_eps,
+        eos_token_id=arch.eos_token_id,
+        bos_token_id=arch.eos_token_id - 1 if bos_token_id is None else bos_token_id,
+        pad_token_id=arch.eos_token_id,
+    )
+    vision = dict(
+        hidden_size=arch.vision_width,
+        intermediate_size=arch.vision_mlp,
+        projection_dim=arch.embed_dim,
+        num_hidden_layers=arch.vision_layers,
+        num_attention_heads=arch.vision_heads,
+        image_size=arch.image_size,
+        patch_size=arch.patch_size,
+        hidden_act=arch.vision_act,
+        layer_norm_eps=arch.vision_ln_eps,
+    )
     return import_transformers().CLIPConfig(
         text_config=text,
         vision_config=vision,

@@ -64,8 +64,9 @@ def resolve(
     cache_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Local folder for a folder path or a hub id: `required` files plus the first of
-    `alternatives` that exists, from the cache first (HF_HUB_OFFLINE=1: only). Raises
-    HubUnreachableError or CheckpointError naming the files and the fixes."""
+    `alternatives` that exists. The local cache is tried first, so cached ids never touch the
+    network; with HF_HUB_OFFLINE=1 the network is never tried. Raises HubUnreachableError (a hub
+    silent for HF_HUB_ETAG_TIMEOUT) or CheckpointError naming the files and the fixes."""
     name = str(path_or_hub_id)
     if Path(name).is_dir():
         return Path(name)
